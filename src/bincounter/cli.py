@@ -1,0 +1,187 @@
+"""``bincounter``: one subcommand per stage, plus the whole pipeline, serving and prediction.
+
+Every option comes from the typed configs in ``bincounter.config`` (via tyro), so ``--help``
+shows each stage's parameters with their defaults and descriptions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import tyro
+
+from bincounter.config import (
+    DeployConfig,
+    EvaluateConfig,
+    IngestConfig,
+    PipelineConfig,
+    PreprocessConfig,
+    RegisterConfig,
+    SynthConfig,
+    TrainConfig,
+)
+
+Flat = tyro.conf.arg(name="")  # a stage's fields appear as top-level options
+
+
+def _print(obj: object) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def synth(out: Path, cfg: Annotated[SynthConfig, Flat] = SynthConfig()) -> None:
+    """Generate synthetic bin photos in the bucket's layout (offline demo data)."""
+    from bincounter.synth import generate
+
+    ids = generate(cfg, out, progress=True)
+    _print({"out": str(out), "images": len(ids)})
+
+
+def ingest(out: Path, cfg: Annotated[IngestConfig, Flat] = IngestConfig()) -> None:
+    """Fetch photos and metadata from s3://aft-vbi-pds (or any endpoint/folder); resumable."""
+    from bincounter import launch
+
+    _print(launch.ingest(cfg, str(out)))
+
+
+def preprocess(input: Path, out: Path, cfg: Annotated[PreprocessConfig, Flat] = PreprocessConfig()) -> None:
+    """Validate, clean, split, resize and pack an ingested folder into webdataset shards."""
+    from bincounter import launch
+
+    _print(launch.preprocess(cfg, str(input), str(out)))
+
+
+def train(data: Path, out: Path, cfg: Annotated[TrainConfig, Flat] = TrainConfig(),
+          tracking_uri: str | None = None, experiment: str = "bincounter") -> None:
+    """Train a counter on preprocessed shards; rerun with the same --out to resume. Works under torchrun."""
+    from bincounter import launch
+    from bincounter.train import init_distributed
+
+    rank, _ = init_distributed()
+    if rank == 0:
+        _print(launch.train(cfg, str(data), str(out), tracking_uri=tracking_uri, experiment=experiment))
+    else:  # other ranks train without an MLflow run of their own
+        from bincounter.train import train as run
+
+        run(cfg, data, out)
+
+
+def evaluate(model: Path, data: Path, out: Path, cfg: Annotated[EvaluateConfig, Flat] = EvaluateConfig(),
+             tracking_uri: str | None = None, run_id: str | None = None) -> None:
+    """Score a trained model on the held-out test split; write metrics, plots and a report."""
+    from bincounter import launch
+
+    out_ = launch.evaluate(cfg, str(model), str(data), str(out), tracking_uri=tracking_uri, run_id=run_id)
+    _print(out_["summary"])
+
+
+def register(model: Path, evaluation: Path, data: Path, cfg: Annotated[RegisterConfig, Flat] = RegisterConfig(),
+             run_id: str | None = None) -> None:
+    """Register a model version in MLflow as 'challenger'; promote to 'champion' if it wins."""
+    from bincounter import launch
+
+    marker = model / "mlflow_run_id"
+    run_id = run_id or (marker.read_text().strip() if marker.exists() else None)
+    _print(launch.register(cfg, str(model), str(evaluation), str(data), run_id=run_id))
+
+
+def deploy(cfg: Annotated[DeployConfig, Flat] = DeployConfig(), name: str = "bincounter") -> None:
+    """Deploy a registered model: local server, Kubernetes (kubectl), KServe or SageMaker."""
+    from bincounter import launch
+
+    _print(launch.deploy(cfg, name=name))
+
+
+def undeploy(name: str = "bincounter") -> None:
+    """Stop a local deployment started by 'deploy'."""
+    from bincounter.deploy import stop
+
+    _print({"stopped": stop("local", name)})
+
+
+def serve(model_uri: str = "models:/bincounter@champion", host: str = "127.0.0.1", port: int = 8080) -> None:
+    """Serve a model in the foreground (what the container runs)."""
+    from bincounter.serve import run
+
+    sys.exit(run(model_uri, host, port))
+
+
+def predict(images: tuple[Path, ...], /, model_uri: str = "models:/bincounter@champion",
+            tracking_uri: str | None = None) -> None:
+    """Count the items in local images with a registered model."""
+    import mlflow
+    import pandas as pd
+
+    from bincounter import tracking
+
+    tracking.configure(tracking_uri)
+    model = mlflow.pyfunc.load_model(model_uri)
+    frame = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}))
+    for path, row in zip(images, frame.to_dict("records")):
+        print(f"{path}\tcount={row['count']}\tconfidence={row['confidence']:.2f}\texpected={row['expected_count']:.2f}")
+
+
+def pipeline_run(cfg: PipelineConfig = PipelineConfig(), tracking_uri: str | None = None) -> None:
+    """Run the whole pipeline here on kfp's local runner (every stage a local subprocess)."""
+    from bincounter.paths import default_tracking_uri, home
+    from pipelines.runner import run_local
+
+    run_local(cfg, tracking_uri or default_tracking_uri(), cfg.pipeline_root or home() / "kfp")
+
+
+def pipeline_compile(out: Path = Path("pipeline.yaml"), gpus: int = 0) -> None:
+    """Compile the pipeline to an IR YAML for Kubeflow Pipelines (upload it, or submit with kfp.Client)."""
+    from pipelines.runner import compile_pipeline
+
+    _print({"compiled": str(compile_pipeline(out, gpus=gpus))})
+
+
+def s3_server(folder: Path, bucket: str = "aft-vbi-pds", port: int = 0) -> None:
+    """Serve a folder in the bucket's layout from a local S3 endpoint until Ctrl-C."""
+    import time
+
+    from bincounter.s3server import LocalS3
+
+    with LocalS3(port=port) as s3:
+        n = s3.upload_folder(folder, bucket)
+        print(f"s3://{bucket} ({n} objects) at {s3.endpoint}; Ctrl-C stops it", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+def demo(n_images: int = 600, epochs: int = 4, keep_server: bool = False) -> None:
+    """The whole pipeline end to end, offline: synthetic photos, a local S3 endpoint, training,
+    registration, a local model server, and a few predictions next to the truth."""
+    from bincounter.demo import run
+
+    run(n_images=n_images, epochs=epochs, keep_server=keep_server)
+
+
+COMMANDS = {
+    "synth": synth, "ingest": ingest, "preprocess": preprocess, "train": train, "evaluate": evaluate,
+    "register": register, "deploy": deploy, "undeploy": undeploy, "serve": serve, "predict": predict,
+    "pipeline": {"run": pipeline_run, "compile": pipeline_compile},
+    "s3-server": s3_server, "demo": demo,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = sys.argv[1:] if argv is None else argv
+    # "pipeline run" reads better than one hyphenated word; tyro takes one level of names.
+    if len(args) >= 2 and args[0] == "pipeline" and args[1] in COMMANDS["pipeline"]:
+        args = [f"pipeline-{args[1]}", *args[2:]]
+    flat = {k: v for k, v in COMMANDS.items() if not isinstance(v, dict)}
+    flat.update({f"pipeline-{k}": v for k, v in COMMANDS["pipeline"].items()})
+    tyro.extras.subcommand_cli_from_dict(flat, args=args, prog="bincounter",
+                                         description="Count the items in warehouse bin photos.")
+
+
+if __name__ == "__main__":
+    main()

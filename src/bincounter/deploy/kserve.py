@@ -1,0 +1,243 @@
+"""Deploy the model server as a KServe InferenceService (custom predictor, v1 protocol).
+
+``manifests/kserve`` holds the InferenceService. :func:`deploy` renders it through a
+kustomize overlay that sets the image, namespace, replica bounds and model URI, checks
+the result and applies it with ``kubectl apply -f -``; ``cfg.dry_run`` stops after the
+check and returns the manifest. Requests then go to
+``POST /v1/models/bincounter:predict`` on the InferenceService's URL.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bincounter.config import DeployConfig
+from bincounter.deploy.kubernetes import (
+    DEFAULT_K8S_VERSION,
+    ManifestError,
+    apply,
+    base_documents,
+    canonical_image,
+    check_inputs,
+    check_namespace,
+    find_kubectl,
+    find_object,
+    global_flags,
+    image_override,
+    is_mutable_model_uri,
+    load_documents,
+    manifests_dir,
+    object_ids,
+    render_overlay,
+    restart_stamp,
+    run_kubectl,
+    schema_errors,
+)
+
+API_VERSION = "serving.kserve.io/v1beta1"
+ISVC_NAME = "bincounter"
+#: KServe finds the predictor container by this name.
+CONTAINER = "kserve-container"
+RESTART_ANNOTATION = "bincounter.dev/restarted-at"
+#: The local-only ConfigMap that carries overlay values into the InferenceService's env.
+_VALUES = "bincounter-kserve-values"
+
+
+def _env_path(name: str) -> str:
+    return f"spec.predictor.containers.[name={CONTAINER}].env.[name={name}].value"
+
+
+def overlay(
+    cfg: DeployConfig,
+    *,
+    base: Path,
+    tracking_uri: str | None = None,
+    max_replicas: int | None = None,
+    restart: bool = False,
+) -> dict[str, Any]:
+    """The kustomize overlay (as a dict) that turns ``manifests/kserve`` into ``cfg``'s InferenceService."""
+    isvc = find_object(base_documents(base), "InferenceService", ISVC_NAME)
+    if isvc is None:
+        raise ManifestError(f"{base} has no InferenceService/{ISVC_NAME}")
+    predictor = isvc.get("spec", {}).get("predictor", {})
+    base_max = int(predictor.get("maxReplicas", cfg.replicas))
+    if max_replicas is not None and max_replicas < cfg.replicas:
+        raise ValueError(f"max_replicas={max_replicas} is below replicas={cfg.replicas}")
+    ceiling = max(cfg.replicas, base_max if max_replicas is None else max_replicas)
+
+    values = {"MODEL_URI": cfg.model_uri}
+    if tracking_uri:
+        values["MLFLOW_TRACKING_URI"] = tracking_uri
+    ops: list[dict[str, Any]] = [
+        {"op": "add", "path": "/spec/predictor/minReplicas", "value": cfg.replicas},
+        {"op": "add", "path": "/spec/predictor/maxReplicas", "value": ceiling},
+    ]
+    if restart:
+        # A changed predictor annotation makes KServe roll out fresh pods, which reload
+        # a moved alias such as models:/bincounter@champion.
+        if "annotations" in predictor:
+            ops.append({"op": "add", "path": "/spec/predictor/annotations/" + RESTART_ANNOTATION.replace("/", "~1"), "value": restart_stamp()})
+        else:
+            ops.append({"op": "add", "path": "/spec/predictor/annotations", "value": {RESTART_ANNOTATION: restart_stamp()}})
+    return {
+        "namespace": cfg.namespace,
+        "images": [image_override(cfg.image)],
+        # Env values live inside a CRD, where kustomize cannot wire a ConfigMap by name;
+        # replacements copy them from a local-only ConfigMap (dropped from the output).
+        "configMapGenerator": [
+            {
+                "name": _VALUES,
+                "literals": [f"{key}={value}" for key, value in values.items()],
+                "options": {
+                    "disableNameSuffixHash": True,
+                    "annotations": {"config.kubernetes.io/local-config": "true"},
+                },
+            }
+        ],
+        "replacements": [
+            {
+                "source": {"kind": "ConfigMap", "name": _VALUES, "fieldPath": f"data.{key}"},
+                "targets": [{"select": {"kind": "InferenceService", "name": ISVC_NAME}, "fieldPaths": [_env_path(key)]}],
+            }
+            for key in values
+        ],
+        "patches": [
+            {
+                "target": {"group": "serving.kserve.io", "kind": "InferenceService", "name": ISVC_NAME},
+                "patch": yaml.safe_dump(ops),
+            }
+        ],
+    }
+
+
+def render(
+    cfg: DeployConfig,
+    *,
+    manifests: str | os.PathLike[str] | None = None,
+    kubectl: str | None = None,
+    tracking_uri: str | None = None,
+    max_replicas: int | None = None,
+    restart: bool = False,
+) -> str:
+    """The InferenceService manifest for ``cfg`` as multi-document YAML (nothing is applied)."""
+    check_inputs(cfg, tracking_uri)
+    base = manifests_dir(manifests) / "kserve"
+    return render_overlay(
+        base,
+        overlay(cfg, base=base, tracking_uri=tracking_uri, max_replicas=max_replicas, restart=restart),
+        kubectl=find_kubectl(kubectl),
+    )
+
+
+def validate(
+    manifest: str,
+    cfg: DeployConfig,
+    *,
+    tracking_uri: str | None = None,
+    k8s_version: str = DEFAULT_K8S_VERSION,
+) -> list[dict[str, Any]]:
+    """Check that the rendered manifest deploys ``cfg`` as an InferenceService; returns its objects.
+
+    KServe's CRD schema is not available offline, so the fields that matter are checked
+    here: the v1beta1 API, a custom predictor container named ``kserve-container`` with
+    our image, the v1 protocol on port 8080, the model URI, the replica bounds and the
+    namespace. Built-in kinds beside it are schema-checked with kubernetes-validate.
+    """
+    docs = load_documents(manifest)
+    problems = check_namespace(docs, cfg.namespace)
+    isvc = find_object(docs, "InferenceService", ISVC_NAME)
+    if isvc is None:
+        problems.append(f"no InferenceService/{ISVC_NAME}")
+    else:
+        if isvc.get("apiVersion") != API_VERSION:
+            problems.append(f"InferenceService apiVersion {isvc.get('apiVersion')!r} != {API_VERSION!r}")
+        predictor = isvc.get("spec", {}).get("predictor", {})
+        if predictor.get("minReplicas") != cfg.replicas:
+            problems.append(f"predictor minReplicas {predictor.get('minReplicas')} != {cfg.replicas}")
+        if int(predictor.get("maxReplicas", 0)) < cfg.replicas:
+            problems.append(f"predictor maxReplicas {predictor.get('maxReplicas')} < {cfg.replicas}")
+        containers = predictor.get("containers", [])
+        container = next((c for c in containers if c.get("name") == CONTAINER), None)
+        if container is None:
+            problems.append(f"predictor has no container named {CONTAINER!r}")
+        else:
+            if container.get("image") != canonical_image(cfg.image):
+                problems.append(f"image {container.get('image')!r} != {canonical_image(cfg.image)!r}")
+            env = {e.get("name"): e.get("value") for e in container.get("env", [])}
+            if env.get("MODEL_URI") != cfg.model_uri:
+                problems.append(f"MODEL_URI {env.get('MODEL_URI')!r} != {cfg.model_uri!r}")
+            if tracking_uri and env.get("MLFLOW_TRACKING_URI") != tracking_uri:
+                problems.append(f"MLFLOW_TRACKING_URI {env.get('MLFLOW_TRACKING_URI')!r} != {tracking_uri!r}")
+            if env.get("PROTOCOL", "v1") != "v1":
+                problems.append(f"PROTOCOL {env.get('PROTOCOL')!r} is not the v1 protocol the server speaks")
+            ports = [p.get("containerPort") for p in container.get("ports", [])]
+            if ports != [8080]:
+                problems.append(f"container ports {ports} != [8080]")
+    problems += schema_errors(docs, k8s_version)
+    if problems:
+        raise ManifestError("rendered InferenceService manifest is wrong:\n- " + "\n- ".join(problems))
+    return docs
+
+
+def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
+    """Render, validate and (unless ``cfg.dry_run``) apply the InferenceService for ``cfg``.
+
+    Keyword arguments are those of :func:`bincounter.deploy.kubernetes.deploy`
+    (manifests, kubectl, context, kubeconfig, tracking_uri, max_replicas, restart, wait,
+    timeout); ``wait`` waits for the InferenceService to report Ready.
+
+    Returns ``{"target": "kserve", "manifest": <yaml>, "applied": bool, ...}``.
+    """
+    tracking_uri = kwargs.get("tracking_uri")
+    restart = kwargs.get("restart")
+    if restart is None:
+        restart = is_mutable_model_uri(cfg.model_uri)
+    timeout = float(kwargs.get("timeout", 300.0))
+    kubectl = find_kubectl(kwargs.get("kubectl"))
+    manifest = render(
+        cfg,
+        manifests=kwargs.get("manifests"),
+        kubectl=kubectl,
+        tracking_uri=tracking_uri,
+        max_replicas=kwargs.get("max_replicas"),
+        restart=bool(restart),
+    )
+    docs = validate(manifest, cfg, tracking_uri=tracking_uri)
+    result: dict[str, Any] = {
+        "target": "kserve",
+        "name": ISVC_NAME,
+        "namespace": cfg.namespace,
+        "image": canonical_image(cfg.image),
+        "model_uri": cfg.model_uri,
+        "replicas": cfg.replicas,
+        "objects": object_ids(docs),
+        "manifest": manifest,
+        "dry_run": cfg.dry_run,
+        "applied": False,
+        "predict_path": f"/v1/models/{ISVC_NAME}:predict",
+    }
+    if cfg.dry_run:
+        return result
+    flags = global_flags(kwargs.get("context"), kwargs.get("kubeconfig"))
+    result["kubectl_output"] = apply(
+        manifest, kubectl=kubectl, context=kwargs.get("context"), kubeconfig=kwargs.get("kubeconfig"), timeout=timeout
+    )
+    result["applied"] = True
+    if kwargs.get("wait"):
+        run_kubectl(
+            kubectl,
+            [*flags, "wait", "--for=condition=Ready", f"inferenceservice/{ISVC_NAME}", "-n", cfg.namespace, f"--timeout={int(timeout)}s"],
+            timeout=timeout + 30,
+        )
+        url = run_kubectl(
+            kubectl,
+            [*flags, "get", f"inferenceservice/{ISVC_NAME}", "-n", cfg.namespace, "-o", "jsonpath={.status.url}"],
+            timeout=60,
+        ).stdout.strip()
+        result["ready"] = True
+        result["url"] = url or None
+    return result

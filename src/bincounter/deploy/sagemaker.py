@@ -1,0 +1,377 @@
+"""Deploy the model server to a SageMaker real-time endpoint.
+
+SageMaker runs our own image (``cfg.image``, which must live in Amazon ECR) as a
+"bring your own container" model: it starts it as ``docker run <image> serve`` and talks
+to ``GET /ping`` and ``POST /invocations`` on port 8080, which the server provides. The
+container loads ``MODEL_URI`` from the MLflow registry at ``MLFLOW_TRACKING_URI``, so the
+endpoint needs network access to MLflow (VPC config if MLflow is private).
+
+Three requests make a deployment, as in the SageMaker API: CreateModel,
+CreateEndpointConfig, then CreateEndpoint (or UpdateEndpoint when the endpoint exists,
+which swaps in the new model without downtime). Models and endpoint configs are
+immutable, so each deployment creates new ones with a timestamp suffix.
+
+The calls go through sagemaker-core (``sagemaker.core.resources`` in SDK v3; the
+optional extra ``bincounter[sagemaker]``) and fall back to the boto3 ``sagemaker``
+client when it is not installed. Both are imported only when needed. With
+``cfg.dry_run`` the request payloads are returned and AWS is not called.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import os
+import re
+from types import ModuleType, SimpleNamespace
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from bincounter.config import DeployConfig
+
+DEFAULT_ENDPOINT = "bincounter"
+VARIANT = "AllTraffic"
+CONTAINER_PORT = "8080"
+
+_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+_ROLE_ARN = re.compile(r"^arn:aws[a-z0-9-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
+_ECR_IMAGE = re.compile(
+    r"^(?P<account>\d{12})\.dkr\.ecr(?:-fips)?\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(?:\.cn)?"
+    r"/[a-z0-9][a-z0-9._/-]*(?::[\w][\w.-]{0,127}|@sha256:[0-9a-f]{64})$"
+)
+# Registry URIs the container must resolve through an MLflow server it can reach.
+_REGISTRY_SCHEMES = ("models:/", "runs:/")
+_REMOTE_TRACKING_SCHEMES = ("http", "https", "databricks")
+# sagemaker-core: SDK v3 ships it as sagemaker.core; the 1.x package was sagemaker_core.
+_CORE_MODULES = (
+    ("sagemaker.core.resources", "sagemaker.core.shapes"),
+    ("sagemaker_core.resources", "sagemaker_core.shapes"),
+    ("sagemaker_core.main.resources", "sagemaker_core.main.shapes"),
+)
+
+Backend = Literal["auto", "sagemaker-core", "boto3"]
+
+
+class SageMakerConfigError(ValueError):
+    """The DeployConfig cannot become a SageMaker endpoint as it is."""
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def _role_arn(cfg: DeployConfig) -> str:
+    arn = cfg.sagemaker_role_arn
+    if not arn:
+        raise SageMakerConfigError(
+            "SageMaker needs an execution role for the endpoint: set DeployConfig.sagemaker_role_arn "
+            "to the ARN of an IAM role SageMaker can assume (trust sagemaker.amazonaws.com) that may "
+            "pull the image from ECR, e.g. arn:aws:iam::123456789012:role/bincounter-sagemaker"
+        )
+    if not _ROLE_ARN.match(arn):
+        raise SageMakerConfigError(f"sagemaker_role_arn {arn!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
+    return arn
+
+
+def _ecr_region(image: str) -> str:
+    match = _ECR_IMAGE.match(image)
+    if not match:
+        raise SageMakerConfigError(
+            f"SageMaker pulls images only from Amazon ECR, and {image!r} is not an ECR image URI "
+            "(<account>.dkr.ecr.<region>.amazonaws.com/<repo>:<tag>); push the image there "
+            "(see dockerfiles/README.md) and set DeployConfig.image"
+        )
+    return match["region"]
+
+
+def _tracking_uri(cfg: DeployConfig, tracking_uri: str | None) -> str | None:
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        if cfg.model_uri.startswith(_REGISTRY_SCHEMES):
+            raise SageMakerConfigError(
+                f"model URI {cfg.model_uri!r} is resolved through MLflow, but no tracking URI is set: "
+                "pass tracking_uri='https://mlflow.example.com' or set $MLFLOW_TRACKING_URI"
+            )
+        return None
+    if urlparse(uri).scheme not in _REMOTE_TRACKING_SCHEMES:
+        raise SageMakerConfigError(
+            f"tracking URI {uri!r} is a local store that a SageMaker endpoint cannot reach; "
+            "use the http(s) address of an MLflow tracking server"
+        )
+    return uri
+
+
+def _check_name(kind: str, name: str) -> str:
+    if not _NAME.match(name):
+        raise SageMakerConfigError(f"{kind} {name!r} is not a valid SageMaker name (letters, digits, hyphens; at most 63)")
+    return name
+
+
+def build_requests(
+    cfg: DeployConfig,
+    *,
+    endpoint_name: str = DEFAULT_ENDPOINT,
+    tracking_uri: str | None = None,
+    suffix: str | None = None,
+    environment: dict[str, str] | None = None,
+    vpc_config: dict[str, list[str]] | None = None,
+    tags: dict[str, str] | None = None,
+    startup_timeout: int = 600,
+) -> dict[str, dict[str, Any]]:
+    """The CreateModel / CreateEndpointConfig / CreateEndpoint payloads (boto3 spelling) for ``cfg``.
+
+    The endpoint payload is also the UpdateEndpoint payload when the endpoint exists.
+    ``suffix`` (default: a UTC timestamp) names this deployment's model and config.
+    """
+    role = _role_arn(cfg)
+    _ecr_region(cfg.image)
+    uri = _tracking_uri(cfg, tracking_uri)
+    _check_name("endpoint name", endpoint_name)
+    suffix = suffix or _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    model_name = _check_name("model name", f"{endpoint_name}-{suffix}"[:63].rstrip("-"))
+    config_name = model_name
+
+    env = {"MODEL_URI": cfg.model_uri, "PORT": CONTAINER_PORT}
+    if uri:
+        env["MLFLOW_TRACKING_URI"] = uri
+    env.update(environment or {})
+    tag_list = [{"Key": k, "Value": v} for k, v in {"app": "bincounter", **(tags or {})}.items()]
+
+    model: dict[str, Any] = {
+        "ModelName": model_name,
+        "ExecutionRoleArn": role,
+        "PrimaryContainer": {"Image": cfg.image, "Mode": "SingleModel", "Environment": env},
+        "Tags": tag_list,
+    }
+    if vpc_config:
+        model["VpcConfig"] = {"Subnets": list(vpc_config["Subnets"]), "SecurityGroupIds": list(vpc_config["SecurityGroupIds"])}
+    endpoint_config = {
+        "EndpointConfigName": config_name,
+        "ProductionVariants": [
+            {
+                "VariantName": VARIANT,
+                "ModelName": model_name,
+                "InitialInstanceCount": cfg.replicas,
+                "InstanceType": cfg.sagemaker_instance_type,
+                "InitialVariantWeight": 1.0,
+                # Loading the model from MLflow takes a while; the default (~10 min) is
+                # spelled out so it is easy to raise.
+                "ContainerStartupHealthCheckTimeoutInSeconds": startup_timeout,
+            }
+        ],
+        "Tags": tag_list,
+    }
+    endpoint = {"EndpointName": endpoint_name, "EndpointConfigName": config_name}
+    return {"model": model, "endpoint_config": endpoint_config, "endpoint": endpoint}
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def load_sagemaker_core() -> SimpleNamespace | None:
+    """sagemaker-core's ``resources`` and ``shapes`` modules, or None if it is not installed."""
+    for resources_name, shapes_name in _CORE_MODULES:
+        try:
+            resources = importlib.import_module(resources_name)
+            shapes = importlib.import_module(shapes_name)
+        except ImportError:
+            continue
+        return SimpleNamespace(resources=resources, shapes=shapes)
+    return None
+
+
+def _is_not_found(exc: Exception) -> bool:
+    """DescribeEndpoint's answer for a missing endpoint (a ValidationException, not a 404)."""
+    response = getattr(exc, "response", None) or {}
+    error = response.get("Error", {})
+    return error.get("Code") == "ValidationException" and "could not find" in str(error.get("Message", "")).lower()
+
+
+def _deploy_core(
+    core: SimpleNamespace,
+    requests: dict[str, dict[str, Any]],
+    *,
+    region: str,
+    session: Any,
+    wait: bool,
+    timeout: int,
+) -> dict[str, Any]:
+    """Create the model, config and endpoint with sagemaker-core resource classes."""
+    res: ModuleType = core.resources
+    shp: ModuleType = core.shapes
+    m, ec, ep = requests["model"], requests["endpoint_config"], requests["endpoint"]
+    container = m["PrimaryContainer"]
+    tags = [shp.Tag(key=t["Key"], value=t["Value"]) for t in m["Tags"]]
+    model_kwargs: dict[str, Any] = {
+        "model_name": m["ModelName"],
+        "primary_container": shp.ContainerDefinition(
+            image=container["Image"], mode=container["Mode"], environment=container["Environment"]
+        ),
+        "execution_role_arn": m["ExecutionRoleArn"],
+        "tags": tags,
+        "session": session,
+        "region": region,
+    }
+    if "VpcConfig" in m:
+        model_kwargs["vpc_config"] = shp.VpcConfig(
+            subnets=m["VpcConfig"]["Subnets"], security_group_ids=m["VpcConfig"]["SecurityGroupIds"]
+        )
+    res.Model.create(**model_kwargs)
+    variant = ec["ProductionVariants"][0]
+    res.EndpointConfig.create(
+        endpoint_config_name=ec["EndpointConfigName"],
+        production_variants=[
+            shp.ProductionVariant(
+                variant_name=variant["VariantName"],
+                model_name=variant["ModelName"],
+                initial_instance_count=variant["InitialInstanceCount"],
+                instance_type=variant["InstanceType"],
+                initial_variant_weight=variant["InitialVariantWeight"],
+                container_startup_health_check_timeout_in_seconds=variant["ContainerStartupHealthCheckTimeoutInSeconds"],
+            )
+        ],
+        tags=tags,
+        session=session,
+        region=region,
+    )
+    try:
+        endpoint = res.Endpoint.get(endpoint_name=ep["EndpointName"], session=session, region=region)
+    except Exception as exc:  # botocore ClientError; imported lazily with the SDK
+        if not _is_not_found(exc):
+            raise
+        endpoint = None
+    if endpoint is None:
+        operation = "create"
+        endpoint = res.Endpoint.create(
+            endpoint_name=ep["EndpointName"],
+            endpoint_config_name=ep["EndpointConfigName"],
+            tags=tags,
+            session=session,
+            region=region,
+        )
+    else:
+        operation = "update"
+        # sagemaker-core's update() sends the resource's own endpoint_config_name.
+        endpoint.endpoint_config_name = ep["EndpointConfigName"]
+        endpoint.update()
+    status = None
+    if wait:
+        endpoint.wait_for_status(target_status="InService", timeout=timeout)
+        status = "InService"
+    return {"operation": operation, "status": status}
+
+
+def _deploy_boto3(
+    requests: dict[str, dict[str, Any]],
+    *,
+    region: str,
+    session: Any,
+    client: Any,
+    wait: bool,
+    timeout: int,
+) -> dict[str, Any]:
+    """Create the model, config and endpoint with the boto3 ``sagemaker`` client."""
+    if client is None:
+        if session is None:
+            import boto3
+
+            session = boto3.session.Session()
+        client = session.client("sagemaker", region_name=region)
+    client.create_model(**requests["model"])
+    client.create_endpoint_config(**requests["endpoint_config"])
+    ep = requests["endpoint"]
+    try:
+        client.describe_endpoint(EndpointName=ep["EndpointName"])
+        exists = True
+    except Exception as exc:  # botocore ClientError
+        if not _is_not_found(exc):
+            raise
+        exists = False
+    if exists:
+        operation = "update"
+        client.update_endpoint(**ep)
+    else:
+        operation = "create"
+        client.create_endpoint(**ep, Tags=requests["endpoint_config"]["Tags"])
+    status = None
+    if wait:
+        delay = 30
+        client.get_waiter("endpoint_in_service").wait(
+            EndpointName=ep["EndpointName"], WaiterConfig={"Delay": delay, "MaxAttempts": max(1, timeout // delay)}
+        )
+        status = "InService"
+    return {"operation": operation, "status": status}
+
+
+# --------------------------------------------------------------------------- deploy
+
+
+def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
+    """Deploy ``cfg.model_uri`` in ``cfg.image`` to a SageMaker real-time endpoint.
+
+    Keyword arguments:
+        endpoint_name: endpoint to create or update (default ``bincounter``).
+        tracking_uri: MLFLOW_TRACKING_URI for the container (default ``$MLFLOW_TRACKING_URI``;
+            must be an http(s) MLflow server the endpoint can reach).
+        region: AWS region (default: the ECR image's region).
+        environment: extra container environment variables.
+        vpc_config: ``{"Subnets": [...], "SecurityGroupIds": [...]}`` to reach a private MLflow.
+        tags: extra resource tags.
+        suffix: name suffix of the new model and endpoint config (default: UTC timestamp).
+        startup_timeout: container start-up health check timeout in seconds (default 600).
+        wait: wait until the endpoint is InService (default True).
+        timeout: how long to wait, in seconds (default 1800).
+        backend: "auto" (sagemaker-core if importable, else boto3), "sagemaker-core" or "boto3".
+        session: a boto3 Session to use; client: a ready boto3 sagemaker client (boto3 backend).
+
+    Instances: ``cfg.replicas`` of ``cfg.sagemaker_instance_type``. Returns
+    ``{"target": "sagemaker", "requests": {...}, "applied": bool, ...}``.
+    """
+    requests = build_requests(
+        cfg,
+        endpoint_name=kwargs.get("endpoint_name", DEFAULT_ENDPOINT),
+        tracking_uri=kwargs.get("tracking_uri"),
+        suffix=kwargs.get("suffix"),
+        environment=kwargs.get("environment"),
+        vpc_config=kwargs.get("vpc_config"),
+        tags=kwargs.get("tags"),
+        startup_timeout=int(kwargs.get("startup_timeout", 600)),
+    )
+    region = kwargs.get("region") or _ecr_region(cfg.image)
+    endpoint_name = requests["endpoint"]["EndpointName"]
+    result: dict[str, Any] = {
+        "target": "sagemaker",
+        "endpoint_name": endpoint_name,
+        "model_name": requests["model"]["ModelName"],
+        "endpoint_config_name": requests["endpoint_config"]["EndpointConfigName"],
+        "region": region,
+        "image": cfg.image,
+        "model_uri": cfg.model_uri,
+        "requests": requests,
+        "dry_run": cfg.dry_run,
+        "applied": False,
+        "backend": None,
+        "operation": None,
+        "status": None,
+        "invoke_url": f"https://runtime.sagemaker.{region}.amazonaws.com/endpoints/{endpoint_name}/invocations",
+    }
+    if cfg.dry_run:
+        return result
+
+    backend: Backend = kwargs.get("backend", "auto")
+    if backend not in ("auto", "sagemaker-core", "boto3"):
+        raise ValueError(f"backend must be 'auto', 'sagemaker-core' or 'boto3', not {backend!r}")
+    wait = bool(kwargs.get("wait", True))
+    timeout = int(kwargs.get("timeout", 1800))
+    core = None if backend == "boto3" else load_sagemaker_core()
+    if core is None and backend == "sagemaker-core":
+        raise ImportError("sagemaker-core is not installed: pip install 'bincounter[sagemaker]' (or use backend='boto3')")
+    if core is not None:
+        outcome = _deploy_core(core, requests, region=region, session=kwargs.get("session"), wait=wait, timeout=timeout)
+        result["backend"] = "sagemaker-core"
+    else:
+        outcome = _deploy_boto3(
+            requests, region=region, session=kwargs.get("session"), client=kwargs.get("client"), wait=wait, timeout=timeout
+        )
+        result["backend"] = "boto3"
+    result.update(outcome, applied=True)
+    return result

@@ -1,0 +1,120 @@
+"""Stage launchers: what a KFP component (or the CLI) calls with a config and artifact paths.
+
+Each launcher runs one stage, writes its outputs where it is told, and returns the small
+metadata dict that the component attaches to its output artifact. No kfp import here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from bincounter import tracking
+from bincounter.config import (
+    DeployConfig,
+    EvaluateConfig,
+    IngestConfig,
+    PreprocessConfig,
+    RegisterConfig,
+    TrainConfig,
+)
+
+
+def ingest(cfg: IngestConfig, out_dir: str) -> dict:
+    from bincounter.ingest import ingest as run
+
+    r = run(cfg, out_dir)
+    return {"downloaded": r.downloaded, "skipped": r.skipped, "failed": r.failed, "bytes": r.bytes,
+            "source": cfg.source.uri, "manifest": "manifest.jsonl"}
+
+
+def preprocess(cfg: PreprocessConfig, raw_dir: str, out_dir: str, report_html: str | None = None) -> dict:
+    from bincounter.preprocess import load_dataset_info
+    from bincounter.preprocess import preprocess as run
+
+    r = run(cfg, raw_dir, out_dir)
+    if report_html:
+        shutil.copyfile(Path(out_dir) / "report" / "report.html", report_html)
+    info = load_dataset_info(out_dir)
+    return {"sizes": r.sizes, "quarantined": r.quarantined, "classes": r.classes,
+            "input_manifest_sha256": info["input_manifest_sha256"]}
+
+
+def train(cfg: TrainConfig, data_dir: str, model_dir: str, *, tracking_uri: str | None = None,
+          experiment: str = "bincounter", curves_html: str | None = None) -> dict:
+    """Train inside an MLflow run; the run id travels on as artifact metadata."""
+    from bincounter.preprocess import load_dataset_info
+    from bincounter.train import train as run
+
+    info = load_dataset_info(data_dir)
+    params = {**cfg.flat("train."), "data.sizes": info["sizes"], "data.image_size": info["image_size"],
+              "data.input_manifest_sha256": info["input_manifest_sha256"]}
+    run_id = _resumable_run_id(Path(model_dir))
+    with tracking.stage_run("train", params, tracking_uri=tracking_uri, experiment=experiment, run_id=run_id,
+                            system_metrics=True) as mlrun:
+        (Path(model_dir) / "mlflow_run_id").parent.mkdir(parents=True, exist_ok=True)
+        (Path(model_dir) / "mlflow_run_id").write_text(mlrun.info.run_id)
+        r = run(cfg, data_dir, model_dir)
+        tracking.log_artifacts([Path(data_dir) / "report"], "data_report")
+    if curves_html:
+        from bincounter.report import html_page
+
+        pngs = sorted((Path(model_dir) / "plots").glob("*.png"))
+        Path(curves_html).write_text(html_page("Training", [f"best epoch {r.best_epoch}: "
+                                                            f"val accuracy {r.best.get('val_accuracy', 0):.4f}, "
+                                                            f"val RMSE {r.best.get('val_rmse', 0):.4f}"], pngs))
+    return {"mlflow_run_id": mlrun.info.run_id, "best_epoch": r.best_epoch,
+            "val_accuracy": r.best.get("val_accuracy"), "val_rmse": r.best.get("val_rmse"),
+            "backbone": cfg.backbone, "image_size": cfg.image_size, "stopped_early": r.stopped_early}
+
+
+def _resumable_run_id(model_dir: Path) -> str | None:
+    """A restarted training (same output folder, checkpoint present) continues its MLflow run."""
+    marker = model_dir / "mlflow_run_id"
+    return marker.read_text().strip() if marker.exists() and (model_dir / "checkpoint.pt").exists() else None
+
+
+def evaluate(cfg: EvaluateConfig, model_dir: str, data_dir: str, out_dir: str, *, tracking_uri: str | None = None,
+             experiment: str = "bincounter", run_id: str | None = None, report_html: str | None = None) -> dict:
+    """Evaluate and log metrics and plots into the training run (one run per model)."""
+    from bincounter.evaluate import evaluate as run
+
+    r = run(cfg, model_dir, data_dir, out_dir)
+    if run_id:
+        with tracking.stage_run("evaluate", tracking_uri=tracking_uri, experiment=experiment, run_id=run_id):
+            tracking.log_metrics({f"test_{k}": v for k, v in r.summary().items()})
+            tracking.log_artifacts(r.plots, "evaluation")
+            tracking.log_artifacts([Path(out_dir) / "report.md", Path(out_dir) / "metrics.json"], "evaluation")
+    if report_html:
+        shutil.copyfile(Path(out_dir) / "report.html", report_html)
+    return {"summary": r.summary(), "confusion_matrix": r.metrics["confusion_matrix"],
+            "class_names": r.metrics["class_names"]}
+
+
+def register(cfg: RegisterConfig, model_dir: str, eval_dir: str, data_dir: str, *, run_id: str | None = None,
+             pipeline_run_id: str | None = None) -> dict:
+    from bincounter.data import read_samples, shard_urls
+    from bincounter.evaluate import SUMMARY_KEYS
+    from bincounter.preprocess import load_dataset_info
+    from bincounter.register import register as run
+
+    metrics = json.loads((Path(eval_dir) / "metrics.json").read_text())
+    summary = {k: float(metrics[k]) for k in SUMMARY_KEYS if k in metrics}
+    info = load_dataset_info(data_dir)
+    lineage = {"data_manifest_sha256": str(info["input_manifest_sha256"]),
+               "split": f"hash(id) salt={info['config']['split_salt']} val={info['config']['val_fraction']} "
+                        f"test={info['config']['test_fraction']}",
+               "pipeline_run_id": pipeline_run_id or "none"}
+    examples = [jpg for _, jpg, _ in read_samples(shard_urls(data_dir, "test"))[:2]]
+    r = run(cfg, model_dir, summary, run_id=run_id, lineage=lineage, example_images=examples)
+    return {"name": r.name, "version": r.version, "model_uri": r.model_uri, "promoted": r.promoted,
+            "reason": r.reason, "champion_uri": f"models:/{r.name}@champion"}
+
+
+def deploy(cfg: DeployConfig, name: str = "bincounter") -> dict:
+    from bincounter.deploy import deploy as run
+
+    kwargs = {"name": name} if cfg.target == "local" else {}
+    result = run(cfg, **kwargs)
+    return {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool))}

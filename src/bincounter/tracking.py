@@ -1,0 +1,70 @@
+"""MLflow access in one place: which store, which experiment, one run per stage."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from bincounter.paths import default_tracking_uri
+
+
+def configure(tracking_uri: str | None = None, experiment: str = "bincounter") -> str:
+    """Point mlflow at the store (explicit URI, $MLFLOW_TRACKING_URI, or local SQLite)."""
+    import mlflow
+
+    uri = tracking_uri or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    mlflow.set_experiment(experiment)
+    return uri
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: dict | None = None, *, tracking_uri: str | None = None,
+              experiment: str = "bincounter", run_id: str | None = None,
+              system_metrics: bool = False) -> Iterator[object]:
+    """An MLflow run for one stage, tagged with the stage and the pipeline run when known.
+
+    ``run_id`` resumes an existing run (a restarted training keeps one history).
+    """
+    import mlflow
+
+    configure(tracking_uri, experiment)
+    tags = {"bincounter.stage": stage}
+    if os.environ.get("KFP_RUN_ID"):
+        tags["kfp.run_id"] = os.environ["KFP_RUN_ID"]
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage, tags=tags,
+                          log_system_metrics=system_metrics) as run:
+        if params and not run_id:
+            mlflow.log_params({k: _param(v) for k, v in params.items()})
+        yield run
+
+
+def _param(value: object) -> str:
+    text = str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log numeric metrics to the active run, if there is one (tests may run without)."""
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if numeric:
+        mlflow.log_metrics(numeric, step=step)
+
+
+def log_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    for p in paths:
+        if p.is_dir():
+            mlflow.log_artifacts(str(p), artifact_path=artifact_path)
+        elif p.exists():
+            mlflow.log_artifact(str(p), artifact_path=artifact_path)

@@ -1,0 +1,386 @@
+"""Train: an explicit loop in the style of torchvision's classification reference.
+
+One call, ``train(cfg, data_dir, out_dir)``, on one process or under ``torchrun`` (DDP).
+Every epoch writes ``checkpoint.pt`` (model, optimizer, scheduler, epoch, RNG state, history);
+a rerun with the same ``out_dir`` resumes from it. Each epoch reseeds every RNG from
+(seed, epoch), so a resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from bincounter import tracking
+from bincounter.config import TrainConfig
+from bincounter.data import load_split, make_loader
+from bincounter.metrics import evaluate_predictions
+from bincounter.models import ModelSpec, build_model, normalization_for
+from bincounter.preprocess import load_dataset_info
+from bincounter.transforms import EvalTransform, TrainTransform
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "model.pt"
+SPEC = "model_spec.json"
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    spec: ModelSpec
+    best_epoch: int
+    best: dict
+    history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+# ---------------------------------------------------------------- engine set-up
+
+def resolve_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 where the GPU has it, else fp16; off on CPU (no gain without AMX/AVX512-BF16)."""
+    if device.type != "cuda":
+        return torch.bfloat16 if cfg.amp == "bf16" else None
+    if cfg.amp == "off":
+        return None
+    if cfg.amp == "fp16" or (cfg.amp == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- loss
+
+def emd_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared earth mover's distance between predicted and true count distributions.
+
+    Cross-entropy treats "predicted 4 for a 5" like "predicted 0 for a 5"; comparing the
+    cumulative distributions penalises by distance, which is what RMSE measures.
+    """
+    cdf_pred = torch.cumsum(F.softmax(logits.float(), dim=1), dim=1)
+    cdf_true = torch.cumsum(F.one_hot(target, logits.shape[1]).float(), dim=1)
+    return ((cdf_pred - cdf_true) ** 2).sum(dim=1).mean()
+
+
+def class_weights(counts: list[int], kind: str) -> torch.Tensor | None:
+    if kind == "none":
+        return None
+    freq = torch.tensor(counts, dtype=torch.float64).clamp(min=1)
+    w = (freq.sum() / freq) ** (0.5 if kind == "sqrt_inverse" else 1.0)
+    return (w / (w * freq).sum() * freq.sum()).float()  # mean weight per sample is 1
+
+
+class CountLoss(nn.Module):
+    def __init__(self, cfg: TrainConfig, weights: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weights", weights if weights is not None else torch.tensor([]))
+        self.smoothing = cfg.label_smoothing
+        self.emd_weight = cfg.emd_weight if cfg.loss == "ce+emd" else 0.0
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        weight = self.weights if self.weights.numel() else None
+        loss = F.cross_entropy(logits.float(), target, weight=weight, label_smoothing=self.smoothing)
+        if self.emd_weight:
+            loss = loss + self.emd_weight * emd_loss(logits, target)
+        return loss
+
+
+# ---------------------------------------------------------------- optimiser
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Head at ``lr``, backbone at ``lr * backbone_lr_scale``; no decay on norms and biases."""
+    groups = []
+    for part, scale in ((model.backbone, cfg.backbone_lr_scale), (model.head, 1.0)):
+        decay = [p for p in part.parameters() if p.requires_grad and p.ndim > 1]
+        no_decay = [p for p in part.parameters() if p.requires_grad and p.ndim <= 1]
+        groups += [{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr * scale},
+                   {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr * scale}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Linear warm-up, then cosine decay to zero, stepped every batch."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_atomic(obj: object, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# ---------------------------------------------------------------- loops
+
+def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, epoch: int, cfg: TrainConfig,
+                    amp_dtype, scaler, show: bool, step0: int, profiler=None) -> dict:
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    grad_norms: list[float] = []
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not show, leave=False)
+    for i, (images, target) in enumerate(bar):
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        if cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type in ("cuda", "cpu")):
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images)
+            loss = loss_fn(logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        grad_norms.append(float(norm))
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        if profiler is not None:
+            profiler.step()
+        n = target.numel()
+        total_loss += float(loss.detach()) * n
+        correct += int((logits.argmax(1) == target).sum())
+        seen += n
+        if show and i % 10 == 0:
+            tracking.log_metrics({"step_loss": float(loss), "lr": optimizer.param_groups[-1]["lr"],
+                                  "grad_norm": float(norm)}, step=step0 + i)
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+    _check_gradients(grad_norms, epoch)
+    return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+            "grad_norm_mean": float(np.mean(grad_norms)) if grad_norms else 0.0,
+            "lr": optimizer.param_groups[-1]["lr"], "steps": len(grad_norms)}
+
+
+def _check_gradients(norms: list[float], epoch: int) -> None:
+    """Warn on vanishing or exploding gradients (what SageMaker Debugger's rules flagged)."""
+    if not norms:
+        return
+    if not all(math.isfinite(n) for n in norms):
+        log.warning("epoch %d: non-finite gradient norm (exploding gradients or a bad batch)", epoch + 1)
+    elif max(norms) > 1e3:
+        log.warning("epoch %d: gradient norm reached %.3g (exploding gradients?)", epoch + 1, max(norms))
+    elif np.median(norms) < 1e-6:
+        log.warning("epoch %d: median gradient norm %.3g (vanishing gradients?)", epoch + 1, np.median(norms))
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, loader, device: torch.device, tta: bool = False,
+                  amp_dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, class probabilities); with ``tta`` averaged over the four flips of each photo."""
+    model.eval()
+    labels, probs = [], []
+    for images, target in loader:
+        images = images.to(device, non_blocking=True)
+        views = [images]
+        if tta:
+            views += [images.flip(3), images.flip(2), images.flip(2).flip(3)]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            p = sum(F.softmax(model(v).float(), dim=1) for v in views) / len(views)
+        probs.append(p.cpu().numpy())
+        labels.append(target.numpy())
+    if not probs:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 0))
+    return np.concatenate(labels), np.concatenate(probs)
+
+
+def _improved(metrics: dict, best: dict | None) -> bool:
+    if best is None:
+        return True
+    key = (metrics["val_accuracy"], -metrics["val_rmse"])
+    return key > (best["val_accuracy"], -best["val_rmse"])
+
+
+# ---------------------------------------------------------------- entry point
+
+def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainResult:
+    """Train on ``data_dir`` (a preprocess output) into ``out_dir``; resumes if it can."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = init_distributed()
+    is_main = rank == 0
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    amp_dtype = autocast_dtype(cfg, device)
+
+    info = load_dataset_info(data_dir)
+    classes = info["classes"]
+    mean, std = normalization_for(cfg.backbone)
+    spec = ModelSpec(backbone=cfg.backbone, num_classes=len(classes), head=cfg.head,
+                     image_size=cfg.image_size, mean=mean, std=std, min_count=info["min_count"],
+                     class_names=tuple(classes), tta=cfg.tta)
+    train_ds = load_split(data_dir, "train", TrainTransform(size=cfg.image_size, mean=mean, std=std))
+    val_ds = load_split(data_dir, "val", EvalTransform(size=cfg.image_size, mean=mean, std=std))
+    if len(train_ds) == 0:
+        raise ValueError(f"{data_dir} has no training samples")
+
+    seed_everything(cfg.seed)
+    model = build_model(spec, pretrained=cfg.pretrained, freeze_backbone=cfg.freeze_backbone).to(device)
+    if cfg.channels_last != "off":
+        model = model.to(memory_format=torch.channels_last)
+    hist = [info["class_counts"]["train"][c] for c in classes]
+    loss_fn = CountLoss(cfg, class_weights(hist, cfg.class_weighting)).to(device)
+
+    sampler = None
+    if world > 1:
+        sampler = torch.utils.data.distributed.DistributedSampler(train_ds, shuffle=True, seed=cfg.seed)
+    workers = cfg.workers if device.type != "cpu" else min(cfg.workers, max(0, (os.cpu_count() or 1) - 2))
+    train_loader = make_loader(train_ds, batch_size=cfg.batch_size, shuffle=True, workers=workers,
+                               pin_memory=device.type == "cuda", sampler=sampler, seed=cfg.seed, drop_last=len(train_ds) > cfg.batch_size)
+    val_loader = make_loader(val_ds, batch_size=cfg.batch_size * 2, shuffle=False, workers=workers,
+                             pin_memory=device.type == "cuda")
+
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, len(train_loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+
+    start_epoch, history, best, best_epoch, stale = 0, [], None, -1, 0
+    ckpt_path = out_dir / CHECKPOINT
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt["args"] != cfg.model_dump():
+            raise ValueError(f"{ckpt_path} was written with other settings; use a new output folder "
+                             "or delete the checkpoint to start over")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["lr_scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, history = ckpt["epoch"] + 1, ckpt["history"]
+        best, best_epoch, stale = ckpt["best"], ckpt["best_epoch"], ckpt["stale"]
+        if is_main:
+            log.info("resumed from %s at epoch %d", ckpt_path, start_epoch + 1)
+
+    stopped_early = False
+    for epoch in range(start_epoch, cfg.epochs):
+        if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
+            stopped_early = True
+            break
+        # Reseeding from (seed, epoch) makes every epoch independent of how we got here.
+        seed_everything(cfg.seed * 1000 + epoch)
+        train_loader.generator.manual_seed(cfg.seed * 1000 + epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        profiler = _start_profiler(out_dir) if (cfg.profile and epoch == start_epoch and is_main) else None
+        stats = train_one_epoch(net, train_loader, loss_fn, optimizer, scheduler, device, epoch, cfg, amp_dtype,
+                                scaler, show=is_main and cfg.progress, step0=epoch * len(train_loader),
+                                profiler=profiler)
+        if profiler is not None:
+            profiler.stop()
+        y, p = predict_probs(model, val_loader, device, amp_dtype=amp_dtype)
+        val = evaluate_predictions(y, p, min_count=info["min_count"], class_names=classes) if len(y) else {}
+        seconds = time.perf_counter() - t0
+        metrics = {"epoch": epoch + 1, **stats, "val_accuracy": val.get("accuracy", 0.0),
+                   "val_rmse": val.get("rmse", 0.0), "val_macro_f1": val.get("macro_f1", 0.0),
+                   "val_within_1": val.get("within_1", 0.0), "epoch_seconds": seconds,
+                   "images_per_second": stats["steps"] * cfg.batch_size * world / seconds}
+        history.append(metrics)
+        if _improved(metrics, best):
+            best, best_epoch, stale = metrics, epoch, 0
+            if is_main:
+                save_atomic({"model": model.state_dict(), "spec": spec.to_dict(), "epoch": epoch}, out_dir / BEST)
+        else:
+            stale += 1
+        if is_main:
+            tracking.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
+            # Katib's StdOut collector reads "name=value" lines.
+            print(f"epoch={epoch + 1} val_accuracy={metrics['val_accuracy']:.4f} val_rmse={metrics['val_rmse']:.4f} "
+                  f"train_loss={metrics['train_loss']:.4f}", flush=True)
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                         "epoch": epoch, "args": cfg.model_dump(), "history": history, "best": best,
+                         "best_epoch": best_epoch, "stale": stale}, ckpt_path)
+    if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience and len(history) < cfg.epochs:
+        stopped_early = True
+
+    if is_main:
+        (out_dir / SPEC).write_text(json.dumps(spec.to_dict(), indent=2))
+        (out_dir / "history.json").write_text(json.dumps(history, indent=2))
+        from bincounter.plots import training_curves
+
+        curves = training_curves(history, out_dir / "plots")
+        tracking.log_artifacts(curves, "plots")
+        if cfg.profile:
+            tracking.log_artifacts([out_dir / "profile"], "profile")
+    if world > 1:
+        dist.barrier()
+    return TrainResult(out_dir=out_dir, spec=spec, best_epoch=best_epoch + 1, best=best or {}, history=history,
+                       stopped_early=stopped_early)
+
+
+def _start_profiler(out_dir: Path):
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    prof = profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+                   on_trace_ready=tensorboard_trace_handler(str(out_dir / "profile")), record_shapes=True)
+    prof.start()
+    return prof
+
+
+def load_trained(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:
+    """The best model of a training output folder, in eval mode."""
+    state = torch.load(Path(model_dir) / BEST, map_location="cpu", weights_only=False)
+    spec = ModelSpec.from_dict(state["spec"])
+    model = build_model(spec, pretrained="none")
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), spec

@@ -1,0 +1,317 @@
+"""bincounter.deploy.sagemaker: request payloads, the sagemaker-core calls, the boto3 fallback.
+
+Nothing here reaches AWS: the sagemaker-core resource classes are autospec mocks, and
+the boto3 client is wrapped in botocore's Stubber, which also checks every request
+against SageMaker's own API model. Payloads are validated against that model too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from unittest import mock
+
+import botocore.session
+import pytest
+from botocore.exceptions import ClientError
+from botocore.stub import Stubber
+from botocore.validate import validate_parameters
+
+from bincounter.config import DeployConfig
+from bincounter.deploy import sagemaker as sm
+
+ECR = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/bincounter:0.1.0"
+ROLE = "arn:aws:iam::123456789012:role/bincounter-sagemaker"
+MLFLOW = "https://mlflow.example.com"
+SUFFIX = "20260101-120000"
+NAME = f"bincounter-{SUFFIX}"
+
+
+@pytest.fixture(autouse=True)
+def _offline_aws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake credentials and no ambient MLflow: a slip past the mocks fails instead of calling AWS."""
+    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def cfg(**overrides) -> DeployConfig:
+    values = dict(
+        target="sagemaker",
+        image=ECR,
+        sagemaker_role_arn=ROLE,
+        sagemaker_instance_type="ml.c5.xlarge",
+        replicas=2,
+        model_uri="models:/bincounter/7",
+    )
+    values.update(overrides)
+    return DeployConfig(**values)
+
+
+EXPECTED_TAGS = [{"Key": "app", "Value": "bincounter"}]
+EXPECTED = {
+    "model": {
+        "ModelName": NAME,
+        "ExecutionRoleArn": ROLE,
+        "PrimaryContainer": {
+            "Image": ECR,
+            "Mode": "SingleModel",
+            "Environment": {"MODEL_URI": "models:/bincounter/7", "PORT": "8080", "MLFLOW_TRACKING_URI": MLFLOW},
+        },
+        "Tags": EXPECTED_TAGS,
+    },
+    "endpoint_config": {
+        "EndpointConfigName": NAME,
+        "ProductionVariants": [
+            {
+                "VariantName": "AllTraffic",
+                "ModelName": NAME,
+                "InitialInstanceCount": 2,
+                "InstanceType": "ml.c5.xlarge",
+                "InitialVariantWeight": 1.0,
+                "ContainerStartupHealthCheckTimeoutInSeconds": 600,
+            }
+        ],
+        "Tags": EXPECTED_TAGS,
+    },
+    "endpoint": {"EndpointName": "bincounter", "EndpointConfigName": NAME},
+}
+
+
+def not_found(operation: str = "DescribeEndpoint") -> ClientError:
+    error = {"Code": "ValidationException", "Message": 'Could not find endpoint "bincounter".'}
+    return ClientError({"Error": error}, operation)
+
+
+# --------------------------------------------------------------------------- payloads
+
+
+def test_dry_run_returns_the_exact_payloads_without_calling_aws() -> None:
+    with mock.patch.object(sm, "load_sagemaker_core", autospec=True) as core, mock.patch("boto3.session.Session", autospec=True) as session:
+        result = sm.deploy(cfg(dry_run=True), tracking_uri=MLFLOW, suffix=SUFFIX)
+    core.assert_not_called()
+    session.assert_not_called()
+    assert result["requests"] == EXPECTED
+    assert result["applied"] is False and result["dry_run"] is True
+    assert (result["model_name"], result["endpoint_config_name"], result["endpoint_name"]) == (NAME, NAME, "bincounter")
+    assert result["region"] == "eu-west-1"  # from the ECR URI
+    assert result["invoke_url"] == "https://runtime.sagemaker.eu-west-1.amazonaws.com/endpoints/bincounter/invocations"
+
+
+def test_payloads_satisfy_the_sagemaker_api_model() -> None:
+    requests = sm.build_requests(
+        cfg(),
+        tracking_uri=MLFLOW,
+        environment={"LOG_LEVEL": "debug"},
+        vpc_config={"Subnets": ["subnet-0abc"], "SecurityGroupIds": ["sg-0abc"]},
+        tags={"team": "vision"},
+    )
+    api = botocore.session.get_session().get_service_model("sagemaker")
+    for operation, key in (
+        ("CreateModel", "model"),
+        ("CreateEndpointConfig", "endpoint_config"),
+        ("CreateEndpoint", "endpoint"),
+        ("UpdateEndpoint", "endpoint"),
+    ):
+        validate_parameters(requests[key], api.operation_model(operation).input_shape)
+
+
+def test_tracking_uri_defaults_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    env = sm.build_requests(cfg())["model"]["PrimaryContainer"]["Environment"]
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.internal:5000"
+    # A model that is not in the registry needs no tracking server.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    env = sm.build_requests(cfg(model_uri="s3://bucket/model"))["model"]["PrimaryContainer"]["Environment"]
+    assert "MLFLOW_TRACKING_URI" not in env
+
+
+# --------------------------------------------------------------------------- clear errors
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_missing_role_arn_is_a_clear_error(dry_run: bool) -> None:
+    with pytest.raises(sm.SageMakerConfigError, match="sagemaker_role_arn"):
+        sm.deploy(cfg(sagemaker_role_arn=None, dry_run=dry_run), tracking_uri=MLFLOW)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "kwargs", "message"),
+    [
+        (dict(sagemaker_role_arn="bincounter-role"), {}, "not an IAM role ARN"),
+        (dict(image="ghcr.io/bincounter/bincounter:0.1.0"), {}, "only from Amazon ECR"),
+        ({}, {"tracking_uri": None}, "no tracking URI"),
+        ({}, {"tracking_uri": "sqlite:///mlflow.db"}, "cannot reach"),
+        ({}, {"endpoint_name": "bin_counter"}, "not a valid SageMaker name"),
+    ],
+)
+def test_config_errors(overrides: dict, kwargs: dict, message: str) -> None:
+    kwargs = {"tracking_uri": MLFLOW, **kwargs}
+    with pytest.raises(sm.SageMakerConfigError, match=message):
+        sm.deploy(cfg(dry_run=True, **overrides), **kwargs)
+
+
+# --------------------------------------------------------------------------- sagemaker-core
+
+
+@pytest.fixture
+def core():
+    """sagemaker-core with its resource classes replaced by autospec mocks."""
+    loaded = sm.load_sagemaker_core()
+    if loaded is None:
+        pytest.skip("sagemaker-core is not installed (the optional extra bincounter[sagemaker])")
+    res = loaded.resources
+    real_endpoint = res.Endpoint
+    with (
+        mock.patch.object(res, "Model", autospec=True),
+        mock.patch.object(res, "EndpointConfig", autospec=True),
+        mock.patch.object(res, "Endpoint", autospec=True),
+    ):
+        # An endpoint object as Endpoint.get / Endpoint.create return it, methods autospecced.
+        loaded.endpoint_instance = lambda: mock.create_autospec(real_endpoint, instance=True)
+        yield loaded
+
+
+def test_sagemaker_core_creates_model_config_and_endpoint(core) -> None:
+    res, shp = core.resources, core.shapes
+    res.Endpoint.get.side_effect = not_found()
+    endpoint = res.Endpoint.create.return_value = core.endpoint_instance()
+    session = object()
+
+    result = sm.deploy(cfg(), tracking_uri=MLFLOW, suffix=SUFFIX, session=session, timeout=900)
+
+    tags = [shp.Tag(key="app", value="bincounter")]
+    res.Model.create.assert_called_once_with(
+        model_name=NAME,
+        primary_container=shp.ContainerDefinition(
+            image=ECR,
+            mode="SingleModel",
+            environment={"MODEL_URI": "models:/bincounter/7", "PORT": "8080", "MLFLOW_TRACKING_URI": MLFLOW},
+        ),
+        execution_role_arn=ROLE,
+        tags=tags,
+        session=session,
+        region="eu-west-1",
+    )
+    res.EndpointConfig.create.assert_called_once_with(
+        endpoint_config_name=NAME,
+        production_variants=[
+            shp.ProductionVariant(
+                variant_name="AllTraffic",
+                model_name=NAME,
+                initial_instance_count=2,
+                instance_type="ml.c5.xlarge",
+                initial_variant_weight=1.0,
+                container_startup_health_check_timeout_in_seconds=600,
+            )
+        ],
+        tags=tags,
+        session=session,
+        region="eu-west-1",
+    )
+    res.Endpoint.get.assert_called_once_with(endpoint_name="bincounter", session=session, region="eu-west-1")
+    res.Endpoint.create.assert_called_once_with(
+        endpoint_name="bincounter", endpoint_config_name=NAME, tags=tags, session=session, region="eu-west-1"
+    )
+    endpoint.wait_for_status.assert_called_once_with(target_status="InService", timeout=900)
+    endpoint.update.assert_not_called()
+    assert result["backend"] == "sagemaker-core"
+    assert (result["operation"], result["status"], result["applied"]) == ("create", "InService", True)
+
+
+def test_sagemaker_core_updates_an_existing_endpoint(core) -> None:
+    res = core.resources
+    existing = res.Endpoint.get.return_value = core.endpoint_instance()
+
+    result = sm.deploy(cfg(), tracking_uri=MLFLOW, suffix=SUFFIX, wait=False)
+
+    res.Endpoint.create.assert_not_called()
+    assert existing.endpoint_config_name == NAME  # what update() sends
+    existing.update.assert_called_once_with()
+    existing.wait_for_status.assert_not_called()
+    assert (result["operation"], result["status"]) == ("update", None)
+
+
+def test_sagemaker_core_errors_other_than_not_found_propagate(core) -> None:
+    denied = ClientError({"Error": {"Code": "AccessDeniedException", "Message": "no"}}, "DescribeEndpoint")
+    core.resources.Endpoint.get.side_effect = denied
+    with pytest.raises(ClientError, match="AccessDenied"):
+        sm.deploy(cfg(), tracking_uri=MLFLOW, suffix=SUFFIX)
+    core.resources.Endpoint.create.assert_not_called()
+
+
+# --------------------------------------------------------------------------- boto3 fallback
+
+
+@pytest.fixture
+def stubbed():
+    client = botocore.session.get_session().create_client(
+        "sagemaker", region_name="eu-west-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+    )
+    with Stubber(client) as stubber:
+        yield client, stubber
+        stubber.assert_no_pending_responses()
+
+
+def _describe(status: str) -> dict:
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    return {
+        "EndpointName": "bincounter",
+        "EndpointArn": "arn:aws:sagemaker:eu-west-1:123456789012:endpoint/bincounter",
+        "EndpointConfigName": NAME,
+        "EndpointStatus": status,
+        "CreationTime": now,
+        "LastModifiedTime": now,
+    }
+
+
+def test_boto3_fallback_creates_the_endpoint(stubbed) -> None:
+    client, stubber = stubbed
+    arn = "arn:aws:sagemaker:eu-west-1:123456789012:"
+    stubber.add_response("create_model", {"ModelArn": arn + f"model/{NAME}"}, EXPECTED["model"])
+    stubber.add_response("create_endpoint_config", {"EndpointConfigArn": arn + f"endpoint-config/{NAME}"}, EXPECTED["endpoint_config"])
+    stubber.add_client_error(
+        "describe_endpoint", service_error_code="ValidationException", service_message='Could not find endpoint "bincounter".',
+        expected_params={"EndpointName": "bincounter"},
+    )
+    stubber.add_response(
+        "create_endpoint", {"EndpointArn": arn + "endpoint/bincounter"}, {**EXPECTED["endpoint"], "Tags": EXPECTED_TAGS}
+    )
+    stubber.add_response("describe_endpoint", _describe("InService"), {"EndpointName": "bincounter"})  # the waiter
+
+    result = sm.deploy(cfg(), tracking_uri=MLFLOW, suffix=SUFFIX, backend="boto3", client=client)
+
+    assert result["backend"] == "boto3"
+    assert (result["operation"], result["status"], result["applied"]) == ("create", "InService", True)
+
+
+def test_boto3_fallback_updates_an_existing_endpoint(stubbed) -> None:
+    client, stubber = stubbed
+    arn = "arn:aws:sagemaker:eu-west-1:123456789012:"
+    stubber.add_response("create_model", {"ModelArn": arn + f"model/{NAME}"}, EXPECTED["model"])
+    stubber.add_response("create_endpoint_config", {"EndpointConfigArn": arn + f"endpoint-config/{NAME}"}, EXPECTED["endpoint_config"])
+    stubber.add_response("describe_endpoint", _describe("InService"), {"EndpointName": "bincounter"})
+    stubber.add_response("update_endpoint", {"EndpointArn": arn + "endpoint/bincounter"}, EXPECTED["endpoint"])
+
+    result = sm.deploy(cfg(), tracking_uri=MLFLOW, suffix=SUFFIX, backend="boto3", client=client, wait=False)
+
+    assert (result["operation"], result["status"]) == ("update", None)
+
+
+def test_auto_backend_falls_back_to_boto3_without_sagemaker_core(stubbed) -> None:
+    client, stubber = stubbed
+    arn = "arn:aws:sagemaker:eu-west-1:123456789012:"
+    stubber.add_response("create_model", {"ModelArn": arn + f"model/{NAME}"}, EXPECTED["model"])
+    stubber.add_response("create_endpoint_config", {"EndpointConfigArn": arn + f"endpoint-config/{NAME}"}, EXPECTED["endpoint_config"])
+    stubber.add_response("describe_endpoint", _describe("InService"), {"EndpointName": "bincounter"})
+    stubber.add_response("update_endpoint", {"EndpointArn": arn + "endpoint/bincounter"}, EXPECTED["endpoint"])
+    with mock.patch.object(sm, "load_sagemaker_core", autospec=True, return_value=None):
+        result = sm.deploy(cfg(), tracking_uri=MLFLOW, suffix=SUFFIX, client=client, wait=False)
+    assert result["backend"] == "boto3"
+
+
+def test_forcing_sagemaker_core_without_it_installed_says_how_to_get_it() -> None:
+    with mock.patch.object(sm, "load_sagemaker_core", autospec=True, return_value=None):
+        with pytest.raises(ImportError, match=r"bincounter\[sagemaker\]"):
+            sm.deploy(cfg(), tracking_uri=MLFLOW, backend="sagemaker-core")

@@ -1,0 +1,322 @@
+"""The model server's HTTP contract, with a fake model (no torch, no MLflow)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib.util
+import io
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from bincounter import serve
+
+MODEL_URI = "models:/bincounter@champion"
+NUM_CLASSES = 6
+
+
+def _jpeg(width: int = 32, height: int = 24, color=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _png(width: int = 16, height: int = 16) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (0, 0, 255)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class FakeModel:
+    """Behaves like the pyfunc: decodes each image, count = width // 8, numpy-typed output."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def predict(self, df: pd.DataFrame) -> pd.DataFrame:
+        # Inference must run in a worker thread, never on the event loop.
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise AssertionError("predict ran on the event loop")
+        assert list(df.columns) == ["image"]
+        self.calls.append(len(df))
+        rows = []
+        for data in df["image"]:
+            assert isinstance(data, bytes)
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    img.load()
+                    width = img.width
+            except Exception as exc:
+                raise ValueError(f"cannot decode image: {exc}") from exc
+            count = min(width // 8, NUM_CLASSES - 1)
+            probs = np.full(NUM_CLASSES, 0.02, dtype=np.float32)
+            probs[count] = 0.9
+            rows.append(
+                {
+                    "count": np.int64(count),
+                    "confidence": np.float32(0.9),
+                    "expected_count": np.float64(count + 0.1),
+                    "probabilities": probs,
+                }
+            )
+        return pd.DataFrame(rows, columns=["count", "confidence", "expected_count", "probabilities"])
+
+
+@pytest.fixture
+def model() -> FakeModel:
+    return FakeModel()
+
+
+@pytest.fixture
+def client(model: FakeModel):
+    with TestClient(serve.create_app(MODEL_URI, model=model)) as c:
+        yield c
+
+
+def _check_result(body: dict, count: int) -> None:
+    assert set(body) == {"count", "confidence", "expected_count", "probabilities", "model_uri"}
+    assert body["count"] == count and isinstance(body["count"], int)
+    assert body["confidence"] == pytest.approx(0.9)
+    assert body["expected_count"] == pytest.approx(count + 0.1)
+    assert len(body["probabilities"]) == NUM_CLASSES
+    assert all(isinstance(p, float) for p in body["probabilities"])
+    assert body["model_uri"] == MODEL_URI
+
+
+# -- probes ----------------------------------------------------------------------------
+
+
+def test_probes_when_ready(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    r = client.get("/readyz")
+    assert r.status_code == 200
+    assert r.json()["status"] == "ready" and r.json()["model_uri"] == MODEL_URI
+    assert client.get("/ping").status_code == 200
+    r = client.get("/v1/models/bincounter")
+    assert r.status_code == 200 and r.json() == {"name": "bincounter", "ready": True}
+
+
+def test_not_ready_before_the_model_loads(model: FakeModel) -> None:
+    release = threading.Event()
+
+    def slow_loader(uri: str) -> FakeModel:
+        assert uri == MODEL_URI
+        release.wait(10)
+        return model
+
+    with TestClient(serve.create_app(MODEL_URI, loader=slow_loader)) as c:
+        assert c.get("/healthz").status_code == 200
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        assert c.get("/ping").status_code == 503
+        assert c.get("/v1/models/bincounter").status_code == 503
+        r = c.post("/v1/count", content=_jpeg())
+        assert r.status_code == 503 and "not loaded" in r.json()["detail"]
+        release.set()
+        deadline = time.monotonic() + 10
+        while c.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "model never became ready"
+            time.sleep(0.02)
+        assert c.post("/v1/count", content=_jpeg()).status_code == 200
+
+
+def test_not_ready_without_lifespan() -> None:
+    # No `with`: the lifespan (and so the loader) never runs.
+    c = TestClient(serve.create_app(MODEL_URI))
+    assert c.get("/healthz").status_code == 200
+    r = c.get("/readyz")
+    assert r.status_code == 503 and r.json()["status"] == "not_loaded"
+
+
+def test_load_failure_is_reported() -> None:
+    def broken_loader(uri: str):
+        raise OSError("no such model")
+
+    failures = []
+    app = serve.create_app(MODEL_URI, loader=broken_loader)
+    app.state.on_load_failure = failures.append
+    with TestClient(app) as c:
+        deadline = time.monotonic() + 10
+        while c.get("/readyz").json()["status"] != "failed":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "no such model" in r.json()["error"]
+        r = c.post("/v1/count", content=_jpeg())
+        assert r.status_code == 503 and "no such model" in r.json()["detail"]
+    assert len(failures) == 1 and isinstance(failures[0], OSError)
+
+
+# -- /v1/count and /invocations ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/count", "/invocations"])
+def test_count_one_image(client: TestClient, model: FakeModel, path: str) -> None:
+    r = client.post(path, content=_jpeg(width=24), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 200, r.text
+    _check_result(r.json(), count=3)
+    # Any content type, PNG too.
+    r = client.post(path, content=_png(width=16), headers={"Content-Type": "text/plain"})
+    assert r.status_code == 200
+    _check_result(r.json(), count=2)
+    assert model.calls == [1, 1]
+
+
+@pytest.mark.parametrize("path", ["/v1/count", "/invocations"])
+def test_count_errors(client: TestClient, model: FakeModel, path: str) -> None:
+    r = client.post(path, content=b"")
+    assert r.status_code == 400 and "empty" in r.json()["detail"]
+    r = client.post(path, content=b"this is not an image")
+    assert r.status_code == 422
+    assert "could not decode the image" in r.json()["detail"]
+
+
+def test_body_over_the_limit_is_413(client: TestClient, model: FakeModel) -> None:
+    r = client.post("/v1/count", content=b"\xff" * (serve.DEFAULT_MAX_BODY_BYTES + 1))
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+    assert model.calls == []
+
+
+def test_chunked_body_over_the_limit_is_413(model: FakeModel) -> None:
+    def chunks():
+        for _ in range(10):
+            yield b"\x00" * 1000
+
+    with TestClient(serve.create_app(MODEL_URI, model=model, max_body_bytes=5000)) as c:
+        r = c.post("/v1/count", content=chunks())  # no Content-Length: chunked transfer
+        assert r.status_code == 413
+        assert c.post("/v1/count", content=_jpeg()).status_code == 200
+    assert model.calls == [1]
+
+
+def test_model_output_missing_columns_is_500(client: TestClient, model: FakeModel, monkeypatch) -> None:
+    monkeypatch.setattr(model, "predict", lambda df: pd.DataFrame({"count": [1]}))
+    with TestClient(serve.create_app(MODEL_URI, model=model), raise_server_exceptions=False) as c:
+        assert c.post("/v1/count", content=_jpeg()).status_code == 500
+
+
+# -- /v1/count:batch -------------------------------------------------------------------------
+
+needs_multipart = pytest.mark.skipif(
+    importlib.util.find_spec("python_multipart") is None, reason="python-multipart is not installed"
+)
+
+
+@needs_multipart
+def test_batch(client: TestClient, model: FakeModel) -> None:
+    files = [
+        ("files", ("a.jpg", _jpeg(width=8), "image/jpeg")),
+        ("files", ("b.png", _png(width=32), "image/png")),
+        ("other", ("c.jpg", _jpeg(width=16), "image/jpeg")),
+    ]
+    r = client.post("/v1/count:batch", files=files)
+    assert r.status_code == 200, r.text
+    assert [x["count"] for x in r.json()] == [1, 4, 2]
+    _check_result(r.json()[0], count=1)
+    assert model.calls == [3]
+
+
+@needs_multipart
+def test_batch_errors(client: TestClient) -> None:
+    files = [("files", ("good.jpg", _jpeg(), "image/jpeg")), ("files", ("bad.jpg", b"garbage", "image/jpeg"))]
+    r = client.post("/v1/count:batch", files=files)
+    assert r.status_code == 422 and "bad.jpg" in r.json()["detail"]
+    r = client.post("/v1/count:batch", data={"note": "no files"}, files=[("x", ("", b"", "image/jpeg"))])
+    assert r.status_code == 400
+    r = client.post("/v1/count:batch", content=_jpeg(), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 400 and "multipart" in r.json()["detail"]
+
+
+def test_batch_without_python_multipart_is_501(client: TestClient, monkeypatch) -> None:
+    import starlette.requests
+
+    monkeypatch.setattr(starlette.requests, "parse_options_header", None)
+    r = client.post("/v1/count:batch", files=[("files", ("a.jpg", _jpeg(), "image/jpeg"))])
+    assert r.status_code == 501 and "python-multipart" in r.json()["detail"]
+
+
+# -- KServe v1 -------------------------------------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_kserve_predict(client: TestClient, model: FakeModel) -> None:
+    payload = {"instances": [{"image": {"b64": _b64(_jpeg(width=8))}}, {"image": {"b64": _b64(_png(width=40))}}]}
+    r = client.post("/v1/models/bincounter:predict", json=payload)
+    assert r.status_code == 200, r.text
+    predictions = r.json()["predictions"]
+    assert [p["count"] for p in predictions] == [1, 5]
+    _check_result(predictions[0], count=1)
+    assert model.calls == [2]  # one batched predict call
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "needle"),
+    [
+        ({"inputs": []}, 400, "instances"),
+        ({"instances": []}, 400, "empty"),
+        ({"instances": [{"image": {"b64": "%%%not base64"}}]}, 400, "base64"),
+        ({"instances": [{"image": 3}]}, 400, "instance 0"),
+        ({"instances": [{"image": {"b64": _b64(_jpeg())}}, {"image": {"b64": _b64(b"junk")}}]}, 422, "instance 1"),
+        ({"instances": [{"image": {"b64": _b64(_jpeg())}}] * (serve.DEFAULT_MAX_BATCH + 1)}, 413, "instances"),
+    ],
+)
+def test_kserve_errors(client: TestClient, payload, status: int, needle: str) -> None:
+    r = client.post("/v1/models/bincounter:predict", json=payload)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["detail"]
+
+
+def test_kserve_bad_json(client: TestClient) -> None:
+    r = client.post("/v1/models/bincounter:predict", content=b"{not json")
+    assert r.status_code == 400 and "JSON" in r.json()["detail"]
+
+
+def test_kserve_model_name(model: FakeModel) -> None:
+    with TestClient(serve.create_app(MODEL_URI, model=model, model_name="counter")) as c:
+        assert c.get("/v1/models/counter").status_code == 200
+        assert c.get("/v1/models/other").status_code == 404
+        payload = {"instances": [{"image": {"b64": _b64(_jpeg())}}]}
+        assert c.post("/v1/models/other:predict", json=payload).status_code == 404
+        assert c.post("/v1/models/counter:predict", json=payload).status_code == 200
+        assert c.get("/v1/models").json() == {"models": ["counter"]}
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def test_args_fall_back_to_env(monkeypatch) -> None:
+    monkeypatch.setenv("MODEL_URI", "runs:/abc/model")
+    monkeypatch.setenv("PORT", "9999")
+    args = serve._parse_args([])
+    assert (args.model_uri, args.port, args.host) == ("runs:/abc/model", 9999, "127.0.0.1")
+    args = serve._parse_args(["--model-uri", "models:/m@x", "--host", "0.0.0.0", "--port", "8080"])
+    assert (args.model_uri, args.port, args.host) == ("models:/m@x", 8080, "0.0.0.0")
+
+
+def test_args_default_to_the_champion(monkeypatch) -> None:
+    from bincounter.config import DeployConfig
+
+    monkeypatch.delenv("MODEL_URI", raising=False)
+    monkeypatch.delenv("PORT", raising=False)
+    args = serve._parse_args([])
+    assert args.model_uri == serve.DEFAULT_MODEL_URI == DeployConfig().model_uri
+    assert args.port == 8080
+
+
+def test_openapi_lists_every_endpoint(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    for path in ["/healthz", "/readyz", "/v1/count", "/v1/count:batch", "/v1/models/{name}:predict", "/ping", "/invocations"]:
+        assert path in spec["paths"]
