@@ -19,6 +19,7 @@ def train(
     lr: float,
     weight_decay: float,
     freeze_backbone: bool,
+    freeze_early: int,
     early_stopping_patience: int,
     workers: int,
     seed: int,
@@ -35,7 +36,8 @@ def train(
 
     cfg = TrainConfig(backbone=backbone, pretrained=pretrained, head=head, loss=loss, image_size=image_size,
                       epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                      freeze_backbone=freeze_backbone, early_stopping_patience=early_stopping_patience,
+                      freeze_backbone=freeze_backbone, freeze_early=freeze_early,
+                      early_stopping_patience=early_stopping_patience,
                       workers=workers, seed=seed)
     model.metadata.update(launch.train(cfg, data.path, model.path, tracking_uri=tracking_uri or None,
                                        experiment=experiment, curves_html=curves.path))

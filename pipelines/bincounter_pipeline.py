@@ -36,12 +36,13 @@ def make_pipeline(gpus: int = 0, gpu_type: str = "nvidia.com/gpu"):
         pretrained: str = "auto",
         head: str = "linear",
         loss: str = "ce+emd",
-        train_image_size: int = 192,
-        epochs: int = 12,
+        train_image_size: int = 160,
+        epochs: int = 14,
         batch_size: int = 32,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         freeze_backbone: bool = False,
+        freeze_early: int = 3,
         early_stopping_patience: int = 5,
         train_workers: int = 2,
         seed: int = 0,
@@ -65,7 +66,7 @@ def make_pipeline(gpus: int = 0, gpu_type: str = "nvidia.com/gpu"):
                           overflow=overflow, val_fraction=val_fraction, test_fraction=test_fraction)
         trained = train(data=data.outputs["data"], backbone=backbone, pretrained=pretrained, head=head, loss=loss,
                         image_size=train_image_size, epochs=epochs, batch_size=batch_size, lr=lr,
-                        weight_decay=weight_decay, freeze_backbone=freeze_backbone,
+                        weight_decay=weight_decay, freeze_backbone=freeze_backbone, freeze_early=freeze_early,
                         early_stopping_patience=early_stopping_patience, workers=train_workers, seed=seed,
                         tracking_uri=tracking_uri, experiment=experiment)
         trained.set_cpu_request("2").set_memory_request("8G")

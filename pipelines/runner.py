@@ -20,7 +20,7 @@ def arguments(cfg: PipelineConfig, tracking_uri: str) -> dict:
         val_fraction=p.val_fraction, test_fraction=p.test_fraction,
         backbone=t.backbone, pretrained=t.pretrained, head=t.head, loss=t.loss, train_image_size=t.image_size,
         epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
-        freeze_backbone=t.freeze_backbone, early_stopping_patience=t.early_stopping_patience,
+        freeze_backbone=t.freeze_backbone, freeze_early=t.freeze_early, early_stopping_patience=t.early_stopping_patience,
         train_workers=t.workers, seed=t.seed, eval_batch_size=cfg.evaluate.batch_size,
         model_name=r.model_name, promotion_metric=r.metric, min_improvement=r.min_improvement,
         deploy_enabled=cfg.deploy_enabled, deploy_target=d.target,

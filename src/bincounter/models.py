@@ -178,25 +178,55 @@ def build_head(kind: str, in_features: int, num_classes: int) -> nn.Module:
     raise ValueError(f"unknown head {kind!r}")
 
 
-class Counter(nn.Module):
-    """Backbone plus head; ``forward`` returns class logits."""
+def early_layers(backbone: nn.Module, name: str, n: int) -> list[nn.Module]:
+    """The stem and the first ``n`` blocks of a backbone (what ``freeze_early`` freezes)."""
+    if n <= 0:
+        return []
+    if name == "efficientnet_lite0":
+        net = backbone.net
+        return [net._conv_stem, net._bn0, *net._blocks[:n]]
+    if name.startswith("resnet"):
+        return [backbone.conv1, backbone.bn1, *[getattr(backbone, f"layer{i}") for i in range(1, 5)][:n]]
+    if name.startswith(("mobilenet", "efficientnet")):
+        return list(backbone.features[: n + 1])
+    if name == "tiny_cnn":
+        return list(backbone.body[:n])
+    if name.startswith("vit"):
+        return [backbone.conv_proj, *backbone.encoder.layers[:n]]
+    raise ValueError(name)
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+
+class Counter(nn.Module):
+    """Backbone plus head; ``forward`` returns class logits.
+
+    Frozen modules stay in eval mode during training, so their batch-norm statistics keep the
+    pretrained values instead of drifting with small CPU batches.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, frozen: list[nn.Module] | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self._frozen = frozen or []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
+    def train(self, mode: bool = True) -> "Counter":
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self
 
-def build_model(spec: ModelSpec, pretrained: str = "none", freeze_backbone: bool = False) -> Counter:
+
+def build_model(spec: ModelSpec, pretrained: str = "none", freeze_backbone: bool = False,
+                freeze_early: int = 0) -> Counter:
     """The model for ``spec``; ``pretrained`` only matters when training starts."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         backbone, features = build_backbone(spec.backbone, pretrained)
-    model = Counter(backbone, build_head(spec.head, features, spec.num_classes))
-    if freeze_backbone:
-        for p in model.backbone.parameters():
+    frozen = [backbone] if freeze_backbone else early_layers(backbone, spec.backbone, freeze_early)
+    for module in frozen:
+        for p in module.parameters():
             p.requires_grad_(False)
-    return model
+    return Counter(backbone, build_head(spec.head, features, spec.num_classes), frozen)

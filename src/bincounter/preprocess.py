@@ -8,6 +8,10 @@ Output folder:
     dataset.json        classes, image size, sizes per split, shards, hash of the input manifest
     report/             PNG plots and report.md (see bincounter.report)
 Nothing from the input is modified or lost: a rejected sample is listed with its reason.
+
+Photos are streamed: workers check and resize them in a fixed pseudo-random order (a hash of
+the id), and each result goes straight into its split's current shard. Memory stays flat
+whatever the dataset's size, and each shard is already shuffled across classes.
 """
 
 from __future__ import annotations
@@ -16,14 +20,14 @@ import hashlib
 import io
 import json
 import os
-import random
 import shutil
+import tarfile
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
@@ -31,7 +35,7 @@ from bincounter import validate as v
 from bincounter.config import PreprocessConfig
 from bincounter.ingest import MANIFEST, atomic_write
 from bincounter.sources import IMAGES, METADATA
-from bincounter.split import SPLITS, label_of, split_of
+from bincounter.split import SPLITS, label_of, split_of, unit_hash
 
 DATASET_JSON = "dataset.json"
 
@@ -56,24 +60,43 @@ class PreprocessResult:
     shards: dict[str, list[str]] = field(default_factory=dict)
 
 
+def _visible(names: list[str], suffix: str) -> list[str]:
+    # Hidden names are temporary files (.x.part) or OS litter (macOS ._x.jpg), never data.
+    return [n[: -len(suffix)] for n in names if n.endswith(suffix) and not n.startswith(".")]
+
+
 def list_ids(in_dir: Path) -> list[str]:
-    """Ids from the manifest when there is one, else from both folders (catching orphans)."""
+    """Ids from the manifest when there is one, plus both folders (catching orphans)."""
     manifest = in_dir / MANIFEST
     ids: set[str] = set()
     if manifest.exists():
         for line in manifest.read_text().splitlines():
-            if line.strip():
+            try:
                 ids.add(json.loads(line)["id"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a killed ingest names nothing reliable
     for sub, suffix in ((IMAGES, ".jpg"), (METADATA, ".json")):
         folder = in_dir / sub
         if folder.is_dir():
-            ids.update(n[: -len(suffix)] for n in os.listdir(folder) if n.endswith(suffix))
+            ids.update(_visible(os.listdir(folder), suffix))
     return sorted(ids)
 
 
 def resize_square(img: Image.Image, size: int) -> Image.Image:
     """Resize the whole photo to size x size: no crop, so no item at the edge is cut away."""
     return img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
+
+
+def _encode(img: Image.Image, data: bytes, size: int, quality: int) -> bytes:
+    """The stored JPEG: the original bytes when the photo already is what training wants
+    (saves a decode-encode round and its generation loss), else resized and re-encoded."""
+    if img.size == (size, size) and img.mode == "RGB":
+        v.verify_decodes(img)
+        return data
+    small = resize_square(v.decode(img, target=size), size)
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
 
 
 def _process_image(args: tuple[str, str, int, int, int]) -> tuple[str, dict]:
@@ -87,17 +110,125 @@ def _process_image(args: tuple[str, str, int, int, int]) -> tuple[str, dict]:
     try:
         img = v.open_checked(data, max_pixels)
         width, height = img.size
-        small = resize_square(v.decode(img, target=size), size)
+        jpg = _encode(img, data, size, quality)
     except v.Invalid as exc:
         return id_, {"reason": exc.reason, "detail": exc.detail[:300]}
-    buf = io.BytesIO()
-    small.save(buf, format="JPEG", quality=quality)
-    return id_, {"jpg": buf.getvalue(), "width": width, "height": height,
-                 "sha256": hashlib.sha256(data).hexdigest()}
+    return id_, {"jpg": jpg, "width": width, "height": height, "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_all_metadata(in_dir: Path, ids: list[str], cfg: PreprocessConfig) -> tuple[dict[str, v.MetadataInfo], list[dict]]:
+    """Metadata of every id that may be kept, and quarantine records for the rest.
+
+    An inconsistent count is recorded either way; with ``on_inconsistent_quantity="keep"``
+    the record carries ``kept: true`` and counts as a warning, not a rejection.
+    """
+    metas: dict[str, v.MetadataInfo] = {}
+    quarantine: list[dict] = []
+    for id_ in ids:
+        meta_path = in_dir / METADATA / f"{id_}.json"
+        try:
+            info = v.check_metadata(meta_path.read_bytes())
+        except FileNotFoundError:
+            quarantine.append({"id": id_, "reason": v.MISSING_METADATA, "detail": str(meta_path)})
+            continue
+        except v.Invalid as exc:
+            quarantine.append({"id": id_, "reason": exc.reason, "detail": exc.detail[:300]})
+            continue
+        if not info.consistent:
+            keep = cfg.on_inconsistent_quantity == "keep"
+            quarantine.append({"id": id_, "reason": v.INCONSISTENT, "detail": info.describe_inconsistency(),
+                               "kept": keep})
+            if not keep:
+                continue
+        if label_of(info.count, cfg) is None:
+            quarantine.append({"id": id_, "reason": v.OUT_OF_RANGE, "detail": f"count {info.count}"})
+            continue
+        metas[id_] = info
+    return metas, quarantine
+
+
+def _ustar_header(name: str, size: int) -> bytes:
+    """A regular file's 512-byte ustar header (mode 0444, owner 0, mtime 0).
+
+    tarfile.TarInfo.tobuf builds the same bytes but costs more than checking a photo does;
+    only the name, the size and the checksum vary here.
+    """
+    raw = name.encode()
+    if len(raw) > 100 or size >= 8**11:
+        info = tarfile.TarInfo(name)  # long names and huge members: let tarfile handle them
+        info.size, info.mode, info.mtime = size, 0o444, 0
+        return info.tobuf(tarfile.PAX_FORMAT)
+    header = bytearray(tarfile.BLOCKSIZE)
+    header[0:len(raw)] = raw
+    header[100:108] = b"0000444\0"  # mode
+    header[108:116] = header[116:124] = b"0000000\0"  # uid, gid
+    header[124:136] = b"%011o\0" % size
+    header[136:148] = b"00000000000\0"  # mtime
+    header[148:156] = b" " * 8  # the checksum counts its own field as spaces
+    header[156:157] = tarfile.REGTYPE
+    header[257:265] = tarfile.POSIX_MAGIC  # b"ustar\x0000"
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+class _ShardWriter:
+    """Appends samples to ``shard-NNNNNN.tar`` files of at most ``shard_size`` samples.
+
+    Plain ustar members named ``<id>.<ext>``, which is all webdataset reads; modification
+    times are fixed so the same input gives byte-identical shards.
+    """
+
+    def __init__(self, folder: Path, shard_size: int):
+        self.folder, self.shard_size = folder, shard_size
+        self.names: list[str] = []
+        self._file = None
+        self._in_shard = 0
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        if self._file is None or self._in_shard == self.shard_size:
+            self._roll()
+        for ext in sorted(members):
+            data = members[ext]
+            self._file.write(_ustar_header(f"{key}.{ext}", len(data)))
+            self._file.write(data)
+            self._file.write(b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+        self._in_shard += 1
+
+    def _roll(self) -> None:
+        self._close_shard()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"shard-{len(self.names):06d}.tar"
+        self._file = (self.folder / name).open("wb")
+        self.names.append(f"{self.folder.name}/{name}")
+        self._in_shard = 0
+
+    def _close_shard(self) -> None:
+        if self._file is not None:
+            self._file.write(b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
+            self._file.close()
+            self._file = None
+
+    def close(self) -> list[str]:
+        self._close_shard()
+        self.folder.mkdir(parents=True, exist_ok=True)  # an empty split still has its folder
+        return self.names
+
+
+def _processed(jobs: list[tuple], workers: int, progress: bool) -> Iterator[tuple[str, dict]]:
+    """Results of ``_process_image`` in job order, from ``workers`` processes (or inline)."""
+    if workers <= 1 or len(jobs) < 64:  # a pool costs more than it saves on a handful of photos
+        yield from tqdm(map(_process_image, jobs), total=len(jobs), desc="preprocess", unit="img",
+                        disable=not progress)
+        return
+    # Chunks amortise the inter-process round trip; a few per worker keep the tail short.
+    chunksize = max(1, min(64, len(jobs) // (8 * workers)))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(_process_image, jobs, chunksize=chunksize)
+        yield from tqdm(results, total=len(jobs), desc="preprocess", unit="img", disable=not progress)
 
 
 def preprocess(cfg: PreprocessConfig, in_dir: str | Path, out_dir: str | Path,
@@ -109,42 +240,24 @@ def preprocess(cfg: PreprocessConfig, in_dir: str | Path, out_dir: str | Path,
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
 
-    quarantine: list[dict] = []
-    metas: dict[str, v.MetadataInfo] = {}
     ids = list_ids(in_dir)
     if not ids:
         raise ValueError(f"{in_dir} holds no photos or metadata in the bucket's layout")
+    metas, quarantine = check_all_metadata(in_dir, ids, cfg)
 
-    for id_ in ids:
-        meta_path = in_dir / METADATA / f"{id_}.json"
-        if not meta_path.exists():
-            quarantine.append({"id": id_, "reason": v.MISSING_METADATA, "detail": str(meta_path)})
-            continue
-        try:
-            info = v.check_metadata(meta_path.read_bytes())
-        except v.Invalid as exc:
-            quarantine.append({"id": id_, "reason": exc.reason, "detail": exc.detail[:300]})
-            continue
-        if not info.consistent:
-            detail = f"EXPECTED_QUANTITY={info.count}, items sum to {info.items_quantity}"
-            quarantine_it = cfg.on_inconsistent_quantity == "drop"
-            record = {"id": id_, "reason": v.INCONSISTENT, "detail": detail, "kept": not quarantine_it}
-            quarantine.append(record)
-            if quarantine_it:
-                continue
-        metas[id_] = info
-
+    # A hash order is a shuffle that stays put when the dataset grows, and it decides which
+    # copy of a duplicated photo is kept.
+    order = sorted(metas, key=lambda i: unit_hash(i, cfg.split_salt + ":order"))
     jobs = [(id_, str(in_dir / IMAGES / f"{id_}.jpg"), cfg.image_size, cfg.max_pixels, cfg.jpeg_quality)
-            for id_ in metas if label_of(metas[id_].count, cfg) is not None]
-    out_of_range = [id_ for id_ in metas if label_of(metas[id_].count, cfg) is None]
-    quarantine += [{"id": i, "reason": v.OUT_OF_RANGE, "detail": f"count {metas[i].count}"} for i in out_of_range]
-
-    samples: dict[str, list[tuple[Sample, bytes]]] = {s: [] for s in SPLITS}
+            for id_ in order]
+    writers = {s: _ShardWriter(tmp_dir / s, cfg.shard_size) for s in SPLITS}
+    examples: dict[str, list[tuple[Sample, bytes]]] = {s: [] for s in SPLITS}
+    per_label: Counter[int] = Counter()
+    index: list[dict] = []
     seen_hash: dict[str, str] = {}
     workers = cfg.workers or os.cpu_count() or 1
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(_process_image, jobs, chunksize=16)
-        for id_, res in tqdm(results, total=len(jobs), desc="preprocess", unit="img", disable=not progress):
+    try:
+        for id_, res in _processed(jobs, workers, progress):
             if "reason" in res:
                 quarantine.append({"id": id_, **res})
                 continue
@@ -155,66 +268,53 @@ def preprocess(cfg: PreprocessConfig, in_dir: str | Path, out_dir: str | Path,
             info = metas[id_]
             sample = Sample(id=id_, count=info.count, label=label_of(info.count, cfg), split=split_of(id_, cfg),
                             width=res["width"], height=res["height"], consistent=info.consistent)
-            samples[sample.split].append((sample, res["jpg"]))
+            writers[sample.split].write(id_, {"jpg": res["jpg"], "cls": str(sample.label).encode(),
+                                              "json": json.dumps({"id": id_, "count": info.count}).encode()})
+            index.append(asdict(sample))
+            if per_label[sample.label] < cfg.samples_per_class_in_report:  # only these stay in memory
+                per_label[sample.label] += 1
+                examples[sample.split].append((sample, res["jpg"]))
+    finally:
+        shards = {s: w.close() for s, w in writers.items()}
 
-    shards: dict[str, list[str]] = {}
-    rng = random.Random(cfg.split_salt)
-    for split, items in samples.items():
-        # Shuffle once so each shard mixes classes; streaming readers then need a small buffer.
-        rng.shuffle(items)
-        shards[split] = _write_shards(tmp_dir / split, items, cfg.shard_size)
-
-    index = [asdict(s) for split in SPLITS for s, _ in samples[split]]
-    _write_jsonl(tmp_dir / "index.jsonl", sorted(index, key=lambda r: r["id"]))
+    index.sort(key=lambda r: r["id"])
+    _write_jsonl(tmp_dir / "index.jsonl", index)
     _write_jsonl(tmp_dir / "quarantine.jsonl", quarantine)
-    manifest = in_dir / MANIFEST
-    sizes = {s: len(samples[s]) for s in SPLITS}
-    reasons = Counter(q["reason"] for q in quarantine if not q.get("kept"))
-    dataset = {
-        "classes": cfg.class_names(),
-        "min_count": cfg.min_count,
-        "max_count": cfg.max_count,
-        "overflow": cfg.overflow,
-        "image_size": cfg.image_size,
-        "sizes": sizes,
-        "class_counts": {s: _class_hist(samples[s], cfg) for s in SPLITS},
-        "shards": shards,
-        "quarantined": dict(sorted(reasons.items())),
-        "warnings": dict(Counter(q["reason"] for q in quarantine if q.get("kept"))),
-        "input_manifest_sha256": _file_sha256(manifest) if manifest.exists() else None,
-        "config": cfg.model_dump(),
-    }
+    dataset = _dataset_info(cfg, in_dir, index, quarantine, metas, shards)
     atomic_write(tmp_dir / DATASET_JSON, json.dumps(dataset, indent=2).encode())
 
     from bincounter.report import write_data_report  # matplotlib is slow to import; only here
 
-    write_data_report(tmp_dir, index, quarantine, samples, cfg)
+    write_data_report(tmp_dir, index, quarantine, examples, cfg)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp_dir, out_dir)
-    return PreprocessResult(out_dir=out_dir, sizes=sizes, quarantined=dict(reasons),
+    return PreprocessResult(out_dir=out_dir, sizes=dataset["sizes"], quarantined=dataset["quarantined"],
                             classes=cfg.class_names(), shards=shards)
 
 
-def _class_hist(items: list[tuple[Sample, bytes]], cfg: PreprocessConfig) -> dict[str, int]:
+def _dataset_info(cfg: PreprocessConfig, in_dir: Path, index: list[dict], quarantine: list[dict],
+                  metas: dict[str, v.MetadataInfo], shards: dict[str, list[str]]) -> dict:
+    """The contents of ``dataset.json``: what the trainer and the lineage records read."""
     names = cfg.class_names()
-    hist = Counter(names[s.label] for s, _ in items)
-    return {n: hist.get(n, 0) for n in names}
-
-
-def _write_shards(folder: Path, items: list[tuple[Sample, bytes]], shard_size: int) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    names: list[str] = []
-    for start in range(0, max(len(items), 1), shard_size):
-        chunk = items[start:start + shard_size]
-        if not chunk:
-            break
-        name = f"shard-{start // shard_size:06d}.tar"
-        with wds.TarWriter(str(folder / name)) as sink:
-            for sample, jpg in chunk:
-                sink.write({"__key__": sample.id, "jpg": jpg, "cls": sample.label,
-                            "json": {"id": sample.id, "count": sample.count}})
-        names.append(f"{folder.name}/{name}")
-    return names
+    manifest = in_dir / MANIFEST
+    kept = {r["id"] for r in index}
+    return {
+        "classes": names,
+        "min_count": cfg.min_count,
+        "max_count": cfg.max_count,
+        "overflow": cfg.overflow,
+        "image_size": cfg.image_size,
+        "sizes": {s: sum(1 for r in index if r["split"] == s) for s in SPLITS},
+        "class_counts": {s: {n: sum(1 for r in index if r["split"] == s and r["label"] == i)
+                             for i, n in enumerate(names)} for s in SPLITS},
+        "shards": shards,
+        # Rejections by reason; "warnings" are kept samples with a recorded doubt.
+        "quarantined": dict(sorted(Counter(q["reason"] for q in quarantine if not q.get("kept")).items())),
+        "warnings": dict(sorted(Counter(q["reason"] for q in quarantine if q.get("kept") and q["id"] in kept).items())),
+        "null_dimensions": sum(1 for i in kept if metas[i].null_dimensions),
+        "input_manifest_sha256": _file_sha256(manifest) if manifest.exists() else None,
+        "config": cfg.model_dump(),
+    }
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -17,8 +17,22 @@ def configure(tracking_uri: str | None = None, experiment: str = "bincounter") -
     uri = tracking_uri or default_tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        try:
+            mlflow.create_experiment(experiment, artifact_location=local_artifact_root(uri))
+        except mlflow.exceptions.MlflowException:
+            pass  # another stage created it a moment ago
     mlflow.set_experiment(experiment)
     return uri
+
+
+def local_artifact_root(uri: str) -> str | None:
+    """Artifacts of a SQLite store live beside the database file, not in whatever folder the
+    process happened to start in (MLflow's default, ./mlruns)."""
+    if not uri.startswith("sqlite:///"):
+        return None  # a tracking server decides for itself
+    db = Path(uri[len("sqlite:///"):])
+    return (db.parent / "mlartifacts").resolve().as_uri()
 
 
 @contextlib.contextmanager

@@ -269,7 +269,8 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
         raise ValueError(f"{data_dir} has no training samples")
 
     seed_everything(cfg.seed)
-    model = build_model(spec, pretrained=cfg.pretrained, freeze_backbone=cfg.freeze_backbone).to(device)
+    model = build_model(spec, pretrained=cfg.pretrained, freeze_backbone=cfg.freeze_backbone,
+                        freeze_early=cfg.freeze_early).to(device)
     if cfg.channels_last != "off":
         model = model.to(memory_format=torch.channels_last)
     hist = [info["class_counts"]["train"][c] for c in classes]

@@ -23,6 +23,8 @@ INCONSISTENT = "inconsistent_quantity"
 DUPLICATE = "duplicate_image"
 OUT_OF_RANGE = "count_out_of_range"
 
+JPEG_SOI = b"\xff\xd8\xff"  # start-of-image marker, then the first segment's marker
+
 
 class Invalid(ValueError):
     """A sample failed a check; ``reason`` is one of the module's reason constants."""
@@ -36,31 +38,54 @@ class Invalid(ValueError):
 @dataclass(frozen=True)
 class MetadataInfo:
     count: int
-    items_quantity: int | None  # sum of item quantities; None when items carry none
+    items_quantity: int | None  # sum of item quantities; None when BIN_FCSKU_DATA is absent
     n_items: int
     null_dimensions: int
+    bad_quantities: tuple[str, ...] = ()  # items whose ``quantity`` is missing or not a count
 
     @property
     def consistent(self) -> bool:
+        if self.bad_quantities:
+            return False
         return self.items_quantity is None or self.items_quantity == self.count
+
+    def describe_inconsistency(self) -> str:
+        """Why ``consistent`` is False, for the quarantine record."""
+        if self.bad_quantities:
+            return f"EXPECTED_QUANTITY={self.count}, items without a usable quantity: {', '.join(self.bad_quantities)}"
+        return f"EXPECTED_QUANTITY={self.count}, items sum to {self.items_quantity}"
+
+
+def _is_count(value: object) -> bool:
+    # bool is an int subclass, and 2.0 or "2" means the file was written by something else:
+    # both are flagged rather than coerced, so a label is never guessed.
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def check_metadata(raw: bytes) -> MetadataInfo:
-    """Parse metadata; raise Invalid when it cannot give a trustworthy count."""
+    """Parse metadata; raise Invalid when it cannot give a trustworthy count.
+
+    A count that disagrees with its items does not raise: the caller's policy decides
+    (``MetadataInfo.consistent``). It disagrees when the items' quantities do not sum to
+    ``EXPECTED_QUANTITY`` (an empty ``BIN_FCSKU_DATA`` sums to 0), or when an item's quantity
+    is missing, null, negative or not an integer (the sum cannot be trusted then).
+    """
     try:
         doc = json.loads(raw)
-    except ValueError as exc:
+    except ValueError as exc:  # also UnicodeDecodeError
         raise Invalid(BAD_JSON, str(exc)) from exc
     if not isinstance(doc, dict):
         raise Invalid(BAD_JSON, "top level is not an object")
     count = doc.get("EXPECTED_QUANTITY")
-    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+    if not _is_count(count):
         raise Invalid(NO_QUANTITY, f"EXPECTED_QUANTITY is {count!r}")
-    items = doc.get("BIN_FCSKU_DATA") or {}
+    if "BIN_FCSKU_DATA" not in doc or doc["BIN_FCSKU_DATA"] is None:
+        return MetadataInfo(count=count, items_quantity=None, n_items=0, null_dimensions=0)
+    items = doc["BIN_FCSKU_DATA"]
     if not isinstance(items, dict):
         raise Invalid(BAD_JSON, "BIN_FCSKU_DATA is not an object")
-    quantities = [it.get("quantity") for it in items.values() if isinstance(it, dict)]
-    numeric = [q for q in quantities if isinstance(q, int) and not isinstance(q, bool)]
+    bad = tuple(str(asin) for asin, it in items.items() if not isinstance(it, dict) or not _is_count(it.get("quantity")))
+    # Null dimensions or weight are common in the real data and harmless for counting.
     null_dims = sum(
         1
         for it in items.values()
@@ -70,9 +95,10 @@ def check_metadata(raw: bytes) -> MetadataInfo:
     )
     return MetadataInfo(
         count=count,
-        items_quantity=sum(numeric) if numeric else None,
+        items_quantity=sum(it["quantity"] for it in items.values() if isinstance(it, dict) and _is_count(it.get("quantity"))),
         n_items=len(items),
         null_dimensions=null_dims,
+        bad_quantities=bad,
     )
 
 
@@ -91,7 +117,9 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise Invalid(TOO_LARGE, str(exc)) from exc
     except Exception as exc:  # PIL raises many types for garbage input
-        raise Invalid(NOT_AN_IMAGE, str(exc)) from exc
+        # A JPEG whose header is cut short is a damaged photo, not some other kind of file.
+        reason = CORRUPT if data.startswith(JPEG_SOI) else NOT_AN_IMAGE
+        raise Invalid(reason, str(exc)) from exc
     if img.format != "JPEG":
         raise Invalid(NOT_JPEG, f"format is {img.format}")
     width, height = img.size
@@ -107,5 +135,20 @@ def decode(img: Image.Image, target: int | None = None) -> Image.Image:
             img.draft("RGB", (target, target))  # never scales below the target size
         img.load()
         return img.convert("RGB")
+    except Exception as exc:
+        raise Invalid(CORRUPT, str(exc)) from exc
+
+
+def verify_decodes(img: Image.Image) -> None:
+    """Decode every block of a JPEG at the smallest DCT scale (1/8), discarding the pixels.
+
+    libjpeg still reads and entropy-decodes the whole file, so truncation and broken
+    segments raise exactly as in a full decode, at about two thirds of its cost: used
+    for photos that are already the target size and are stored as they are.
+    """
+    try:
+        width, height = img.size
+        img.draft(img.mode, ((width + 7) // 8, (height + 7) // 8))
+        img.load()
     except Exception as exc:
         raise Invalid(CORRUPT, str(exc)) from exc

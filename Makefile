@@ -1,0 +1,54 @@
+# bincounter: `make demo` and `make test` create .venv themselves on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The venv is reinstalled only when pyproject.toml changes (CI reuses it otherwise).
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+export BINCOUNTER_HOME ?= $(CURDIR)/.bincounter
+UI_PORT ?= 5000
+
+.PHONY: help venv demo test test-fast ui compile bench lint clean
+
+help:
+	@echo "make demo      whole pipeline end to end, offline (synthetic data, local S3, MLflow, model server)"
+	@echo "make test      unit and integration tests"
+	@echo "make ui        MLflow UI on http://127.0.0.1:$(UI_PORT) over $(BINCOUNTER_HOME)/mlflow.db"
+	@echo "make compile   pipeline.yaml for Kubeflow Pipelines"
+	@echo "make bench     speed benchmarks (bench/)"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,sagemaker]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+venv: $(STAMP)
+
+demo: venv
+	$(VENV)/bin/bincounter demo
+
+test: venv
+	$(PY) -m pytest
+
+test-fast: venv
+	$(PY) -m pytest -m "not slow"
+
+ui: venv
+	@mkdir -p $(BINCOUNTER_HOME)
+	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(BINCOUNTER_HOME)/mlflow.db \
+		--default-artifact-root $(BINCOUNTER_HOME)/mlartifacts --host 127.0.0.1 --port $(UI_PORT)
+
+compile: venv
+	$(VENV)/bin/bincounter pipeline compile --out pipeline.yaml
+
+bench: venv
+	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+lint: venv
+	$(VENV)/bin/yamllint manifests
+	$(VENV)/bin/hadolint dockerfiles/Dockerfile dockerfiles/Dockerfile.cuda
+
+clean:
+	rm -rf $(BINCOUNTER_HOME) pipeline.yaml .pytest_cache

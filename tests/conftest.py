@@ -1,0 +1,55 @@
+"""Shared fixtures, one per concern. Data is generated here; nothing is downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bincounter.config import IngestConfig, PreprocessConfig, SourceConfig, SynthConfig, TrainConfig
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    """Each test gets its own working folder and MLflow store (no state leaks between tests)."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("BINCOUNTER_HOME", str(home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    home.mkdir()
+    return home
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """480 synthetic photos (counts 0-5, balanced) in the bucket's layout."""
+    from bincounter.synth import generate
+
+    out = tmp_path_factory.mktemp("synth")
+    generate(SynthConfig(n_images=480, image_size=96, seed=7), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_dir(synth_dir, tmp_path_factory) -> Path:
+    """The synthetic photos ingested from a folder and preprocessed at 64 px."""
+    from bincounter.ingest import ingest
+    from bincounter.preprocess import preprocess
+
+    work = tmp_path_factory.mktemp("data")
+    ingest(IngestConfig(source=SourceConfig(uri=str(synth_dir)), progress=False), work / "raw")
+    preprocess(PreprocessConfig(image_size=64, workers=1), work / "raw", work / "data", progress=False)
+    return work / "data"
+
+
+TINY_TRAIN = TrainConfig(backbone="tiny_cnn", pretrained="none", image_size=64, epochs=6, batch_size=32, lr=3e-3,
+                         workers=0, freeze_early=0, progress=False, tta=False)
+
+
+@pytest.fixture(scope="session")
+def model_dir(data_dir, tmp_path_factory) -> Path:
+    """A tiny CNN trained for a few epochs on the synthetic data."""
+    from bincounter.train import train
+
+    out = tmp_path_factory.mktemp("model")
+    train(TINY_TRAIN, data_dir, out)
+    return out

@@ -1,0 +1,82 @@
+import urllib.error
+
+import pytest
+import torch
+
+from bincounter.config import Backbone
+from bincounter.models import ModelSpec, WeightsUnavailable, build_model
+from bincounter.predictor import Predictor
+from bincounter.transforms import decode_bytes
+
+BACKBONES = list(Backbone.__args__)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_every_backbone_builds_and_counts(backbone, head):
+    size = 224 if backbone == "vit_b_16" else 64  # ViT-B/16 needs its native size
+    model = build_model(ModelSpec(backbone=backbone, num_classes=6, head=head), pretrained="none").eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, size, size)).shape == (2, 6)
+
+
+def test_packaged_efficientnet_lite0_weights_load_offline():
+    pretrained = build_model(ModelSpec(backbone="efficientnet_lite0", num_classes=6), pretrained="auto")
+    random = build_model(ModelSpec(backbone="efficientnet_lite0", num_classes=6), pretrained="none")
+    stem = "backbone.net._conv_stem.weight"
+    assert not torch.equal(pretrained.state_dict()[stem], random.state_dict()[stem])
+
+
+def test_missing_torchvision_weights_fail_loudly(monkeypatch):
+    import torchvision
+
+    def offline(name, weights=None):
+        if weights is not None:
+            raise urllib.error.URLError("no network")
+        return torchvision.models.resnet18()
+
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    with pytest.raises(WeightsUnavailable, match="--train.pretrained"):
+        build_model(ModelSpec(backbone="resnet18", num_classes=6), pretrained="torchvision")
+
+
+def test_weights_from_a_local_file(tmp_path):
+    import torchvision
+
+    path = tmp_path / "r18.pth"
+    reference = torchvision.models.resnet18()
+    torch.save(reference.state_dict(), path)
+    model = build_model(ModelSpec(backbone="resnet18", num_classes=6), pretrained=str(path))
+    assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
+    with pytest.raises(WeightsUnavailable, match="does not exist"):
+        build_model(ModelSpec(backbone="resnet18", num_classes=6), pretrained=str(tmp_path / "missing.pth"))
+
+
+def test_freeze_early_freezes_stem_and_blocks_and_keeps_their_statistics():
+    model = build_model(ModelSpec(backbone="efficientnet_lite0", num_classes=6), pretrained="none", freeze_early=3)
+    net = model.backbone.net
+    assert not any(p.requires_grad for p in net._blocks[2].parameters())
+    assert all(p.requires_grad for p in net._blocks[3].parameters())
+    model.train()
+    assert not net._bn0.training and net._blocks[3].training
+
+
+def test_tta_predictions_are_flip_invariant(model_dir, synth_dir):
+    """Behaviour: a bin photographed from above has the same count when mirrored."""
+    predictor = Predictor.from_dir(model_dir)
+    predictor.spec = predictor.spec.__class__(**{**predictor.spec.to_dict(), "tta": True,
+                                                  "class_names": tuple(predictor.spec.class_names)})
+    img = decode_bytes((synth_dir / "bin-images" / "00003.jpg").read_bytes())
+    x = predictor.transform(img).unsqueeze(0)
+    p = predictor.probabilities(x)
+    assert torch.allclose(torch.tensor(p), torch.tensor(predictor.probabilities(x.flip(3))), atol=1e-5)
+    assert torch.allclose(torch.tensor(p), torch.tensor(predictor.probabilities(x.flip(2))), atol=1e-5)
+
+
+def test_bad_image_bytes_raise_a_clear_error(model_dir, synth_dir):
+    predictor = Predictor.from_dir(model_dir)
+    good = (synth_dir / "bin-images" / "00001.jpg").read_bytes()
+    with pytest.raises(ValueError, match="image 1"):
+        predictor.predict_bytes([good, b"garbage"])
+    with pytest.raises(ValueError, match="empty"):
+        predictor.predict_bytes([b""])

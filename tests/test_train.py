@@ -1,0 +1,71 @@
+import json
+
+import pytest
+import torch
+
+from bincounter import train as train_module
+from bincounter.train import CHECKPOINT, class_weights, emd_loss, train
+from tests.conftest import TINY_TRAIN
+
+pytestmark = pytest.mark.slow
+
+
+def test_training_learns_the_synthetic_counts(model_dir, data_dir):
+    """Counting must be learnable: clearly above the majority class on held-out photos."""
+    info = json.loads((data_dir / "dataset.json").read_text())
+    val = info["class_counts"]["val"]
+    majority = max(val.values()) / sum(val.values())
+    history = json.loads((model_dir / "history.json").read_text())
+    best = max(h["val_accuracy"] for h in history)
+    assert best > majority + 0.15, (best, majority)
+    assert (model_dir / "plots" / "training_curves.png").stat().st_size > 1000
+
+
+def test_killed_and_resumed_training_equals_an_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+    cfg = TINY_TRAIN.model_copy(update={"epochs": 3})
+    train(cfg, data_dir, tmp_path / "straight")
+
+    real_epoch = train_module.train_one_epoch
+    calls = {"n": 0}
+
+    def dies_in_epoch_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("spot instance reclaimed")
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, data_dir, tmp_path / "resumed")
+    assert torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=False)["epoch"] == 0
+    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    result = train(cfg, data_dir, tmp_path / "resumed")
+
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    a = torch.load(tmp_path / "straight" / CHECKPOINT, weights_only=False)
+    b = torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=False)
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    assert a["history"][-1]["val_accuracy"] == b["history"][-1]["val_accuracy"]
+
+
+def test_resuming_with_other_settings_is_refused(data_dir, tmp_path):
+    cfg = TINY_TRAIN.model_copy(update={"epochs": 1})
+    train(cfg, data_dir, tmp_path / "m")
+    with pytest.raises(ValueError, match="other settings"):
+        train(cfg.model_copy(update={"lr": 0.1}), data_dir, tmp_path / "m")
+
+
+def test_emd_loss_grows_with_distance():
+    target = torch.tensor([0])
+    near = torch.tensor([[0.0, 5.0, 0.0, 0.0, 0.0, 0.0]])
+    far = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 5.0]])
+    assert emd_loss(far, target) > emd_loss(near, target) > emd_loss(torch.tensor([[5.0, 0, 0, 0, 0, 0]]), target)
+
+
+def test_class_weights_favour_rare_classes_with_unit_mean():
+    counts = [10, 100, 1000]
+    w = class_weights(counts, "sqrt_inverse")
+    assert w[0] > w[1] > w[2]
+    assert float((w * torch.tensor(counts, dtype=torch.float)).sum() / sum(counts)) == pytest.approx(1.0, rel=1e-5)
+    assert class_weights(counts, "none") is None
