@@ -47,3 +47,44 @@ def test_predict_counts_local_images(model_dir, synth_dir, capsys):
     main(["predict", str(synth_dir / "bin-images" / "00001.jpg"), str(synth_dir / "bin-images" / "00002.jpg")])
     lines = [l for l in capsys.readouterr().out.splitlines() if "count=" in l]
     assert len(lines) == 2 and "00001.jpg" in lines[0]
+
+
+TRIAL_VALUES = {"lr": "0.001", "batchSize": "16", "epochs": "3", "weightDecay": "0.0001", "imageSize": "128",
+                "backbone": "resnet18"}
+
+
+def _manifest_train_commands():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "manifests"
+    for path in (root / "training/base/pytorchjob.yaml", root / "katib/experiment.yaml"):
+        text = re.sub(r"\$\{trialParameters\.(\w+)\}", lambda m: TRIAL_VALUES[m.group(1)],
+                      path.read_text())
+        for doc in yaml.safe_load_all(text):
+            for node in _walk(doc):
+                if isinstance(node, dict) and isinstance(node.get("command"), list) and "bincounter.cli" in node["command"]:
+                    cmd = node["command"]
+                    yield path.name, cmd[cmd.index("bincounter.cli") + 1:]
+
+
+def _walk(node):
+    yield node
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else []
+    for child in children:
+        yield from _walk(child)
+
+
+def test_cluster_manifests_call_the_cli_with_options_it_accepts(monkeypatch):
+    """The PyTorchJob and Katib trials run `python -m bincounter.cli train ...`: those flags must parse."""
+    import bincounter.launch
+
+    seen = []
+    monkeypatch.setattr(bincounter.launch, "train", lambda cfg, data, out, **kw: seen.append((cfg, data)) or {})
+    commands = list(_manifest_train_commands())
+    assert {name for name, _ in commands} == {"pytorchjob.yaml", "experiment.yaml"}
+    for _, args in commands:
+        main(args)
+    assert all(data.startswith("s3://") for _, data in seen)

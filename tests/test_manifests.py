@@ -277,8 +277,8 @@ def test_training_pytorchjob(kubectl: str) -> None:
             assert container["image"] == f"{PROJECT_IMAGE}:{tag}"
             cmd = container["command"]
             assert cmd[0] == "torchrun"
-            assert cmd[cmd.index("-m") + 1] == "bincounter.train_cli"
-            assert any(a.startswith("--shards") for a in cmd) and any(a.startswith("--out") for a in cmd)
+            assert cmd[cmd.index("-m") + 1: cmd.index("-m") + 3] == ["bincounter.cli", "train"]
+            assert any(a.startswith("--data") for a in cmd) and any(a.startswith("--out") for a in cmd)
             # Static rendezvous wired to what the operator injects.
             assert "--master-addr=$(MASTER_ADDR)" in cmd and "--node-rank=$(PET_NODE_RANK)" in cmd
             gpus = container["resources"]["limits"].get("nvidia.com/gpu")
@@ -322,7 +322,7 @@ def test_katib_experiment(kubectl: str) -> None:
     assert container["image"].startswith(PROJECT_IMAGE)
     # The StdOut collector wraps `command`; every trial parameter must reach the CLI.
     command = " ".join(container["command"])
-    assert "bincounter.train_cli" in command
+    assert "-m bincounter.cli train" in command
     used = set(re.findall(r"\$\{trialParameters\.(\w+)\}", yaml.safe_dump(trial)))
     assert used == set(trial_params)
 

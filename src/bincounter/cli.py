@@ -54,15 +54,16 @@ def preprocess(input: Path, out: Path, cfg: Annotated[PreprocessConfig, Flat] = 
     _print(launch.preprocess(cfg, str(input), str(out)))
 
 
-def train(data: Path, out: Path, cfg: Annotated[TrainConfig, Flat] = TrainConfig(),
+def train(data: str, out: Path, cfg: Annotated[TrainConfig, Flat] = TrainConfig(),
           tracking_uri: str | None = None, experiment: str = "bincounter") -> None:
-    """Train a counter on preprocessed shards; rerun with the same --out to resume. Works under torchrun."""
+    """Train a counter on preprocessed shards (a folder or s3://...); rerun with the same --out to
+    resume. Works under torchrun."""
     from bincounter import launch
     from bincounter.train import init_distributed
 
     rank, _ = init_distributed()
     if rank == 0:
-        _print(launch.train(cfg, str(data), str(out), tracking_uri=tracking_uri, experiment=experiment))
+        _print(launch.train(cfg, data, str(out), tracking_uri=tracking_uri, experiment=experiment))
     else:  # other ranks train without an MLflow run of their own
         from bincounter.train import train as run
 

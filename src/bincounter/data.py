@@ -17,22 +17,38 @@ from bincounter.transforms import decode_bytes
 DECODED_CACHE_BYTES = 6 * 2**30
 
 
-def shard_urls(data_dir: str | Path, split: str) -> list[str]:
-    """Shard paths (or URLs) of one split, as listed in ``dataset.json``."""
-    data_dir = str(data_dir).rstrip("/")
-    if data_dir.startswith("s3://"):
-        info = json.loads(_read_s3(f"{data_dir}/dataset.json"))
-        # webdataset streams a shard from any command's stdout.
-        return [f"pipe:aws s3 cp {data_dir}/{s} -" for s in info["shards"][split]]
-    info = json.loads((Path(data_dir) / "dataset.json").read_text())
-    return [str(Path(data_dir) / s) for s in info["shards"][split]]
+def materialize(data_dir: str | Path, cache: str | Path | None = None) -> Path:
+    """A local folder for a preprocessed dataset: the folder itself, or for ``s3://bucket/prefix``
+    a cached copy (objects already there with the same size are not fetched again)."""
+    text = str(data_dir)
+    if not text.startswith("s3://"):
+        return Path(data_dir)
+    import hashlib
+    import os
 
-
-def _read_s3(uri: str) -> bytes:
     import boto3
 
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+    from bincounter.ingest import atomic_write
+
+    bucket, _, prefix = text[len("s3://"):].partition("/")
+    prefix = prefix.strip("/") + "/"
+    root = Path(cache or os.environ.get("BINCOUNTER_CACHE", Path.home() / ".cache" / "bincounter"))
+    local = root / hashlib.sha256(text.encode()).hexdigest()[:16]
+    client = boto3.client("s3")  # endpoint and credentials from the usual AWS_* settings
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            dest = local / obj["Key"][len(prefix):]
+            if not (dest.exists() and dest.stat().st_size == obj["Size"]):
+                atomic_write(dest, client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
+    if not (local / "dataset.json").exists():
+        raise FileNotFoundError(f"{text} holds no dataset.json: not a preprocess output")
+    return local
+
+
+def shard_urls(data_dir: str | Path, split: str) -> list[str]:
+    """Local shard paths of one split, as listed in ``dataset.json``."""
+    info = json.loads((Path(data_dir) / "dataset.json").read_text())
+    return [str(Path(data_dir) / s) for s in info["shards"][split]]
 
 
 def read_samples(urls: list[str]) -> list[tuple[str, bytes, int]]:

@@ -38,6 +38,7 @@ class IngestResult:
     failed: int
     bytes: int
     counts: dict[str, int] = field(default_factory=dict)
+    retries: int = 0  # requests retried after throttling, 5xx or a broken connection
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -95,11 +96,30 @@ def load_manifest(path: Path) -> dict[str, dict]:
 
 
 def _is_complete(out_dir: Path, entry: dict) -> bool:
+    """Both files present and matching the hashes recorded when they were downloaded."""
     image = out_dir / IMAGES / f"{entry['id']}.jpg"
     meta = out_dir / METADATA / f"{entry['id']}.json"
-    if not (image.exists() and meta.exists()) or image.stat().st_size != entry.get("bytes"):
+    try:
+        if image.stat().st_size != entry.get("bytes"):
+            return False
+        if "metadata_sha256" in entry and sha256(meta.read_bytes()) != entry["metadata_sha256"]:
+            return False
+        return sha256(image.read_bytes()) == entry.get("sha256")
+    except (FileNotFoundError, TypeError, KeyError):
         return False
-    return sha256(image.read_bytes()) == entry.get("sha256")
+
+
+def _remove_partials(out_dir: Path) -> int:
+    """Delete temporary files left by a killed run (``.<name>.*.part``); they are never data."""
+    removed = 0
+    for sub in (IMAGES, METADATA):
+        folder = out_dir / sub
+        if folder.is_dir():
+            for name in os.listdir(folder):
+                if name.startswith(".") and name.endswith(".part"):
+                    (folder / name).unlink(missing_ok=True)
+                    removed += 1
+    return removed
 
 
 class _Journal:
@@ -119,10 +139,22 @@ class _Journal:
         self._file.close()
 
 
-def _fetch_one(source: Source, out_dir: Path, id_: str) -> dict:
-    meta_key, image_key = source.key(METADATA, id_), source.key(IMAGES, id_)
-    metadata = source.read(meta_key)
-    image = source.read(image_key)
+def _read(source: Source, kind: str, id_: str) -> bytes:
+    try:
+        return source.read(source.key(kind, id_))
+    except ObjectMissing as exc:
+        exc.kind = kind  # which twin is missing, for the error record
+        raise
+
+
+def _fetch_one(source: Source, out_dir: Path, id_: str, metadata: bytes | None = None) -> dict:
+    """Download one id's metadata (unless already read) and image; write both atomically.
+
+    The image is written last, so a manifest entry always describes two complete files.
+    """
+    if metadata is None:
+        metadata = _read(source, METADATA, id_)
+    image = _read(source, IMAGES, id_)
     atomic_write(out_dir / METADATA / f"{id_}.json", metadata)
     atomic_write(out_dir / IMAGES / f"{id_}.jpg", image)
     return {
@@ -131,64 +163,118 @@ def _fetch_one(source: Source, out_dir: Path, id_: str) -> dict:
         "bytes": len(image),
         "sha256": sha256(image),
         "metadata_sha256": sha256(metadata),
-        "source_key": image_key,
+        "source_key": source.key(IMAGES, id_),
     }
 
 
-def _bounded_map(fn, items: Iterable, workers: int) -> Iterator[tuple[object, Future]]:
-    """Run ``fn`` over a possibly endless stream with at most ``2 * workers`` items in flight."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: dict[Future, object] = {}
-        iterator = iter(items)
+def _bounded_map(fn, items: Iterable, workers: int, ordered: bool = False) -> Iterator[tuple[object, Future]]:
+    """Run ``fn`` over a possibly endless stream with at most ``2 * workers`` items in flight.
+
+    Yields (item, future) as they finish, or in input order with ``ordered`` (a selection
+    must not depend on which request happened to be fastest). If the consumer stops early
+    or fails, queued items are cancelled rather than run.
+    """
+    pool = ThreadPoolExecutor(max_workers=workers)
+    pending: dict[Future, object] = {}
+    iterator = iter(items)
+    try:
         for item in itertools.islice(iterator, 2 * workers):
             pending[pool.submit(fn, item)] = item
         while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            if ordered:
+                fut = next(iter(pending))  # dicts keep submission order
+                wait([fut])
+                done = [fut]
+            else:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 item = pending.pop(fut)
                 for nxt in itertools.islice(iterator, 1):
                     pending[pool.submit(fn, nxt)] = nxt
                 yield item, fut
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _balanced_ids(source: Source, cfg: IngestConfig, ids: Iterable[str]) -> Iterator[str]:
-    """Read metadata first and keep at most ``per_class`` ids of each count."""
+def _balanced_ids(source: Source, cfg: IngestConfig, ids: Iterable[str], known: dict[str, dict],
+                  prefetched: dict[str, bytes]) -> Iterator[str]:
+    """Read metadata first and keep at most ``per_class`` ids of each count, in listing order.
+
+    The metadata of a kept id goes into ``prefetched`` so it is not downloaded twice; ids
+    already complete on disk are classed by their manifest entry, without a request.
+    """
     assert cfg.per_class is not None
     cap = cfg.max_count
     taken: Counter[int] = Counter()
     n_classes = None if cap is None else cap + 2  # 0..cap plus the pooled "more"
 
-    def count_of(id_: str) -> int | None:
-        return parse_count(source.read(source.key(METADATA, id_)))
+    def count_of(id_: str) -> tuple[int | None, bytes | None]:
+        if id_ in known:
+            return known[id_].get("count"), None
+        raw = source.read(source.key(METADATA, id_))
+        return parse_count(raw), raw
 
-    for id_, fut in _bounded_map(count_of, ids, cfg.workers):
+    for id_, fut in _bounded_map(count_of, ids, cfg.workers, ordered=True):
         try:
-            count = fut.result()
+            count, raw = fut.result()
         except SourceError:
-            continue
+            continue  # no metadata, no class: the id cannot be selected by count
         if count is None:
             continue
         cls = count if cap is None or count <= cap else cap + 1
         if taken[cls] < cfg.per_class:
             taken[cls] += 1
+            if raw is not None:
+                prefetched[id_] = raw
             yield id_
         if n_classes is not None and len(taken) == n_classes and min(taken.values()) >= cfg.per_class:
             return
 
 
-def select_ids(source: Source, cfg: IngestConfig) -> Iterator[str]:
-    """The ids to ingest, streamed: explicit ids, a file list, or the source's listing."""
+def select_ids(source: Source, cfg: IngestConfig, *, known: dict[str, dict] | None = None,
+               prefetched: dict[str, bytes] | None = None) -> Iterator[str]:
+    """The ids to ingest, streamed: explicit ids, a file list, or the source's listing.
+
+    ``known`` (manifest entries of complete ids) and ``prefetched`` (filled with metadata
+    read while selecting) only matter for ``per_class``, which has to read counts first.
+    """
     if cfg.ids:
-        ids: Iterable[str] = cfg.ids
+        ids: Iterable[str] = list(dict.fromkeys(cfg.ids))
     elif cfg.file_list:
         ids = ids_from_file_list(cfg.file_list)
     else:
         ids = source.iter_ids()
     if cfg.per_class:
-        ids = _balanced_ids(source, cfg, ids)
+        ids = _balanced_ids(source, cfg, ids, known or {}, {} if prefetched is None else prefetched)
     if cfg.limit:
         ids = itertools.islice(ids, cfg.limit)
     return iter(ids)
+
+
+def _expected_total(cfg: IngestConfig) -> int | None:
+    """How many ids the selection will give at most, when known up front (progress bar)."""
+    n = None
+    if cfg.per_class:
+        pass  # depends on the counts, read as the selection goes
+    elif cfg.ids:
+        n = len(set(cfg.ids))
+    elif cfg.file_list:
+        n = len(ids_from_file_list(cfg.file_list))
+    if cfg.limit is not None:
+        n = cfg.limit if n is None else min(n, cfg.limit)
+    return n
+
+
+def _lock(out_dir: Path):
+    """Hold the output folder: two ingests appending to one journal would corrupt it."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(out_dir / ".ingest.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout as exc:
+        raise RuntimeError(f"another ingest is writing to {out_dir}") from exc
+    return lock
 
 
 def ingest(cfg: IngestConfig, out_dir: str | Path) -> IngestResult:
@@ -198,38 +284,51 @@ def ingest(cfg: IngestConfig, out_dir: str | Path) -> IngestResult:
     source = open_source(cfg.source, workers=cfg.workers, retries=cfg.retries,
                          connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout)
     source.check()  # fail fast with the endpoint's name rather than one error per object
+    lock = _lock(out_dir)
+    try:
+        return _ingest_locked(cfg, source, out_dir)
+    finally:
+        lock.release()
 
+
+def _ingest_locked(cfg: IngestConfig, source: Source, out_dir: Path) -> IngestResult:
+    _remove_partials(out_dir)
     manifest_path = out_dir / MANIFEST
     known = load_manifest(manifest_path)
     done_before = {id_: e for id_, e in known.items() if _is_complete(out_dir, e)}
+    prefetched: dict[str, bytes] = {}
     journal = _Journal(manifest_path)
     errors: list[dict] = []
     fetched: dict[str, dict] = {}
     skipped = 0
+    bar = tqdm(desc="ingest", unit="img", disable=not cfg.progress, total=_expected_total(cfg))
 
     def todo() -> Iterator[str]:
         nonlocal skipped
-        for id_ in select_ids(source, cfg):
+        for id_ in select_ids(source, cfg, known=done_before, prefetched=prefetched):
             if id_ in done_before:
                 skipped += 1
                 fetched[id_] = done_before[id_]
+                bar.update(1)
             else:
                 yield id_
 
-    bar = tqdm(desc="ingest", unit="img", disable=not cfg.progress, total=cfg.limit)
+    def fetch(id_: str) -> dict:
+        return _fetch_one(source, out_dir, id_, prefetched.pop(id_, None))
+
     try:
-        for id_, fut in _bounded_map(lambda i: _fetch_one(source, out_dir, i), todo(), cfg.workers):
+        for id_, fut in _bounded_map(fetch, todo(), cfg.workers):
             try:
                 entry = fut.result()
             except ObjectMissing as exc:
-                errors.append({"id": id_, "reason": "missing_object", "detail": str(exc)})
+                reason = "missing_metadata" if getattr(exc, "kind", None) == METADATA else "missing_image"
+                errors.append({"id": id_, "reason": reason, "detail": str(exc)})
             except SourceError as exc:
                 errors.append({"id": id_, "reason": "source_error", "detail": str(exc)})
             else:
                 journal.write(entry)
                 fetched[id_] = entry
             bar.update(1)
-        bar.update(skipped)
     finally:
         bar.close()
         journal.close()
@@ -249,4 +348,5 @@ def ingest(cfg: IngestConfig, out_dir: str | Path) -> IngestResult:
         failed=len(errors),
         bytes=sum(e["bytes"] for e in fetched.values()),
         counts=dict(sorted(counts.items())),
+        retries=getattr(source, "retried", 0),
     )

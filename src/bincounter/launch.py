@@ -44,9 +44,11 @@ def preprocess(cfg: PreprocessConfig, raw_dir: str, out_dir: str, report_html: s
 def train(cfg: TrainConfig, data_dir: str, model_dir: str, *, tracking_uri: str | None = None,
           experiment: str = "bincounter", curves_html: str | None = None) -> dict:
     """Train inside an MLflow run; the run id travels on as artifact metadata."""
+    from bincounter.data import materialize
     from bincounter.preprocess import load_dataset_info
     from bincounter.train import train as run
 
+    data_dir = str(materialize(data_dir))
     info = load_dataset_info(data_dir)
     params = {**cfg.flat("train."), "data.sizes": info["sizes"], "data.image_size": info["image_size"],
               "data.input_manifest_sha256": info["input_manifest_sha256"]}

@@ -136,10 +136,11 @@ class S3Proxy:
         self._server.server_close()
 
     def _next(self, method: str, path: str) -> tuple[int, str | None]:
+        # Under the lock, so a fault function may keep state without locking its own.
         with self._lock:
             n = len(self.requests)
             self.requests.append(None)  # type: ignore[arg-type]  # reserve the slot; filled by record()
-        return n, (self.fault(method, path, n) if self.fault else None)
+            return n, (self.fault(method, path, n) if self.fault else None)
 
     def record(self, n: int, request: ProxiedRequest) -> None:
         with self._lock:

@@ -6,6 +6,9 @@ Layout: ``<root>/bin-images/<id>.jpg`` and ``<root>/metadata/<id>.json``.
 from __future__ import annotations
 
 import os
+import random
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -67,8 +70,50 @@ class LocalSource:
         return str(self.root / key)
 
 
+# Backoff, in seconds: full jitter over base * 2**attempt, capped. Throttling (503 SlowDown)
+# starts slower: S3 asks for less traffic, and a fast retry is more traffic.
+BACKOFF_BASE = 0.1
+THROTTLE_BACKOFF_BASE = 0.5
+MAX_BACKOFF = 20.0
+_THROTTLE_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                             "TooManyRequestsException", "ProvisionedThroughputExceededException",
+                             "RequestThrottled", "BandwidthLimitExceeded", "EC2ThrottledException"})
+_TRANSIENT_CODES = frozenset({"InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeoutException",
+                              "PriorRequestNotComplete"})
+_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+
+
+def _retry_kind(exc: Exception) -> str | None:
+    """"throttle" or "transient" when ``exc`` is worth retrying, else None."""
+    from botocore.exceptions import (ClientError, ConnectionError, HTTPClientError, IncompleteReadError,
+                                     ResponseStreamingError)
+
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if err.get("Code") in _THROTTLE_CODES or status == 429:
+            return "throttle"
+        if err.get("Code") in _TRANSIENT_CODES or status >= 500:
+            return "transient"
+        return None
+    # Connection refused/reset/timed out, or a body cut off mid-transfer (which botocore's
+    # own retries never see: it happens after the call has returned).
+    if isinstance(exc, (ConnectionError, HTTPClientError, IncompleteReadError, ResponseStreamingError)):
+        return "transient"
+    return None
+
+
 class S3Source:
-    """A bucket (and optional prefix) on AWS S3 or any S3-compatible endpoint."""
+    """A bucket (and optional prefix) on AWS S3 or any S3-compatible endpoint.
+
+    Retries are ours, not botocore's: its "standard" mode shares a retry quota per client
+    (about 35 retries of 5xx errors) and, once that is spent, fails every request at once
+    without backing off, so a few seconds of S3 errors would fail thousands of objects;
+    and it never retries a body that breaks off after the headers arrived. Here every
+    request, body included, gets ``retries`` retries with exponential backoff and jitter.
+    """
+
+    page_size = 1000  # keys per listing request (S3's maximum)
 
     def __init__(self, cfg: SourceConfig, *, workers: int = 32, retries: int = 8,
                  connect_timeout: float = 5.0, read_timeout: float = 30.0):
@@ -82,11 +127,13 @@ class S3Source:
             raise ValueError(f"no bucket in {cfg.uri!r}")
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.endpoint = cfg.endpoint_url or "AWS S3"
-        # botocore's "standard" retry mode backs off exponentially with jitter on throttling,
-        # 5xx and connection errors; one retry policy, not two stacked.
+        self.anonymous = cfg.anonymous and not cfg.profile
+        self.retries = retries
+        self.retried = 0  # retries done so far, all threads (read by ingest's result)
+        self._lock = threading.Lock()
         config = Config(
-            signature_version=UNSIGNED if (cfg.anonymous and not cfg.profile) else None,
-            retries={"max_attempts": retries + 1, "mode": "standard"},
+            signature_version=UNSIGNED if self.anonymous else None,
+            retries={"total_max_attempts": 1},  # see the class docstring
             max_pool_connections=max(10, workers),
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
@@ -95,46 +142,69 @@ class S3Source:
         self.client = session.client("s3", endpoint_url=cfg.endpoint_url, config=config)
 
     def _fail(self, what: str, exc: Exception) -> SourceError:
-        return SourceError(f"cannot {what} s3://{self.bucket}/{self.prefix} at {self.endpoint}: {exc}")
+        hint = ""
+        if "AccessDenied" in str(exc) and self.anonymous:
+            hint = " (unsigned request: a private bucket needs a profile or anonymous=False)"
+        return SourceError(f"cannot {what} s3://{self.bucket}/{self.prefix} at {self.endpoint}: {exc}{hint}")
+
+    def _call(self, what: str, fn, retries: int | None = None):
+        """``fn()`` with retries on throttling, 5xx and broken connections; SourceError after."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        retries = self.retries if retries is None else retries
+        for attempt in range(retries + 1):
+            try:
+                return fn()
+            except (BotoCoreError, ClientError) as exc:
+                code = exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
+                if code in _MISSING_CODES:
+                    raise ObjectMissing(f"{what}: does not exist") from exc
+                kind = _retry_kind(exc)
+                if kind is None or attempt == retries:
+                    raise self._fail(what, exc) from exc
+            base = THROTTLE_BACKOFF_BASE if kind == "throttle" else BACKOFF_BASE
+            with self._lock:
+                self.retried += 1
+            time.sleep(random.random() * min(MAX_BACKOFF, base * 2**attempt))
+        raise AssertionError("unreachable")
 
     def check(self) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
+        """List one key, so a wrong endpoint or bucket fails now, naming both.
 
-        try:
-            self.client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}{METADATA}/", MaxKeys=1)
-        except (BotoCoreError, ClientError) as exc:
-            raise self._fail("list", exc) from exc
+        Few retries: a misconfiguration should not wait out the whole backoff schedule.
+        """
+        self._call("list", lambda: self.client.list_objects_v2(
+            Bucket=self.bucket, Prefix=f"{self.prefix}{METADATA}/", MaxKeys=1), retries=min(self.retries, 2))
 
     def iter_ids(self) -> Iterator[str]:
-        """Stream ids page by page (1,000 keys each); the full listing is never held."""
-        from botocore.exceptions import BotoCoreError, ClientError
+        """Stream ids page by page (1,000 keys each); the full listing is never held.
 
-        paginator = self.client.get_paginator("list_objects_v2")
-        try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{self.prefix}{METADATA}/"):
-                for obj in page.get("Contents", []):
-                    stem = _stem(obj["Key"], ".json")
-                    if stem is not None:
-                        yield stem
-        except (BotoCoreError, ClientError) as exc:
-            raise self._fail("list", exc) from exc
+        Pages are requested one by one (not through a paginator) so each is retried alone.
+        """
+        kwargs = {"Bucket": self.bucket, "Prefix": f"{self.prefix}{METADATA}/", "MaxKeys": self.page_size}
+        while True:
+            page = self._call("list", lambda: self.client.list_objects_v2(**kwargs))
+            for obj in page.get("Contents", []):
+                stem = _stem(obj["Key"], ".json")
+                if stem is not None:
+                    yield stem
+            if not page.get("IsTruncated"):
+                return
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
     def key(self, kind: str, id_: str) -> str:
         name = f"{IMAGES}/{id_}.jpg" if kind == IMAGES else f"{METADATA}/{id_}.json"
         return f"{self.prefix}{name}"
 
     def read(self, key: str) -> bytes:
-        from botocore.exceptions import BotoCoreError, ClientError
+        # The body is read inside the retried call: a transfer cut short is fetched again.
+        def get() -> bytes:
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
 
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404", "NotFound"):
-                raise ObjectMissing(f"s3://{self.bucket}/{key} does not exist") from exc
-            raise self._fail(f"read {key} from", exc) from exc
-        except BotoCoreError as exc:
-            raise self._fail(f"read {key} from", exc) from exc
+            return self._call(f"read {key} from", get)
+        except ObjectMissing as exc:
+            raise ObjectMissing(f"s3://{self.bucket}/{key} does not exist") from exc.__cause__
 
     def describe(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from bincounter import tracking
 from bincounter.config import TrainConfig
-from bincounter.data import load_split, make_loader
+from bincounter.data import load_split, make_loader, materialize
 from bincounter.metrics import evaluate_predictions
 from bincounter.models import ModelSpec, build_model, normalization_for
 from bincounter.preprocess import load_dataset_info
@@ -257,6 +257,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
         torch.backends.cudnn.benchmark = True
     amp_dtype = autocast_dtype(cfg, device)
 
+    data_dir = materialize(data_dir)  # s3:// datasets are cached locally once
     info = load_dataset_info(data_dir)
     classes = info["classes"]
     mean, std = normalization_for(cfg.backbone)

@@ -1,0 +1,49 @@
+import pytest
+
+from bincounter.data import ShardDataset, materialize, read_samples, shard_urls
+from bincounter.transforms import EvalTransform, TrainTransform
+
+
+def test_shards_hold_images_with_labels(data_dir):
+    samples = read_samples(shard_urls(data_dir, "train"))
+    assert samples and all(0 <= label <= 5 for _, _, label in samples)
+    ds = ShardDataset(samples, EvalTransform(size=48, mean=(0.5,) * 3, std=(0.5,) * 3))
+    x, y = ds[0]
+    assert x.shape == (3, 48, 48) and int(y) == samples[0][2]
+
+
+def test_train_transform_keeps_size_and_varies():
+    import torch
+
+    img = torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)
+    t = TrainTransform(size=48, mean=(0.5,) * 3, std=(0.5,) * 3)
+    a, b = t(img), t(img)
+    assert a.shape == b.shape == (3, 48, 48) and not torch.equal(a, b)
+
+
+def test_jpeg_bytes_kept_when_decoded_cache_would_not_fit(data_dir):
+    samples = read_samples(shard_urls(data_dir, "val"))
+    ds = ShardDataset(samples, EvalTransform(size=32, mean=(0.5,) * 3, std=(0.5,) * 3), cache_bytes=1)
+    assert ds._decoded is None and ds[0][0].shape == (3, 32, 32)
+
+
+def test_datasets_on_s3_are_cached_locally_once(data_dir, tmp_path, monkeypatch):
+    from bincounter.s3server import LocalS3
+
+    with LocalS3() as s3:
+        client = s3.client()
+        client.create_bucket(Bucket="team")
+        for path in data_dir.rglob("*"):
+            if path.is_file():
+                client.put_object(Bucket="team", Key=f"runs/1/data/{path.relative_to(data_dir)}", Body=path.read_bytes())
+        for key, value in {"AWS_ENDPOINT_URL_S3": s3.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(key, value)
+        local = materialize("s3://team/runs/1/data", cache=tmp_path)
+        assert len(read_samples(shard_urls(local, "train"))) == len(read_samples(shard_urls(data_dir, "train")))
+        (local / "dataset.json").touch()  # unchanged size: not fetched again
+        before = {p: p.stat().st_mtime_ns for p in local.rglob("*.tar")}
+        assert materialize("s3://team/runs/1/data", cache=tmp_path) == local
+        assert before == {p: p.stat().st_mtime_ns for p in local.rglob("*.tar")}
+        with pytest.raises(FileNotFoundError, match="dataset.json"):
+            materialize("s3://team/nothing-here", cache=tmp_path)
