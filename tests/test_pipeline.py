@@ -66,6 +66,10 @@ def test_whole_pipeline_runs_locally_and_serves_the_registered_model(synth_dir, 
             assert champion.tags["promotion.decision"] == "promoted"
             assert float(champion.tags["metric.accuracy"]) >= 0
             assert champion.tags["lineage.data_manifest_sha256"] != "None"
+            run = MlflowClient(tracking_uri).get_run(champion.tags["lineage.training_run_id"])
+            prefixes = {key.split(".")[0] for key in run.data.params}
+            assert {"ingest", "preprocess", "train", "evaluate", "register"} <= prefixes
+            assert "test_accuracy" in run.data.metrics and "val_accuracy" in run.data.metrics
             state = json.loads((isolated_home / "deployments" / "bincounter.json").read_text())
             result = count_images(state["url"], [src / "bin-images" / "00001.jpg"])[0]
             assert 0 <= result["count"] <= 5 and len(result["probabilities"]) == 6

@@ -125,7 +125,7 @@ def predict(images: tuple[Path, ...], /, model_uri: str = "models:/bincounter@ch
         print(f"{path}\tcount={row['count']}\tconfidence={row['confidence']:.2f}\texpected={row['expected_count']:.2f}")
 
 
-def pipeline_run(cfg: PipelineConfig = PipelineConfig(), tracking_uri: str | None = None) -> None:
+def pipeline_run(cfg: Annotated[PipelineConfig, Flat] = PipelineConfig(), tracking_uri: str | None = None) -> None:
     """Run the whole pipeline here on kfp's local runner (every stage a local subprocess)."""
     from bincounter.paths import default_tracking_uri, home
     from pipelines.runner import run_local

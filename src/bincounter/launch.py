@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from bincounter import tracking
+from bincounter.ingest import atomic_write
 from bincounter.config import (
     DeployConfig,
     EvaluateConfig,
@@ -25,6 +26,7 @@ def ingest(cfg: IngestConfig, out_dir: str) -> dict:
     from bincounter.ingest import ingest as run
 
     r = run(cfg, out_dir)
+    atomic_write(Path(out_dir) / "ingest_config.json", json.dumps(cfg.model_dump(), indent=2).encode())
     return {"downloaded": r.downloaded, "skipped": r.skipped, "failed": r.failed, "bytes": r.bytes,
             "source": cfg.source.uri, "manifest": "manifest.jsonl"}
 
@@ -50,8 +52,7 @@ def train(cfg: TrainConfig, data_dir: str, model_dir: str, *, tracking_uri: str 
 
     data_dir = str(materialize(data_dir))
     info = load_dataset_info(data_dir)
-    params = {**cfg.flat("train."), "data.sizes": info["sizes"], "data.image_size": info["image_size"],
-              "data.input_manifest_sha256": info["input_manifest_sha256"]}
+    params = {**cfg.flat("train."), **_data_params(data_dir, info)}
     run_id = _resumable_run_id(Path(model_dir))
     with tracking.stage_run("train", params, tracking_uri=tracking_uri, experiment=experiment, run_id=run_id,
                             system_metrics=True) as mlrun:
@@ -71,6 +72,17 @@ def train(cfg: TrainConfig, data_dir: str, model_dir: str, *, tracking_uri: str 
             "backbone": cfg.backbone, "image_size": cfg.image_size, "stopped_early": r.stopped_early}
 
 
+def _data_params(data_dir: str, info: dict) -> dict:
+    """The ingest and preprocess settings behind a dataset, for the training run's params."""
+    from bincounter.config import IngestConfig
+
+    params = {f"preprocess.{k}": v for k, v in PreprocessConfig(**info["config"]).flat().items()}
+    if info.get("ingest_config"):
+        params.update({f"ingest.{k}": v for k, v in IngestConfig(**info["ingest_config"]).flat().items()})
+    params.update({"data.sizes": info["sizes"], "data.input_manifest_sha256": info["input_manifest_sha256"]})
+    return params
+
+
 def _resumable_run_id(model_dir: Path) -> str | None:
     """A restarted training (same output folder, checkpoint present) continues its MLflow run."""
     marker = model_dir / "mlflow_run_id"
@@ -84,7 +96,8 @@ def evaluate(cfg: EvaluateConfig, model_dir: str, data_dir: str, out_dir: str, *
 
     r = run(cfg, model_dir, data_dir, out_dir)
     if run_id:
-        with tracking.stage_run("evaluate", tracking_uri=tracking_uri, experiment=experiment, run_id=run_id):
+        with tracking.stage_run("evaluate", cfg.flat("evaluate."), tracking_uri=tracking_uri, experiment=experiment,
+                                run_id=run_id):
             tracking.log_metrics({f"test_{k}": v for k, v in r.summary().items()})
             tracking.log_artifacts(r.plots, "evaluation")
             tracking.log_artifacts([Path(out_dir) / "report.md", Path(out_dir) / "metrics.json"], "evaluation")

@@ -116,6 +116,10 @@ def _process_image(args: tuple[str, str, int, int, int]) -> tuple[str, dict]:
     return id_, {"jpg": jpg, "width": width, "height": height, "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -313,6 +317,7 @@ def _dataset_info(cfg: PreprocessConfig, in_dir: Path, index: list[dict], quaran
         "warnings": dict(sorted(Counter(q["reason"] for q in quarantine if q.get("kept") and q["id"] in kept).items())),
         "null_dimensions": sum(1 for i in kept if metas[i].null_dimensions),
         "input_manifest_sha256": _file_sha256(manifest) if manifest.exists() else None,
+        "ingest_config": _read_json(in_dir / "ingest_config.json"),
         "config": cfg.model_dump(),
     }
 

@@ -163,6 +163,7 @@ def register(cfg: RegisterConfig, model_dir: str | Path, metrics: dict[str, floa
     spec = json.loads((Path(model_dir) / "model_spec.json").read_text())
     lineage = {"git_commit": git_commit(), **(lineage or {})}
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register") as run:
+        mlflow.log_params({k: str(v) for k, v in cfg.flat("register.").items()})
         info = log_pyfunc(model_dir, example_images or [])
         tracking.log_metrics({f"test_{k}": v for k, v in metrics.items()})
         mlflow.set_tags({f"lineage.{k}": v for k, v in lineage.items()})

@@ -26,26 +26,57 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _s3_only_app():
+    """moto's WSGI app, answering every request as S3.
+
+    moto's server guesses the service of each request from its host, headers and path,
+    scanning every service it knows: for an unsigned S3 GET that guess cost more CPU than
+    serving the object. Here S3 is the only service (plus moto's own /moto-api).
+    """
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+
+    class S3Only(DomainDispatcherApplication):
+        def get_application(self, environ):
+            if environ.get("PATH_INFO", "").startswith("/moto-api"):
+                return super().get_application(environ)
+            app = self.app_instances.get("s3")
+            if app is None:
+                with self.lock:
+                    app = self.app_instances.setdefault("s3", self.create_app("s3"))
+            return app
+
+    return S3Only(create_backend_app)
+
+
 class LocalS3:
-    """``with LocalS3() as s3: s3.upload_folder(...)``; stopped on exit, also after errors."""
+    """``with LocalS3() as s3: s3.upload_folder(...)``; stopped on exit, also after errors.
+
+    moto's state lives in the process: two servers in one process share their buckets.
+    """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self.host = host
         self.port = port or free_port(host)
         self.endpoint = f"http://{host}:{self.port}"
         self._server = None
+        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "LocalS3":
-        from moto.server import ThreadedMotoServer
+        from moto.moto_server.werkzeug_app import MotoRequestHandler
+        from werkzeug.serving import make_server
 
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
-        self._server = ThreadedMotoServer(ip_address=self.host, port=self.port, verbose=False)
-        self._server.start()
+        self._server = make_server(self.host, self.port, _s3_only_app(), threaded=True,
+                                   request_handler=MotoRequestHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         if self._server is not None:
-            self._server.stop()
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join()
             self._server = None
 
     def client(self):

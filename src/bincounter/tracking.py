@@ -51,7 +51,9 @@ def stage_run(stage: str, params: dict | None = None, *, tracking_uri: str | Non
         tags["kfp.run_id"] = os.environ["KFP_RUN_ID"]
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage, tags=tags,
                           log_system_metrics=system_metrics) as run:
-        if params and not run_id:
+        if params:
+            # Each stage logs under its own prefix, so stages sharing a run never collide; a
+            # resumed run re-logs identical values, which MLflow accepts.
             mlflow.log_params({k: _param(v) for k, v in params.items()})
         yield run
 
