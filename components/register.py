@@ -13,19 +13,18 @@ def register(
     model_name: str,
     metric: str,
     min_improvement: float,
+    pipeline_run_id: str,
     tracking_uri: str,
     experiment: str,
 ) -> str:
     """Log the serving pyfunc, register a version as ``challenger``, and promote it to
     ``champion`` only if it beats the current champion. Returns the champion's URI."""
-    import os
-
     from bincounter import launch
     from bincounter.config import RegisterConfig
 
     cfg = RegisterConfig(model_name=model_name, metric=metric, min_improvement=min_improvement,
                          tracking_uri=tracking_uri or None, experiment=experiment)
     out = launch.register(cfg, model.path, results.path, data.path, run_id=model.metadata.get("mlflow_run_id"),
-                          pipeline_run_id=os.environ.get("KFP_RUN_ID"))
+                          pipeline_run_id=pipeline_run_id)
     registration.metadata.update(out)
     return out["champion_uri"]

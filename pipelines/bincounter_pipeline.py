@@ -76,7 +76,8 @@ def make_pipeline(gpus: int = 0, gpu_type: str = "nvidia.com/gpu"):
                           tracking_uri=tracking_uri, experiment=experiment)
         registered = register(model=trained.outputs["model"], results=scored.outputs["results"],
                               data=data.outputs["data"], model_name=model_name, metric=promotion_metric,
-                              min_improvement=min_improvement, tracking_uri=tracking_uri, experiment=experiment)
+                              min_improvement=min_improvement, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                              tracking_uri=tracking_uri, experiment=experiment)
         # Registering and deploying change the world outside the pipeline: never cache them.
         registered.set_caching_options(False)
         with dsl.If(deploy_enabled == True):  # noqa: E712 - kfp builds a condition from ==

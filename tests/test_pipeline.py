@@ -66,6 +66,7 @@ def test_whole_pipeline_runs_locally_and_serves_the_registered_model(synth_dir, 
             assert champion.tags["promotion.decision"] == "promoted"
             assert float(champion.tags["metric.accuracy"]) >= 0
             assert champion.tags["lineage.data_manifest_sha256"] != "None"
+            assert champion.tags["lineage.pipeline_run_id"] not in ("", "none")
             run = MlflowClient(tracking_uri).get_run(champion.tags["lineage.training_run_id"])
             prefixes = {key.split(".")[0] for key in run.data.params}
             assert {"ingest", "preprocess", "train", "evaluate", "register"} <= prefixes

@@ -48,15 +48,25 @@ def _s3_only_app():
     return S3Only(create_backend_app)
 
 
+def _delayed(app, seconds: float):
+    """A WSGI app that waits ``seconds`` before handing each request to ``app``."""
+    def delayed(environ, start_response):
+        time.sleep(seconds)  # releases the GIL: concurrent requests wait in parallel, as on S3
+        return app(environ, start_response)
+
+    return delayed
+
+
 class LocalS3:
     """``with LocalS3() as s3: s3.upload_folder(...)``; stopped on exit, also after errors.
 
     moto's state lives in the process: two servers in one process share their buckets.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, latency: float = 0.0):
         self.host = host
         self.port = port or free_port(host)
+        self.latency = latency  # seconds before each response starts, like S3's first-byte latency
         self.endpoint = f"http://{host}:{self.port}"
         self._server = None
         self._thread: threading.Thread | None = None
@@ -66,8 +76,10 @@ class LocalS3:
         from werkzeug.serving import make_server
 
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
-        self._server = make_server(self.host, self.port, _s3_only_app(), threaded=True,
-                                   request_handler=MotoRequestHandler)
+        app = _s3_only_app()
+        if self.latency:
+            app = _delayed(app, self.latency)
+        self._server = make_server(self.host, self.port, app, threaded=True, request_handler=MotoRequestHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
         return self

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,8 +46,6 @@ def stage_run(stage: str, params: dict | None = None, *, tracking_uri: str | Non
 
     configure(tracking_uri, experiment)
     tags = {"bincounter.stage": stage}
-    if os.environ.get("KFP_RUN_ID"):
-        tags["kfp.run_id"] = os.environ["KFP_RUN_ID"]
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage, tags=tags,
                           log_system_metrics=system_metrics) as run:
         if params:

@@ -8,6 +8,7 @@ a rerun with the same ``out_dir`` resumes from it. Each epoch reseeds every RNG 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -164,6 +165,38 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+# ---------------------------------------------------------------- distributed helpers
+
+def state_digest(state: nn.Module | dict) -> str:
+    """sha256 of a model's parameters and buffers (or of a state_dict), in key order: equal
+    digests mean bit-identical weights, whatever the tensors' memory layout."""
+    sha = hashlib.sha256()
+    items = state.state_dict().items() if isinstance(state, nn.Module) else state.items()
+    for key, t in items:
+        t = t.detach().cpu().contiguous()
+        sha.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
+
+
+def sync_buffers(model: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank. DDP broadcasts them
+    at the start of each forward, so after the last step of an epoch every rank holds its own."""
+    for buf in model.buffers():
+        dist.broadcast(buf.data, src=0)
+
+
+def check_replicas_agree(model: nn.Module, rank: int, world: int) -> str:
+    """All ranks must finish with bit-identical weights; raises (on every rank) if they do not."""
+    digest = state_digest(model)
+    digests: list[str | None] = [None] * world
+    dist.all_gather_object(digests, digest)
+    log.info("rank %d/%d final model state sha256=%s", rank, world, digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"DDP replicas diverged: model digests per rank {digests}")
+    return digest
+
+
 # ---------------------------------------------------------------- loops
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, epoch: int, cfg: TrainConfig,
@@ -282,7 +315,8 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
         sampler = torch.utils.data.distributed.DistributedSampler(train_ds, shuffle=True, seed=cfg.seed)
     workers = cfg.workers if device.type != "cpu" else min(cfg.workers, max(0, (os.cpu_count() or 1) - 2))
     train_loader = make_loader(train_ds, batch_size=cfg.batch_size, shuffle=True, workers=workers,
-                               pin_memory=device.type == "cuda", sampler=sampler, seed=cfg.seed, drop_last=len(train_ds) > cfg.batch_size)
+                               pin_memory=device.type == "cuda", sampler=sampler, seed=cfg.seed,
+                               drop_last=len(sampler if sampler is not None else train_ds) > cfg.batch_size)
     val_loader = make_loader(val_ds, batch_size=cfg.batch_size * 2, shuffle=False, workers=workers,
                              pin_memory=device.type == "cuda")
 
@@ -316,9 +350,11 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
         if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
             stopped_early = True
             break
-        # Reseeding from (seed, epoch) makes every epoch independent of how we got here.
-        seed_everything(cfg.seed * 1000 + epoch)
-        train_loader.generator.manual_seed(cfg.seed * 1000 + epoch)
+        # Reseeding from (seed, epoch) makes every epoch independent of how we got here; under DDP
+        # each rank gets its own stream (else all ranks draw the same augmentations); world=1 is unchanged.
+        epoch_seed = (cfg.seed * 1000 + epoch) * world + rank
+        seed_everything(epoch_seed)
+        train_loader.generator.manual_seed(epoch_seed)
         if sampler is not None:
             sampler.set_epoch(epoch)
         t0 = time.perf_counter()
@@ -328,8 +364,16 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
                                 profiler=profiler)
         if profiler is not None:
             profiler.stop()
-        y, p = predict_probs(model, val_loader, device, amp_dtype=amp_dtype)
-        val = evaluate_predictions(y, p, min_count=info["min_count"], class_names=classes) if len(y) else {}
+        val = {}
+        if world > 1:
+            sync_buffers(model)  # every replica (and the checkpoint) then holds rank 0's weights
+        if is_main:  # on the unwrapped model: DDP's forward would wait for the other ranks
+            y, p = predict_probs(model, val_loader, device, amp_dtype=amp_dtype)
+            val = evaluate_predictions(y, p, min_count=info["min_count"], class_names=classes) if len(y) else {}
+        if world > 1:  # one verdict for all ranks, so best/stale/early stopping never diverge
+            box = [val]
+            dist.broadcast_object_list(box, src=0)
+            val = box[0]
         seconds = time.perf_counter() - t0
         metrics = {"epoch": epoch + 1, **stats, "val_accuracy": val.get("accuracy", 0.0),
                    "val_rmse": val.get("rmse", 0.0), "val_macro_f1": val.get("macro_f1", 0.0),
@@ -364,7 +408,9 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
         if cfg.profile:
             tracking.log_artifacts([out_dir / "profile"], "profile")
     if world > 1:
+        check_replicas_agree(model, rank, world)
         dist.barrier()
+        dist.destroy_process_group()
     return TrainResult(out_dir=out_dir, spec=spec, best_epoch=best_epoch + 1, best=best or {}, history=history,
                        stopped_early=stopped_early)
 
