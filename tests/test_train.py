@@ -69,3 +69,33 @@ def test_class_weights_favour_rare_classes_with_unit_mean():
     assert w[0] > w[1] > w[2]
     assert float((w * torch.tensor(counts, dtype=torch.float)).sum() / sum(counts)) == pytest.approx(1.0, rel=1e-5)
     assert class_weights(counts, "none") is None
+
+
+def test_a_new_machine_resumes_from_the_checkpoint_mirrored_to_s3(data_dir, tmp_path, monkeypatch):
+    from bincounter.s3server import LocalS3
+
+    with LocalS3() as s3:
+        s3.client().create_bucket(Bucket="ckpt")
+        for key, value in {"AWS_ENDPOINT_URL_S3": s3.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(key, value)
+        cfg = TINY_TRAIN.model_copy(update={"epochs": 2, "checkpoint_uri": "s3://ckpt/jobs/1"})
+        real_epoch = train_module.train_one_epoch
+        calls = {"n": 0}
+
+        def counting(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt("node lost")
+            return real_epoch(*args, **kwargs)
+
+        monkeypatch.setattr(train_module, "train_one_epoch", counting)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, data_dir, tmp_path / "node-a")
+        keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket="ckpt")["Contents"]}
+        assert {"jobs/1/checkpoint.pt", "jobs/1/model.pt"} <= keys
+
+        calls["n"] = 10  # no more interruptions
+        result = train(cfg, data_dir, tmp_path / "node-b")  # empty folder: a different machine
+        assert calls["n"] == 11  # only the second epoch ran there
+        assert [h["epoch"] for h in result.history] == [1, 2]

@@ -155,6 +155,10 @@ class TrainConfig(_Config):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     warmup_epochs: float = Field(1.0, ge=0)
     early_stopping_patience: int = Field(5, ge=0, description="0 disables early stopping.")
+    checkpoint_uri: str | None = Field(
+        None, description="Also keep each epoch's checkpoint here (s3://bucket/prefix or a folder); a restart on "
+        "a new machine resumes from it."
+    )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"

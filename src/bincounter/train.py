@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from bincounter import tracking
+from bincounter.checkpoints import CheckpointMirror
 from bincounter.config import TrainConfig
 from bincounter.data import load_split, make_loader, materialize
 from bincounter.metrics import evaluate_predictions
@@ -331,6 +332,11 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
 
     start_epoch, history, best, best_epoch, stale = 0, [], None, -1, 0
     ckpt_path = out_dir / CHECKPOINT
+    mirror = CheckpointMirror(cfg.checkpoint_uri)
+    if is_main:
+        mirror.restore(out_dir)
+    if world > 1:
+        dist.barrier()  # every rank sees the restored checkpoint before deciding to resume
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ckpt["args"] != cfg.model_dump():
@@ -395,6 +401,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
                          "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                          "epoch": epoch, "args": cfg.model_dump(), "history": history, "best": best,
                          "best_epoch": best_epoch, "stale": stale}, ckpt_path)
+            mirror.push(out_dir)
     if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience and len(history) < cfg.epochs:
         stopped_early = True
 
