@@ -17,21 +17,19 @@ import yaml
 
 from bincounter.config import DeployConfig
 from bincounter.deploy.kubernetes import (
-    DEFAULT_K8S_VERSION,
-    ManifestError,
     apply,
     base_documents,
     canonical_image,
     check_inputs,
     check_namespace,
+    DEFAULT_K8S_VERSION,
     find_kubectl,
     find_object,
-    global_flags,
     image_override,
-    is_mutable_model_uri,
     load_documents,
+    ManifestError,
     manifests_dir,
-    object_ids,
+    render_and_apply,
     render_overlay,
     restart_stamp,
     run_kubectl,
@@ -192,41 +190,12 @@ def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
 
     Returns ``{"target": "kserve", "manifest": <yaml>, "applied": bool, ...}``.
     """
-    tracking_uri = kwargs.get("tracking_uri")
-    restart = kwargs.get("restart")
-    if restart is None:
-        restart = is_mutable_model_uri(cfg.model_uri)
-    timeout = float(kwargs.get("timeout", 300.0))
-    kubectl = find_kubectl(kwargs.get("kubectl"))
-    manifest = render(
-        cfg,
-        manifests=kwargs.get("manifests"),
-        kubectl=kubectl,
-        tracking_uri=tracking_uri,
-        max_replicas=kwargs.get("max_replicas"),
-        restart=bool(restart),
+    result, kubectl, flags, timeout = render_and_apply(
+        cfg, kwargs, render_fn=render, validate_fn=validate, target="kserve", name=ISVC_NAME,
+        extra={"predict_path": f"/v1/models/{ISVC_NAME}:predict"},
     )
-    docs = validate(manifest, cfg, tracking_uri=tracking_uri)
-    result: dict[str, Any] = {
-        "target": "kserve",
-        "name": ISVC_NAME,
-        "namespace": cfg.namespace,
-        "image": canonical_image(cfg.image),
-        "model_uri": cfg.model_uri,
-        "replicas": cfg.replicas,
-        "objects": object_ids(docs),
-        "manifest": manifest,
-        "dry_run": cfg.dry_run,
-        "applied": False,
-        "predict_path": f"/v1/models/{ISVC_NAME}:predict",
-    }
-    if cfg.dry_run:
+    if not result["applied"]:
         return result
-    flags = global_flags(kwargs.get("context"), kwargs.get("kubeconfig"))
-    result["kubectl_output"] = apply(
-        manifest, kubectl=kubectl, context=kwargs.get("context"), kubeconfig=kwargs.get("kubeconfig"), timeout=timeout
-    )
-    result["applied"] = True
     if kwargs.get("wait"):
         run_kubectl(
             kubectl,

@@ -461,6 +461,32 @@ def validate(
     return docs
 
 
+def render_and_apply(cfg: DeployConfig, kwargs: Mapping[str, Any], *, render_fn, validate_fn, target: str,
+                     name: str, extra: Mapping[str, Any]) -> tuple[dict[str, Any], str, list[str], float]:
+    """What the Kubernetes and KServe targets share: render, validate, then apply unless
+    ``cfg.dry_run``. Returns (result, kubectl, global flags, timeout) for a target's wait step."""
+    tracking_uri = kwargs.get("tracking_uri")
+    restart = kwargs.get("restart")
+    if restart is None:
+        restart = is_mutable_model_uri(cfg.model_uri)
+    timeout = float(kwargs.get("timeout", 300.0))
+    kubectl = find_kubectl(kwargs.get("kubectl"))
+    manifest = render_fn(cfg, manifests=kwargs.get("manifests"), kubectl=kubectl, tracking_uri=tracking_uri,
+                         max_replicas=kwargs.get("max_replicas"), restart=bool(restart))
+    docs = validate_fn(manifest, cfg, tracking_uri=tracking_uri)
+    result: dict[str, Any] = {
+        "target": target, "name": name, "namespace": cfg.namespace, "image": canonical_image(cfg.image),
+        "model_uri": cfg.model_uri, "replicas": cfg.replicas, "objects": object_ids(docs), "manifest": manifest,
+        "dry_run": cfg.dry_run, "applied": False, **extra,
+    }
+    flags = global_flags(kwargs.get("context"), kwargs.get("kubeconfig"))
+    if not cfg.dry_run:
+        result["kubectl_output"] = apply(manifest, kubectl=kubectl, context=kwargs.get("context"),
+                                         kubeconfig=kwargs.get("kubeconfig"), timeout=timeout)
+        result["applied"] = True
+    return result, kubectl, flags, timeout
+
+
 def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
     """Render, validate and (unless ``cfg.dry_run``) apply the serving manifests for ``cfg``.
 
@@ -479,41 +505,12 @@ def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
 
     Returns ``{"target": "kubernetes", "manifest": <yaml>, "applied": bool, ...}``.
     """
-    tracking_uri = kwargs.get("tracking_uri")
-    restart = kwargs.get("restart")
-    if restart is None:
-        restart = is_mutable_model_uri(cfg.model_uri)
-    timeout = float(kwargs.get("timeout", 300.0))
-    kubectl = find_kubectl(kwargs.get("kubectl"))
-    manifest = render(
-        cfg,
-        manifests=kwargs.get("manifests"),
-        kubectl=kubectl,
-        tracking_uri=tracking_uri,
-        max_replicas=kwargs.get("max_replicas"),
-        restart=bool(restart),
+    result, kubectl, flags, timeout = render_and_apply(
+        cfg, kwargs, render_fn=render, validate_fn=validate, target="kubernetes", name=APP_NAME,
+        extra={"url": f"http://{APP_NAME}.{cfg.namespace}.svc.cluster.local"},
     )
-    docs = validate(manifest, cfg, tracking_uri=tracking_uri)
-    result: dict[str, Any] = {
-        "target": "kubernetes",
-        "name": APP_NAME,
-        "namespace": cfg.namespace,
-        "image": canonical_image(cfg.image),
-        "model_uri": cfg.model_uri,
-        "replicas": cfg.replicas,
-        "objects": object_ids(docs),
-        "manifest": manifest,
-        "dry_run": cfg.dry_run,
-        "applied": False,
-        "url": f"http://{APP_NAME}.{cfg.namespace}.svc.cluster.local",
-    }
-    if cfg.dry_run:
+    if not result["applied"]:
         return result
-    flags = global_flags(kwargs.get("context"), kwargs.get("kubeconfig"))
-    result["kubectl_output"] = apply(
-        manifest, kubectl=kubectl, context=kwargs.get("context"), kubeconfig=kwargs.get("kubeconfig"), timeout=timeout
-    )
-    result["applied"] = True
     if kwargs.get("wait"):
         run_kubectl(
             kubectl,
