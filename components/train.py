@@ -1,5 +1,7 @@
 from kfp import dsl
-from kfp.dsl import HTML, Dataset, Input, Model, Output
+from typing import Optional
+
+from kfp.dsl import HTML, Artifact, Dataset, Input, Model, Output
 
 from components import IMAGE
 
@@ -25,9 +27,11 @@ def train(
     seed: int,
     tracking_uri: str,
     experiment: str,
+    tuned: Optional[Input[Artifact]] = None,
 ):
     """Train a counter on the packed shards (GPU when there is one), logging to MLflow.
 
+    With ``tuned`` (the tune stage's output), the searched settings come from its best trial.
     A rerun on the same output resumes from the last epoch's checkpoint. The model artifact
     carries the MLflow run id for the stages after it.
     """
@@ -39,5 +43,9 @@ def train(
                       freeze_backbone=freeze_backbone, freeze_early=freeze_early,
                       early_stopping_patience=early_stopping_patience,
                       workers=workers, seed=seed)
+    if tuned is not None:  # the search's best settings replace the ones it varied
+        from bincounter.tune import apply_best
+
+        cfg = apply_best(cfg, tuned.path)
     model.metadata.update(launch.train(cfg, data.path, model.path, tracking_uri=tracking_uri or None,
                                        experiment=experiment, curves_html=curves.path))

@@ -12,6 +12,7 @@ from components.ingest import ingest
 from components.preprocess import preprocess
 from components.register import register
 from components.train import train
+from components.tune import tune
 
 
 def make_pipeline(gpus: int = 0, gpu_type: str = "nvidia.com/gpu"):
@@ -46,6 +47,9 @@ def make_pipeline(gpus: int = 0, gpu_type: str = "nvidia.com/gpu"):
         early_stopping_patience: int = 5,
         train_workers: int = 2,
         seed: int = 0,
+        tune_trials: int = 0,
+        tune_epochs: int = 4,
+        tune_backbones: str = "",
         eval_batch_size: int = 64,
         model_name: str = "bincounter",
         promotion_metric: str = "accuracy",
@@ -64,14 +68,20 @@ def make_pipeline(gpus: int = 0, gpu_type: str = "nvidia.com/gpu"):
                      limit=limit, per_class=per_class, workers=ingest_workers)
         data = preprocess(raw=raw.outputs["raw"], image_size=image_size, min_count=min_count, max_count=max_count,
                           overflow=overflow, val_fraction=val_fraction, test_fraction=test_fraction)
-        trained = train(data=data.outputs["data"], backbone=backbone, pretrained=pretrained, head=head, loss=loss,
+        # Always scheduled: with tune_trials=0 it returns at once. (A dsl.If branch would need
+        # dsl.OneOf downstream, which kfp's local runner cannot run.)
+        tuned = tune(data=data.outputs["data"], trials=tune_trials, epochs=tune_epochs, backbones=tune_backbones,
+                     tracking_uri=tracking_uri, experiment=experiment)
+        tuned.set_cpu_request("2").set_memory_request("8G")
+        trained = train(data=data.outputs["data"], tuned=tuned.outputs["best"], backbone=backbone, pretrained=pretrained, head=head, loss=loss,
                         image_size=train_image_size, epochs=epochs, batch_size=batch_size, lr=lr,
                         weight_decay=weight_decay, freeze_backbone=freeze_backbone, freeze_early=freeze_early,
                         early_stopping_patience=early_stopping_patience, workers=train_workers, seed=seed,
                         tracking_uri=tracking_uri, experiment=experiment)
         trained.set_cpu_request("2").set_memory_request("8G")
         if gpus:
-            trained.set_accelerator_type(gpu_type).set_accelerator_limit(gpus)
+            for task in (tuned, trained):
+                task.set_accelerator_type(gpu_type).set_accelerator_limit(gpus)
         scored = evaluate(model=trained.outputs["model"], data=data.outputs["data"], batch_size=eval_batch_size,
                           tracking_uri=tracking_uri, experiment=experiment)
         registered = register(model=trained.outputs["model"], results=scored.outputs["results"],

@@ -9,7 +9,7 @@ from bincounter.config import (DeployConfig, EvaluateConfig, IngestConfig, Pipel
 from pipelines.bincounter_pipeline import make_pipeline
 from pipelines.runner import arguments, compile_pipeline
 
-STAGES = {"ingest", "preprocess", "train", "evaluate", "register", "deploy"}
+STAGES = {"ingest", "preprocess", "tune", "train", "evaluate", "register", "deploy"}
 
 
 @pytest.mark.parametrize("gpus", [0, 2])
@@ -21,11 +21,12 @@ def test_pipeline_compiles_with_every_stage_on_the_project_image(tmp_path, gpus)
     for executor in executors.values():
         assert executor["container"]["image"] == "ghcr.io/bincounter/bincounter:0.1.0"
         assert "pip install" not in " ".join(executor["container"]["command"])  # the image has everything
-    train = executors["exec-train"]["container"]
-    if gpus:
-        assert train["resources"]["accelerator"]["resourceCount"] == str(gpus)
-    else:
-        assert "accelerator" not in train.get("resources", {})
+    for stage in ("exec-tune", "exec-train"):
+        resources = executors[stage]["container"].get("resources", {})
+        if gpus:
+            assert resources["accelerator"]["resourceCount"] == str(gpus)
+        else:
+            assert "accelerator" not in resources
 
 
 def test_pipeline_defaults_equal_the_typed_config():

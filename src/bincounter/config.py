@@ -208,5 +208,8 @@ class PipelineConfig(_Config):
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegisterConfig = RegisterConfig()
     deploy: DeployConfig = DeployConfig()
+    tune_trials: int = Field(0, ge=0, description="Hyperparameter-search trials before training (0: no search).")
+    tune_epochs: int = Field(4, ge=0, description="Epochs per trial (0: searched too).")
+    tune_backbones: tuple[str, ...] = Field((), description="Backbones the search may pick (default: its own list).")
     deploy_enabled: bool = Field(True, description="Run the deploy stage after registration.")
     pipeline_root: str | None = Field(None, description="Where kfp's local runner keeps artifacts; default $BINCOUNTER_HOME/kfp.")
