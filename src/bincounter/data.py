@@ -52,9 +52,14 @@ def shard_urls(data_dir: str | Path, split: str) -> list[str]:
 
 
 def read_samples(urls: list[str]) -> list[tuple[str, bytes, int]]:
-    """(id, jpeg bytes, label) for every sample in the shards, in shard order."""
+    """(id, jpeg bytes, label) for every sample in the shards, in shard order.
+
+    Every caller reads every shard: under DDP each rank holds the whole split and a
+    DistributedSampler divides it (webdataset's default node splitter refuses to run there).
+    """
     out = []
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None,
+                                 workersplitter=None):
         out.append((sample["__key__"], sample["jpg"], int(sample["cls"])))
     return out
 
@@ -83,6 +88,17 @@ class ShardDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.transform(self.image(i)), self.labels[i]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A whole batch (DataLoader calls this instead of ``__getitem__`` per sample): images of
+        one size go through a ``batched`` transform together, which on CPU is many times cheaper
+        than one call per image. Returns per-sample pairs, so any ``collate_fn`` still works."""
+        images = [self.image(i) for i in indices]
+        if getattr(self.transform, "batched", False) and len({im.shape for im in images}) == 1:
+            out = self.transform(torch.stack(images)).unbind(0)
+        else:
+            out = [self.transform(im) for im in images]
+        return [(x, self.labels[i]) for x, i in zip(out, indices)]
 
 
 def load_split(data_dir: str | Path, split: str, transform: Callable) -> ShardDataset:
