@@ -127,12 +127,18 @@ def test_anonymous_requests_are_unsigned(proxy, tmp_path):
     assert proxy.requests and not any(r.signed for r in proxy.requests)
 
 
-def test_profile_requests_are_signed(proxy, tmp_path, monkeypatch):
-    creds = tmp_path / "credentials"
+@pytest.fixture
+def profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An AWS profile named "ci" (moto takes any key); nothing from the real environment."""
+    creds = tmp_path / "aws-credentials"
     creds.write_text("[ci]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
-    ingest(_cfg(proxy.endpoint, limit=2, source={"profile": "ci"}), tmp_path / "out")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    return "ci"
+
+
+def test_profile_requests_are_signed(proxy, tmp_path, profile):
+    ingest(_cfg(proxy.endpoint, limit=2, source={"profile": profile}), tmp_path / "out")
     assert proxy.requests and all(r.signed for r in proxy.requests)
 
 
@@ -202,6 +208,13 @@ def test_listing_is_paginated_and_streamed(proxy, dataset, monkeypatch):
     assert sum("list-type" in r.path for r in proxy.requests) == pages
 
 
+def test_endpoint_from_the_environment_serves_listing_and_objects(proxy, dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
+    result = ingest(IngestConfig(source=SourceConfig(uri=f"s3://{BUCKET}"), limit=3, progress=False), tmp_path)
+    assert result.downloaded == 3 and len(proxy.gets()) == 6
+    _assert_verified(tmp_path, dataset)
+
+
 def test_local_folder_source(dataset, tmp_path):
     result = ingest(IngestConfig(source=SourceConfig(uri=str(dataset)), progress=False), tmp_path)
     assert result.downloaded == len(_all_ids(dataset))
@@ -234,8 +247,11 @@ def test_metadata_without_image_is_recorded_not_fatal(proxy, dataset, tmp_path):
     assert sorted(_assert_verified(tmp_path, dataset)) == ["00001", "00002", "00003"]
 
 
-def test_throttling_5xx_resets_and_cut_bodies_are_retried(s3, dataset, tmp_path):
-    """A third of the objects fail on their first request, each in one of S3's ways."""
+@pytest.mark.parametrize("signed", [False, True], ids=["anonymous", "profile"])
+def test_throttling_5xx_resets_and_cut_bodies_are_retried(s3, dataset, tmp_path, request, signed):
+    """A third of the objects fail on their first request, each in one of S3's ways; both
+    request paths (plain HTTP for anonymous reads, boto3 when signed) retry them all."""
+    source = {"profile": request.getfixturevalue("profile")} if signed else {}
     kinds = ["slowdown", "internal", "unavailable", "reset", "truncate"]
     attempts: Counter[str] = Counter()
     injected: dict[str, str] = {}
@@ -251,10 +267,11 @@ def test_throttling_5xx_resets_and_cut_bodies_are_retried(s3, dataset, tmp_path)
         return None
 
     with S3Proxy(s3.endpoint, fault=fault) as proxy:
-        result = ingest(_cfg(proxy.endpoint), tmp_path)
+        result = ingest(_cfg(proxy.endpoint, source=source), tmp_path / "out")
+    assert all(r.signed == signed for r in proxy.requests)
 
     assert (result.downloaded, result.failed) == (len(_all_ids(dataset)), 0)
-    _assert_verified(tmp_path, dataset)
+    _assert_verified(tmp_path / "out", dataset)
     assert len(injected) >= 20 and set(injected.values()) == set(kinds)
     assert result.retries == len(injected)
     assert all(attempts[key] == 2 for key in injected)  # retried once, then it arrived

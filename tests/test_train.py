@@ -99,3 +99,32 @@ def test_a_new_machine_resumes_from_the_checkpoint_mirrored_to_s3(data_dir, tmp_
         result = train(cfg, data_dir, tmp_path / "node-b")  # empty folder: a different machine
         assert calls["n"] == 11  # only the second epoch ran there
         assert [h["epoch"] for h in result.history] == [1, 2]
+
+
+def test_gradient_warnings(caplog):
+    from bincounter.train import _check_gradients
+
+    with caplog.at_level("WARNING"):
+        _check_gradients([1.0, float("nan")], epoch=0)
+        _check_gradients([5e3, 1.0], epoch=1)
+        _check_gradients([1e-9, 1e-9, 1e-9], epoch=2)
+        _check_gradients([0.5, 1.2], epoch=3)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3
+    assert "non-finite" in messages[0] and "exploding" in messages[1] and "vanishing" in messages[2]
+
+
+def test_profiler_trace_and_run_metrics_are_logged(data_dir, tmp_path):
+    import mlflow
+
+    from bincounter import tracking
+
+    cfg = TINY_TRAIN.model_copy(update={"epochs": 1, "profile": True})
+    with tracking.stage_run("train", cfg.flat("train.")) as run:
+        train(cfg, data_dir, tmp_path / "m")
+    assert list((tmp_path / "m" / "profile").glob("*.json")), "no torch.profiler trace"
+    client = mlflow.MlflowClient()
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"plots", "profile"} <= artifacts
+    metrics = client.get_run(run.info.run_id).data.metrics
+    assert {"val_accuracy", "train_loss", "grad_norm_mean", "images_per_second", "step_loss", "lr"} <= set(metrics)

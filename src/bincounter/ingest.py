@@ -3,7 +3,9 @@
 The output folder keeps the bucket's layout (``bin-images/``, ``metadata/``) plus
 ``manifest.jsonl``: one line per id with its count, size, sha256 and source key. Every file is
 written atomically, and the manifest doubles as a journal: a rerun skips ids whose files are
-on disk and match their recorded sha256, so a killed ingest resumes where it stopped.
+on disk and match their recorded sha256, so a killed ingest resumes where it stopped (and
+first deletes the hidden ``*.part`` files a kill leaves). Ids that cannot be fetched after
+retries go to ``ingest_errors.jsonl`` with a reason; a lock keeps a second ingest out.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import hashlib
 import itertools
 import json
 import os
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -44,13 +45,15 @@ class IngestResult:
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` so that ``path`` is either absent or complete, never half written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    # Hidden, and unique per process and thread (cheaper than mkstemp's random names);
+    # ingest deletes any left behind by a killed run.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

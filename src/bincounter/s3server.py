@@ -48,10 +48,11 @@ def _s3_only_app():
     return S3Only(create_backend_app)
 
 
-def _delayed(app, seconds: float):
-    """A WSGI app that waits ``seconds`` before handing each request to ``app``."""
+def _delayed(app, server: "LocalS3"):
+    """A WSGI app that waits ``server.latency`` (read per request) before calling ``app``."""
     def delayed(environ, start_response):
-        time.sleep(seconds)  # releases the GIL: concurrent requests wait in parallel, as on S3
+        if server.latency:
+            time.sleep(server.latency)  # releases the GIL: concurrent requests wait together, as on S3
         return app(environ, start_response)
 
     return delayed
@@ -66,7 +67,7 @@ class LocalS3:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, latency: float = 0.0):
         self.host = host
         self.port = port or free_port(host)
-        self.latency = latency  # seconds before each response starts, like S3's first-byte latency
+        self.latency = latency  # seconds before each response starts (S3's first-byte latency); settable
         self.endpoint = f"http://{host}:{self.port}"
         self._server = None
         self._thread: threading.Thread | None = None
@@ -76,9 +77,7 @@ class LocalS3:
         from werkzeug.serving import make_server
 
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
-        app = _s3_only_app()
-        if self.latency:
-            app = _delayed(app, self.latency)
+        app = _delayed(_s3_only_app(), self)
         self._server = make_server(self.host, self.port, app, threaded=True, request_handler=MotoRequestHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()

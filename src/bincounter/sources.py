@@ -10,6 +10,7 @@ import random
 import re
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -150,10 +151,13 @@ class S3Source:
         if self.anonymous:
             import urllib3
 
-            self._http = urllib3.PoolManager(
-                maxsize=max(10, workers), retries=False,  # retried by _call, like everything else
+            # One host serves every object: a single connection pool, addressed by path.
+            base = urllib.parse.urlsplit(_object_url_base(self.bucket, self.client.meta.endpoint_url))
+            self._http = urllib3.connection_from_url(
+                f"{base.scheme}://{base.netloc}", maxsize=max(10, workers), block=False,
+                retries=False,  # retried by _call, like everything else
                 timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout))
-            self._object_url = _object_url_base(self.bucket, cfg.endpoint_url, cfg.region)
+            self._object_path = base.path
 
     def _fail(self, what: str, exc: Exception) -> SourceError:
         hint = ""
@@ -224,15 +228,13 @@ class S3Source:
 
     def _get_unsigned(self, key: str) -> bytes:
         """GET one object over plain HTTP; failures raise as botocore's would, for ``_call``."""
-        import urllib.parse
-
         import urllib3
         from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
 
-        url = self._object_url + urllib.parse.quote(key, safe="/~")
+        path = self._object_path + urllib.parse.quote(key, safe="/~")
         try:
             # urllib3 checks the body against Content-Length: a cut transfer raises here.
-            resp = self._http.request("GET", url, preload_content=True)
+            resp = self._http.urlopen("GET", path, preload_content=True)
         except urllib3.exceptions.NewConnectionError as exc:
             raise ConnectionError(error=exc) from exc
         except urllib3.exceptions.HTTPError as exc:
@@ -248,12 +250,15 @@ class S3Source:
         return f"s3://{self.bucket}/{key}"
 
 
-def _object_url_base(bucket: str, endpoint_url: str | None, region: str) -> str:
-    """Where ``bucket``'s objects are: path-style on a custom endpoint (as botocore
-    addresses MinIO or moto), virtual-hosted on AWS (path-style is deprecated there)."""
-    if endpoint_url:
-        return f"{endpoint_url.rstrip('/')}/{bucket}/"
-    return f"https://{bucket}.s3.{region}.amazonaws.com/"
+def _object_url_base(bucket: str, endpoint: str) -> str:
+    """Where ``bucket``'s objects are, given the endpoint boto3 resolved (so AWS_ENDPOINT_URL
+    and profile settings apply to both request paths): virtual-hosted on AWS, where
+    path-style is deprecated, unless the name's dots would break TLS; path-style elsewhere,
+    as botocore addresses MinIO or moto."""
+    parts = urllib.parse.urlsplit(endpoint)
+    if parts.hostname and parts.hostname.endswith("amazonaws.com") and "." not in bucket:
+        return f"{parts.scheme}://{bucket}.{parts.netloc}/"
+    return f"{endpoint.rstrip('/')}/{bucket}/"
 
 
 def _xml_field(body: str, name: str) -> str | None:

@@ -201,7 +201,7 @@ def check_replicas_agree(model: nn.Module, rank: int, world: int) -> str:
 # ---------------------------------------------------------------- loops
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, epoch: int, cfg: TrainConfig,
-                    amp_dtype, scaler, show: bool, step0: int, profiler=None) -> dict:
+                    amp_dtype, scaler, show: bool, step0: int, profiler=None, log_steps: bool = True) -> dict:
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     grad_norms: list[float] = []
@@ -228,7 +228,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, epoch:
         total_loss += float(loss.detach()) * n
         correct += int((logits.argmax(1) == target).sum())
         seen += n
-        if show and i % 10 == 0:
+        if log_steps and i % 10 == 0:
             tracking.log_metrics({"step_loss": float(loss), "lr": optimizer.param_groups[-1]["lr"],
                                   "grad_norm": float(norm)}, step=step0 + i)
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
@@ -366,7 +366,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
         t0 = time.perf_counter()
         profiler = _start_profiler(out_dir) if (cfg.profile and epoch == start_epoch and is_main) else None
         stats = train_one_epoch(net, train_loader, loss_fn, optimizer, scheduler, device, epoch, cfg, amp_dtype,
-                                scaler, show=is_main and cfg.progress, step0=epoch * len(train_loader),
+                                scaler, show=is_main and cfg.progress, log_steps=is_main, step0=epoch * len(train_loader),
                                 profiler=profiler)
         if profiler is not None:
             profiler.stop()

@@ -134,7 +134,7 @@ def decode(img: Image.Image, target: int | None = None) -> Image.Image:
         if target is not None:
             img.draft("RGB", (target, target))  # never scales below the target size
         img.load()
-        return img.convert("RGB")
+        return img if img.mode == "RGB" else img.convert("RGB")  # convert would copy even then
     except Exception as exc:
         raise Invalid(CORRUPT, str(exc)) from exc
 
