@@ -149,10 +149,10 @@ def test_max_count_zero(tmp_path: Path) -> None:
 
 
 def test_interrupted_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import bincounter.synth as synth
+    import bincounter.fileio as fileio
 
     calls = {"n": 0}
-    real_replace = synth.os.replace
+    real_replace = fileio.os.replace
 
     def flaky_replace(src: str, dst: str) -> None:
         calls["n"] += 1
@@ -160,7 +160,7 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: p
             raise KeyboardInterrupt
         real_replace(src, dst)
 
-    monkeypatch.setattr(synth.os, "replace", flaky_replace)
+    monkeypatch.setattr(fileio.os, "replace", flaky_replace)
     with pytest.raises(KeyboardInterrupt):
         generate(SynthConfig(n_images=4, image_size=32), tmp_path)
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["00001.jpg", "00001.json"]

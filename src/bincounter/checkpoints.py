@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from bincounter.ingest import atomic_write
+from bincounter.fileio import atomic_write
 
 MIRRORED = ("checkpoint.pt", "model.pt", "mlflow_run_id")
 

@@ -28,7 +28,7 @@ def materialize(data_dir: str | Path, cache: str | Path | None = None) -> Path:
 
     import boto3
 
-    from bincounter.ingest import atomic_write
+    from bincounter.fileio import atomic_write
 
     bucket, _, prefix = text[len("s3://"):].partition("/")
     prefix = prefix.strip("/") + "/"

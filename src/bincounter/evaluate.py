@@ -14,7 +14,7 @@ import torch
 from bincounter import metrics as M
 from bincounter.config import EvaluateConfig
 from bincounter.data import make_loader, read_samples, ShardDataset, shard_urls
-from bincounter.ingest import atomic_write
+from bincounter.fileio import atomic_write
 from bincounter.predictor import Predictor
 from bincounter.train import resolve_device
 

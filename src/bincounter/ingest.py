@@ -24,6 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bincounter.config import IngestConfig
+from bincounter.fileio import atomic_write
 from bincounter.sources import IMAGES, METADATA, ObjectMissing, Source, SourceError, open_source
 
 MANIFEST = "manifest.jsonl"
@@ -40,21 +41,6 @@ class IngestResult:
     bytes: int
     counts: dict[str, int] = field(default_factory=dict)
     retries: int = 0  # requests retried after throttling, 5xx or a broken connection
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` so that ``path`` is either absent or complete, never half written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Hidden, and unique per process and thread (cheaper than mkstemp's random names);
-    # ingest deletes any left behind by a killed run.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def sha256(data: bytes) -> str:

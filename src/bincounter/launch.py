@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from bincounter import tracking
-from bincounter.ingest import atomic_write
+from bincounter.fileio import atomic_write
 from bincounter.config import (
     DeployConfig,
     EvaluateConfig,

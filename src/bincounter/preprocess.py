@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from bincounter import validate as v
 from bincounter.config import PreprocessConfig
-from bincounter.ingest import MANIFEST, atomic_write
+from bincounter.fileio import atomic_write
+from bincounter.ingest import MANIFEST
 from bincounter.sources import IMAGES, METADATA
 from bincounter.split import SPLITS, label_of, split_of, unit_hash
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from bincounter.config import SynthConfig
+from bincounter.fileio import atomic_write
 
 __all__ = ["generate", "make_metadata", "render_bin"]
 
@@ -456,18 +456,6 @@ def _count_for(seed: int, max_count: int, index: int) -> int:
     return int(rng.permutation(k)[pos])
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    # Same folder, so os.replace is an atomic rename; a crash leaves only a hidden .tmp.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def generate(cfg: SynthConfig, out_dir: Path, progress: bool = False) -> list[str]:
     """Write ``cfg.n_images`` synthetic photos and their metadata under ``out_dir``.
 
@@ -494,7 +482,7 @@ def generate(cfg: SynthConfig, out_dir: Path, progress: bool = False) -> list[st
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=cfg.jpeg_quality)
         # Image first: a metadata file present implies its image is complete.
-        _write_atomic(img_dir / f"{image_id}.jpg", buf.getvalue())
-        _write_atomic(meta_dir / f"{image_id}.json", json.dumps(metadata).encode())
+        atomic_write(img_dir / f"{image_id}.jpg", buf.getvalue())
+        atomic_write(meta_dir / f"{image_id}.json", json.dumps(metadata).encode())
         ids.append(image_id)
     return ids

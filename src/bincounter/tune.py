@@ -27,7 +27,7 @@ from pydantic import Field, field_validator
 
 from bincounter import tracking
 from bincounter.config import Backbone, TrainConfig, _Config
-from bincounter.ingest import atomic_write
+from bincounter.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 

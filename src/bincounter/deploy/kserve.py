@@ -17,7 +17,6 @@ import yaml
 
 from bincounter.config import DeployConfig
 from bincounter.deploy.kubernetes import (
-    apply,
     base_documents,
     canonical_image,
     check_inputs,

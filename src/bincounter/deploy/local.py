@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +25,7 @@ from typing import Any
 import bincounter
 from bincounter import paths
 from bincounter.config import DeployConfig
+from bincounter.fileio import atomic_write
 
 DEFAULT_NAME = "bincounter"
 DEFAULT_READY_TIMEOUT = 180.0
@@ -109,7 +109,7 @@ def deploy(
         "log": str(log_path),
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _write_atomic(_state_path(name), record)
+    atomic_write(_state_path(name), (json.dumps(record, indent=2) + "\n").encode())
     return {"target": "local", "url": url, "pid": proc.pid, "name": name, "model_uri": cfg.model_uri, "log": str(log_path)}
 
 
@@ -287,19 +287,6 @@ def _read_state(path: Path) -> dict[str, Any] | None:
         return None
     except (OSError, ValueError):
         return {}  # unreadable: treat as stale so stop() can clean it up
-
-
-def _write_atomic(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _reason(log_path: Path) -> str:
