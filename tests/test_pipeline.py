@@ -64,6 +64,9 @@ def test_whole_pipeline_runs_locally_and_serves_the_registered_model(synth_dir, 
         try:
             run_local(cfg, tracking_uri, tmp_path / "kfp")
             champion = MlflowClient(tracking_uri).get_model_version_by_alias("bincounter", "champion")
+            tags = champion.tags
+            assert {"promotion.decision", "lineage.data_manifest_sha256", "lineage.pipeline_run_id",
+                    "lineage.training_run_id", "lineage.git_commit"} <= set(tags), tags
             assert champion.tags["promotion.decision"] == "promoted"
             assert float(champion.tags["metric.accuracy"]) >= 0
             assert champion.tags["lineage.data_manifest_sha256"] != "None"
