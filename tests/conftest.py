@@ -12,10 +12,17 @@ from bincounter.config import IngestConfig, PreprocessConfig, SourceConfig, Synt
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
     """Each test gets its own working folder and MLflow store (no state leaks between tests)."""
+    import mlflow
+
     home = tmp_path / "home"
+    uri = f"sqlite:///{home / 'mlflow.db'}"
     monkeypatch.setenv("BINCOUNTER_HOME", str(home))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     home.mkdir()
+    # mlflow keeps the last set_tracking_uri/set_registry_uri for the whole process: without
+    # this, a client in one test would talk to the registry an earlier test configured.
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     return home
 
 

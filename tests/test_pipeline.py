@@ -63,7 +63,8 @@ def test_whole_pipeline_runs_locally_and_serves_the_registered_model(synth_dir, 
         )
         try:
             run_local(cfg, tracking_uri, tmp_path / "kfp")
-            champion = MlflowClient(tracking_uri).get_model_version_by_alias("bincounter", "champion")
+            client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+            champion = client.get_model_version_by_alias("bincounter", "champion")
             tags = champion.tags
             assert {"promotion.decision", "lineage.data_manifest_sha256", "lineage.pipeline_run_id",
                     "lineage.training_run_id", "lineage.git_commit"} <= set(tags), tags
@@ -71,7 +72,7 @@ def test_whole_pipeline_runs_locally_and_serves_the_registered_model(synth_dir, 
             assert float(champion.tags["metric.accuracy"]) >= 0
             assert champion.tags["lineage.data_manifest_sha256"] != "None"
             assert champion.tags["lineage.pipeline_run_id"] not in ("", "none")
-            run = MlflowClient(tracking_uri).get_run(champion.tags["lineage.training_run_id"])
+            run = client.get_run(champion.tags["lineage.training_run_id"])
             prefixes = {key.split(".")[0] for key in run.data.params}
             assert {"ingest", "preprocess", "train", "evaluate", "register"} <= prefixes
             assert "test_accuracy" in run.data.metrics and "val_accuracy" in run.data.metrics
