@@ -21,10 +21,9 @@ def test_training_learns_the_synthetic_counts(model_dir, data_dir):
     assert (model_dir / "plots" / "training_curves.png").stat().st_size > 1000
 
 
-def test_killed_and_resumed_training_equals_an_uninterrupted_run(data_dir, tmp_path, monkeypatch):
-    cfg = TINY_TRAIN.model_copy(update={"epochs": 3})
-    train(cfg, data_dir, tmp_path / "straight")
-
+def interrupt_second_epoch(monkeypatch) -> dict:
+    """Make the second call of train_one_epoch die like a killed process; returns the call
+    counter (set it past 2 to let training run on)."""
     real_epoch = train_module.train_one_epoch
     calls = {"n": 0}
 
@@ -35,10 +34,18 @@ def test_killed_and_resumed_training_equals_an_uninterrupted_run(data_dir, tmp_p
         return real_epoch(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "train_one_epoch", dies_in_epoch_two)
+    return calls
+
+
+def test_killed_and_resumed_training_equals_an_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+    cfg = TINY_TRAIN.model_copy(update={"epochs": 3})
+    train(cfg, data_dir, tmp_path / "straight")
+
+    calls = interrupt_second_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, data_dir, tmp_path / "resumed")
     assert torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=False)["epoch"] == 0
-    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    calls["n"] = 10  # no more interruptions
     result = train(cfg, data_dir, tmp_path / "resumed")
 
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
@@ -80,16 +87,7 @@ def test_a_new_machine_resumes_from_the_checkpoint_mirrored_to_s3(data_dir, tmp_
                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
             monkeypatch.setenv(key, value)
         cfg = TINY_TRAIN.model_copy(update={"epochs": 2, "checkpoint_uri": "s3://ckpt/jobs/1"})
-        real_epoch = train_module.train_one_epoch
-        calls = {"n": 0}
-
-        def counting(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise KeyboardInterrupt("node lost")
-            return real_epoch(*args, **kwargs)
-
-        monkeypatch.setattr(train_module, "train_one_epoch", counting)
+        calls = interrupt_second_epoch(monkeypatch)
         with pytest.raises(KeyboardInterrupt):
             train(cfg, data_dir, tmp_path / "node-a")
         keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket="ckpt")["Contents"]}
