@@ -205,8 +205,8 @@ def test_decompression_bomb_is_rejected_from_its_header():
 
 def test_worker_reports_reasons_instead_of_raising(tmp_path):
     (tmp_path / "x.jpg").write_bytes(_bomb(20000, 20000))
-    assert _process_image(("x", str(tmp_path / "x.jpg"), 32, 10**8, 90))[1]["reason"] == v.TOO_LARGE
-    assert _process_image(("y", str(tmp_path / "y.jpg"), 32, 10**8, 90))[1]["reason"] == v.MISSING_IMAGE
+    assert _process_image(str(tmp_path / "x.jpg"), 32, 10**8, 90)["reason"] == v.TOO_LARGE
+    assert _process_image(str(tmp_path / "y.jpg"), 32, 10**8, 90)["reason"] == v.MISSING_IMAGE
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,7 @@ from bincounter import validate as v
 from bincounter.config import PreprocessConfig
 from bincounter.fileio import atomic_write
 from bincounter.ingest import MANIFEST
+from bincounter.report import write_data_report  # at the top: forked workers inherit matplotlib
 from bincounter.sources import IMAGES, METADATA
 from bincounter.split import SPLITS, label_of, split_of, unit_hash
 
@@ -105,23 +106,26 @@ def _encode(img: Image.Image, data: bytes, size: int, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _process_image(args: tuple[str, str, int, int, int]) -> tuple[str, dict]:
-    """Worker: check and resize one photo. Returns (id, result) where result has either
-    ``jpg``/``width``/``height``/``sha256`` or ``reason``/``detail``."""
-    id_, path, size, max_pixels, quality = args
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:  # plain open: pathlib's overhead showed at thousands of files per second
+        return f.read()
+
+
+def _process_image(path: str, size: int, max_pixels: int, quality: int) -> dict:
+    """Check and resize one photo: ``jpg``/``width``/``height``/``sha256``, or ``reason``/``detail``."""
     try:
-        data = Path(path).read_bytes()
+        data = _read(path)
     except FileNotFoundError:
-        return id_, {"reason": v.MISSING_IMAGE, "detail": path}
+        return {"reason": v.MISSING_IMAGE, "detail": path}
     except OSError as exc:  # a folder or an unreadable file where the photo should be
-        return id_, {"reason": v.NOT_AN_IMAGE, "detail": f"cannot read {path}: {exc}"}
+        return {"reason": v.NOT_AN_IMAGE, "detail": f"cannot read {path}: {exc}"}
     try:
         img = v.open_checked(data, max_pixels)
         width, height = img.size
         jpg = _encode(img, data, size, quality)
     except v.Invalid as exc:
-        return id_, {"reason": exc.reason, "detail": exc.detail[:300]}
-    return id_, {"jpg": jpg, "width": width, "height": height, "sha256": hashlib.sha256(data).hexdigest()}
+        return {"reason": exc.reason, "detail": exc.detail[:300]}
+    return {"jpg": jpg, "width": width, "height": height, "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _read_json(path: Path) -> dict | None:
@@ -132,16 +136,16 @@ def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def check_sample_metadata(id_: str, meta_path: Path, cfg: PreprocessConfig) -> tuple[v.MetadataInfo | None, list[dict]]:
+def check_sample_metadata(id_: str, meta_path: str, cfg: PreprocessConfig) -> tuple[v.MetadataInfo | None, list[dict]]:
     """One id's metadata when the sample may be kept (else None), and its quarantine records.
 
     An inconsistent count is recorded either way; with ``on_inconsistent_quantity="keep"``
     the record carries ``kept: true`` and counts as a warning, not a rejection.
     """
     try:
-        info = v.check_metadata(meta_path.read_bytes())
+        info = v.check_metadata(_read(meta_path))
     except FileNotFoundError:
-        return None, [{"id": id_, "reason": v.MISSING_METADATA, "detail": str(meta_path)}]
+        return None, [{"id": id_, "reason": v.MISSING_METADATA, "detail": meta_path}]
     except OSError as exc:
         return None, [{"id": id_, "reason": v.BAD_JSON, "detail": f"cannot read {meta_path}: {exc}"}]
     except v.Invalid as exc:
@@ -162,7 +166,7 @@ _JOB: dict = {}
 
 
 def _init_worker(cfg: PreprocessConfig, in_dir: str) -> None:
-    _JOB.update(cfg=cfg, in_dir=Path(in_dir))
+    _JOB.update(cfg=cfg, images=os.path.join(in_dir, IMAGES, ""), metadata=os.path.join(in_dir, METADATA, ""))
 
 
 def _process_sample(id_: str) -> tuple[str, dict]:
@@ -173,12 +177,11 @@ def _process_sample(id_: str) -> tuple[str, dict]:
     and ``null_dims``. Metadata is checked here, not up front, so it is spread over the
     workers and overlaps with decoding instead of running alone before it.
     """
-    cfg, in_dir = _JOB["cfg"], _JOB["in_dir"]
-    info, records = check_sample_metadata(id_, in_dir / METADATA / f"{id_}.json", cfg)
+    cfg = _JOB["cfg"]
+    info, records = check_sample_metadata(id_, _JOB["metadata"] + id_ + ".json", cfg)
     if info is None:
         return id_, {"records": records}
-    _, image = _process_image((id_, str(in_dir / IMAGES / f"{id_}.jpg"), cfg.image_size, cfg.max_pixels,
-                               cfg.jpeg_quality))
+    image = _process_image(_JOB["images"] + id_ + ".jpg", cfg.image_size, cfg.max_pixels, cfg.jpeg_quality)
     if "reason" in image:
         return id_, {"records": records + [{"id": id_, **image}]}
     return id_, {"records": records, **image, "count": info.count, "consistent": info.consistent,
@@ -262,18 +265,23 @@ class _ShardWriter:
         return self.names
 
 
-def _processed(ids: list[str], cfg: PreprocessConfig, in_dir: Path, workers: int,
-               progress: bool) -> Iterator[tuple[str, dict]]:
-    """Results of ``_process_sample`` in ``ids`` order, from ``workers`` processes (or inline)."""
-    bar = {"total": len(ids), "desc": "preprocess", "unit": "img", "disable": not progress}
-    if workers <= 1 or len(ids) < 64:  # a pool costs more than it saves on a handful of photos
+def _worker_pool(cfg: PreprocessConfig, in_dir: Path, workers: int, n_ids: int) -> ProcessPoolExecutor | None:
+    """Worker processes for checking photos and drawing the report, or None to work inline."""
+    if workers <= 1 or n_ids < 64:  # a pool costs more than it saves on a handful of photos
         _init_worker(cfg, str(in_dir))
-        yield from tqdm(map(_process_sample, ids), **bar)
-        return
+        return None
+    return ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(cfg, str(in_dir)))
+
+
+def _processed(ids: list[str], pool: ProcessPoolExecutor | None, workers: int,
+               progress: bool) -> Iterator[tuple[str, dict]]:
+    """Results of ``_process_sample`` in ``ids`` order, from the pool's ``workers`` processes (or inline)."""
+    bar = {"total": len(ids), "desc": "preprocess", "unit": "img", "disable": not progress}
+    if pool is None:
+        return tqdm(map(_process_sample, ids), **bar)
     # Chunks amortise the inter-process round trip; a few per worker keep the tail short.
     chunksize = max(1, min(64, len(ids) // (8 * workers)))
-    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(cfg, str(in_dir))) as pool:
-        yield from tqdm(pool.map(_process_sample, ids, chunksize=chunksize), **bar)
+    return tqdm(pool.map(_process_sample, ids, chunksize=chunksize), **bar)
 
 
 def preprocess(cfg: PreprocessConfig, in_dir: str | Path, out_dir: str | Path,
@@ -300,8 +308,9 @@ def preprocess(cfg: PreprocessConfig, in_dir: str | Path, out_dir: str | Path,
     seen_hash: dict[str, str] = {}
     null_dims = 0
     workers = cfg.workers or os.cpu_count() or 1
+    pool = _worker_pool(cfg, in_dir, workers, len(order))
     try:
-        for id_, res in _processed(order, cfg, in_dir, workers, progress):
+        for id_, res in _processed(order, pool, workers, progress):
             quarantine += res["records"]
             if "jpg" not in res:
                 continue
@@ -318,19 +327,21 @@ def preprocess(cfg: PreprocessConfig, in_dir: str | Path, out_dir: str | Path,
             if per_label[sample.label] < cfg.samples_per_class_in_report:  # only these stay in memory
                 per_label[sample.label] += 1
                 examples[sample.split].append((sample, res["jpg"]))
-    finally:
         shards = {s: w.close() for s, w in writers.items()}
 
-    index.sort(key=lambda r: r["id"])
-    _write_jsonl(tmp_dir / "index.jsonl", index)
-    quarantine.sort(key=lambda q: (q["id"], q["reason"]))
-    _write_jsonl(tmp_dir / "quarantine.jsonl", quarantine)
-    dataset = _dataset_info(cfg, in_dir, index, quarantine, null_dims, shards)
-    atomic_write(tmp_dir / DATASET_JSON, json.dumps(dataset, indent=2).encode())
-
-    from bincounter.report import write_data_report  # matplotlib is slow to import; only here
-
-    write_data_report(tmp_dir, index, quarantine, examples, cfg)
+        index.sort(key=lambda r: r["id"])
+        _write_jsonl(tmp_dir / "index.jsonl", index)
+        quarantine.sort(key=lambda q: (q["id"], q["reason"]))
+        _write_jsonl(tmp_dir / "quarantine.jsonl", quarantine)
+        dataset = _dataset_info(cfg, in_dir, index, quarantine, null_dims, shards)
+        atomic_write(tmp_dir / DATASET_JSON, json.dumps(dataset, indent=2).encode())
+        # The idle workers draw the report's plots side by side.
+        write_data_report(tmp_dir, index, quarantine, examples, cfg, executor=pool)
+    finally:
+        for w in writers.values():
+            w.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp_dir, out_dir)
     return PreprocessResult(out_dir=out_dir, sizes=dataset["sizes"], quarantined=dataset["quarantined"],

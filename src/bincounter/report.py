@@ -6,6 +6,7 @@ import base64
 import logging
 import io
 from collections import Counter
+from concurrent.futures import Executor
 from pathlib import Path
 
 import matplotlib
@@ -45,12 +46,11 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> list[str]:
     return lines
 
 
-def _class_histogram(index: list[dict], names: list[str], path: Path) -> Path:
+def _class_histogram(per_split: dict[str, Counter], names: list[str], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     bottom = [0] * len(names)
     for split in SPLITS:
-        hist = Counter(r["label"] for r in index if r["split"] == split)
-        heights = [hist.get(i, 0) for i in range(len(names))]
+        heights = [per_split[split].get(i, 0) for i in range(len(names))]
         ax.bar(names, heights, bottom=bottom, label=split)
         bottom = [b + h for b, h in zip(bottom, heights)]
     ax.set_xlabel("items in bin (class)")
@@ -60,9 +60,8 @@ def _class_histogram(index: list[dict], names: list[str], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def _image_sizes(index: list[dict], path: Path) -> Path:
+def _image_sizes(sizes: Counter, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
-    sizes = Counter((r["width"], r["height"]) for r in index)
     xs, ys, ns = zip(*[(w, h, n) for (w, h), n in sizes.items()]) if sizes else ((), (), ())
     ax.scatter(xs, ys, s=[10 + 90 * n / max(ns, default=1) for n in ns], alpha=0.6)
     ax.set_xlabel("width (px)")
@@ -71,8 +70,7 @@ def _image_sizes(index: list[dict], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def _quarantine_reasons(quarantine: list[dict], path: Path) -> Path:
-    reasons = Counter(q["reason"] + (" (kept)" if q.get("kept") else "") for q in quarantine)
+def _quarantine_reasons(reasons: Counter, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 1.5 + 0.4 * len(reasons)))  # room for the title and axis
     if reasons:
         names, counts = zip(*reasons.most_common())
@@ -82,17 +80,12 @@ def _quarantine_reasons(quarantine: list[dict], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def _sample_grid(samples: dict[str, list], names: list[str], per_class: int, path: Path,
+def _sample_grid(by_label: dict[int, list[bytes]], names: list[str], per_class: int, path: Path,
                  tile: int = 96) -> Path:
     """One row of example photos per class, drawn with PIL: a matplotlib grid of that many
     axes took longer than resizing a thousand photos."""
     from PIL import ImageDraw
 
-    by_label: dict[int, list[bytes]] = {i: [] for i in range(len(names))}
-    for split in SPLITS:
-        for sample, jpg in samples[split]:
-            if len(by_label[sample.label]) < per_class:
-                by_label[sample.label].append(jpg)
     label_w, pad = 64, 4
     cols = max(per_class, 1)
     sheet = Image.new("RGB", (label_w + cols * (tile + pad), len(names) * (tile + pad) + pad), "white")
@@ -110,20 +103,35 @@ def _sample_grid(samples: dict[str, list], names: list[str], per_class: int, pat
 
 
 def write_data_report(out_dir: Path, index: list[dict], quarantine: list[dict],
-                      samples: dict[str, list], cfg: PreprocessConfig) -> Path:
-    """Write ``report/`` (PNGs, report.md, report.html) into a preprocessed folder."""
+                      samples: dict[str, list], cfg: PreprocessConfig, executor: Executor | None = None) -> Path:
+    """Write ``report/`` (PNGs, report.md, report.html) into a preprocessed folder.
+
+    ``samples`` holds (sample, jpeg) example pairs per split. With an ``executor`` the plots
+    are drawn in parallel (each is a second of matplotlib on a slow core, at the end of a job
+    whose workers are otherwise idle by then).
+    """
     report = out_dir / "report"
+    report.mkdir(parents=True, exist_ok=True)
     names = cfg.class_names()
-    pngs = [
-        _class_histogram(index, names, report / "class_histogram.png"),
-        _image_sizes(index, report / "image_sizes.png"),
-        _quarantine_reasons(quarantine, report / "quarantine_reasons.png"),
+    per_split = {s: Counter(r["label"] for r in index if r["split"] == s) for s in SPLITS}
+    reasons = Counter(q["reason"] + (" (kept)" if q.get("kept") else "") for q in quarantine)
+    jobs: list[tuple] = [
+        (_class_histogram, per_split, names, report / "class_histogram.png"),
+        (_image_sizes, Counter((r["width"], r["height"]) for r in index), report / "image_sizes.png"),
+        (_quarantine_reasons, reasons, report / "quarantine_reasons.png"),
     ]
     if cfg.samples_per_class_in_report:
-        pngs.append(_sample_grid(samples, names, cfg.samples_per_class_in_report, report / "samples_per_count.png"))
-    rows = [[n] + [sum(1 for r in index if r["split"] == s and r["label"] == i) for s in SPLITS]
-            for i, n in enumerate(names)]
-    reasons = Counter(q["reason"] + (" (kept)" if q.get("kept") else "") for q in quarantine)
+        by_label: dict[int, list[bytes]] = {i: [] for i in range(len(names))}
+        for split in SPLITS:
+            for sample, jpg in samples[split]:
+                if len(by_label[sample.label]) < cfg.samples_per_class_in_report:
+                    by_label[sample.label].append(jpg)
+        jobs.append((_sample_grid, by_label, names, cfg.samples_per_class_in_report, report / "samples_per_count.png"))
+    if executor is None:
+        pngs = [fn(*args) for fn, *args in jobs]
+    else:
+        pngs = [f.result() for f in [executor.submit(fn, *args) for fn, *args in jobs]]
+    rows = [[n] + [per_split[s].get(i, 0) for s in SPLITS] for i, n in enumerate(names)]
     lines = [
         f"{len(index)} photos kept, {sum(1 for q in quarantine if not q.get('kept'))} quarantined; "
         f"images resized to {cfg.image_size}x{cfg.image_size}.",
