@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bincounter import train as train_module
-from bincounter.train import CHECKPOINT, class_weights, emd_loss, train
+from bincounter.train import CHECKPOINT, class_weights, emd_loss, make_ema, train
 from tests.conftest import TINY_TRAIN
 
 pytestmark = pytest.mark.slow
@@ -68,6 +68,26 @@ def test_emd_loss_grows_with_distance():
     near = torch.tensor([[0.0, 5.0, 0.0, 0.0, 0.0, 0.0]])
     far = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 5.0]])
     assert emd_loss(far, target) > emd_loss(near, target) > emd_loss(torch.tensor([[5.0, 0, 0, 0, 0, 0]]), target)
+
+
+def test_ema_ramps_up_then_follows_the_weights_slowly():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    assert make_ema(model, 0.0) is None
+    ema = make_ema(model, 0.9)
+    torch.nn.init.zeros_(model[0].weight)
+    ema.update_parameters(model)  # the first update copies
+    assert torch.equal(ema.module[0].weight, model[0].weight)
+    torch.nn.init.ones_(model[0].weight)
+    model[1].num_batches_tracked += 7
+    ema.update_parameters(model)  # decay ramps: min(0.9, 2/11) at the second update
+    assert torch.allclose(ema.module[0].weight, torch.full((2, 2), 1 - 2 / 11))
+    assert int(ema.module[1].num_batches_tracked) == 7  # counters are copied, not averaged
+    for _ in range(100):  # (1 + n) / (10 + n) reaches 0.9 at n = 80
+        ema.update_parameters(model)
+    before = float(ema.module[0].weight[0, 0])
+    torch.nn.init.constant_(model[0].weight, 2.0)
+    ema.update_parameters(model)  # the decay is 0.9 now: a tenth of the gap closes per step
+    assert float(ema.module[0].weight[0, 0]) == pytest.approx(before + 0.1 * (2 - before))
 
 
 def test_class_weights_favour_rare_classes_with_unit_mean():

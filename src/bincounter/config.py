@@ -73,7 +73,7 @@ class IngestConfig(_Config):
 class PreprocessConfig(_Config):
     """Validate, clean, split, resize and pack into webdataset shards."""
 
-    image_size: int = Field(224, ge=16, description="Images are resized once, shorter side to this, centre-cropped square.")
+    image_size: int = Field(224, ge=16, description="Each photo is resized once, whole (no crop), to this square size.")
     max_count: int = Field(5, ge=0, description="Largest count kept as its own class (K).")
     min_count: int = Field(0, ge=0, description="Smallest count kept (1 for the 1..5 setting, 0 for ABID's 0..5).")
     overflow: Literal["drop", "class"] = Field(
@@ -166,6 +166,10 @@ class TrainConfig(_Config):
     workers: int = Field(2, ge=0, description="DataLoader worker processes.")
     seed: int = 0
     grad_clip: float = Field(5.0, ge=0, description="0 disables clipping.")
+    ema_decay: float = Field(
+        0.998, ge=0.0, lt=1.0, description="Validate, keep and serve an exponential moving average of the "
+        "weights, updated every step with this decay; 0 disables."
+    )
     tta: bool = Field(True, description="Average predictions over horizontal/vertical flips at evaluation.")
     profile: bool = Field(False, description="Record a torch.profiler trace of a few steps.")
     progress: bool = True

@@ -1,7 +1,7 @@
 """Train: an explicit loop in the style of torchvision's classification reference.
 
 One call, ``train(cfg, data_dir, out_dir)``, on one process or under ``torchrun`` (DDP).
-Every epoch writes ``checkpoint.pt`` (model, optimizer, scheduler, epoch, RNG state, history);
+Every epoch writes ``checkpoint.pt`` (model, EMA, optimizer, scheduler, epoch, history);
 a rerun with the same ``out_dir`` resumes from it. Each epoch reseeds every RNG from
 (seed, epoch), so a resumed run equals an uninterrupted one.
 """
@@ -154,6 +154,25 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of the weights (and BatchNorm statistics), or None.
+
+    The decay ramps up as (1 + n) / (10 + n) over the first updates, so the average does not
+    drag the random head's first steps along for hundreds of steps.
+    """
+    if not decay:
+        return None
+
+    def ema(avg: list[torch.Tensor], new: list[torch.Tensor], n: torch.Tensor) -> None:
+        if not avg[0].is_floating_point():  # BatchNorm's batch counters: keep the latest
+            torch._foreach_copy_(avg, new)
+            return
+        d = min(decay, (1 + int(n)) / (10 + int(n)))
+        torch._foreach_lerp_(avg, new, 1 - d)
+
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema, use_buffers=True)
+
+
 # ---------------------------------------------------------------- checkpoints
 
 def save_atomic(obj: object, path: Path) -> None:
@@ -201,7 +220,8 @@ def check_replicas_agree(model: nn.Module, rank: int, world: int) -> str:
 # ---------------------------------------------------------------- loops
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, epoch: int, cfg: TrainConfig,
-                    amp_dtype, scaler, show: bool, step0: int, profiler=None, log_steps: bool = True) -> dict:
+                    amp_dtype, scaler, show: bool, step0: int, profiler=None, log_steps: bool = True,
+                    ema: nn.Module | None = None) -> dict:
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     grad_norms: list[float] = []
@@ -222,6 +242,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, epoch:
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         if profiler is not None:
             profiler.step()
         n = target.numel()
@@ -229,7 +251,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, epoch:
         correct += int((logits.argmax(1) == target).sum())
         seen += n
         if log_steps and i % 10 == 0:
-            tracking.log_metrics({"step_loss": float(loss), "lr": optimizer.param_groups[-1]["lr"],
+            tracking.log_metrics({"step_loss": float(loss.detach()), "lr": optimizer.param_groups[-1]["lr"],
                                   "grad_norm": float(norm)}, step=step0 + i)
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
     _check_gradients(grad_norms, epoch)
@@ -323,6 +345,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
 
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, len(train_loader))
+    ema = make_ema(model, cfg.ema_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     net: nn.Module = model
     if world > 1:
@@ -343,6 +366,8 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
             raise ValueError(f"{ckpt_path} was written with other settings; use a new output folder "
                              "or delete the checkpoint to start over")
         model.load_state_dict(ckpt["model"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["lr_scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -367,14 +392,17 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
         profiler = _start_profiler(out_dir) if (cfg.profile and epoch == start_epoch and is_main) else None
         stats = train_one_epoch(net, train_loader, loss_fn, optimizer, scheduler, device, epoch, cfg, amp_dtype,
                                 scaler, show=is_main and cfg.progress, log_steps=is_main, step0=epoch * len(train_loader),
-                                profiler=profiler)
+                                profiler=profiler, ema=ema)
         if profiler is not None:
             profiler.stop()
         val = {}
-        if world > 1:
-            sync_buffers(model)  # every replica (and the checkpoint) then holds rank 0's weights
+        # The averaged weights are the ones validated, kept and served.
+        served = ema.module if ema is not None else model
+        if world > 1:  # every replica (and the checkpoint) then holds rank 0's weights
+            sync_buffers(model)
+            sync_buffers(served)
         if is_main:  # on the unwrapped model: DDP's forward would wait for the other ranks
-            y, p = predict_probs(model, val_loader, device, amp_dtype=amp_dtype)
+            y, p = predict_probs(served, val_loader, device, amp_dtype=amp_dtype)
             val = evaluate_predictions(y, p, min_count=info["min_count"], class_names=classes) if len(y) else {}
         if world > 1:  # one verdict for all ranks, so best/stale/early stopping never diverge
             box = [val]
@@ -389,7 +417,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
         if _improved(metrics, best):
             best, best_epoch, stale = metrics, epoch, 0
             if is_main:
-                save_atomic({"model": model.state_dict(), "spec": spec.to_dict(), "epoch": epoch}, out_dir / BEST)
+                save_atomic({"model": served.state_dict(), "spec": spec.to_dict(), "epoch": epoch}, out_dir / BEST)
         else:
             stale += 1
         if is_main:
@@ -397,7 +425,8 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
             # Katib's StdOut collector reads "name=value" lines.
             print(f"epoch={epoch + 1} val_accuracy={metrics['val_accuracy']:.4f} val_rmse={metrics['val_rmse']:.4f} "
                   f"train_loss={metrics['train_loss']:.4f}", flush=True)
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            save_atomic({"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                         "optimizer": optimizer.state_dict(),
                          "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                          "epoch": epoch, "args": cfg.model_dump(), "history": history, "best": best,
                          "best_epoch": best_epoch, "stale": stale}, ckpt_path)
@@ -415,7 +444,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
         if cfg.profile:
             tracking.log_artifacts([out_dir / "profile"], "profile")
     if world > 1:
-        check_replicas_agree(model, rank, world)
+        check_replicas_agree(served, rank, world)
         dist.barrier()
         dist.destroy_process_group()
     return TrainResult(out_dir=out_dir, spec=spec, best_epoch=best_epoch + 1, best=best or {}, history=history,
