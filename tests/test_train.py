@@ -84,10 +84,10 @@ def test_ema_ramps_up_then_follows_the_weights_slowly():
     assert int(ema.module[1].num_batches_tracked) == 7  # counters are copied, not averaged
     for _ in range(100):  # (1 + n) / (10 + n) reaches 0.9 at n = 80
         ema.update_parameters(model)
-    before = float(ema.module[0].weight[0, 0])
+    before = ema.module[0].weight[0, 0].item()
     torch.nn.init.constant_(model[0].weight, 2.0)
     ema.update_parameters(model)  # the decay is 0.9 now: a tenth of the gap closes per step
-    assert float(ema.module[0].weight[0, 0]) == pytest.approx(before + 0.1 * (2 - before))
+    assert ema.module[0].weight[0, 0].item() == pytest.approx(before + 0.1 * (2 - before))
 
 
 def test_class_weights_favour_rare_classes_with_unit_mean():
