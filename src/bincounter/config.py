@@ -144,9 +144,14 @@ class TrainConfig(_Config):
     )
     emd_weight: float = Field(0.5, ge=0.0)
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
-    class_weighting: Literal["none", "sqrt_inverse", "inverse"] = "sqrt_inverse"
-    image_size: int = Field(160, ge=16, description="Training and serving input size.")
-    epochs: int = Field(14, ge=1)
+    class_weighting: Literal["none", "sqrt_inverse", "inverse"] = Field(
+        "none", description="Weight the loss towards rare counts (sqrt of or plain inverse frequency)."
+    )
+    image_size: int = Field(
+        224, ge=16, description="Training and serving input size; preprocess packs photos at 224 px, and small "
+        "items need the pixels."
+    )
+    epochs: int = Field(8, ge=1, description="8 at 224 px: about 24 minutes on 2 CPU cores for the 3,890 real training photos.")
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     backbone_lr_scale: float = Field(1.0, gt=0, description="Backbone learning rate relative to the head's.")
