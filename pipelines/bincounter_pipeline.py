@@ -36,7 +36,7 @@ def make_pipeline(gpus: int = 0, gpu_type: str = "nvidia.com/gpu"):
         backbone: str = "efficientnet_lite0",
         pretrained: str = "auto",
         head: str = "linear",
-        loss: str = "ce+emd",
+        loss: str = "ce",
         train_image_size: int = 224,
         epochs: int = 8,
         batch_size: int = 32,

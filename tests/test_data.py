@@ -21,6 +21,22 @@ def test_train_transform_keeps_size_and_varies():
     assert a.shape == b.shape == (3, 48, 48) and not torch.equal(a, b)
 
 
+def test_rot90_turns_about_half_the_photos_a_quarter():
+    """A photo whose top half is bright keeps a horizontal edge under flips; a quarter turn makes it
+    vertical. Without rot90 no output turns; with it, about half do."""
+    import torch
+
+    img = torch.zeros(64, 3, 64, 80, dtype=torch.uint8)
+    img[:, :, :32] = 255
+    for rot90, expected in ((False, (0, 0)), (True, (20, 44))):
+        t = TrainTransform(size=48, mean=(0.5,) * 3, std=(0.5,) * 3, rotation=0.0, jitter=0.0, hue=0.0, rot90=rot90)
+        x = t(img).mean(dim=1)
+        rows = (x[:, :24].mean(dim=(1, 2)) - x[:, 24:].mean(dim=(1, 2))).abs()
+        cols = (x[:, :, :24].mean(dim=(1, 2)) - x[:, :, 24:].mean(dim=(1, 2))).abs()
+        turned = int((cols > rows).sum())
+        assert expected[0] <= turned <= expected[1], (rot90, turned)
+
+
 def test_jpeg_bytes_kept_when_decoded_cache_would_not_fit(data_dir):
     samples = read_samples(shard_urls(data_dir, "val"))
     ds = ShardDataset(samples, EvalTransform(size=32, mean=(0.5,) * 3, std=(0.5,) * 3), cache_bytes=1)

@@ -61,16 +61,20 @@ def test_freeze_early_freezes_stem_and_blocks_and_keeps_their_statistics():
     assert not net._bn0.training and net._blocks[3].training
 
 
-def test_tta_predictions_are_flip_invariant(model_dir, synth_dir):
-    """Behaviour: a bin photographed from above has the same count when mirrored."""
+@pytest.mark.parametrize("rot90", [False, True])
+def test_tta_predictions_are_flip_invariant(model_dir, synth_dir, rot90):
+    """Behaviour: a bin photographed from above has the same count when mirrored (and with rot90,
+    when turned a quarter)."""
     predictor = Predictor.from_dir(model_dir)
-    predictor.spec = predictor.spec.__class__(**{**predictor.spec.to_dict(), "tta": True,
+    predictor.spec = predictor.spec.__class__(**{**predictor.spec.to_dict(), "tta": True, "rot90": rot90,
                                                   "class_names": tuple(predictor.spec.class_names)})
     img = decode_bytes((synth_dir / "bin-images" / "00003.jpg").read_bytes())
     x = predictor.transform(img).unsqueeze(0)
-    p = predictor.probabilities(x)
-    assert torch.allclose(torch.tensor(p), torch.tensor(predictor.probabilities(x.flip(3))), atol=1e-5)
-    assert torch.allclose(torch.tensor(p), torch.tensor(predictor.probabilities(x.flip(2))), atol=1e-5)
+    p = torch.tensor(predictor.probabilities(x))
+    assert torch.allclose(p, torch.tensor(predictor.probabilities(x.flip(3))), atol=1e-5)
+    assert torch.allclose(p, torch.tensor(predictor.probabilities(x.flip(2))), atol=1e-5)
+    turned = torch.tensor(predictor.probabilities(x.rot90(1, dims=(2, 3))))
+    assert torch.allclose(p, turned, atol=1e-5) == rot90
 
 
 def test_bad_image_bytes_raise_a_clear_error(model_dir, synth_dir):

@@ -38,6 +38,7 @@ class ModelSpec:
     min_count: int = 0
     class_names: tuple[str, ...] = ()
     tta: bool = False  # average over the four flips; evaluation and serving both honour it
+    rot90: bool = False  # trained with 90-degree rotations: test-time augmentation adds the transposes
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from bincounter.models import ModelSpec
-from bincounter.transforms import EvalTransform, decode_bytes
+from bincounter.transforms import EvalTransform, decode_bytes, tta_views
 
 
 class Predictor:
@@ -35,7 +35,7 @@ class Predictor:
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
         """Class probabilities for a normalised NCHW batch."""
         x = batch.to(self.device)
-        views = [x, x.flip(3), x.flip(2), x.flip(2).flip(3)] if self.spec.tta else [x]
+        views = tta_views(x, self.spec.rot90) if self.spec.tta else [x]
         p = sum(F.softmax(self.model(v).float(), dim=1) for v in views) / len(views)
         return p.cpu().numpy()
 

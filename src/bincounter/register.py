@@ -72,7 +72,7 @@ def log_pyfunc(model_dir: str | Path, example_images: list[bytes]):
         # Two rows: the signature is column-based, so no batch size is pinned.
         input_example=pd.DataFrame({"image": example_images[:2]}) if example_images else None,
         pip_requirements=_requirements(),
-        metadata={k: spec.get(k) for k in ("class_names", "image_size", "mean", "std", "backbone", "tta", "min_count")},
+        metadata={k: spec.get(k) for k in ("class_names", "image_size", "mean", "std", "backbone", "tta", "rot90", "min_count")},
     )
 
 
@@ -105,7 +105,7 @@ Input: raw JPEG/PNG bytes. Output: `count`, `confidence`, `expected_count`, clas
 
 ## Model
 Backbone `{spec.get('backbone')}`, {spec.get('num_classes')} classes {list(spec.get('class_names', []))},
-input {spec.get('image_size')} px, flip test-time augmentation: {spec.get('tta')}.
+input {spec.get('image_size')} px, test-time augmentation: {spec.get('tta')} (flips{' and 90-degree rotations' if spec.get('rot90') else ''}).
 
 ## Held-out metrics
 | metric | value |

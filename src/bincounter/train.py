@@ -273,18 +273,14 @@ def _check_gradients(norms: list[float], epoch: int) -> None:
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, loader, device: torch.device, tta: bool = False,
-                  amp_dtype=None) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, class probabilities); with ``tta`` averaged over the four flips of each photo."""
+def predict_probs(model: nn.Module, loader, device: torch.device, amp_dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, class probabilities) of one view per photo (validation; evaluation adds the TTA views)."""
     model.eval()
     labels, probs = [], []
     for images, target in loader:
         images = images.to(device, non_blocking=True)
-        views = [images]
-        if tta:
-            views += [images.flip(3), images.flip(2), images.flip(2).flip(3)]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            p = sum(F.softmax(model(v).float(), dim=1) for v in views) / len(views)
+            p = F.softmax(model(images).float(), dim=1)
         probs.append(p.cpu().numpy())
         labels.append(target.numpy())
     if not probs:
@@ -319,8 +315,8 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
     mean, std = normalization_for(cfg.backbone)
     spec = ModelSpec(backbone=cfg.backbone, num_classes=len(classes), head=cfg.head,
                      image_size=cfg.image_size, mean=mean, std=std, min_count=info["min_count"],
-                     class_names=tuple(classes), tta=cfg.tta)
-    train_ds = load_split(data_dir, "train", TrainTransform(size=cfg.image_size, mean=mean, std=std))
+                     class_names=tuple(classes), tta=cfg.tta, rot90=cfg.rot90)
+    train_ds = load_split(data_dir, "train", TrainTransform(size=cfg.image_size, mean=mean, std=std, rot90=cfg.rot90))
     val_ds = load_split(data_dir, "val", EvalTransform(size=cfg.image_size, mean=mean, std=std))
     if len(train_ds) == 0:
         raise ValueError(f"{data_dir} has no training samples")

@@ -45,8 +45,10 @@ class TrainTransform:
     tensors, which costs a CPU-bound training loop a large share of its throughput.
 
     The distributions follow ``RandomResizedCrop(size, scale=(min_scale, 1), ratio=(0.85, 1.18))``,
-    both ``RandomFlip``s, ``RandomApply([RandomRotation(rotation)], p=0.5)`` (corners outside the
-    crop filled with black) and ``ColorJitter(jitter, jitter, jitter, hue=0.02)``. Differences: the
+    both ``RandomFlip``s, with ``rot90`` a transpose with probability 0.5 (with the flips: any of the
+    square's eight symmetries, so any multiple of 90 degrees),
+    ``RandomApply([RandomRotation(rotation)], p=0.5)`` (corners outside the crop filled with
+    black) and ``ColorJitter(jitter, jitter, jitter, hue=0.02)``. Differences: the
     jitter order is drawn per batch rather than per image, the hue shift is a rotation in YIQ
     space (not HSV) and the warp is bilinear.
     """
@@ -54,8 +56,9 @@ class TrainTransform:
     batched = True  # ShardDataset hands whole batches to transforms that say so
 
     def __init__(self, *, size: int, mean: tuple, std: tuple, min_scale: float = 0.8,
-                 rotation: float = 10.0, jitter: float = 0.25, hue: float = 0.02):
+                 rotation: float = 10.0, jitter: float = 0.25, hue: float = 0.02, rot90: bool = False):
         self.size, self.min_scale, self.rotation, self.jitter, self.hue = size, min_scale, rotation, jitter, hue
+        self.rot90 = rot90
         self.log_ratio = (math.log(0.85), math.log(1.18))
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
@@ -96,6 +99,9 @@ class TrainTransform:
         # broadcasting: cheaper than affine_grid's batched matmul.
         t = (torch.arange(self.size, dtype=torch.float32) * 2 + 1) / self.size - 1
         u, v = t.view(1, 1, -1), t.view(1, -1, 1)
+        if self.rot90:  # transpose: swap which output axis reads the crop's x
+            swap = (torch.rand(n) < 0.5).view(n, 1, 1)
+            u, v = torch.where(swap, v, u), torch.where(swap, u, v)
         col = lambda z: z.view(n, 1, 1)  # noqa: E731
         qx = col(cos * flip_x) * u - col(sin * flip_x) * v
         qy = col(sin * flip_y) * u + col(cos * flip_y) * v
@@ -146,6 +152,15 @@ def _hue_rotation(theta: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.stack([one, zero, zero], 1),
                         torch.stack([zero, cos, -sin], 1),
                         torch.stack([zero, sin, cos], 1)], 1)
+
+
+def tta_views(x: torch.Tensor, rot90: bool = False) -> list[torch.Tensor]:
+    """Test-time views of an NCHW batch: its four flips and, with ``rot90``, their transposes
+    (all eight symmetries of the square). Each shows the same bin from above, so the same count."""
+    views = [x, x.flip(3), x.flip(2), x.flip(2).flip(3)]
+    if rot90:
+        views += [v.transpose(2, 3) for v in views]
+    return views
 
 
 class EvalTransform:
