@@ -141,7 +141,7 @@ class TrainConfig(_Config):
     )
     loss: Literal["ce", "ce+emd"] = Field(
         "ce", description="'ce+emd' adds an earth-mover term that knows 3 is closer to 4 than to 0 (on the real "
-        "photos it scored 2-3 points lower than plain cross-entropy)."
+        "photos, with label smoothing 0.1, it scored 1-3 points below plain cross-entropy in one run)."
     )
     emd_weight: float = Field(0.5, ge=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
