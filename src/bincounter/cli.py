@@ -15,6 +15,7 @@ from typing import Annotated
 import tyro
 
 from bincounter.config import (
+    AuditConfig,
     DeployConfig,
     EvaluateConfig,
     IngestConfig,
@@ -125,6 +126,16 @@ def predict(images: tuple[Path, ...], /, model_uri: str = "models:/bincounter@ch
         print(f"{path}\tcount={row['count']}\tconfidence={row['confidence']:.2f}\texpected={row['expected_count']:.2f}")
 
 
+def audit(source: str, /, out: Path, cfg: Annotated[AuditConfig, Flat] = AuditConfig()) -> None:
+    """Count every bin of a pod (s3://bucket[/prefix] or a folder, bucket layout), compare with the
+    expected counts, and write audit.csv, audit.parquet and report.html to --out; rerun with the
+    same --out to resume. SOURCE sets the source's uri (--source.* set its endpoint and signing)."""
+    from bincounter import launch
+
+    cfg = cfg.model_copy(update={"source": cfg.source.model_copy(update={"uri": source})})
+    _print(launch.audit(AuditConfig.model_validate(cfg.model_dump()), str(out)))
+
+
 def pipeline_run(cfg: Annotated[PipelineConfig, Flat] = PipelineConfig(), tracking_uri: str | None = None) -> None:
     """Run the whole pipeline here on kfp's local runner (every stage a local subprocess)."""
     from bincounter.paths import default_tracking_uri, home
@@ -138,6 +149,13 @@ def pipeline_compile(out: Path = Path("pipeline.yaml"), gpus: int = 0) -> None:
     from pipelines.runner import compile_pipeline
 
     _print({"compiled": str(compile_pipeline(out, gpus=gpus))})
+
+
+def pipeline_compile_audit(out: Path = Path("audit_pipeline.yaml")) -> None:
+    """Compile the audit pipeline (one audit component) for a Kubeflow recurring run."""
+    from pipelines.audit_pipeline import compile_audit_pipeline
+
+    _print({"compiled": str(compile_audit_pipeline(out))})
 
 
 def s3_server(folder: Path, bucket: str = "aft-vbi-pds", port: int = 0) -> None:
@@ -167,7 +185,8 @@ def demo(n_images: int = 600, epochs: int = 4, keep_server: bool = False) -> Non
 COMMANDS = {
     "synth": synth, "ingest": ingest, "preprocess": preprocess, "train": train, "evaluate": evaluate,
     "register": register, "deploy": deploy, "undeploy": undeploy, "serve": serve, "predict": predict,
-    "pipeline": {"run": pipeline_run, "compile": pipeline_compile},
+    "audit": audit,
+    "pipeline": {"run": pipeline_run, "compile": pipeline_compile, "compile-audit": pipeline_compile_audit},
     "s3-server": s3_server, "demo": demo,
 }
 

@@ -57,6 +57,69 @@ def count_images(url: str, paths: list[Path], timeout: float = 30) -> list[dict[
     return results
 
 
+class ImageRefused(RuntimeError):
+    """The server refused an image (4xx): the image is bad, the server is fine."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(f"{status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+def count_batch(url: str, images: list[tuple[str, bytes]], timeout: float = 120, retries: int = 8,
+                sleep=None) -> list[dict[str, Any]]:
+    """Count several images with one multipart POST to ``{url}/v1/count:batch``.
+
+    ``images`` are (file name, bytes) pairs; the answers come back in the same order. A 503
+    (model loading, queue full) is retried after its ``Retry-After`` (at most ``retries``
+    times); a 4xx raises :class:`ImageRefused`; an unreachable server ConnectionError.
+    """
+    import random
+    import time
+    import uuid
+
+    sleep = sleep or time.sleep
+    endpoint = url.rstrip("/") + "/v1/count:batch"
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, data in images:
+        safe = name.replace('"', "_").replace("\r", "_").replace("\n", "_")
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{safe}"\r\n'
+                     f"Content-Type: {mimetypes.guess_type(safe)[0] or 'application/octet-stream'}\r\n\r\n".encode())
+        parts += [data, b"\r\n"]
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    opener = _direct if _is_loopback(endpoint) else _default
+    for attempt in range(retries + 1):
+        request = urllib.request.Request(endpoint, data=body, method="POST",
+                                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        try:
+            with opener.open(request, timeout=timeout) as resp:
+                answers = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code in (429, 502, 503, 504) and attempt < retries:
+                wait = _retry_after(exc.headers.get("Retry-After"), attempt)
+                sleep(wait * (0.5 + random.random() / 2))
+                continue
+            if 400 <= exc.code < 500:
+                raise ImageRefused(exc.code, _detail(exc)) from None
+            raise ConnectionError(f"{endpoint} answered {exc.code}: {_detail(exc)}") from None
+        except urllib.error.URLError as exc:
+            raise ConnectionError(f"cannot reach the bincounter server at {url}: {exc.reason}") from None
+        except TimeoutError:
+            raise ConnectionError(f"the bincounter server at {url} did not answer within {timeout} s") from None
+        if not isinstance(answers, list) or len(answers) != len(images):
+            raise ConnectionError(f"{endpoint} answered {type(answers).__name__} for {len(images)} images")
+        return answers
+    raise AssertionError("unreachable")
+
+
+def _retry_after(header: str | None, attempt: int) -> float:
+    try:
+        return min(60.0, max(0.1, float(header)))
+    except (TypeError, ValueError):
+        return min(30.0, 0.5 * 2**attempt)
+
+
 def _detail(exc: urllib.error.HTTPError) -> str:
     try:
         body = exc.read()

@@ -229,3 +229,62 @@ class PipelineConfig(_Config):
     tune_backbones: tuple[str, ...] = Field((), description="Backbones the search may pick (default: its own list).")
     deploy_enabled: bool = Field(True, description="Run the deploy stage after registration.")
     pipeline_root: str | None = Field(None, description="Where kfp's local runner keeps artifacts; default $BINCOUNTER_HOME/kfp.")
+
+
+class VerdictConfig(_Config):
+    """How the model's probability of the expected count becomes a verdict.
+
+    With p the probability the model gives the expected count: "mismatch" when p is at most
+    ``flag_threshold`` (the model is confident the bin is wrong), "match" when p is at least
+    ``match_threshold``, otherwise "unsure" (a person looks). The audit, the one-bin page and
+    the server share these settings through ``bincounter.verdict``.
+    """
+
+    flag_threshold: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Flag a bin as a mismatch when the model gives its expected count at "
+        "most this probability."
+    )
+    match_threshold: float = Field(
+        0.5, gt=0.0, le=1.0, description="Call a bin a match when the model gives its expected count at least "
+        "this probability; between the two thresholds a person decides."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "VerdictConfig":
+        if self.flag_threshold >= self.match_threshold:
+            raise ValueError("flag_threshold must be below match_threshold (the band between them is 'unsure')")
+        return self
+
+
+class AuditConfig(_Config):
+    """Count every bin of a pod and compare with what the inventory system expects."""
+
+    source: SourceConfig = Field(SourceConfig(), description="The photos: s3://bucket[/prefix] or a folder, bucket layout.")
+    expected_csv: str | None = Field(
+        None, description="CSV with a header 'id,expected' (a local path or s3://...): audit exactly these ids with "
+        "these expected counts. Default: every id of the source, expected count from its metadata JSON."
+    )
+    model_uri: str = Field("models:/bincounter@champion", description="MLflow pyfunc counting in this process.")
+    url: str | None = Field(None, description="Count through a deployed server's /v1/count:batch instead of in-process.")
+    tracking_uri: str | None = Field(None, description="Default: $MLFLOW_TRACKING_URI, else the local SQLite store.")
+    experiment: str = Field("bincounter-audit", description="MLflow experiment of the audit runs.")
+    track: bool = Field(True, description="Log the summary and the report to MLflow.")
+    calibration: str | None = Field(
+        None, description="The evaluation's metrics.json (path or MLflow artifact URI) with the held-out "
+        "reliability; default: the one logged in the registered model's run."
+    )
+    verdict: VerdictConfig = VerdictConfig()
+    workers: int = Field(16, ge=1, description="Concurrent photo downloads.")
+    batch_size: int = Field(16, ge=1, le=64, description="Photos per model call or server request.")
+    requests: int = Field(2, ge=1, description="With url: batch requests in flight at once.")
+    request_timeout: float = Field(120.0, gt=0, description="Seconds to wait for one server answer.")
+    retries: int = Field(8, ge=0, description="Retries per S3 object, or per server request refused with 503.")
+    report_limit: int = Field(500, ge=0, description="Most flagged (and unsure) bins listed in report.html.")
+    thumbnail_px: int = Field(96, ge=16, le=512, description="Longest side of the report's thumbnails.")
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "AuditConfig":
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
+        return self

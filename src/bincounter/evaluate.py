@@ -71,6 +71,10 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, data_dir: str | Path, o
     result = M.evaluate_predictions(y, probs, min_count=spec.min_count, class_names=names)
     rel = M.reliability(y, probs)
     result["ece"] = rel["ece"]
+    # The reliability bins themselves, so an audit can say how often a count at a given
+    # confidence was right on held-out photos (bincounter.calibration reads them back).
+    result["reliability"] = {k: [None if np.isnan(v) else float(v) for v in np.asarray(rel[k], dtype=float)]
+                             for k in ("edges", "accuracy", "confidence", "counts")}
     result["split"] = split
     result.update(measure_speed(predictor, [s[1] for s in samples], cfg.latency_samples))
 

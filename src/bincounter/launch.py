@@ -13,6 +13,7 @@ from pathlib import Path
 from bincounter import tracking
 from bincounter.fileio import atomic_write
 from bincounter.config import (
+    AuditConfig,
     DeployConfig,
     EvaluateConfig,
     IngestConfig,
@@ -133,3 +134,24 @@ def deploy(cfg: DeployConfig, name: str = "bincounter") -> dict:
     kwargs = {"name": name} if cfg.target == "local" else {}
     result = run(cfg, **kwargs)
     return {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool))}
+
+
+def audit(cfg: AuditConfig, out_dir: str, *, report_html: str | None = None) -> dict:
+    """Audit a pod; log the summary and report to MLflow (``cfg.track``). Returns the summary."""
+    from dataclasses import asdict
+
+    from bincounter.audit import ERRORS_FILE, PARQUET_FILE, REPORT_FILE, SUMMARY_FILE
+    from bincounter.audit import audit as run
+
+    summary = run(cfg, out_dir)
+    out = Path(out_dir)
+    if cfg.track:
+        import mlflow
+
+        with tracking.stage_run("audit", cfg.flat("audit."), tracking_uri=cfg.tracking_uri, experiment=cfg.experiment):
+            tracking.log_metrics(summary.metrics())
+            mlflow.set_tags({"audit.counter": summary.counter, "audit.calibration": summary.calibration[:5000]})
+            tracking.log_artifacts([out / n for n in (REPORT_FILE, SUMMARY_FILE, PARQUET_FILE, ERRORS_FILE)], "audit")
+    if report_html:
+        shutil.copyfile(out / REPORT_FILE, report_html)
+    return asdict(summary)

@@ -1,0 +1,556 @@
+"""Audit a pod: count every bin, compare with the expected counts, flag the mismatches.
+
+Photos stream from the source (S3, any endpoint, or a folder in the bucket's layout) through
+a bounded pool of downloads into batches counted in-process by a registered model or by a
+deployed server, so memory stays flat however many bins there are. Every counted batch is
+committed to a journal (SQLite, fsync on commit) in the output folder before the next
+one is recorded: a killed audit rerun with the same ``out_dir`` recounts nothing it already
+counted. Verdicts are not journaled but derived from the stored probabilities when the
+outputs are written, so a rerun with other thresholds recounts nothing either.
+
+Outputs: ``audit.csv`` and ``audit.parquet`` (one row per bin, sorted by id),
+``audit_errors.csv`` (bins that could not be checked, and why), ``summary.json`` and
+``report.html``.
+"""
+
+from __future__ import annotations
+
+import csv
+import heapq
+import io
+import json
+import math
+import os
+import sqlite3
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from bincounter.config import AuditConfig
+from bincounter.sources import IMAGES, METADATA, ObjectMissing, check_id, open_source
+from bincounter.verdict import VERDICTS, first_count, probability_of, verdict
+
+JOURNAL = "audit_journal.sqlite"
+CSV_FILE = "audit.csv"
+PARQUET_FILE = "audit.parquet"
+ERRORS_FILE = "audit_errors.csv"
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.html"
+COLUMNS = ("id", "expected", "predicted", "probability_of_expected", "confidence", "verdict")
+MAX_EXPECTED = 1000  # the server's bound for ?expected=
+
+
+@dataclass(frozen=True)
+class AuditSummary:
+    """What the audit found; written to ``summary.json``, logged to MLflow and KFP."""
+
+    checked: int
+    matches: int
+    mismatches: int
+    unsure: int
+    errors: int
+    counted_now: int  # bins counted by this run (the rest came from the journal)
+    flag_threshold: float
+    match_threshold: float
+    expected_flag_precision: float | None  # None when no calibration (or no flags)
+    calibration: str  # where the calibration came from, or why there is none
+    counter: str  # the model version or server URL that counted
+
+    def metrics(self) -> dict[str, float]:
+        """The numeric figures (for KFP ``Metrics`` and MLflow)."""
+        out = {k: float(v) for k, v in asdict(self).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
+        return out
+
+
+@dataclass
+class _Photo:
+    id: str
+    expected: int
+    image: bytes
+
+
+@dataclass
+class _Failed:
+    id: str
+    reason: str
+
+
+class AuditError(RuntimeError):
+    """The audit cannot go on (source or server unreachable, folder holds another audit)."""
+
+
+# -- the journal --------------------------------------------------------------------------
+
+
+class Journal:
+    """Counted bins and failures in one SQLite file; one writer (the audit's main thread)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level="DEFERRED")
+        # WAL + synchronous=FULL: every commit is on disk (fsync) before the audit goes on.
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript("""
+            CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS bins (
+                id TEXT PRIMARY KEY, expected INTEGER NOT NULL, predicted INTEGER NOT NULL,
+                confidence REAL NOT NULL, probability_of_expected REAL, probabilities TEXT NOT NULL,
+                first_count INTEGER NOT NULL, thumbnail BLOB);
+            CREATE TABLE IF NOT EXISTS errors (id TEXT PRIMARY KEY, reason TEXT NOT NULL);
+        """)
+        self.db.commit()
+
+    def claim(self, identity: dict[str, str]) -> None:
+        """Record what this folder audits; refuse to mix in counts of another model or source."""
+        known = dict(self.db.execute("SELECT key, value FROM meta"))
+        for key, value in identity.items():
+            if key in known and known[key] != value:
+                raise AuditError(f"{self.path.parent} holds an audit with {key}={known[key]!r}, not {value!r}: "
+                                 "use another --out folder (or delete this one) to start afresh")
+        self.db.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", identity.items())
+        self.db.commit()
+
+    def expected_of(self, id_: str) -> int | None:
+        row = self.db.execute("SELECT expected FROM bins WHERE id = ?", (id_,)).fetchone()
+        return None if row is None else row[0]
+
+    def counted(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM bins").fetchone()[0]
+
+    def add(self, row: dict) -> None:
+        self.db.execute("INSERT OR IGNORE INTO bins VALUES (:id, :expected, :predicted, :confidence, "
+                        ":probability_of_expected, :probabilities, :first_count, :thumbnail)", row)
+        self.db.execute("DELETE FROM errors WHERE id = ?", (row["id"],))
+
+    def fail(self, id_: str, reason: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO errors VALUES (?, ?)", (id_, reason))
+
+    def commit(self) -> None:
+        self.db.commit()
+
+    def rows(self) -> Iterator[tuple]:
+        """Every counted bin, sorted by id, streamed."""
+        yield from self.db.execute("SELECT id, expected, predicted, probability_of_expected, confidence, "
+                                   "probabilities, first_count FROM bins ORDER BY id")
+
+    def errors(self) -> Iterator[tuple[str, str]]:
+        yield from self.db.execute("SELECT id, reason FROM errors ORDER BY id")
+
+    def thumbnail(self, id_: str) -> bytes | None:
+        row = self.db.execute("SELECT thumbnail FROM bins WHERE id = ?", (id_,)).fetchone()
+        return None if row is None else row[0]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+# -- what to audit -----------------------------------------------------------------------
+
+
+def _csv_lines(uri: str, cfg: AuditConfig) -> Iterator[str]:
+    """The expected-counts CSV, line by line, from a local path or s3://bucket/key."""
+    if uri.startswith("s3://"):
+        from bincounter.sources import S3Source
+
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        source = S3Source(cfg.source.model_copy(update={"uri": f"s3://{bucket}"}), retries=cfg.retries)
+        body = source._call(f"read {key} from", lambda: source.client.get_object(Bucket=bucket, Key=key)["Body"])
+        yield from (line.decode("utf-8-sig") for line in body.iter_lines(keepends=True))
+        return
+    with open(uri, newline="", encoding="utf-8-sig") as f:
+        yield from f
+
+
+def _parse_expected(text: str) -> int:
+    value = int(text.strip())  # ValueError for anything but an integer
+    if not 0 <= value <= MAX_EXPECTED:
+        raise ValueError(f"expected count {value} is outside 0..{MAX_EXPECTED}")
+    return value
+
+
+def _from_csv(cfg: AuditConfig, journal: Journal) -> Iterator[tuple[str, int]]:
+    """(id, expected) per CSV row; bad rows are recorded as errors and skipped."""
+    reader = csv.reader(_csv_lines(cfg.expected_csv, cfg))
+    header = [h.strip().lower() for h in next(reader, [])]
+    if "id" not in header or "expected" not in header:
+        raise AuditError(f"{cfg.expected_csv}: the first line must name the columns 'id' and 'expected', "
+                         f"got {header!r}")
+    i_id, i_exp = header.index("id"), header.index("expected")
+    for line, row in enumerate(reader, start=2):
+        if not row or not any(cell.strip() for cell in row):
+            continue
+        try:
+            id_ = check_id(row[i_id].strip())
+            expected = _parse_expected(row[i_exp])
+        except (IndexError, ValueError) as exc:
+            journal.fail(f"csv line {line}", f"{cfg.expected_csv} line {line}: {exc}")
+            continue
+        yield id_, expected
+
+
+def _from_source(source, journal: Journal) -> Iterator[tuple[str, None]]:
+    for id_ in source.iter_ids():
+        try:
+            yield check_id(id_), None
+        except ValueError as exc:
+            journal.fail(id_[:200], str(exc))
+
+
+def _todo(cfg: AuditConfig, source, journal: Journal) -> Iterator[tuple[str, int | None]]:
+    """Ids still to count, in listing (or CSV) order; counted ones are skipped."""
+    listed = _from_csv(cfg, journal) if cfg.expected_csv else _from_source(source, journal)
+    for id_, expected in listed:
+        known = journal.expected_of(id_)
+        if known is None:
+            yield id_, expected
+        elif expected is not None and known != expected:
+            journal.fail(id_, f"listed again with expected {expected} (first listed with {known})")
+
+
+def _fetch(source, id_: str, expected: int | None) -> _Photo | _Failed:
+    """One bin's photo (and metadata when the expected count comes from it)."""
+    from bincounter.ingest import parse_count
+
+    try:
+        if expected is None:
+            metadata = source.read(source.key(METADATA, id_))
+            expected = parse_count(metadata)
+            if expected is None:
+                return _Failed(id_, "metadata has no valid EXPECTED_QUANTITY")
+            if expected > MAX_EXPECTED:
+                return _Failed(id_, f"EXPECTED_QUANTITY {expected} is over {MAX_EXPECTED}")
+        return _Photo(id_, expected, source.read(source.key(IMAGES, id_)))
+    except ObjectMissing as exc:
+        return _Failed(id_, str(exc))
+
+
+# -- who counts ----------------------------------------------------------------------------
+
+
+class LocalCounter:
+    """A registered MLflow pyfunc (raw image bytes in), loaded in this process."""
+
+    slots = 1  # torch already uses every core for one batch
+
+    def __init__(self, model_uri: str):
+        import mlflow.pyfunc
+
+        from bincounter.calibration import model_run_id
+
+        run_id, pinned = model_run_id(model_uri)
+        # An alias moves; counting and calibration must both use the version it points to now.
+        self.name = pinned if run_id is not None and pinned.startswith("models:/") else model_uri
+        self.model_uri: str | None = self.name
+        self.model = mlflow.pyfunc.load_model(self.name)
+
+    def count(self, images: list[bytes]) -> list[dict | str]:
+        """One prediction dict per image, or the reason it could not be counted."""
+        import pandas as pd
+
+        try:
+            return _records(self.model.predict(pd.DataFrame({"image": images})))
+        except ValueError as exc:
+            if len(images) == 1:
+                return [f"could not count the photo: {exc}"]
+        # One bad photo fails its batch: count the others one by one.
+        return [self.count([image])[0] for image in images]
+
+
+class RemoteCounter:
+    """A deployed bincounter server, through ``POST /v1/count:batch``."""
+
+    def __init__(self, url: str, cfg: AuditConfig):
+        self.name = url
+        self.cfg = cfg
+        self.slots = cfg.requests
+        self.model_uri: str | None = None  # as the server reports it
+
+    def count(self, images: list[bytes], ids: list[str] | None = None) -> list[dict | str]:
+        from bincounter.client import ImageRefused, count_batch
+
+        ids = ids or [str(i) for i in range(len(images))]
+        try:
+            answers = count_batch(self.name, [(f"{i}.jpg", im) for i, im in zip(ids, images)],
+                                  timeout=self.cfg.request_timeout, retries=self.cfg.retries)
+        except ImageRefused as exc:
+            if len(images) == 1:
+                return [f"the server refused the photo: {exc}"]
+            return [self.count([image], [id_])[0] for image, id_ in zip(images, ids)]
+        except ConnectionError as exc:
+            raise AuditError(str(exc)) from None
+        if self.model_uri is None and answers and isinstance(answers[0], dict):
+            self.model_uri = answers[0].get("model_uri")
+        return answers
+
+
+def _records(frame) -> list[dict]:
+    return [{"count": int(r["count"]), "confidence": float(r["confidence"]),
+             "probabilities": [float(p) for p in r["probabilities"]], "label": r.get("label")}
+            for r in frame.to_dict("records")]
+
+
+def _row(photo: _Photo, answer: dict, cfg: AuditConfig) -> dict:
+    probs = [float(p) for p in answer["probabilities"]]
+    first = first_count(int(answer["count"]), probs)
+    label = answer.get("label")
+    p = probability_of(photo.expected, probs, first, open_ended=isinstance(label, str) and label.endswith("+"))
+    # Thumbnails only for the bins a person may look at; a later rerun with other thresholds
+    # shows "no thumbnail" for bins it newly flags rather than downloading them again.
+    keep_thumb = verdict(p, cfg.verdict) != "match"
+    return {"id": photo.id, "expected": photo.expected, "predicted": int(answer["count"]),
+            "confidence": float(answer["confidence"]), "probability_of_expected": p,
+            "probabilities": json.dumps(probs), "first_count": first,
+            "thumbnail": _thumbnail(photo.image, cfg.thumbnail_px) if keep_thumb else None}
+
+
+def _thumbnail(image: bytes, px: int) -> bytes | None:
+    """A small JPEG of the photo, or None when it cannot be made (the count already succeeded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(image)) as im:
+            im.draft("RGB", (px, px))  # JPEG: decode at a fraction of the size
+            im = im.convert("RGB")
+            im.thumbnail((px, px))
+            out = io.BytesIO()
+            im.save(out, "JPEG", quality=70)
+            return out.getvalue()
+    except Exception:  # noqa: BLE001 - a missing thumbnail must not lose a count
+        return None
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+def _count(counter, batch: list[_Photo], cfg: AuditConfig) -> list[dict | _Failed]:
+    images = [p.image for p in batch]
+    if isinstance(counter, RemoteCounter):
+        answers = counter.count(images, [p.id for p in batch])
+    else:
+        answers = counter.count(images)
+    return [_Failed(p.id, a) if isinstance(a, str) else _row(p, a, cfg) for p, a in zip(batch, answers)]
+
+
+def _stream(cfg: AuditConfig, source, counter, journal: Journal, bar: tqdm) -> int:
+    """Fetch and count every bin still to do; returns how many were counted."""
+    work = _todo(cfg, source, journal)
+    fetching: dict[Future, str] = {}
+    counting: dict[Future, list[_Photo]] = {}
+    ready: list[_Photo] = []
+    exhausted = False
+    counted = 0
+    buffer = cfg.batch_size * (counter.slots + 1)  # photos held in memory, at most, beyond downloads
+    fetch_pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="audit-fetch")
+    count_pool = ThreadPoolExecutor(counter.slots, thread_name_prefix="audit-count")
+    try:
+        while True:
+            while not exhausted and len(fetching) < 2 * cfg.workers and len(ready) < buffer:
+                item = next(work, None)
+                if item is None:
+                    exhausted = True
+                else:
+                    fetching[fetch_pool.submit(_fetch, source, *item)] = item[0]
+            while len(counting) < counter.slots and (
+                    len(ready) >= cfg.batch_size or (ready and exhausted and not fetching)):
+                batch, ready = ready[:cfg.batch_size], ready[cfg.batch_size:]
+                counting[count_pool.submit(_count, counter, batch, cfg)] = batch
+            if not fetching and not counting:
+                if exhausted and not ready:
+                    break
+                continue
+            done, _ = wait([*fetching, *counting], return_when=FIRST_COMPLETED)
+            for fut in done:
+                if fut in fetching:
+                    del fetching[fut]
+                    got = fut.result()  # a SourceError here means the source is gone: stop
+                    if isinstance(got, _Failed):
+                        journal.fail(got.id, got.reason)
+                    else:
+                        ready.append(got)
+                else:
+                    batch = counting.pop(fut)
+                    for row in fut.result():
+                        if isinstance(row, _Failed):
+                            journal.fail(row.id, row.reason)
+                        else:
+                            journal.add(row)
+                            counted += 1
+                    journal.commit()  # fsync: these bins are never counted again
+                    bar.update(len(batch))
+            journal.commit()
+    finally:
+        for fut in [*fetching, *counting]:
+            fut.cancel()
+        fetch_pool.shutdown(wait=True, cancel_futures=True)
+        count_pool.shutdown(wait=True, cancel_futures=True)
+        journal.commit()
+    return counted
+
+
+def audit(cfg: AuditConfig, out_dir: str | Path) -> AuditSummary:
+    """Count every bin of ``cfg.source``, compare with the expected counts, write the outputs.
+
+    Resumable: rerun with the same ``out_dir`` after a kill and only the bins not yet in the
+    journal are fetched and counted. Raises AuditError when the source, the CSV or the server
+    cannot be used (the journal keeps whatever was counted).
+    """
+    import mlflow
+    from filelock import FileLock, Timeout
+
+    from bincounter import calibration
+    from bincounter.paths import default_tracking_uri
+    from bincounter.sources import SourceError
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tracking = cfg.tracking_uri or default_tracking_uri()
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_registry_uri(tracking)
+    try:
+        lock = FileLock(str(out / ".audit.lock"), timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise AuditError(f"another audit is writing to {out}") from None
+    journal = Journal(out / JOURNAL)
+    try:
+        source = open_source(cfg.source, workers=cfg.workers, retries=cfg.retries)
+        try:
+            source.check()
+        except SourceError as exc:
+            raise AuditError(str(exc)) from None
+        counter = RemoteCounter(cfg.url, cfg) if cfg.url else LocalCounter(cfg.model_uri)
+        journal.claim({"counter": counter.name, "source": cfg.source.uri,
+                       "expected_csv": cfg.expected_csv or "metadata"})
+        before = journal.counted()
+        with tqdm(desc="audit", unit="bin", initial=before, disable=not cfg.progress, dynamic_ncols=True) as bar:
+            try:
+                counted = _stream(cfg, source, counter, journal, bar)
+            except SourceError as exc:
+                raise AuditError(f"{exc} ({journal.counted()} bins counted so far are kept; rerun to resume)") from None
+        if counter.model_uri is None:
+            counter.model_uri = dict(journal.db.execute("SELECT key, value FROM meta")).get("served_model")
+        elif isinstance(counter, RemoteCounter):
+            journal.db.execute("INSERT OR REPLACE INTO meta VALUES ('served_model', ?)", (counter.model_uri,))
+            journal.commit()
+        cal, origin = calibration.load(cfg.calibration, counter.model_uri)
+        return write_outputs(journal, out, cfg, cal, origin, counter.name, counted)
+    finally:
+        journal.close()
+        lock.release()
+
+
+# -- outputs -------------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def write_outputs(journal: Journal, out: Path, cfg: AuditConfig, cal, origin: str, counter: str,
+                  counted_now: int) -> AuditSummary:
+    """CSV, Parquet, errors, summary and report from the journal, in one streaming pass."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bincounter.audit_report import render
+
+    schema = pa.schema([("id", pa.string()), ("expected", pa.int64()), ("predicted", pa.int64()),
+                        ("probability_of_expected", pa.float64()), ("confidence", pa.float64()),
+                        ("verdict", pa.string())])
+    tallies = dict.fromkeys(VERDICTS, 0)
+    precision_sum = 0.0
+    flagged: list[tuple] = []  # the report_limit surest mismatches (a heap)
+    unsure: list[tuple] = []
+    tmp_csv, tmp_parquet = out / f".{CSV_FILE}.part", out / f".{PARQUET_FILE}.part"
+    with open(tmp_csv, "w", newline="", encoding="utf-8") as f, pq.ParquetWriter(tmp_parquet, schema) as pw:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        chunk: list[tuple] = []
+
+        def flush() -> None:
+            if chunk:
+                pw.write_table(pa.Table.from_pylist([dict(zip(COLUMNS, r)) for r in chunk], schema=schema))
+                chunk.clear()
+
+        for id_, expected, predicted, p, confidence, probs, first in journal.rows():
+            v = verdict(p, cfg.verdict)
+            tallies[v] += 1
+            record = (id_, expected, predicted, p, confidence, v)
+            writer.writerow([_fmt(x) for x in record])
+            chunk.append(record)
+            if len(chunk) >= 10_000:
+                flush()
+            if v == "mismatch":
+                if cal is not None:
+                    precision_sum += cal.flag_right(confidence, predicted, expected)
+                # Surest first: the lowest probability of the expected count, then the most confident.
+                _keep(flagged, (-p, confidence, id_), cfg.report_limit)
+            elif v == "unsure":
+                _keep(unsure, (-(1.0 if p is None else p), confidence, id_), cfg.report_limit)
+        flush()
+    os.replace(tmp_csv, out / CSV_FILE)
+    os.replace(tmp_parquet, out / PARQUET_FILE)
+
+    errors = 0
+    tmp_err = out / f".{ERRORS_FILE}.part"
+    with open(tmp_err, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(("id", "reason"))
+        for id_, reason in journal.errors():
+            writer.writerow((id_, reason))
+            errors += 1
+    os.replace(tmp_err, out / ERRORS_FILE)
+
+    mismatches = tallies["mismatch"]
+    if cal is None:
+        precision, calibration_note = None, f"unavailable: {origin}"
+    else:
+        precision, calibration_note = (precision_sum / mismatches if mismatches else None), origin
+    summary = AuditSummary(
+        checked=sum(tallies.values()), matches=tallies["match"], mismatches=mismatches, unsure=tallies["unsure"],
+        errors=errors, counted_now=counted_now, flag_threshold=cfg.verdict.flag_threshold,
+        match_threshold=cfg.verdict.match_threshold, expected_flag_precision=precision,
+        calibration=calibration_note, counter=counter)
+    _atomic_text(out / SUMMARY_FILE, json.dumps(asdict(summary), indent=2))
+    _atomic_text(out / REPORT_FILE, render(summary, _details(journal, flagged), _details(journal, unsure),
+                                           cal, cfg))
+    return summary
+
+
+def _keep(heap: list[tuple], rank: tuple, limit: int) -> None:
+    """Keep in ``heap`` the ``limit`` largest ranks; the root is the smallest kept, first to go."""
+    if limit <= 0:
+        return
+    if len(heap) < limit:
+        heapq.heappush(heap, rank)
+    elif rank > heap[0]:
+        heapq.heapreplace(heap, rank)
+
+
+def _details(journal: Journal, heap: list[tuple]) -> list[dict]:
+    """The kept bins, surest first, with what the report shows."""
+    out = []
+    for _, _, id_ in sorted(heap, reverse=True):
+        row = journal.db.execute("SELECT id, expected, predicted, probability_of_expected, confidence, "
+                                 "probabilities, first_count, thumbnail FROM bins WHERE id = ?", (id_,)).fetchone()
+        keys = ("id", "expected", "predicted", "probability_of_expected", "confidence", "probabilities",
+                "first_count", "thumbnail")
+        item = dict(zip(keys, row))
+        item["probabilities"] = json.loads(item["probabilities"])
+        out.append(item)
+    return out
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    from bincounter.fileio import atomic_write
+
+    atomic_write(path, text.encode("utf-8"))
+
