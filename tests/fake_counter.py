@@ -77,6 +77,7 @@ def register_fake(folder: Path, work: Path, *, reliability: dict | None = None, 
 
     truth = work / "truth.json"
     truth.write_text(json.dumps(truth_table(folder)))
+    mlflow.set_experiment("fake-counter")  # not an earlier test's experiment id (mlflow keeps it process-wide)
     with mlflow.start_run(run_name="fake-counter"):
         info = mlflow.pyfunc.log_model(name="model", python_model=FakeCounter(), artifacts={"truth": str(truth)},
                                        pip_requirements=["pandas"])

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
@@ -126,7 +127,10 @@ class Journal:
     def add(self, row: dict) -> None:
         self.db.execute("INSERT OR IGNORE INTO bins VALUES (:id, :expected, :predicted, :confidence, "
                         ":probability_of_expected, :probabilities, :first_count, :thumbnail)", row)
-        self.db.execute("DELETE FROM errors WHERE id = ?", (row["id"],))
+
+    def retry(self, id_: str) -> None:
+        """Forget an earlier run's failure of ``id_``: it is being tried again."""
+        self.db.execute("DELETE FROM errors WHERE id = ?", (id_,))
 
     def fail(self, id_: str, reason: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO errors VALUES (?, ?)", (id_, reason))
@@ -202,15 +206,27 @@ def _from_source(source, journal: Journal) -> Iterator[tuple[str, None]]:
             journal.fail(id_[:200], str(exc))
 
 
+_RECENT = 10_000
+
+
 def _todo(cfg: AuditConfig, source, journal: Journal) -> Iterator[tuple[str, int | None]]:
     """Ids still to count, in listing (or CSV) order; counted ones are skipped."""
     listed = _from_csv(cfg, journal) if cfg.expected_csv else _from_source(source, journal)
+    # Ids listed lately, still in flight perhaps: a bounded window (far wider than what is in
+    # flight), so a repeated id is caught before it is counted twice without holding them all.
+    recent: OrderedDict[str, int | None] = OrderedDict()
     for id_, expected in listed:
-        known = journal.expected_of(id_)
-        if known is None:
-            yield id_, expected
-        elif expected is not None and known != expected:
-            journal.fail(id_, f"listed again with expected {expected} (first listed with {known})")
+        seen = id_ in recent
+        known = recent[id_] if seen else journal.expected_of(id_)
+        if seen or known is not None:
+            if expected is not None and known is not None and known != expected:
+                journal.fail(id_, f"listed again with expected {expected} (first listed with {known})")
+            continue
+        recent[id_] = expected
+        if len(recent) > _RECENT:
+            recent.popitem(last=False)
+        journal.retry(id_)
+        yield id_, expected
 
 
 def _fetch(source, id_: str, expected: int | None) -> _Photo | _Failed:

@@ -1,0 +1,274 @@
+"""The pod audit: planted mismatches found, nothing else flagged, resumable, CSV = Parquet."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bincounter.audit import COLUMNS, CSV_FILE, ERRORS_FILE, JOURNAL, PARQUET_FILE, REPORT_FILE, AuditError, audit
+from bincounter.config import AuditConfig, SourceConfig, SynthConfig, VerdictConfig
+from tests.fake_counter import register_fake
+
+ROOT = Path(__file__).resolve().parents[1]
+N_PHOTOS = 40
+PLANTED = ("00003", "00011", "00017", "00026", "00038")
+# The fake counter is certain (one-hot): a flag threshold of 0.05 flags exactly the bins
+# whose expected count it gives probability 0.
+CERTAIN = VerdictConfig(flag_threshold=0.05, match_threshold=0.5)
+# Held-out reliability of the registered model: counts given with confidence ~1 were right 90% of the time.
+RELIABILITY = {"edges": [i / 10 for i in range(11)], "accuracy": [None] * 9 + [0.9],
+               "confidence": [None] * 9 + [0.99], "counts": [0] * 9 + [100]}
+
+
+def _plant(folder: Path, ids) -> dict[str, int]:
+    """Change the expected count of ``ids`` in their metadata; returns the true counts."""
+    truth = {}
+    for id_ in ids:
+        path = folder / "metadata" / f"{id_}.json"
+        meta = json.loads(path.read_text())
+        truth[id_] = meta["EXPECTED_QUANTITY"]
+        meta["EXPECTED_QUANTITY"] = (truth[id_] + 2) % 6
+        path.write_text(json.dumps(meta))
+    return truth
+
+
+@pytest.fixture
+def pod(tmp_path) -> Path:
+    """40 synthetic bins, the fake counter registered as champion (with its evaluation), and
+    five bins whose metadata now expects a wrong count."""
+    from bincounter.synth import generate
+
+    folder = tmp_path / "pod"
+    generate(SynthConfig(n_images=N_PHOTOS, image_size=48, seed=5), folder)
+    register_fake(folder, tmp_path, reliability=RELIABILITY)
+    _plant(folder, PLANTED)
+    return folder
+
+
+def _cfg(source: str, **kw) -> AuditConfig:
+    return AuditConfig(**{"source": SourceConfig(uri=source), "verdict": CERTAIN, "progress": False, "workers": 4,
+                          "batch_size": 4, **kw})
+
+
+def _read_csv(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / CSV_FILE, dtype={"id": str})
+
+
+def test_audit_finds_every_planted_mismatch_and_flags_no_other_bin(pod, tmp_path):
+    from mlflow import MlflowClient
+
+    from bincounter import launch
+
+    out = tmp_path / "out"
+    summary = launch.audit(_cfg(str(pod)), str(out))
+    table = _read_csv(out)
+    assert list(table.columns) == list(COLUMNS)
+    assert len(table) == N_PHOTOS and table["id"].is_unique
+    assert set(table.loc[table.verdict == "mismatch", "id"]) == set(PLANTED)
+    assert set(table.loc[table.verdict == "match", "id"]) == set(table["id"]) - set(PLANTED)
+    assert summary["mismatches"] == len(PLANTED) and summary["unsure"] == 0 and summary["errors"] == 0
+    assert (table.loc[table.verdict == "mismatch", "probability_of_expected"] == 0).all()
+    # Expected precision from the model version's held-out reliability (90% right at this confidence).
+    assert summary["expected_flag_precision"] == pytest.approx(0.9)
+    assert summary["counter"] == "models:/bincounter/1" and "evaluation/metrics.json" in summary["calibration"]
+
+    report = (out / REPORT_FILE).read_text()
+    assert "at least 90.0%" in report
+    flagged = report.split("<h2>Flagged bins")[1].split("<h2>Unsure")[0]
+    assert flagged.count("data:image/jpeg;base64,") == len(PLANTED)
+    assert all(f"<td>{id_}</td>" in flagged for id_ in PLANTED)
+
+    runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("bincounter-audit").experiment_id])
+    assert runs[0].data.metrics["mismatches"] == len(PLANTED) and runs[0].data.metrics["checked"] == N_PHOTOS
+    artifacts = {a.path for a in MlflowClient().list_artifacts(runs[0].info.run_id, "audit")}
+    assert {"audit/report.html", "audit/audit.parquet"} <= artifacts
+
+
+def test_csv_and_parquet_agree(pod, tmp_path):
+    out = tmp_path / "out"
+    audit(_cfg(str(pod)), out)
+    from_csv = _read_csv(out)
+    from_parquet = pd.read_parquet(out / PARQUET_FILE)
+    assert list(from_parquet.columns) == list(COLUMNS)
+    pd.testing.assert_frame_equal(from_csv, from_parquet, check_dtype=False)
+
+
+def test_expected_counts_from_a_csv_with_hostile_rows(pod, tmp_path):
+    (pod / "bin-images" / "00005.jpg").write_bytes(b"\xff\xd8 not a jpeg at all")
+    csv_path = tmp_path / "expected.csv"
+    csv_path.write_text("id,expected\n"
+                        "00001,{}\n"  # right (filled in below)
+                        "00002,5\n00002,4\n"  # listed twice, two answers
+                        "../../etc/passwd,1\n"
+                        "00004,many\n"
+                        "00006,5000\n"
+                        "00005,2\n"  # undecodable photo
+                        "99999,1\n"  # no such photo
+                        "\n")
+    truth = json.loads((pod / "metadata" / "00001.json").read_text())["EXPECTED_QUANTITY"]
+    csv_path.write_text(csv_path.read_text().format(truth))
+    out = tmp_path / "out"
+    summary = audit(_cfg(str(pod), expected_csv=str(csv_path)), out)
+    table = _read_csv(out)
+    assert set(table["id"]) == {"00001", "00002"}
+    assert table.set_index("id").loc["00001", "verdict"] == "match"
+    errors = pd.read_csv(out / ERRORS_FILE, dtype=str).set_index("id")["reason"]
+    assert "invalid photo id '../../etc/passwd'" in errors["csv line 5"]
+    assert "invalid literal" in errors["csv line 6"] and "outside 0..1000" in errors["csv line 7"]
+    assert "listed again" in errors["00002"]
+    assert "could not count" in errors["00005"] and "does not exist" in errors["99999"]
+    assert summary.errors == 6 and summary.checked == 2
+    assert not (tmp_path.parent / "etc").exists()
+
+
+def test_a_csv_without_the_columns_is_refused(pod, tmp_path):
+    bad = tmp_path / "expected.csv"
+    bad.write_text("bin,count\n00001,1\n")
+    with pytest.raises(AuditError, match="'id' and 'expected'"):
+        audit(_cfg(str(pod), expected_csv=str(bad)), tmp_path / "out")
+
+
+def test_audit_over_s3_at_any_endpoint(pod, tmp_path):
+    from bincounter.s3server import LocalS3
+
+    with LocalS3() as s3:
+        s3.upload_folder(pod, "pods", prefix="site-7/pod-3")
+        cfg = _cfg("s3://pods/site-7/pod-3").model_copy(update={"source": SourceConfig(
+            uri="s3://pods/site-7/pod-3", endpoint_url=s3.endpoint)})
+        summary = audit(cfg, tmp_path / "out")
+    table = _read_csv(tmp_path / "out")
+    assert summary.checked == N_PHOTOS and set(table.loc[table.verdict == "mismatch", "id"]) == set(PLANTED)
+
+
+def test_an_unreachable_source_is_a_clear_error(tmp_path, pod):
+    from bincounter.s3server import free_port
+
+    cfg = _cfg("s3://pods").model_copy(update={"source": SourceConfig(
+        uri="s3://pods", endpoint_url=f"http://127.0.0.1:{free_port()}"), "retries": 0})
+    with pytest.raises(AuditError, match="cannot list s3://pods/"):
+        audit(cfg, tmp_path / "out")
+
+
+@contextlib.contextmanager
+def _serving(app):
+    import uvicorn
+
+    from bincounter.s3server import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_audit_through_a_deployed_servers_batch_endpoint(pod, tmp_path):
+    import mlflow.pyfunc
+
+    from bincounter import serve
+
+    model = mlflow.pyfunc.load_model("models:/bincounter@champion")
+    with _serving(serve.create_app("models:/bincounter@champion", model=model)) as url:
+        summary = audit(_cfg(str(pod), url=url), tmp_path / "out")
+    table = _read_csv(tmp_path / "out")
+    assert summary.counter == url
+    assert set(table.loc[table.verdict == "mismatch", "id"]) == set(PLANTED) and summary.unsure == 0
+    # The server says which model it serves: the calibration comes from that model's run.
+    assert summary.expected_flag_precision == pytest.approx(0.9)
+
+
+def test_an_unreachable_server_stops_the_audit_with_a_clear_error(pod, tmp_path):
+    from bincounter.s3server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(AuditError, match=f"cannot reach the bincounter server at {url}"):
+        audit(_cfg(str(pod), url=url), tmp_path / "out")
+
+
+def test_calibration_unavailable_is_said_plainly(tmp_path):
+    from bincounter.synth import generate
+
+    folder = tmp_path / "pod"
+    generate(SynthConfig(n_images=8, image_size=48, seed=2), folder)
+    register_fake(folder, tmp_path)  # no evaluation logged with this model
+    _plant(folder, ["00002"])
+    summary = audit(_cfg(str(folder)), tmp_path / "out")
+    assert summary.mismatches == 1 and summary.expected_flag_precision is None
+    assert summary.calibration.startswith("unavailable")
+    assert "<b>unavailable</b>" in (tmp_path / "out" / REPORT_FILE).read_text()
+
+
+def test_other_thresholds_on_a_finished_audit_recount_nothing(pod, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    calls = tmp_path / "calls.txt"
+    monkeypatch.setenv("FAKE_COUNTER_CALLS", str(calls))
+    audit(_cfg(str(pod)), out)
+    first = calls.read_text()
+    # Nothing is below 0.0: with flag threshold 0 the planted bins (p = 0) are still flagged,
+    # and a match threshold above 1 is refused by the config, so use the widest valid band.
+    summary = audit(_cfg(str(pod), verdict=VerdictConfig(flag_threshold=0.0, match_threshold=1.0)), out)
+    assert calls.read_text() == first  # the journal answered: no photo counted again
+    assert summary.counted_now == 0 and summary.mismatches == len(PLANTED)
+
+
+def test_a_folder_holding_another_models_audit_is_refused(pod, tmp_path):
+    out = tmp_path / "out"
+    audit(_cfg(str(pod)), out)
+    register_fake(pod, tmp_path)  # a new champion: version 2
+    with pytest.raises(AuditError, match="counter='models:/bincounter/1'"):
+        audit(_cfg(str(pod)), out)
+
+
+_KILLABLE = """
+import sys
+from bincounter.audit import audit
+from bincounter.config import AuditConfig
+audit(AuditConfig.model_validate_json(sys.argv[1]), sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_audit_resumes_without_recounting(pod, tmp_path, isolated_home):
+    out = tmp_path / "out"
+    calls = tmp_path / "calls.txt"
+    cfg = _cfg(str(pod))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+           "FAKE_COUNTER_CALLS": str(calls), "FAKE_COUNTER_KILL_AFTER": "3"}
+    killed = subprocess.run([sys.executable, "-c", _KILLABLE, cfg.model_dump_json(), str(out)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(out / JOURNAL)) as db:
+        journaled = db.execute("SELECT COUNT(*) FROM bins").fetchone()[0]
+    counted_before = sum(int(n) for n in calls.read_text().split())
+    assert journaled == counted_before == 3 * cfg.batch_size  # every counted batch was on disk
+
+    del env["FAKE_COUNTER_KILL_AFTER"]
+    rerun = subprocess.run([sys.executable, "-c", _KILLABLE, cfg.model_dump_json(), str(out)], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    counted = [int(n) for n in calls.read_text().split()]
+    assert sum(counted) == N_PHOTOS  # each photo counted once over both runs
+    table = _read_csv(out)
+    assert len(table) == N_PHOTOS and table["id"].is_unique
+    assert set(table.loc[table.verdict == "mismatch", "id"]) == set(PLANTED)
+    assert json.loads((out / "summary.json").read_text())["counted_now"] == N_PHOTOS - journaled
