@@ -97,7 +97,12 @@ def load(calibration: str | None, model_uri: str | None) -> tuple[Calibration | 
         if run_id is None:
             return None, described
         origin = f"{described} (run {run_id}, {EVALUATION_ARTIFACT})"
-        return from_metrics(_download(run_id=run_id, artifact_path=EVALUATION_ARTIFACT), origin), origin
+        try:
+            metrics = _download(run_id=run_id, artifact_path=EVALUATION_ARTIFACT)
+        except Exception:  # noqa: BLE001 - MLflow says "failed to download"; say what is missing
+            return None, (f"{described}'s run {run_id} has no {EVALUATION_ARTIFACT} (was the model evaluated "
+                          "into its training run?)")
+        return from_metrics(metrics, origin), origin
     except (OSError, ValueError) as exc:
         return None, str(exc)
     except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds; the report says why
