@@ -94,9 +94,13 @@ def test_audit_finds_every_planted_mismatch_and_flags_no_other_bin(pod, tmp_path
     assert {"audit/report.html", "audit/audit.parquet"} <= artifacts
 
 
-def test_csv_and_parquet_agree(pod, tmp_path):
+def test_csv_and_parquet_agree(pod, tmp_path, capsys):
+    from bincounter.cli import main
+
     out = tmp_path / "out"
-    audit(_cfg(str(pod)), out)
+    main(["audit", str(pod), "--out", str(out), "--no-progress", "--workers", "2", "--no-track",
+          "--verdict.flag-threshold", "0.05"])
+    assert json.loads(capsys.readouterr().out)["mismatches"] == len(PLANTED)
     from_csv = _read_csv(out)
     from_parquet = pd.read_parquet(out / PARQUET_FILE)
     assert list(from_parquet.columns) == list(COLUMNS)
@@ -146,8 +150,13 @@ def test_audit_over_s3_at_any_endpoint(pod, tmp_path):
         cfg = _cfg("s3://pods/site-7/pod-3").model_copy(update={"source": SourceConfig(
             uri="s3://pods/site-7/pod-3", endpoint_url=s3.endpoint)})
         summary = audit(cfg, tmp_path / "out")
+        # The expected counts may come from a CSV in the bucket too.
+        s3.client().put_object(Bucket="pods", Key="site-7/expected.csv", Body=b"id,expected\n00003,1\n00004,9\n")
+        truth = json.loads((pod / "metadata" / "00004.json").read_text())["EXPECTED_QUANTITY"]
+        by_csv = audit(cfg.model_copy(update={"expected_csv": "s3://pods/site-7/expected.csv"}), tmp_path / "csv")
     table = _read_csv(tmp_path / "out")
     assert summary.checked == N_PHOTOS and set(table.loc[table.verdict == "mismatch", "id"]) == set(PLANTED)
+    assert by_csv.checked == 2 and _read_csv(tmp_path / "csv").set_index("id").loc["00004", "predicted"] == truth
 
 
 def test_an_unreachable_source_is_a_clear_error(tmp_path, pod):

@@ -14,7 +14,7 @@ table{border-collapse:collapse;margin:.5rem 0 1.5rem}
 th,td{border-bottom:1px solid #ddd;padding:.35rem .6rem;text-align:left;vertical-align:top}
 th{background:#f3f3f3}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
-.bars{display:grid;grid-template-columns:auto 8rem auto;gap:1px .4rem;font-size:.8rem;align-items:center}
+.bars{display:grid;grid-template-columns:7.5rem 8rem auto;gap:1px .4rem;font-size:.8rem;align-items:center}
 .bar{height:.7rem;background:#5b7db1}
 .bar.expected{background:#c0392b}
 .note{color:#555;max-width:50rem}

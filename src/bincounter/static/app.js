@@ -147,7 +147,8 @@
       const value = document.createElement("span");
       value.className = "bar-value";
       value.textContent = pct(p);
-      li.setAttribute("aria-label", label.textContent + ": " + pct(p));
+      li.setAttribute("aria-label", label.textContent + ": " + pct(p) +
+        (n === data.count ? ", the predicted count" : "") + (n === expected ? ", the expected count" : ""));
       li.append(label, track, value);
       bars.appendChild(li);
     });

@@ -1,0 +1,182 @@
+"""The one-bin page: its routes on the server app, and a real headless browser using it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shutil
+import threading
+import time
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from bincounter import page, serve
+from bincounter.config import VerdictConfig
+
+MODEL_URI = "models:/bincounter@champion"
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+
+
+class WidthModel:
+    """Like the pyfunc: count = photo width // 8 (0-5); probability 0.7 on it, 0.2 on the next
+    count, 0.025 on each other one, so one photo gives a match, an unsure and mismatches."""
+
+    def predict(self, df: pd.DataFrame) -> pd.DataFrame:
+        rows = []
+        for data in df["image"]:
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    img.load()
+                    width = img.width
+            except Exception as exc:
+                raise ValueError(f"cannot decode image: {exc}") from exc
+            count = min(width // 8, 5)
+            probs = np.full(6, 0.025)
+            probs[count] = 0.7
+            probs[(count + 1) % 6] = 0.2
+            rows.append({"count": count, "confidence": 0.7, "expected_count": float(probs @ np.arange(6)),
+                         "probabilities": probs})
+        return pd.DataFrame(rows)
+
+
+def _app(verdict: VerdictConfig = VerdictConfig()):
+    app = serve.create_app(MODEL_URI, model=WidthModel())
+    app.include_router(page.make_router(verdict))
+    return app
+
+
+def _jpeg(width: int, height: int = 24) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (180, 140, 90)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_the_page_and_its_assets_are_served_with_a_strict_policy():
+    with TestClient(_app(VerdictConfig(flag_threshold=0.1, match_threshold=0.6))) as client:
+        index = client.get("/")
+        assert index.status_code == 200 and index.headers["content-type"].startswith("text/html")
+        assert "default-src 'none'" in index.headers["content-security-policy"]
+        assert '<label for="photo">' in index.text and '<label for="expected">' in index.text
+        assert client.get("/ui/app.js").headers["content-type"].startswith("text/javascript")
+        assert client.get("/ui/style.css").headers["content-type"].startswith("text/css")
+        assert client.get("/ui/config.json").json() == {"flag_threshold": 0.1, "match_threshold": 0.6}
+        assert client.get("/ui/index.py").status_code == 404
+        assert client.get("/ui/..%2Fpage.py").status_code == 404
+        assert client.get("/healthz").status_code == 200  # the server's own routes are untouched
+
+
+def test_the_page_needs_nothing_from_the_network():
+    for name in ("index.html", "app.js", "style.css"):
+        text = (files("bincounter") / "static" / name).read_text()
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I), f"{name} refers to another host"
+
+
+# -- in a real browser ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _serving(app):
+    import uvicorn
+
+    from bincounter.s3server import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture
+def browser_page():
+    """A phone-sized page in headless Debian chromium; skipped when either is missing."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        try:
+            context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=1)
+            yield context.new_page()
+        finally:
+            browser.close()
+
+
+def _bars(tab) -> dict[int, float]:
+    return {int(li.get_attribute("data-count")): float(li.get_attribute("data-probability"))
+            for li in tab.locator("#bars li").all()}
+
+
+@pytest.mark.slow
+def test_a_person_checks_one_bin_in_a_browser(browser_page, tmp_path):
+    photo = tmp_path / "bin.jpg"
+    photo.write_bytes(_jpeg(24))  # the model counts 3
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 this is not a photo")
+    tab = browser_page
+    problems: list[str] = []
+    foreign: list[str] = []
+    tab.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    tab.on("pageerror", lambda e: problems.append(str(e)))
+    with _serving(_app()) as url:
+        tab.on("request", lambda r: foreign.append(r.url) if not r.url.startswith((url, "blob:", "data:")) else None)
+        tab.goto(url + "/")
+        assert tab.get_by_label("Bin photo").count() == 1
+        assert tab.get_by_label("Expected count (optional)").count() == 1
+
+        tab.get_by_label("Bin photo").set_input_files(str(photo))
+        tab.locator("#result:not([hidden])").wait_for()
+        assert tab.locator("#count").inner_text() == "3"
+        assert "Type the expected count" in tab.locator("#verdict").inner_text()
+        assert tab.locator("#preview").is_visible()
+
+        def check(expected: int) -> str:
+            tab.get_by_label("Expected count (optional)").fill(str(expected))
+            tab.get_by_role("button", name="Count").click()
+            # The page's policy forbids eval, so wait on elements, not on a script: one render
+            # marks the expected count's bar and sets the verdict together.
+            tab.locator(f"#bars li.expected[data-count='{expected}']").wait_for()
+            return tab.locator("#verdict").get_attribute("data-verdict")
+
+        assert check(3) == "match"
+        bars = _bars(tab)
+        assert bars == pytest.approx({0: 0.025, 1: 0.025, 2: 0.025, 3: 0.7, 4: 0.2, 5: 0.025})
+        assert tab.locator("#bars li.predicted").get_attribute("data-count") == "3"
+        assert tab.locator("#bars li[data-count='3'] .bar-fill").evaluate("e => e.getBoundingClientRect().width") > \
+            tab.locator("#bars li[data-count='4'] .bar-fill").evaluate("e => e.getBoundingClientRect().width") > 0
+        assert check(4) == "unsure"
+        assert check(1) == "mismatch"
+        assert "does not hold 1 item" in tab.locator("#verdict").inner_text()
+        # Nothing wider than the phone's screen.
+        assert tab.evaluate("document.documentElement.scrollWidth") <= 390
+        tab.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+
+        tab.get_by_label("Bin photo").set_input_files(str(broken))
+        tab.locator("#error:not([hidden])").wait_for()
+        assert "could not be read as a bin photo" in tab.locator("#error").inner_text()
+        assert tab.locator("#result").is_hidden()
+        assert tab.get_by_label("Bin photo").is_enabled()  # the page still works: count the good photo again
+        tab.get_by_label("Bin photo").set_input_files(str(photo))
+        tab.locator("#result:not([hidden])").wait_for()
+        assert tab.locator("#error").is_hidden()
+    assert not foreign, f"the page fetched from elsewhere: {foreign}"
+    # A failed POST (the broken photo's 4xx) is logged by the browser itself; nothing else may be.
+    assert [p for p in problems if "status of 4" not in p] == []
