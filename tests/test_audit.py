@@ -281,3 +281,11 @@ def test_a_killed_audit_resumes_without_recounting(pod, tmp_path, isolated_home)
     assert len(table) == N_PHOTOS and table["id"].is_unique
     assert set(table.loc[table.verdict == "mismatch", "id"]) == set(PLANTED)
     assert json.loads((out / "summary.json").read_text())["counted_now"] == N_PHOTOS - journaled
+
+
+def test_a_model_that_cannot_be_loaded_is_named(tmp_path):
+    from bincounter.synth import generate
+
+    generate(SynthConfig(n_images=2, image_size=48, seed=1), tmp_path / "pod")
+    with pytest.raises(AuditError, match="cannot load the model models:/nobody@champion"):
+        audit(_cfg(str(tmp_path / "pod"), model_uri="models:/nobody@champion"), tmp_path / "out")

@@ -32,7 +32,7 @@ from typing import Any
 from tqdm import tqdm
 
 from bincounter.config import AuditConfig
-from bincounter.sources import IMAGES, METADATA, ObjectMissing, check_id, open_source
+from bincounter.sources import IMAGES, METADATA, LocalSource, ObjectMissing, check_id, open_source
 from bincounter.verdict import VERDICTS, first_count, probability_of, verdict
 
 JOURNAL = "audit_journal.sqlite"
@@ -278,6 +278,13 @@ class LocalCounter:
         return [self.count([image])[0] for image in images]
 
 
+def _load_counter(model_uri: str) -> LocalCounter:
+    try:
+        return LocalCounter(model_uri)
+    except Exception as exc:  # noqa: BLE001 - MLflow and unpickling fail in many ways; name the model
+        raise AuditError(f"cannot load the model {model_uri}: {type(exc).__name__}: {exc}") from exc
+
+
 class RemoteCounter:
     """A deployed bincounter server, through ``POST /v1/count:batch``."""
 
@@ -437,10 +444,14 @@ def audit(cfg: AuditConfig, out_dir: str | Path) -> AuditSummary:
     try:
         source = open_source(cfg.source, workers=cfg.workers, retries=cfg.retries)
         try:
-            source.check()
+            if cfg.expected_csv and isinstance(source, LocalSource):
+                if not (source.root / IMAGES).is_dir():  # with a CSV, no metadata is needed
+                    raise SourceError(f"{source.root} has no '{IMAGES}/' folder: not in the bucket's layout")
+            else:
+                source.check()
         except SourceError as exc:
             raise AuditError(str(exc)) from None
-        counter = RemoteCounter(cfg.url, cfg) if cfg.url else LocalCounter(cfg.model_uri)
+        counter = RemoteCounter(cfg.url, cfg) if cfg.url else _load_counter(cfg.model_uri)
         journal.claim({"counter": counter.name, "source": cfg.source.uri,
                        "expected_csv": cfg.expected_csv or "metadata"})
         before = journal.counted()
