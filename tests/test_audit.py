@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from fastapi import FastAPI, Request  # module level: the test app's annotations resolve here
 
 from bincounter.audit import COLUMNS, CSV_FILE, ERRORS_FILE, JOURNAL, PARQUET_FILE, REPORT_FILE, AuditError, audit
 from bincounter.config import AuditConfig, SourceConfig, SynthConfig, VerdictConfig
@@ -289,3 +290,30 @@ def test_a_model_that_cannot_be_loaded_is_named(tmp_path):
     generate(SynthConfig(n_images=2, image_size=48, seed=1), tmp_path / "pod")
     with pytest.raises(AuditError, match="cannot load the model models:/nobody@champion"):
         audit(_cfg(str(tmp_path / "pod"), model_uri="models:/nobody@champion"), tmp_path / "out")
+
+
+def test_the_batch_client_waits_out_a_busy_server_and_refuses_a_foreign_one(pod, tmp_path):
+    from fastapi.responses import JSONResponse
+
+    from bincounter.client import count_batch
+
+    app = FastAPI()
+    seen = []
+
+    @app.post("/v1/count:batch")
+    async def batch(request: Request):
+        form = await request.form()
+        seen.append(len(form.getlist("files")))
+        if len(seen) == 1:
+            return JSONResponse({"detail": "queue full"}, status_code=503, headers={"Retry-After": "0"})
+        return [{"count": 1, "confidence": 0.9, "probabilities": [0.1, 0.9]}] * len(form.getlist("files"))
+
+    @app.post("/other/v1/count:batch")
+    async def foreign(request: Request):
+        return [{"label": "cat"}] * len((await request.form()).getlist("files"))
+
+    with _serving(app) as url:
+        answers = count_batch(url, [("a.jpg", b"x"), ("b.jpg", b"y")])
+        assert seen == [2, 2] and [a["count"] for a in answers] == [1, 1]
+        with pytest.raises(AuditError, match="not a count with probabilities"):
+            audit(_cfg(str(pod), url=url + "/other"), tmp_path / "out")

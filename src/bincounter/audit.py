@@ -307,9 +307,21 @@ class RemoteCounter:
             return [self.count([image], [id_])[0] for image, id_ in zip(images, ids)]
         except ConnectionError as exc:
             raise AuditError(str(exc)) from None
-        if self.model_uri is None and answers and isinstance(answers[0], dict):
+        for answer in answers:
+            if not _is_prediction(answer):
+                raise AuditError(f"{self.name} answered {str(answer)[:200]!r}, not a count with probabilities: "
+                                 "is it a bincounter server?")
+        if self.model_uri is None and answers:
             self.model_uri = answers[0].get("model_uri")
         return answers
+
+
+def _is_prediction(answer: object) -> bool:
+    if not isinstance(answer, dict) or not isinstance(answer.get("count"), int):
+        return False
+    probs = answer.get("probabilities")
+    return (isinstance(probs, list) and len(probs) > 0 and all(isinstance(p, (int, float)) for p in probs)
+            and isinstance(answer.get("confidence"), (int, float)))
 
 
 def _records(frame) -> list[dict]:
