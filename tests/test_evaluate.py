@@ -20,3 +20,9 @@ def test_evaluate_writes_metrics_plots_and_report(model_dir, data_dir, tmp_path)
     lines = (tmp_path / "predictions.csv").read_text().splitlines()
     assert len(lines) == test_size + 1
     assert set(result.summary()) <= set(m)
+    # The reliability bins travel in metrics.json, so an audit can estimate its flags' precision.
+    from bincounter.calibration import from_metrics
+
+    assert sum(m["reliability"]["counts"]) == test_size
+    cal = from_metrics(m, "metrics.json")
+    assert cal.photos == test_size and 0.0 <= cal.accuracy_at(0.9) <= 1.0

@@ -11,6 +11,7 @@
   let thresholds = { flag_threshold: 0.05, match_threshold: 0.5 };
   let chosen = null;
   let previewUrl = null;
+  let latest = 0;  // only the newest request may draw: a slow older answer must not replace it
 
   const pct = (p) => (100 * p).toFixed(1) + "%";
 
@@ -75,6 +76,7 @@
     const expected = readExpected();
     if (expected.error) { showError(expected.error); return; }
     const url = "v1/count" + (expected.value === null ? "" : "?expected=" + expected.value);
+    const ticket = ++latest;
     button.disabled = true;
     statusOut.textContent = "Counting…";
     let response, data = null;
@@ -85,11 +87,12 @@
       });
       try { data = await response.json(); } catch (e) { data = null; }
     } catch (e) {
-      showError("The server could not be reached (" + e.message + "). Try again.");
+      if (ticket === latest) showError("The server could not be reached (" + e.message + "). Try again.");
       return;
     } finally {
-      button.disabled = false;
+      if (ticket === latest) button.disabled = false;
     }
+    if (ticket !== latest) return;
     if (!response.ok) {
       const detail = data && data.detail ? (typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail)) : response.statusText;
       if ([400, 413, 415, 422].includes(response.status)) {
