@@ -1,0 +1,156 @@
+"""The audit's output files, written from its journal in one streaming pass: ``audit.csv``
+and ``audit.parquet`` (one row per bin, sorted by id), ``audit_errors.csv``, ``summary.json``
+and ``report.html``. Verdicts are derived here from the stored probabilities, so the
+thresholds can change without counting anything again."""
+
+from __future__ import annotations
+
+import csv
+import heapq
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bincounter.config import AuditConfig
+from bincounter.verdict import VERDICTS, verdict
+
+CSV_FILE = "audit.csv"
+PARQUET_FILE = "audit.parquet"
+ERRORS_FILE = "audit_errors.csv"
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.html"
+COLUMNS = ("id", "expected", "predicted", "probability_of_expected", "confidence", "verdict")
+
+
+@dataclass(frozen=True)
+class AuditSummary:
+    """What the audit found; written to ``summary.json``, logged to MLflow and KFP."""
+
+    checked: int
+    matches: int
+    mismatches: int
+    unsure: int
+    errors: int
+    counted_now: int  # bins counted by this run (the rest came from the journal)
+    flag_threshold: float
+    match_threshold: float
+    expected_flag_precision: float | None  # None when no calibration (or no flags)
+    calibration: str  # where the calibration came from, or why there is none
+    counter: str  # the model version or server URL that counted
+
+    def metrics(self) -> dict[str, float]:
+        """The numeric figures (for KFP ``Metrics`` and MLflow)."""
+        out = {k: float(v) for k, v in asdict(self).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
+        return out
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def write_outputs(journal, out: Path, cfg: AuditConfig, cal, origin: str, counter: str,
+                  counted_now: int) -> AuditSummary:
+    """CSV, Parquet, errors, summary and report from the journal, in one streaming pass."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bincounter.audit_report import render
+
+    schema = pa.schema([("id", pa.string()), ("expected", pa.int64()), ("predicted", pa.int64()),
+                        ("probability_of_expected", pa.float64()), ("confidence", pa.float64()),
+                        ("verdict", pa.string())])
+    tallies = dict.fromkeys(VERDICTS, 0)
+    precision_sum = 0.0
+    flagged: list[tuple] = []  # the report_limit surest mismatches (a heap)
+    unsure: list[tuple] = []
+    tmp_csv, tmp_parquet = out / f".{CSV_FILE}.part", out / f".{PARQUET_FILE}.part"
+    with open(tmp_csv, "w", newline="", encoding="utf-8") as f, pq.ParquetWriter(tmp_parquet, schema) as pw:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        chunk: list[tuple] = []
+
+        def flush() -> None:
+            if chunk:
+                pw.write_table(pa.Table.from_pylist([dict(zip(COLUMNS, r)) for r in chunk], schema=schema))
+                chunk.clear()
+
+        for id_, expected, predicted, p, confidence, probs, first in journal.rows():
+            v = verdict(p, cfg.verdict)
+            tallies[v] += 1
+            record = (id_, expected, predicted, p, confidence, v)
+            writer.writerow([_fmt(x) for x in record])
+            chunk.append(record)
+            if len(chunk) >= 10_000:
+                flush()
+            if v == "mismatch":
+                if cal is not None:
+                    precision_sum += cal.flag_right(confidence, predicted, expected)
+                # Surest first: the lowest probability of the expected count, then the most confident.
+                _keep(flagged, (-p, confidence, id_), cfg.report_limit)
+            elif v == "unsure":
+                _keep(unsure, (-(1.0 if p is None else p), confidence, id_), cfg.report_limit)
+        flush()
+    os.replace(tmp_csv, out / CSV_FILE)
+    os.replace(tmp_parquet, out / PARQUET_FILE)
+
+    errors = 0
+    tmp_err = out / f".{ERRORS_FILE}.part"
+    with open(tmp_err, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(("id", "reason"))
+        for id_, reason in journal.errors():
+            writer.writerow((id_, reason))
+            errors += 1
+    os.replace(tmp_err, out / ERRORS_FILE)
+
+    mismatches = tallies["mismatch"]
+    if cal is None:
+        precision, calibration_note = None, f"unavailable: {origin}"
+    else:
+        precision, calibration_note = (precision_sum / mismatches if mismatches else None), origin
+    summary = AuditSummary(
+        checked=sum(tallies.values()), matches=tallies["match"], mismatches=mismatches, unsure=tallies["unsure"],
+        errors=errors, counted_now=counted_now, flag_threshold=cfg.verdict.flag_threshold,
+        match_threshold=cfg.verdict.match_threshold, expected_flag_precision=precision,
+        calibration=calibration_note, counter=counter)
+    _atomic_text(out / SUMMARY_FILE, json.dumps(asdict(summary), indent=2))
+    _atomic_text(out / REPORT_FILE, render(summary, _details(journal, flagged), _details(journal, unsure),
+                                           cal, cfg))
+    return summary
+
+
+def _keep(heap: list[tuple], rank: tuple, limit: int) -> None:
+    """Keep in ``heap`` the ``limit`` largest ranks; the root is the smallest kept, first to go."""
+    if limit <= 0:
+        return
+    if len(heap) < limit:
+        heapq.heappush(heap, rank)
+    elif rank > heap[0]:
+        heapq.heapreplace(heap, rank)
+
+
+def _details(journal, heap: list[tuple]) -> list[dict]:
+    """The kept bins, surest first, with what the report shows."""
+    out = []
+    for _, _, id_ in sorted(heap, reverse=True):
+        row = journal.db.execute("SELECT id, expected, predicted, probability_of_expected, confidence, "
+                                 "probabilities, first_count, thumbnail FROM bins WHERE id = ?", (id_,)).fetchone()
+        keys = ("id", "expected", "predicted", "probability_of_expected", "confidence", "probabilities",
+                "first_count", "thumbnail")
+        item = dict(zip(keys, row))
+        item["probabilities"] = json.loads(item["probabilities"])
+        out.append(item)
+    return out
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    from bincounter.fileio import atomic_write
+
+    atomic_write(path, text.encode("utf-8"))
+
