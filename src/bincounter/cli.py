@@ -126,7 +126,8 @@ def predict(images: tuple[Path, ...], /, model_uri: str = "models:/bincounter@ch
         print(f"{path}\tcount={row['count']}\tconfidence={row['confidence']:.2f}\texpected={row['expected_count']:.2f}")
 
 
-def audit(source: str, /, out: Path, cfg: Annotated[AuditConfig, Flat] = AuditConfig()) -> None:
+def audit(source: Annotated[str, tyro.conf.arg(metavar="SOURCE", help="s3://bucket[/prefix] or a folder.")], /,
+          out: Path, cfg: Annotated[AuditConfig, Flat] = AuditConfig()) -> None:
     """Count every bin of a pod (s3://bucket[/prefix] or a folder, bucket layout), compare with the
     expected counts, and write audit.csv, audit.parquet and report.html to --out; rerun with the
     same --out to resume. SOURCE sets the source's uri (--source.* set its endpoint and signing)."""

@@ -236,8 +236,8 @@ class VerdictConfig(_Config):
 
     With p the probability the model gives the expected count: "mismatch" when p is at most
     ``flag_threshold`` (the model is confident the bin is wrong), "match" when p is at least
-    ``match_threshold``, otherwise "unsure" (a person looks). The audit, the one-bin page and
-    the server share these settings through ``bincounter.verdict``.
+    ``match_threshold``, otherwise "unsure" (a person looks). ``bincounter.verdict`` applies
+    them for the audit; the one-bin page gets them from the server that includes it.
     """
 
     flag_threshold: float = Field(
