@@ -441,8 +441,10 @@ def audit(cfg: AuditConfig, out_dir: str | Path) -> AuditSummary:
         except SourceError as exc:
             raise AuditError(str(exc)) from None
         counter = RemoteCounter(cfg.url, cfg) if cfg.url else _load_counter(cfg.model_uri)
-        journal.claim({"counter": counter.name, "source": cfg.source.uri,
-                       "expected_csv": cfg.expected_csv or "metadata"})
+        where = cfg.source.uri if cfg.source.is_s3 else str(Path(cfg.source.uri.removeprefix("file://")).resolve())
+        csv_at = cfg.expected_csv if not cfg.expected_csv or "://" in cfg.expected_csv else str(
+            Path(cfg.expected_csv).resolve())
+        journal.claim({"counter": counter.name, "source": where, "expected_csv": csv_at or "metadata"})
         before = journal.counted()
         with tqdm(desc="audit", unit="bin", initial=before, disable=not cfg.progress, dynamic_ncols=True) as bar:
             try:
