@@ -8,8 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +17,7 @@ from fastapi import FastAPI, Request  # module level: the test app's annotations
 from bincounter.audit import COLUMNS, CSV_FILE, ERRORS_FILE, JOURNAL, PARQUET_FILE, REPORT_FILE, AuditError, audit
 from bincounter.config import AuditConfig, SourceConfig, SynthConfig, VerdictConfig
 from tests.fake_counter import register_fake
+from tests.live_server import serving
 
 ROOT = Path(__file__).resolve().parents[1]
 N_PHOTOS = 40
@@ -169,34 +168,13 @@ def test_an_unreachable_source_is_a_clear_error(tmp_path, pod):
         audit(cfg, tmp_path / "out")
 
 
-@contextlib.contextmanager
-def _serving(app):
-    import uvicorn
-
-    from bincounter.s3server import free_port
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
 def test_audit_through_a_deployed_servers_batch_endpoint(pod, tmp_path):
     import mlflow.pyfunc
 
     from bincounter import serve
 
     model = mlflow.pyfunc.load_model("models:/bincounter@champion")
-    with _serving(serve.create_app("models:/bincounter@champion", model=model)) as url:
+    with serving(serve.create_app("models:/bincounter@champion", model=model)) as url:
         summary = audit(_cfg(str(pod), url=url), tmp_path / "out")
     table = _read_csv(tmp_path / "out")
     assert summary.counter == url
@@ -312,7 +290,7 @@ def test_the_batch_client_waits_out_a_busy_server_and_refuses_a_foreign_one(pod,
     async def foreign(request: Request):
         return [{"label": "cat"}] * len((await request.form()).getlist("files"))
 
-    with _serving(app) as url:
+    with serving(app) as url:
         answers = count_batch(url, [("a.jpg", b"x"), ("b.jpg", b"y")])
         assert seen == [2, 2] and [a["count"] for a in answers] == [1, 1]
         with pytest.raises(AuditError, match="not a count with probabilities"):

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import re
 import shutil
-import threading
-import time
 from importlib.resources import files
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from PIL import Image
 
 from bincounter import page, serve
 from bincounter.config import VerdictConfig
+from tests.live_server import serving
 
 MODEL_URI = "models:/bincounter@champion"
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -84,27 +82,6 @@ def test_the_page_needs_nothing_from_the_network():
 # -- in a real browser ---------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _serving(app):
-    import uvicorn
-
-    from bincounter.s3server import free_port
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
 @pytest.fixture
 def browser_page():
     """A phone-sized page in headless Debian chromium; skipped when either is missing."""
@@ -136,7 +113,7 @@ def test_a_person_checks_one_bin_in_a_browser(browser_page, tmp_path):
     foreign: list[str] = []
     tab.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
     tab.on("pageerror", lambda e: problems.append(str(e)))
-    with _serving(_app()) as url:
+    with serving(_app()) as url:
         tab.on("request", lambda r: foreign.append(r.url) if not r.url.startswith((url, "blob:", "data:")) else None)
         tab.goto(url + "/")
         assert tab.get_by_label("Bin photo").count() == 1
