@@ -195,3 +195,11 @@ def test_killed_mid_epoch_the_job_resumes_from_its_checkpoint_folder(tmp_path: P
     assert predictor.spec.backbone == "tiny_cnn"
     assert TrainConfig.model_validate_json((layout.model / "train_config.json").read_text()).epochs == 4
     assert len(list(scratch.iterdir())) == 1  # the killed run's scratch; the finished run removed its own
+
+
+def test_an_unwritable_failure_file_still_exits_non_zero(tmp_path: Path, capsys) -> None:
+    layout = make_layout(tmp_path, None)
+    (tmp_path / "output").write_text("a file where the output folder should be")
+    assert entry.run(layout) == 1
+    err = capsys.readouterr().err
+    assert "FileNotFoundError: input channel" in err and "could not write" in err

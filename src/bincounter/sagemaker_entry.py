@@ -166,9 +166,12 @@ def run(layout: Layout) -> int:
     except Exception as exc:  # every failure becomes the job's FailureReason
         reason = f"{type(exc).__name__}: {exc}"
         detail = traceback.format_exc()
-        layout.failure.parent.mkdir(parents=True, exist_ok=True)
-        layout.failure.write_text(reason[:FAILURE_REASON_CHARS] + "\n\n" + detail)
-        print(detail, file=sys.stderr, flush=True)
+        print(detail, file=sys.stderr, flush=True)  # the job's log has it even if the file cannot be written
+        try:
+            layout.failure.parent.mkdir(parents=True, exist_ok=True)
+            layout.failure.write_text(reason[:FAILURE_REASON_CHARS] + "\n\n" + detail)
+        except OSError as write_error:  # e.g. a non-root image user on SageMaker's root-owned /opt/ml
+            print(f"could not write {layout.failure}: {write_error}", file=sys.stderr, flush=True)
         return 1
 
 
