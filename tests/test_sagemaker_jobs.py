@@ -14,6 +14,7 @@ import datetime as dt
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -300,6 +301,11 @@ def test_the_pipeline_steps_run_against_sagemaker_on_moto(moto_url: str, data_di
     assert meta["best_epoch"] in (1, 2) and "training_job_arn" in meta
     assert "Training on SageMaker" in (tmp_path / "c.html").read_text()
 
+    # A retried step (same output folder, settings and data) follows the job it started: no second job.
+    again = sagemaker_launch.train(cfg, data_dir, model_dir, session=session, progress=False)
+    assert again["training_job_name"] == name and len(runtime.ran) == 1
+    assert [op for op, _ in runtime.sent].count("CreateTrainingJob") == 1
+
     client = mlflow.tracking.MlflowClient()
     run = client.get_run(meta["mlflow_run_id"])
     assert run.data.params["train.backbone"] == "tiny_cnn"
@@ -341,3 +347,23 @@ def test_the_pipeline_steps_run_against_sagemaker_on_moto(moto_url: str, data_di
 def test_hosting_needs_a_serving_image() -> None:
     with pytest.raises(SageMakerConfigError, match="serving_image"):
         sagemaker_launch.deploy_config(SageMakerHostingConfig(sagemaker=sm_config(serving_image="")), "models:/m@champion")
+
+
+def test_describe_tells_a_missing_job_from_other_errors(stubbed) -> None:
+    from botocore.exceptions import ClientError
+
+    client, stubber = stubbed
+    stubber.add_client_error("describe_training_job", service_error_code="ValidationException",
+                             service_message="Requested resource not found.", expected_params={"TrainingJobName": "j"})
+    stubber.add_client_error("describe_training_job", service_error_code="AccessDeniedException",
+                             service_message="not allowed", expected_params={"TrainingJobName": "j"})
+    assert jobs.describe_training_job(client, "j") is None
+    with pytest.raises(ClientError, match="AccessDenied"):
+        jobs.describe_training_job(client, "j")
+
+
+def test_job_names_are_valid_and_follow_their_key() -> None:
+    sm = sm_config()
+    name = jobs.job_name(sm, "key")
+    assert name == jobs.job_name(sm, "key") != jobs.job_name(sm, "other key")
+    assert re.fullmatch(API.shape_for("TrainingJobName").metadata["pattern"], name) and len(name) <= 63

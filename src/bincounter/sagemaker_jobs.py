@@ -11,10 +11,8 @@ read like a local training output.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import re
-import secrets
 import tarfile
 import tempfile
 import time
@@ -44,10 +42,25 @@ def clients(sm: SageMakerConfig, session: Any = None) -> tuple[Any, Any]:
             session.client("s3", region_name=sm.region, endpoint_url=sm.s3_endpoint_url))
 
 
-def job_name(sm: SageMakerConfig, now: dt.datetime | None = None) -> str:
-    """A new job name: prefix, UTC time and a random tail (names are unique per account and region)."""
-    stamp = (now or dt.datetime.now(dt.timezone.utc)).strftime("%Y%m%d-%H%M%S")
-    return f"{sm.job_name_prefix}-{stamp}-{secrets.token_hex(3)}"
+def job_name(sm: SageMakerConfig, key: str) -> str:
+    """The job's name: the prefix and a digest of ``key`` (what makes this job this job).
+
+    A step retried with the same key (same output folder, settings and data) finds its job again
+    instead of paying for a second one; job names are unique per account and region forever.
+    """
+    return f"{sm.job_name_prefix}-{hashlib.sha256(key.encode()).hexdigest()[:20]}"
+
+
+def describe_training_job(client: Any, name: str) -> dict[str, Any] | None:
+    """DescribeTrainingJob, or None when there is no job of that name."""
+    try:
+        return client.describe_training_job(TrainingJobName=name)
+    except Exception as exc:  # botocore ClientError
+        error = (getattr(exc, "response", None) or {}).get("Error", {})
+        message = str(error.get("Message", "")).lower()
+        if error.get("Code") == "ValidationException" and ("not find" in message or "not found" in message):
+            return None
+        raise
 
 
 def dataset_digest(data_dir: str | Path) -> str:

@@ -10,11 +10,14 @@ InService, roll back a failed update). No kfp import here.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from bincounter import tracking
 from bincounter.config import DeployConfig, SageMakerHostingConfig, SageMakerTrainingConfig
+
+log = logging.getLogger(__name__)
 
 
 def train(cfg: SageMakerTrainingConfig, data_dir: str | Path, model_dir: str | Path, *, session: Any = None,
@@ -24,15 +27,18 @@ def train(cfg: SageMakerTrainingConfig, data_dir: str | Path, model_dir: str | P
     from bincounter.launch import _data_params
     from bincounter.preprocess import load_dataset_info
     from bincounter.sagemaker_jobs import (
-        billing, clients, dataset_digest, download_model, final_metrics, job_name, training_job_request,
-        upload_dataset, wait_for_training_job,
+        billing, clients, dataset_digest, describe_training_job, download_model, final_metrics, job_name,
+        training_job_request, upload_dataset, wait_for_training_job,
     )
 
     sm = cfg.sagemaker
     model_dir = Path(model_dir)
     sagemaker, s3 = clients(sm, session)
-    name = job_name(sm)
     data_uri = sm.s3_uri(sm.data_prefix, dataset_digest(data_dir))
+    # KFP gives a retried step the same output path: the retry finds the job its first attempt started.
+    name = job_name(sm, json.dumps({"out": str(model_dir.resolve()), "data": data_uri,
+                                    "train": cfg.train.model_dump(mode="json"),
+                                    "sagemaker": sm.model_dump(mode="json")}, sort_keys=True))
     # Built before anything is uploaded, so a bad role or image fails in a second, not after the upload.
     request = training_job_request(cfg.train, sm, name=name, data_uri=data_uri)
     upload_dataset(data_dir, data_uri, s3)
@@ -42,7 +48,13 @@ def train(cfg: SageMakerTrainingConfig, data_dir: str | Path, model_dir: str | P
     with tracking.stage_run("train", params, tracking_uri=cfg.tracking_uri, experiment=cfg.experiment) as run:
         import mlflow
 
-        arn = sagemaker.create_training_job(**request)["TrainingJobArn"]
+        existing = describe_training_job(sagemaker, name)
+        if existing is None:
+            arn = sagemaker.create_training_job(**request)["TrainingJobArn"]
+        else:
+            arn = existing["TrainingJobArn"]
+            log.info("training job %s exists (%s): following it instead of starting another",
+                     name, existing["TrainingJobStatus"])
         mlflow.set_tag("sagemaker.training_job_arn", arn)
         limit = (sm.max_wait_seconds if sm.spot else sm.max_run_seconds) + 3600  # plus start-up and upload
         described = wait_for_training_job(sagemaker, name, poll_seconds=sm.poll_seconds, timeout=limit,
