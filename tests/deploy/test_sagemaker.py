@@ -223,6 +223,7 @@ def test_sagemaker_core_creates_model_config_and_endpoint(core) -> None:
 def test_sagemaker_core_updates_an_existing_endpoint(core) -> None:
     res = core.resources
     existing = res.Endpoint.get.return_value = core.endpoint_instance()
+    existing.endpoint_config_name = "bincounter-20251201-090000"
 
     result = sm.deploy(cfg(), tracking_uri=MLFLOW, suffix=SUFFIX, wait=False)
 
@@ -443,3 +444,19 @@ def test_waiting_gives_up_at_the_timeout(stubbed) -> None:
     stubber.add_response("describe_endpoint", _described("Updating", NAME), {"EndpointName": "bincounter"})
     with pytest.raises(TimeoutError, match="still Updating after 0 s"):
         sm.wait_for_endpoint(client, "bincounter", timeout=0.04, poll_seconds=0.05, progress=False)
+
+
+def test_sagemaker_core_rolls_a_failed_update_back_through_the_same_path(core, stubbed) -> None:
+    client, stubber = stubbed
+    existing = core.resources.Endpoint.get.return_value = core.endpoint_instance()
+    existing.endpoint_config_name = OLD
+    arn = "arn:aws:sagemaker:eu-west-1:123456789012:endpoint/bincounter"
+    stubber.add_response("describe_endpoint", _described("InService", "bincounter-other", "update failed"),
+                         {"EndpointName": "bincounter"})
+    stubber.add_response("update_endpoint", {"EndpointArn": arn}, {"EndpointName": "bincounter", "EndpointConfigName": OLD})
+    stubber.add_response("describe_endpoint", _described("InService", OLD), {"EndpointName": "bincounter"})
+
+    with pytest.raises(sm.EndpointUpdateFailed, match=f"rolled back to {OLD}"):
+        sm.deploy(cfg(), tracking_uri=MLFLOW, suffix=SUFFIX, client=client, poll_seconds=0.01, progress=False)
+    existing.update.assert_called_once_with()
+    existing.wait_for_status.assert_not_called()

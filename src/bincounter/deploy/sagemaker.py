@@ -8,7 +8,7 @@ endpoint needs network access to MLflow (VPC config if MLflow is private).
 
 Three requests make a deployment, as in the SageMaker API: CreateModel,
 CreateEndpointConfig, then CreateEndpoint (or UpdateEndpoint when the endpoint exists,
-which swaps in the new model without downtime). With the boto3 backend, an update that
+which swaps in the new model without downtime). With either backend, an update that
 fails is rolled back to the endpoint's previous config (UpdateEndpoint back to it, or, since
 a Failed endpoint accepts only DeleteEndpoint, delete and create it again from that config). Models and endpoint configs are
 immutable, so each deployment creates new ones with a timestamp suffix.
@@ -205,8 +205,15 @@ def _deploy_core(
     session: Any,
     wait: bool,
     timeout: int,
+    client: Any = None,
+    poll_seconds: float = 30.0,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Create the model, config and endpoint with sagemaker-core resource classes."""
+    """Create the model, config and endpoint with sagemaker-core resource classes.
+
+    An update is awaited, and rolled back when it fails, through ``settle`` on a boto3 client
+    (``client``, else one from ``session``): one rollback for both backends.
+    """
     res: ModuleType = core.resources
     shp: ModuleType = core.shapes
     m, ec, ep = requests["model"], requests["endpoint_config"], requests["endpoint"]
@@ -261,9 +268,16 @@ def _deploy_core(
         )
     else:
         operation = "update"
+        previous = endpoint.endpoint_config_name
         # sagemaker-core's update() sends the resource's own endpoint_config_name.
         endpoint.endpoint_config_name = ep["EndpointConfigName"]
         endpoint.update()
+        status = None
+        if wait:
+            settle(client or _client(session, region), ep["EndpointName"], ep["EndpointConfigName"], previous,
+                   tags=m["Tags"], timeout=timeout, poll_seconds=poll_seconds, progress=progress)
+            status = "InService"
+        return {"operation": operation, "status": status, "previous_endpoint_config_name": previous}
     status = None
     if wait:
         endpoint.wait_for_status(target_status="InService", timeout=timeout)
@@ -349,11 +363,7 @@ def _deploy_boto3(
     the endpoint had before, and then reported as EndpointUpdateFailed.
     """
     if client is None:
-        if session is None:
-            import boto3
-
-            session = boto3.session.Session()
-        client = session.client("sagemaker", region_name=region)
+        client = _client(session, region)
     client.create_model(**requests["model"])
     client.create_endpoint_config(**requests["endpoint_config"])
     ep = requests["endpoint"]
@@ -372,15 +382,30 @@ def _deploy_boto3(
         operation = "create"
         client.create_endpoint(**ep, Tags=tags)
     outcome: dict[str, Any] = {"operation": operation, "status": None, "previous_endpoint_config_name": previous}
-    if not wait:
-        return outcome
+    if wait:
+        settle(client, name, new_config, previous, tags=tags, timeout=timeout, poll_seconds=poll_seconds,
+               progress=progress)
+        outcome["status"] = "InService"
+    return outcome
+
+
+def _client(session: Any, region: str) -> Any:
+    if session is None:
+        import boto3
+
+        session = boto3.session.Session()
+    return session.client("sagemaker", region_name=region)
+
+
+def settle(client: Any, name: str, new_config: str, previous: str | None, *, tags: list[dict], timeout: float,
+           poll_seconds: float = 30.0, progress: bool = True) -> dict[str, Any]:
+    """Wait until ``name`` serves ``new_config``; if it does not, bring ``previous`` back (when
+    there is one) and raise EndpointUpdateFailed. Returns the InService description."""
     # A TimeoutError propagates: an endpoint still Updating accepts no other update to roll back with.
     described = wait_for_endpoint(client, name, timeout=timeout, poll_seconds=poll_seconds, progress=progress)
-    ok = (described is not None and described["EndpointStatus"] == "InService"
-          and described["EndpointConfigName"] == new_config)
-    if ok:
-        outcome["status"] = "InService"
-        return outcome
+    if (described is not None and described["EndpointStatus"] == "InService"
+            and described["EndpointConfigName"] == new_config):
+        return described
     reason = (described or {}).get("FailureReason") or f"status {(described or {}).get('EndpointStatus', 'gone')}"
     if previous is None:
         raise EndpointUpdateFailed(f"endpoint {name} did not come into service on {new_config}: {reason}",
@@ -414,10 +439,11 @@ def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
         startup_timeout: container start-up health check timeout in seconds (default 600).
         wait: wait until the endpoint is InService (default True).
         timeout: how long to wait, in seconds (default 1800).
-        poll_seconds: boto3 backend: seconds between DescribeEndpoint calls (default 30).
-        progress: boto3 backend: show a progress bar while waiting (default True).
+        poll_seconds: seconds between DescribeEndpoint calls while an update settles (default 30).
+        progress: show a progress bar while waiting (default True).
         backend: "auto" (sagemaker-core if importable, else boto3), "sagemaker-core" or "boto3".
-        session: a boto3 Session to use; client: a ready boto3 sagemaker client (boto3 backend).
+        session: a boto3 Session to use; client: a ready boto3 sagemaker client (the boto3 backend's
+            client; with sagemaker-core, the one that follows an update and rolls it back).
 
     Instances: ``cfg.replicas`` of ``cfg.sagemaker_instance_type``. Returns
     ``{"target": "sagemaker", "requests": {...}, "applied": bool, ...}``.
@@ -462,7 +488,11 @@ def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
     if core is None and backend == "sagemaker-core":
         raise ImportError("sagemaker-core is not installed: pip install 'bincounter[sagemaker]' (or use backend='boto3')")
     if core is not None:
-        outcome = _deploy_core(core, requests, region=region, session=kwargs.get("session"), wait=wait, timeout=timeout)
+        outcome = _deploy_core(
+            core, requests, region=region, session=kwargs.get("session"), wait=wait, timeout=timeout,
+            client=kwargs.get("client"), poll_seconds=float(kwargs.get("poll_seconds", 30.0)),
+            progress=bool(kwargs.get("progress", True)),
+        )
         result["backend"] = "sagemaker-core"
     else:
         outcome = _deploy_boto3(
