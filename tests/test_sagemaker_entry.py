@@ -107,8 +107,14 @@ def test_only_the_train_argument_is_accepted() -> None:
 
 
 def parse_metrics(text: str) -> dict[str, list[float]]:
-    """What SageMaker does with MetricDefinitions: every match's first group, per metric."""
-    return {d["Name"]: [float(m) for m in re.findall(d["Regex"], text)] for d in entry.METRIC_DEFINITIONS}
+    """What SageMaker does with MetricDefinitions: each log line searched, the first group kept."""
+    found: dict[str, list[float]] = {d["Name"]: [] for d in entry.METRIC_DEFINITIONS}
+    for line in text.splitlines():
+        for d in entry.METRIC_DEFINITIONS:
+            match = re.search(d["Regex"], line)
+            if match:
+                found[d["Name"]].append(float(match.group(1)))
+    return found
 
 
 def test_metric_regexes_keep_names_apart() -> None:
@@ -120,6 +126,13 @@ def test_metric_regexes_keep_names_apart() -> None:
     assert found["val_accuracy"] == [0.8125]  # not also best_val_accuracy's value
     assert found["train_loss"] == [0.12]
     assert found["best_epoch"] == [3.0] and found["best_val_rmse"] == [0.5]
+
+
+def test_metric_regexes_use_no_engine_specific_syntax() -> None:
+    for definition in entry.METRIC_DEFINITIONS:
+        for construct in ("(?<", "(?=", "(?!", "(?P"):  # look-arounds and named groups
+            assert construct not in definition["Regex"]
+        assert re.compile(definition["Regex"]).groups == 1
 
 
 def test_metric_definitions_satisfy_the_sagemaker_api_model() -> None:

@@ -46,11 +46,12 @@ FAILURE_REASON_CHARS = 1024
 
 _NUMBER = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
 # The lines train() prints per epoch ("epoch=3 val_accuracy=0.8125 val_rmse=0.5 train_loss=0.7")
-# and the summary line printed here. The look-behind keeps "val_accuracy" from matching inside
-# "best_val_accuracy".
+# and the summary line printed here. The word boundary keeps "val_accuracy" from matching inside
+# "best_val_accuracy"; \b and plain groups, not look-behinds, because SageMaker does not say
+# which regex engine reads the log.
 METRIC_NAMES = ("epoch", "val_accuracy", "val_rmse", "train_loss", "best_epoch", "best_val_accuracy", "best_val_rmse")
 METRIC_DEFINITIONS: tuple[dict[str, str], ...] = tuple(
-    {"Name": name, "Regex": rf"(?<![\w.]){name}={_NUMBER}"} for name in METRIC_NAMES
+    {"Name": name, "Regex": rf"\b{name}={_NUMBER}"} for name in METRIC_NAMES
 )
 
 log = logging.getLogger(__name__)
