@@ -294,10 +294,13 @@ class SageMakerConfig(_Config):
 class _StepConfig(_Config):
     @field_validator("*", mode="before")
     @classmethod
-    def _nested_json(cls, value: object, info) -> object:
-        # KFP substitutes a pipeline parameter inside a struct argument as its JSON text.
+    def _kfp_text(cls, value: object, info) -> object:
+        # KFP substitutes a pipeline parameter inside a struct argument as text: a struct as its
+        # JSON, an unset string as "".
         if isinstance(value, str) and value.startswith("{") and info.field_name in ("train", "sagemaker"):
             return json.loads(value)
+        if value == "" and info.field_name == "tracking_uri":
+            return None
         return value
 
 
@@ -309,16 +312,12 @@ class SageMakerTrainingConfig(_StepConfig):
     tracking_uri: str | None = Field(None, description="Default: $MLFLOW_TRACKING_URI, else a local SQLite store.")
     experiment: str = "bincounter"
 
-    @field_validator("tracking_uri", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
-        return None if value == "" else value
-
 
 class SageMakerHostingConfig(_StepConfig):
     """The SageMaker hosting step: which registered model, on which endpoint."""
 
     sagemaker: SageMakerConfig = SageMakerConfig()
     model_uri: str = Field("", description="Default: the registry's champion that the register step names.")
-    tracking_uri: str = Field("", description="http(s) MLflow server the endpoint loads the model from.")
+    tracking_uri: str | None = Field(None, description="http(s) MLflow server the endpoint loads the model from "
+                                     "(default: $MLFLOW_TRACKING_URI).")
     timeout_seconds: int = Field(3600, ge=1, description="How long to wait for InService (and for a rollback).")

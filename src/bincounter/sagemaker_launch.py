@@ -106,6 +106,6 @@ def deploy(cfg: SageMakerHostingConfig, champion_uri: str, *, session: Any = Non
     sm = cfg.sagemaker
     sagemaker, _ = clients(sm, session)
     result = target.deploy(deploy_config(cfg, champion_uri), endpoint_name=sm.endpoint_name,
-                           tracking_uri=cfg.tracking_uri or None, region=sm.region, backend="boto3", client=sagemaker,
+                           tracking_uri=cfg.tracking_uri, region=sm.region, backend="boto3", client=sagemaker,
                            timeout=cfg.timeout_seconds, poll_seconds=sm.poll_seconds, progress=progress)
     return {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool))}
