@@ -323,10 +323,15 @@ def test_the_pipeline_steps_run_against_sagemaker_on_moto(moto_url: str, data_di
     scored = launch.evaluate(EvaluateConfig(batch_size=64, latency_samples=0), str(model_dir), str(data_dir),
                              str(tmp_path / "eval"), experiment="sagemaker-test", run_id=meta["mlflow_run_id"])
     assert 0.0 <= scored["summary"]["accuracy"] <= 1.0
+    from bincounter.config import RegisterConfig
+
+    registered = launch.register(RegisterConfig(experiment="sagemaker-test"), str(model_dir), str(tmp_path / "eval"),
+                                 str(data_dir), run_id=meta["mlflow_run_id"])
+    assert registered["promoted"] and registered["champion_uri"] == "models:/bincounter@champion"
 
     # Hosting: model, endpoint config and endpoint created, waited for until InService.
     hosting = SageMakerHostingConfig(sagemaker=sm, tracking_uri="https://mlflow.example.com")
-    served = sagemaker_launch.deploy(hosting, "models:/bincounter@champion", session=session, progress=False)
+    served = sagemaker_launch.deploy(hosting, registered["champion_uri"], session=session, progress=False)
     assert (served["operation"], served["status"], served["backend"]) == ("create", "InService", "boto3")
     api = session.client("sagemaker", region_name="us-east-1", endpoint_url=moto_url)
     endpoint = api.describe_endpoint(EndpointName="bincounter")
