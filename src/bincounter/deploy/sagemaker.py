@@ -10,8 +10,9 @@ Three requests make a deployment, as in the SageMaker API: CreateModel,
 CreateEndpointConfig, then CreateEndpoint (or UpdateEndpoint when the endpoint exists,
 which swaps in the new model without downtime). With either backend, an update that
 fails is rolled back to the endpoint's previous config (UpdateEndpoint back to it, or, since
-a Failed endpoint accepts only DeleteEndpoint, delete and create it again from that config). Models and endpoint configs are
-immutable, so each deployment creates new ones with a timestamp suffix.
+a Failed endpoint accepts only DeleteEndpoint, delete and create it again from that config).
+Models and endpoint configs are immutable, so each deployment creates new ones with a
+timestamp suffix.
 
 The calls go through sagemaker-core (``sagemaker.core.resources`` in SDK v3; the
 optional extra ``bincounter[sagemaker]``) and fall back to the boto3 ``sagemaker``
