@@ -7,9 +7,10 @@ Unknown fields are rejected rather than silently ignored.
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Config(BaseModel):
@@ -288,3 +289,92 @@ class AuditConfig(_Config):
         if self.url is not None and not self.url.startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
         return self
+class SageMakerConfig(_Config):
+    """An AWS account's SageMaker settings: where training jobs and endpoints run.
+
+    Managed spot training (the default) bills only the seconds a spot instance trains, at about
+    a third of the on-demand price; an interrupted job restarts by itself and resumes from the
+    checkpoints it keeps under ``checkpoint_prefix`` (see the README's "On SageMaker").
+    """
+
+    region: str = Field("us-east-1", description="AWS region of the jobs, endpoints, bucket and ECR images.")
+    role_arn: str | None = Field(
+        None, description="Execution role SageMaker assumes (trusts sagemaker.amazonaws.com; reads and writes the "
+        "bucket's prefixes, pulls from ECR, writes CloudWatch logs)."
+    )
+    bucket: str | None = Field(None, description="S3 bucket for the shards, checkpoints and model artifacts.")
+    data_prefix: str = Field("bincounter/data", description="Packed shards go under s3://<bucket>/<data_prefix>/<dataset digest>/.")
+    output_prefix: str = Field("bincounter/jobs", description="SageMaker writes <job>/output/model.tar.gz here.")
+    checkpoint_prefix: str = Field("bincounter/checkpoints", description="Each job's checkpoints: <prefix>/<job>/.")
+    training_image: str | None = Field(None, description="ECR URI of the training image (dockerfiles/Dockerfile.cuda for GPUs).")
+    serving_image: str | None = Field(None, description="ECR URI of the serving image (dockerfiles/Dockerfile).")
+    instance_type: str = Field("ml.g5.xlarge", description="Training instance (1 A10G GPU, 4 vCPUs).")
+    instance_count: int = Field(1, ge=1, le=1, description="One instance: the entry point does not rendezvous hosts yet.")
+    volume_gb: int = Field(30, ge=1, le=16384, description="Training volume (shards, scratch, checkpoints).")
+    spot: bool = Field(True, description="Managed spot training, resuming from the checkpoints after an interruption.")
+    max_run_seconds: int = Field(4 * 3600, ge=1, le=28 * 86400, description="Training time limit (MaxRuntimeInSeconds).")
+    max_wait_seconds: int = Field(
+        8 * 3600, ge=1, le=28 * 86400, description="Spot only: training plus time waiting for spot capacity "
+        "(MaxWaitTimeInSeconds, at least max_run_seconds)."
+    )
+    job_name_prefix: str = Field("bincounter", pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,31}$")
+    endpoint_name: str = Field("bincounter", pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+    endpoint_instance_type: str = Field("ml.m5.xlarge", description="Hosting instance (4 vCPUs, 16 GiB; CPU serving).")
+    endpoint_instance_count: int = Field(1, ge=1)
+    poll_seconds: float = Field(30.0, gt=0, description="How often to ask SageMaker about a job or an endpoint.")
+    sagemaker_endpoint_url: str | None = Field(None, description="SageMaker API endpoint override (VPC endpoint, moto).")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint override (VPC endpoint, moto).")
+
+    @field_validator("role_arn", "bucket", "training_image", "serving_image", "sagemaker_endpoint_url",
+                     "s3_endpoint_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # KFP pipeline parameters cannot be None: "" stands for "not set".
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _check(self) -> "SageMakerConfig":
+        if self.spot and self.max_wait_seconds < self.max_run_seconds:
+            raise ValueError("max_wait_seconds must be at least max_run_seconds for managed spot training")
+        for name in ("data_prefix", "output_prefix", "checkpoint_prefix"):
+            if getattr(self, name).startswith("/") or "//" in getattr(self, name) or ".." in getattr(self, name).split("/"):
+                raise ValueError(f"{name} must be a relative S3 key prefix like 'bincounter/data'")
+        return self
+
+    def s3_uri(self, prefix: str, *parts: str) -> str:
+        """s3://<bucket>/<prefix>/<parts...>; the bucket is required from here on."""
+        if not self.bucket:
+            raise ValueError("SageMakerConfig.bucket is not set: name the S3 bucket for data, checkpoints and models")
+        return "/".join([f"s3://{self.bucket}", prefix.strip("/"), *(p.strip("/") for p in parts)])
+
+
+class _StepConfig(_Config):
+    @field_validator("*", mode="before")
+    @classmethod
+    def _kfp_text(cls, value: object, info) -> object:
+        # KFP substitutes a pipeline parameter inside a struct argument as text: a struct as its
+        # JSON, an unset string as "".
+        if isinstance(value, str) and value.startswith("{") and info.field_name in ("train", "sagemaker"):
+            return json.loads(value)
+        if value == "" and info.field_name == "tracking_uri":
+            return None
+        return value
+
+
+class SageMakerTrainingConfig(_StepConfig):
+    """The SageMaker training step: what to train, where, and which MLflow run records it."""
+
+    train: TrainConfig = TrainConfig()
+    sagemaker: SageMakerConfig = SageMakerConfig()
+    tracking_uri: str | None = Field(None, description="Default: $MLFLOW_TRACKING_URI, else a local SQLite store.")
+    experiment: str = "bincounter"
+
+
+class SageMakerHostingConfig(_StepConfig):
+    """The SageMaker hosting step: which registered model, on which endpoint."""
+
+    sagemaker: SageMakerConfig = SageMakerConfig()
+    model_uri: str = Field("", description="Default: the registry's champion that the register step names.")
+    tracking_uri: str | None = Field(None, description="http(s) MLflow server the endpoint loads the model from "
+                                     "(default: $MLFLOW_TRACKING_URI).")
+    timeout_seconds: int = Field(3600, ge=1, description="How long to wait for InService (and for a rollback).")

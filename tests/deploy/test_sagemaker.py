@@ -223,6 +223,7 @@ def test_sagemaker_core_creates_model_config_and_endpoint(core) -> None:
 def test_sagemaker_core_updates_an_existing_endpoint(core) -> None:
     res = core.resources
     existing = res.Endpoint.get.return_value = core.endpoint_instance()
+    existing.endpoint_config_name = "bincounter-20251201-090000"
 
     result = sm.deploy(cfg(), tracking_uri=MLFLOW, suffix=SUFFIX, wait=False)
 
@@ -315,3 +316,147 @@ def test_forcing_sagemaker_core_without_it_installed_says_how_to_get_it() -> Non
     with mock.patch.object(sm, "load_sagemaker_core", autospec=True, return_value=None):
         with pytest.raises(ImportError, match=r"bincounter\[sagemaker\]"):
             sm.deploy(cfg(), tracking_uri=MLFLOW, backend="sagemaker-core")
+
+
+# --------------------------------------------------------------------------- update and rollback
+
+OLD = "bincounter-20251201-090000"
+
+
+def _described(status: str, config: str, reason: str | None = None) -> dict:
+    out = {**_describe(status), "EndpointConfigName": config}
+    if reason:
+        out["FailureReason"] = reason
+    return out
+
+
+def _expect_model_and_config(stubber: Stubber) -> None:
+    arn = "arn:aws:sagemaker:eu-west-1:123456789012:"
+    stubber.add_response("create_model", {"ModelArn": arn + f"model/{NAME}"}, EXPECTED["model"])
+    stubber.add_response("create_endpoint_config", {"EndpointConfigArn": arn + f"endpoint-config/{NAME}"}, EXPECTED["endpoint_config"])
+
+
+def _deploy_update(client):
+    return sm.deploy(cfg(), tracking_uri=MLFLOW, suffix=SUFFIX, backend="boto3", client=client, timeout=60,
+                     poll_seconds=0.01, progress=False)
+
+
+def test_an_update_waits_through_updating_until_the_new_config_serves(stubbed) -> None:
+    client, stubber = stubbed
+    arn = "arn:aws:sagemaker:eu-west-1:123456789012:endpoint/bincounter"
+    _expect_model_and_config(stubber)
+    stubber.add_response("describe_endpoint", _described("InService", OLD), {"EndpointName": "bincounter"})
+    stubber.add_response("update_endpoint", {"EndpointArn": arn}, EXPECTED["endpoint"])
+    stubber.add_response("describe_endpoint", _described("Updating", OLD), {"EndpointName": "bincounter"})
+    stubber.add_response("describe_endpoint", _described("InService", NAME), {"EndpointName": "bincounter"})
+
+    result = _deploy_update(client)
+
+    assert (result["operation"], result["status"]) == ("update", "InService")
+    assert result["previous_endpoint_config_name"] == OLD
+
+
+def test_a_failed_endpoint_is_recreated_from_the_previous_config(stubbed) -> None:
+    client, stubber = stubbed
+    arn = "arn:aws:sagemaker:eu-west-1:123456789012:endpoint/bincounter"
+    _expect_model_and_config(stubber)
+    stubber.add_response("describe_endpoint", _described("InService", OLD), {"EndpointName": "bincounter"})
+    stubber.add_response("update_endpoint", {"EndpointArn": arn}, EXPECTED["endpoint"])
+    stubber.add_response("describe_endpoint", _described("Updating", OLD), {"EndpointName": "bincounter"})
+    stubber.add_response("describe_endpoint", _described("Failed", NAME, "container failed the ping health check"),
+                         {"EndpointName": "bincounter"})
+    # Rollback: a Failed endpoint accepts only DeleteEndpoint; then it is created from the old config.
+    stubber.add_response("delete_endpoint", {}, {"EndpointName": "bincounter"})
+    stubber.add_response("describe_endpoint", _described("Deleting", NAME), {"EndpointName": "bincounter"})
+    stubber.add_client_error("describe_endpoint", service_error_code="ValidationException",
+                             service_message='Could not find endpoint "bincounter".', expected_params={"EndpointName": "bincounter"})
+    stubber.add_response("create_endpoint", {"EndpointArn": arn},
+                         {"EndpointName": "bincounter", "EndpointConfigName": OLD, "Tags": EXPECTED_TAGS})
+    stubber.add_response("describe_endpoint", _described("Creating", OLD), {"EndpointName": "bincounter"})
+    stubber.add_response("describe_endpoint", _described("InService", OLD), {"EndpointName": "bincounter"})
+
+    with pytest.raises(sm.EndpointUpdateFailed, match=f"ping health check.*rolled back to {OLD}") as failed:
+        _deploy_update(client)
+    assert failed.value.rolled_back_to == OLD
+
+
+def test_an_update_that_left_another_config_in_service_is_updated_back(stubbed) -> None:
+    client, stubber = stubbed
+    arn = "arn:aws:sagemaker:eu-west-1:123456789012:endpoint/bincounter"
+    _expect_model_and_config(stubber)
+    stubber.add_response("describe_endpoint", _described("InService", OLD), {"EndpointName": "bincounter"})
+    stubber.add_response("update_endpoint", {"EndpointArn": arn}, EXPECTED["endpoint"])
+    stubber.add_response("describe_endpoint", _described("InService", "bincounter-other", "update failed"),
+                         {"EndpointName": "bincounter"})
+    stubber.add_response("update_endpoint", {"EndpointArn": arn}, {"EndpointName": "bincounter", "EndpointConfigName": OLD})
+    stubber.add_response("describe_endpoint", _described("InService", OLD), {"EndpointName": "bincounter"})
+
+    with pytest.raises(sm.EndpointUpdateFailed, match=f"rolled back to {OLD}") as failed:
+        _deploy_update(client)
+    assert failed.value.rolled_back_to == OLD
+
+
+def test_an_update_sagemaker_already_undid_needs_no_further_call(stubbed) -> None:
+    client, stubber = stubbed
+    _expect_model_and_config(stubber)
+    stubber.add_response("describe_endpoint", _described("InService", OLD), {"EndpointName": "bincounter"})
+    stubber.add_response("update_endpoint", {"EndpointArn": "arn:aws:sagemaker:eu-west-1:123456789012:endpoint/bincounter"},
+                         EXPECTED["endpoint"])
+    stubber.add_response("describe_endpoint", _described("InService", OLD, "out of capacity for ml.c5.xlarge"),
+                         {"EndpointName": "bincounter"})
+
+    with pytest.raises(sm.EndpointUpdateFailed, match="out of capacity.*rolled back to") as failed:
+        _deploy_update(client)
+    assert failed.value.rolled_back_to == OLD
+
+
+def test_a_failed_rollback_says_so(stubbed) -> None:
+    client, stubber = stubbed
+    _expect_model_and_config(stubber)
+    stubber.add_response("describe_endpoint", _described("InService", OLD), {"EndpointName": "bincounter"})
+    stubber.add_response("update_endpoint", {"EndpointArn": "arn:aws:sagemaker:eu-west-1:123456789012:endpoint/bincounter"},
+                         EXPECTED["endpoint"])
+    stubber.add_response("describe_endpoint", _described("UpdateRollbackFailed", NAME, "both fleets failed"),
+                         {"EndpointName": "bincounter"})
+
+    with pytest.raises(sm.EndpointUpdateFailed, match="did not reach InService either") as failed:
+        _deploy_update(client)
+    assert failed.value.rolled_back_to is None
+
+
+def test_a_create_that_fails_has_nothing_to_roll_back_to(stubbed) -> None:
+    client, stubber = stubbed
+    _expect_model_and_config(stubber)
+    stubber.add_client_error("describe_endpoint", service_error_code="ValidationException",
+                             service_message='Could not find endpoint "bincounter".', expected_params={"EndpointName": "bincounter"})
+    stubber.add_response("create_endpoint", {"EndpointArn": "arn:aws:sagemaker:eu-west-1:123456789012:endpoint/bincounter"},
+                         {**EXPECTED["endpoint"], "Tags": EXPECTED_TAGS})
+    stubber.add_response("describe_endpoint", _described("Failed", NAME, "image not found"), {"EndpointName": "bincounter"})
+
+    with pytest.raises(sm.EndpointUpdateFailed, match="image not found") as failed:
+        _deploy_update(client)
+    assert failed.value.rolled_back_to is None
+
+
+def test_waiting_gives_up_at_the_timeout(stubbed) -> None:
+    client, stubber = stubbed
+    stubber.add_response("describe_endpoint", _described("Updating", NAME), {"EndpointName": "bincounter"})
+    stubber.add_response("describe_endpoint", _described("Updating", NAME), {"EndpointName": "bincounter"})
+    with pytest.raises(TimeoutError, match="still Updating after 0 s"):
+        sm.wait_for_endpoint(client, "bincounter", timeout=0.04, poll_seconds=0.05, progress=False)
+
+
+def test_sagemaker_core_rolls_a_failed_update_back_through_the_same_path(core, stubbed) -> None:
+    client, stubber = stubbed
+    existing = core.resources.Endpoint.get.return_value = core.endpoint_instance()
+    existing.endpoint_config_name = OLD
+    arn = "arn:aws:sagemaker:eu-west-1:123456789012:endpoint/bincounter"
+    stubber.add_response("describe_endpoint", _described("InService", "bincounter-other", "update failed"),
+                         {"EndpointName": "bincounter"})
+    stubber.add_response("update_endpoint", {"EndpointArn": arn}, {"EndpointName": "bincounter", "EndpointConfigName": OLD})
+    stubber.add_response("describe_endpoint", _described("InService", OLD), {"EndpointName": "bincounter"})
+
+    with pytest.raises(sm.EndpointUpdateFailed, match=f"rolled back to {OLD}"):
+        sm.deploy(cfg(), tracking_uri=MLFLOW, suffix=SUFFIX, client=client, poll_seconds=0.01, progress=False)
+    existing.update.assert_called_once_with()
+    existing.wait_for_status.assert_not_called()

@@ -8,8 +8,11 @@ endpoint needs network access to MLflow (VPC config if MLflow is private).
 
 Three requests make a deployment, as in the SageMaker API: CreateModel,
 CreateEndpointConfig, then CreateEndpoint (or UpdateEndpoint when the endpoint exists,
-which swaps in the new model without downtime). Models and endpoint configs are
-immutable, so each deployment creates new ones with a timestamp suffix.
+which swaps in the new model without downtime). With either backend, an update that
+fails is rolled back to the endpoint's previous config (UpdateEndpoint back to it, or, since
+a Failed endpoint accepts only DeleteEndpoint, delete and create it again from that config).
+Models and endpoint configs are immutable, so each deployment creates new ones with a
+timestamp suffix.
 
 The calls go through sagemaker-core (``sagemaker.core.resources`` in SDK v3; the
 optional extra ``bincounter[sagemaker]``) and fall back to the boto3 ``sagemaker``
@@ -59,28 +62,37 @@ class SageMakerConfigError(ValueError):
 # --------------------------------------------------------------------------- requests
 
 
-def _role_arn(cfg: DeployConfig) -> str:
-    arn = cfg.sagemaker_role_arn
+def check_role_arn(arn: str | None, field: str) -> str:
+    """``arn`` if it is an IAM role ARN; else a SageMakerConfigError naming the setting ``field``."""
     if not arn:
         raise SageMakerConfigError(
-            "SageMaker needs an execution role for the endpoint: set DeployConfig.sagemaker_role_arn "
-            "to the ARN of an IAM role SageMaker can assume (trust sagemaker.amazonaws.com) that may "
-            "pull the image from ECR, e.g. arn:aws:iam::123456789012:role/bincounter-sagemaker"
+            f"SageMaker needs an execution role: set {field} to the ARN of an IAM role SageMaker can "
+            "assume (trust sagemaker.amazonaws.com) that may pull the image from ECR, "
+            "e.g. arn:aws:iam::123456789012:role/bincounter-sagemaker"
         )
     if not _ROLE_ARN.match(arn):
-        raise SageMakerConfigError(f"sagemaker_role_arn {arn!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
+        raise SageMakerConfigError(f"{field} {arn!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
     return arn
 
 
-def _ecr_region(image: str) -> str:
-    match = _ECR_IMAGE.match(image)
+def ecr_region(image: str | None, field: str = "DeployConfig.image") -> str:
+    """The region of the ECR image URI ``image``; a SageMakerConfigError if it is not one."""
+    match = _ECR_IMAGE.match(image or "")
     if not match:
         raise SageMakerConfigError(
             f"SageMaker pulls images only from Amazon ECR, and {image!r} is not an ECR image URI "
             "(<account>.dkr.ecr.<region>.amazonaws.com/<repo>:<tag>); push the image there "
-            "(see dockerfiles/README.md) and set DeployConfig.image"
+            f"(see dockerfiles/README.md) and set {field}"
         )
     return match["region"]
+
+
+def _role_arn(cfg: DeployConfig) -> str:
+    return check_role_arn(cfg.sagemaker_role_arn, "DeployConfig.sagemaker_role_arn")
+
+
+def _ecr_region(image: str) -> str:
+    return ecr_region(image)
 
 
 def _tracking_uri(cfg: DeployConfig, tracking_uri: str | None) -> str | None:
@@ -194,8 +206,15 @@ def _deploy_core(
     session: Any,
     wait: bool,
     timeout: int,
+    client: Any = None,
+    poll_seconds: float = 30.0,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Create the model, config and endpoint with sagemaker-core resource classes."""
+    """Create the model, config and endpoint with sagemaker-core resource classes.
+
+    An update is awaited, and rolled back when it fails, through ``settle`` on a boto3 client
+    (``client``, else one from ``session``): one rollback for both backends.
+    """
     res: ModuleType = core.resources
     shp: ModuleType = core.shapes
     m, ec, ep = requests["model"], requests["endpoint_config"], requests["endpoint"]
@@ -250,14 +269,82 @@ def _deploy_core(
         )
     else:
         operation = "update"
+        previous = endpoint.endpoint_config_name
         # sagemaker-core's update() sends the resource's own endpoint_config_name.
         endpoint.endpoint_config_name = ep["EndpointConfigName"]
         endpoint.update()
+        status = None
+        if wait:
+            settle(client or _client(session, region), ep["EndpointName"], ep["EndpointConfigName"], previous,
+                   tags=m["Tags"], timeout=timeout, poll_seconds=poll_seconds, progress=progress)
+            status = "InService"
+        return {"operation": operation, "status": status, "previous_endpoint_config_name": previous}
     status = None
     if wait:
         endpoint.wait_for_status(target_status="InService", timeout=timeout)
         status = "InService"
     return {"operation": operation, "status": status}
+
+
+class EndpointUpdateFailed(RuntimeError):
+    """A new endpoint config did not come into service; ``rolled_back_to`` names the config
+    serving instead (None when nothing could be restored)."""
+
+    def __init__(self, message: str, *, rolled_back_to: str | None):
+        super().__init__(message)
+        self.rolled_back_to = rolled_back_to
+
+
+# DescribeEndpoint states that are on their way somewhere else.
+_TRANSITIONAL = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting")
+
+
+def wait_for_endpoint(client: Any, name: str, *, timeout: float, poll_seconds: float = 30.0,
+                      progress: bool = True) -> dict[str, Any] | None:
+    """Poll DescribeEndpoint until the endpoint leaves the transitional states; its last
+    description, or None once it no longer exists (after a delete)."""
+    import time
+
+    from tqdm import tqdm
+
+    deadline = time.monotonic() + timeout
+    with tqdm(desc=f"endpoint {name}", unit="poll", disable=not progress, leave=False) as bar:
+        while True:
+            try:
+                described = client.describe_endpoint(EndpointName=name)
+            except Exception as exc:  # botocore ClientError
+                if _is_not_found(exc):
+                    return None
+                raise
+            status = described["EndpointStatus"]
+            bar.set_postfix(status=status, config=described.get("EndpointConfigName"))
+            bar.update()
+            if status not in _TRANSITIONAL:
+                return described
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"endpoint {name} is still {status} after {timeout:.0f} s")
+            time.sleep(poll_seconds)
+
+
+def _rollback(client: Any, name: str, previous: str, described: dict[str, Any] | None, *, tags: list[dict],
+              timeout: float, poll_seconds: float, progress: bool) -> dict[str, Any] | None:
+    """Bring ``previous`` back into service after a failed update.
+
+    A Failed endpoint accepts nothing but DeleteEndpoint, so it is deleted and created again
+    from ``previous``; an endpoint still in service on another config is updated back.
+    """
+    status = described["EndpointStatus"] if described else None
+    if status == "InService" and described["EndpointConfigName"] == previous:
+        return described  # SageMaker kept the old fleet serving: nothing to undo
+    if status == "Failed":
+        client.delete_endpoint(EndpointName=name)
+        wait_for_endpoint(client, name, timeout=timeout, poll_seconds=poll_seconds, progress=progress)
+        client.create_endpoint(EndpointName=name, EndpointConfigName=previous, Tags=tags)
+    elif status == "InService":
+        client.update_endpoint(EndpointName=name, EndpointConfigName=previous)
+    else:
+        return None  # OutOfService / UpdateRollbackFailed: needs a person
+    return wait_for_endpoint(client, name, timeout=timeout, poll_seconds=poll_seconds, progress=progress)
 
 
 def _deploy_boto3(
@@ -268,38 +355,71 @@ def _deploy_boto3(
     client: Any,
     wait: bool,
     timeout: int,
+    poll_seconds: float = 30.0,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Create the model, config and endpoint with the boto3 ``sagemaker`` client."""
-    if client is None:
-        if session is None:
-            import boto3
+    """Create the model, config and endpoint with the boto3 ``sagemaker`` client.
 
-            session = boto3.session.Session()
-        client = session.client("sagemaker", region_name=region)
+    An update that does not reach InService on the new config is rolled back to the config
+    the endpoint had before, and then reported as EndpointUpdateFailed.
+    """
+    if client is None:
+        client = _client(session, region)
     client.create_model(**requests["model"])
     client.create_endpoint_config(**requests["endpoint_config"])
     ep = requests["endpoint"]
+    name, new_config = ep["EndpointName"], ep["EndpointConfigName"]
+    tags = requests["endpoint_config"]["Tags"]
     try:
-        client.describe_endpoint(EndpointName=ep["EndpointName"])
-        exists = True
+        previous = client.describe_endpoint(EndpointName=name)["EndpointConfigName"]
     except Exception as exc:  # botocore ClientError
         if not _is_not_found(exc):
             raise
-        exists = False
-    if exists:
+        previous = None
+    if previous is not None:
         operation = "update"
         client.update_endpoint(**ep)
     else:
         operation = "create"
-        client.create_endpoint(**ep, Tags=requests["endpoint_config"]["Tags"])
-    status = None
+        client.create_endpoint(**ep, Tags=tags)
+    outcome: dict[str, Any] = {"operation": operation, "status": None, "previous_endpoint_config_name": previous}
     if wait:
-        delay = 30
-        client.get_waiter("endpoint_in_service").wait(
-            EndpointName=ep["EndpointName"], WaiterConfig={"Delay": delay, "MaxAttempts": max(1, timeout // delay)}
-        )
-        status = "InService"
-    return {"operation": operation, "status": status}
+        settle(client, name, new_config, previous, tags=tags, timeout=timeout, poll_seconds=poll_seconds,
+               progress=progress)
+        outcome["status"] = "InService"
+    return outcome
+
+
+def _client(session: Any, region: str) -> Any:
+    if session is None:
+        import boto3
+
+        session = boto3.session.Session()
+    return session.client("sagemaker", region_name=region)
+
+
+def settle(client: Any, name: str, new_config: str, previous: str | None, *, tags: list[dict], timeout: float,
+           poll_seconds: float = 30.0, progress: bool = True) -> dict[str, Any]:
+    """Wait until ``name`` serves ``new_config``; if it does not, bring ``previous`` back (when
+    there is one) and raise EndpointUpdateFailed. Returns the InService description."""
+    # A TimeoutError propagates: an endpoint still Updating accepts no other update to roll back with.
+    described = wait_for_endpoint(client, name, timeout=timeout, poll_seconds=poll_seconds, progress=progress)
+    if (described is not None and described["EndpointStatus"] == "InService"
+            and described["EndpointConfigName"] == new_config):
+        return described
+    reason = (described or {}).get("FailureReason") or f"status {(described or {}).get('EndpointStatus', 'gone')}"
+    if previous is None:
+        raise EndpointUpdateFailed(f"endpoint {name} did not come into service on {new_config}: {reason}",
+                                   rolled_back_to=None)
+    restored = _rollback(client, name, previous, described, tags=tags, timeout=timeout,
+                         poll_seconds=poll_seconds, progress=progress)
+    back = restored is not None and restored["EndpointStatus"] == "InService" and restored["EndpointConfigName"] == previous
+    raise EndpointUpdateFailed(
+        f"endpoint {name}: the update to {new_config} failed ({reason}); "
+        + (f"rolled back to {previous}, which is in service" if back
+           else f"the rollback to {previous} did not reach InService either: look at the endpoint in the console"),
+        rolled_back_to=previous if back else None,
+    )
 
 
 # --------------------------------------------------------------------------- deploy
@@ -320,8 +440,11 @@ def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
         startup_timeout: container start-up health check timeout in seconds (default 600).
         wait: wait until the endpoint is InService (default True).
         timeout: how long to wait, in seconds (default 1800).
+        poll_seconds: seconds between DescribeEndpoint calls while an update settles (default 30).
+        progress: show a progress bar while waiting (default True).
         backend: "auto" (sagemaker-core if importable, else boto3), "sagemaker-core" or "boto3".
-        session: a boto3 Session to use; client: a ready boto3 sagemaker client (boto3 backend).
+        session: a boto3 Session to use; client: a ready boto3 sagemaker client (the boto3 backend's
+            client; with sagemaker-core, the one that follows an update and rolls it back).
 
     Instances: ``cfg.replicas`` of ``cfg.sagemaker_instance_type``. Returns
     ``{"target": "sagemaker", "requests": {...}, "applied": bool, ...}``.
@@ -366,11 +489,16 @@ def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
     if core is None and backend == "sagemaker-core":
         raise ImportError("sagemaker-core is not installed: pip install 'bincounter[sagemaker]' (or use backend='boto3')")
     if core is not None:
-        outcome = _deploy_core(core, requests, region=region, session=kwargs.get("session"), wait=wait, timeout=timeout)
+        outcome = _deploy_core(
+            core, requests, region=region, session=kwargs.get("session"), wait=wait, timeout=timeout,
+            client=kwargs.get("client"), poll_seconds=float(kwargs.get("poll_seconds", 30.0)),
+            progress=bool(kwargs.get("progress", True)),
+        )
         result["backend"] = "sagemaker-core"
     else:
         outcome = _deploy_boto3(
-            requests, region=region, session=kwargs.get("session"), client=kwargs.get("client"), wait=wait, timeout=timeout
+            requests, region=region, session=kwargs.get("session"), client=kwargs.get("client"), wait=wait,
+            timeout=timeout, poll_seconds=float(kwargs.get("poll_seconds", 30.0)), progress=bool(kwargs.get("progress", True)),
         )
         result["backend"] = "boto3"
     result.update(outcome, applied=True)
