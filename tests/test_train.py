@@ -145,4 +145,25 @@ def test_profiler_trace_and_run_metrics_are_logged(data_dir, tmp_path):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"plots", "profile"} <= artifacts
     metrics = client.get_run(run.info.run_id).data.metrics
-    assert {"val_accuracy", "train_loss", "grad_norm_mean", "images_per_second", "step_loss", "lr"} <= set(metrics)
+    assert {"val_accuracy", "train_loss", "grad_norm_mean", "train_images_per_second", "train_seconds", "val_seconds",
+            "step_loss", "lr"} <= set(metrics)
+
+
+def test_training_throughput_leaves_validation_time_out(data_dir, tmp_path, monkeypatch):
+    """A slow validation must not lower the reported training throughput; its time is reported apart."""
+    import time
+
+    real_predict = train_module.predict_probs
+
+    def slow_validation(*args, **kwargs):
+        time.sleep(1.0)
+        return real_predict(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "predict_probs", slow_validation)
+    n_train = json.loads((data_dir / "dataset.json").read_text())["sizes"]["train"]
+    (h,) = train(TINY_TRAIN.model_copy(update={"epochs": 1}), data_dir, tmp_path / "m").history
+    assert h["val_seconds"] >= 1.0
+    assert h["train_seconds"] + h["val_seconds"] == pytest.approx(h["epoch_seconds"], abs=0.05)
+    assert h["images"] == n_train // TINY_TRAIN.batch_size * TINY_TRAIN.batch_size  # drop_last
+    assert h["train_images_per_second"] == pytest.approx(h["images"] / h["train_seconds"])
+    assert "images_per_second" not in h  # the old name mixed validation time in
