@@ -54,8 +54,10 @@ class SearchSpace(_Config):
     momentum: tuple[float, float] = Field((0.8, 0.95), description="SGD momentum / Adam beta1, uniform.")
     weight_decay: tuple[float, float] = Field((1e-5, 1e-3), description="Weight decay, log-uniform.")
     image_size: tuple[int, ...] = Field((160, 192, 224), description="Training input size, one of these.")
-    backbone: tuple[Backbone, ...] = Field(("efficientnet_lite0", "resnet18", "mobilenet_v3_large"),
-                                           description="Backbone, one of these.")
+    backbone: tuple[Backbone, ...] = Field(
+        ("efficientnet_lite0",), description="Backbone, one of these. The default is the one with packaged "
+        "offline weights: torchvision backbones start from random weights unless the base config asks for "
+        "pretrained='torchvision' (a download), which would make the comparison unfair and the search need a network.")
 
     @field_validator("*", mode="before")
     @classmethod
