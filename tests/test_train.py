@@ -167,3 +167,16 @@ def test_training_throughput_leaves_validation_time_out(data_dir, tmp_path, monk
     assert h["images"] == n_train // TINY_TRAIN.batch_size * TINY_TRAIN.batch_size  # drop_last
     assert h["train_images_per_second"] == pytest.approx(h["images"] / h["train_seconds"])
     assert "images_per_second" not in h  # the old name mixed validation time in
+
+
+def test_without_a_validation_split_the_last_epoch_is_kept_and_training_never_stops_early(data_dir_without_val,
+                                                                                          tmp_path):
+    cfg = TINY_TRAIN.model_copy(update={"epochs": 3, "early_stopping_patience": 1})
+    result = train(cfg, data_dir_without_val, tmp_path / "m")
+    assert [h["epoch"] for h in result.history] == [1, 2, 3] and not result.stopped_early
+    assert not any(k.startswith("val_") and k != "val_seconds" for h in result.history for k in h)
+    best = torch.load(tmp_path / "m" / "model.pt", weights_only=False)
+    assert best["epoch"] == 2 and result.best_epoch == 3
+    ckpt = torch.load(tmp_path / "m" / CHECKPOINT, weights_only=False)
+    last = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    assert all(torch.equal(best["model"][k], last[k]) for k in last)  # the served (EMA) weights of the last epoch

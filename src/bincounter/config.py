@@ -79,7 +79,8 @@ class PreprocessConfig(_Config):
     overflow: Literal["drop", "class"] = Field(
         "drop", description="Counts above K: drop them, or pool them in one 'K+1 or more' class."
     )
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="0: no validation split; training then keeps "
+                                "the last epoch's weights without early stopping, and a search is refused.")
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     split_salt: str = Field("bincounter", description="Salt of the id hash that assigns splits.")
     on_inconsistent_quantity: Literal["keep", "drop"] = Field(

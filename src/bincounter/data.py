@@ -58,6 +58,8 @@ def read_samples(urls: list[str]) -> list[tuple[str, bytes, int]]:
     DistributedSampler divides it (webdataset's default node splitter refuses to run there).
     """
     out = []
+    if not urls:  # an empty split (val_fraction=0): webdataset refuses an empty shard list
+        return out
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None,
                                  workersplitter=None):
         out.append((sample["__key__"], sample["jpg"], int(sample["cls"])))

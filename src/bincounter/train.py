@@ -320,6 +320,10 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
     val_ds = load_split(data_dir, "val", EvalTransform(size=cfg.image_size, mean=mean, std=std))
     if len(train_ds) == 0:
         raise ValueError(f"{data_dir} has no training samples")
+    validated = len(val_ds) > 0
+    if not validated and is_main:
+        log.warning("%s has no validation split (val_fraction=0): keeping the last epoch's weights, "
+                    "early stopping off, no val_* metrics", data_dir)
 
     seed_everything(cfg.seed)
     model = build_model(spec, pretrained=cfg.pretrained, freeze_backbone=cfg.freeze_backbone,
@@ -408,13 +412,14 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
         t_end = time.perf_counter()
         # Training throughput counts the training steps alone: validation time is its own metric.
         train_seconds = t_train - t0
-        metrics = {"epoch": epoch + 1, **stats, "val_accuracy": val.get("accuracy", 0.0),
-                   "val_rmse": val.get("rmse", 0.0), "val_macro_f1": val.get("macro_f1", 0.0),
-                   "val_within_1": val.get("within_1", 0.0), "epoch_seconds": t_end - t0,
+        # Without a validation split there are no val_* metrics (zeros would read as a score).
+        val_metrics = {f"val_{k}": val.get(k, 0.0) for k in ("accuracy", "rmse", "macro_f1", "within_1")}
+        metrics = {"epoch": epoch + 1, **stats, **(val_metrics if validated else {}), "epoch_seconds": t_end - t0,
                    "images": stats["images"] * world, "train_seconds": train_seconds, "val_seconds": t_end - t_train,
                    "train_images_per_second": stats["images"] * world / train_seconds}
         history.append(metrics)
-        if _improved(metrics, best):
+        # Nothing to compare without validation: the latest weights are kept and nothing is stale.
+        if not validated or _improved(metrics, best):
             best, best_epoch, stale = metrics, epoch, 0
             if is_main:
                 save_atomic({"model": served.state_dict(), "spec": spec.to_dict(), "epoch": epoch}, out_dir / BEST)
@@ -423,8 +428,8 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
         if is_main:
             tracking.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
             # Katib's StdOut collector reads "name=value" lines.
-            print(f"epoch={epoch + 1} val_accuracy={metrics['val_accuracy']:.4f} val_rmse={metrics['val_rmse']:.4f} "
-                  f"train_loss={metrics['train_loss']:.4f}", flush=True)
+            scores = f"val_accuracy={metrics['val_accuracy']:.4f} val_rmse={metrics['val_rmse']:.4f} " if validated else ""
+            print(f"epoch={epoch + 1} {scores}train_loss={metrics['train_loss']:.4f}", flush=True)
             save_atomic({"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                          "optimizer": optimizer.state_dict(),
                          "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
