@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from bincounter.data import ShardDataset, materialize, read_samples, shard_urls
@@ -64,3 +66,32 @@ def test_datasets_on_s3_are_cached_locally_once(data_dir, tmp_path, monkeypatch)
         assert before == {p: p.stat().st_mtime_ns for p in local.rglob("*.tar")}
         with pytest.raises(FileNotFoundError, match="dataset.json"):
             materialize("s3://team/nothing-here", cache=tmp_path)
+
+
+def _s3_env(monkeypatch, s3) -> None:
+    for key, value in {"AWS_ENDPOINT_URL_S3": s3.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_keys_that_would_escape_the_cache_are_refused_naming_them(tmp_path, monkeypatch):
+    """S3 keys are names, not paths: '..' and a leading '/' are legal in a key and must never
+    write outside the cache folder."""
+    from bincounter.ids import InvalidId
+    from bincounter.s3server import LocalS3
+
+    cache = tmp_path / "cache"
+    with LocalS3() as s3:
+        _s3_env(monkeypatch, s3)
+        client = s3.client()
+        client.create_bucket(Bucket="hostile")
+        escapes = {"runs/1/data/../../escape.txt": tmp_path / "escape.txt",
+                   f"runs/2/data/{tmp_path}/absolute.txt": tmp_path / "absolute.txt"}
+        for key in escapes:
+            prefix = key.split("/data/")[0] + "/data/"
+            client.put_object(Bucket="hostile", Key=prefix + "dataset.json", Body=b"{}")
+            client.put_object(Bucket="hostile", Key=key, Body=b"written outside the cache")
+        for key, target in escapes.items():
+            with pytest.raises(InvalidId, match=re.escape(repr(key))):
+                materialize("s3://hostile/" + key.split("/data/")[0] + "/data", cache=cache)
+            assert not target.exists()

@@ -258,3 +258,21 @@ def test_worker_pool_gives_byte_identical_output(tmp_path):
     for shard in [s for split in SPLITS for s in info["shards"][split]]:
         assert (outs[0] / shard).read_bytes() == (outs[1] / shard).read_bytes()
     assert not (tmp_path / "w1.partial").exists()
+
+
+def test_a_manifest_id_that_is_not_a_file_name_is_quarantined_and_never_read(tmp_path):
+    """An ingest manifest naming '../../outside' must not pull in files from outside the folder
+    (nor write '../../outside.jpg' into a shard, where it would escape an extracting folder)."""
+    raw = tmp_path / "raw"
+    generate(SynthConfig(n_images=8, image_size=SIZE, seed=3), raw)
+    shutil.copy(raw / "bin-images" / "00001.jpg", tmp_path / "outside.jpg")  # where '../../outside' points
+    (tmp_path / "outside.json").write_bytes(_meta(1, {"A": _item(1)}))
+    ids = [p.stem for p in (raw / "metadata").glob("*.json")] + ["../../outside", "/tmp/x"]
+    (raw / "manifest.jsonl").write_text("".join(json.dumps({"id": i}) + "\n" for i in ids))
+    out = tmp_path / "data"
+    preprocess(PreprocessConfig(image_size=SIZE, workers=1), raw, out, progress=False)
+    quarantine = {q["id"]: q["reason"] for q in _jsonl(out / "quarantine.jsonl")}
+    assert quarantine == {"../../outside": v.INVALID_ID, "/tmp/x": v.INVALID_ID}
+    assert "outside" not in (out / "index.jsonl").read_text()
+    kept = [key for split in SPLITS for key, _, _ in read_samples(shard_urls(out, split))]
+    assert sorted(kept) == sorted(ids[:8])

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from bincounter.ids import check_id
 
 
 class _Config(BaseModel):
@@ -68,6 +70,12 @@ class IngestConfig(_Config):
     connect_timeout: float = Field(5.0, gt=0)
     read_timeout: float = Field(30.0, gt=0)
     progress: bool = True
+
+    @field_validator("ids")
+    @classmethod
+    def _ids_are_dataset_ids(cls, ids: tuple[str, ...]) -> tuple[str, ...]:
+        # They become file names in the output folder: "../x" must never get that far.
+        return tuple(check_id(i, "ingest ids") for i in ids)
 
 
 class PreprocessConfig(_Config):

@@ -29,6 +29,7 @@ def materialize(data_dir: str | Path, cache: str | Path | None = None) -> Path:
     import boto3
 
     from bincounter.fileio import atomic_write
+    from bincounter.ids import safe_join
 
     bucket, _, prefix = text[len("s3://"):].partition("/")
     prefix = prefix.strip("/") + "/"
@@ -37,7 +38,10 @@ def materialize(data_dir: str | Path, cache: str | Path | None = None) -> Path:
     client = boto3.client("s3")  # endpoint and credentials from the usual AWS_* settings
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
-            dest = local / obj["Key"][len(prefix):]
+            relative = obj["Key"][len(prefix):]
+            if not relative or relative.endswith("/"):
+                continue  # a "folder" marker, not a file
+            dest = safe_join(local, relative, what=f"key {obj['Key']!r} in {text}: relative path")
             if not (dest.exists() and dest.stat().st_size == obj["Size"]):
                 atomic_write(dest, client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
     if not (local / "dataset.json").exists():
