@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from bincounter import validate as v
 from bincounter.config import PreprocessConfig
-from bincounter.fileio import atomic_write
+from bincounter.fileio import atomic_write, recover_dir, replace_dir
 from bincounter.ids import is_file_stem
 from bincounter.ingest import MANIFEST
 from bincounter.report import write_data_report  # at the top: forked workers inherit matplotlib
@@ -296,10 +296,11 @@ def _processed(ids: list[str], pool: ProcessPoolExecutor | None, workers: int,
 
 def preprocess(cfg: PreprocessConfig, in_dir: str | Path, out_dir: str | Path,
                progress: bool = True) -> PreprocessResult:
-    """Run every check, split, resize and pack. Writes into a temporary folder first and
-    renames it into place, so a killed run leaves no half-written dataset."""
+    """Run every check, split, resize and pack. Writes into a folder beside ``out_dir`` and swaps
+    it into place, so a killed run leaves the previous dataset or the new one, never neither."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     tmp_dir = out_dir.with_name(out_dir.name + ".partial")
+    recover_dir(out_dir)
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
 
@@ -353,8 +354,7 @@ def preprocess(cfg: PreprocessConfig, in_dir: str | Path, out_dir: str | Path,
             w.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp_dir, out_dir)
+    replace_dir(tmp_dir, out_dir)
     return PreprocessResult(out_dir=out_dir, sizes=dataset["sizes"], quarantined=dataset["quarantined"],
                             classes=cfg.class_names(), shards=shards)
 
