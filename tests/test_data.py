@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,37 @@ def test_keys_that_would_escape_the_cache_are_refused_naming_them(tmp_path, monk
             with pytest.raises(InvalidId, match=re.escape(repr(key))):
                 materialize("s3://hostile/" + key.split("/data/")[0] + "/data", cache=cache)
             assert not target.exists()
+
+
+def test_a_dataset_regenerated_at_the_same_uri_replaces_the_cached_copy_whole(data_dir, tmp_path, monkeypatch):
+    """The cache is keyed on content (ETags): a new shard of the same size as the old one is
+    fetched, and a file the new dataset no longer has is gone, so old and new never mix."""
+    from bincounter.s3server import LocalS3
+
+    with LocalS3() as s3:
+        _s3_env(monkeypatch, s3)
+        client = s3.client()
+        client.create_bucket(Bucket="regen")
+        for path in data_dir.rglob("*"):
+            if path.is_file():
+                client.put_object(Bucket="regen", Key=f"ds/{path.relative_to(data_dir)}", Body=path.read_bytes())
+        client.put_object(Bucket="regen", Key="ds/notes.txt", Body=b"only in the first version")
+        local = materialize("s3://regen/ds", cache=tmp_path)
+        assert (local / "notes.txt").exists()
+
+        # The regenerated dataset: one shard has new bytes at exactly the old size, notes.txt is gone.
+        shard = shard_urls(data_dir, "train")[0]
+        relative = Path(shard).relative_to(data_dir).as_posix()
+        old = Path(shard).read_bytes()
+        new = old[:1024] + bytes(b ^ 0xFF for b in old[1024:2048]) + old[2048:]
+        assert len(new) == len(old) and new != old
+        client.put_object(Bucket="regen", Key=f"ds/{relative}", Body=new)
+        client.delete_object(Bucket="regen", Key="ds/notes.txt")
+
+        assert materialize("s3://regen/ds", cache=tmp_path) == local
+        assert (local / relative).read_bytes() == new
+        assert not (local / "notes.txt").exists()
+        # Nothing else was fetched again.
+        before = {p: p.stat().st_mtime_ns for p in local.rglob("*.tar")}
+        materialize("s3://regen/ds", cache=tmp_path)
+        assert before == {p: p.stat().st_mtime_ns for p in local.rglob("*.tar")}
