@@ -180,3 +180,19 @@ def test_without_a_validation_split_the_last_epoch_is_kept_and_training_never_st
     ckpt = torch.load(tmp_path / "m" / CHECKPOINT, weights_only=False)
     last = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
     assert all(torch.equal(best["model"][k], last[k]) for k in last)  # the served (EMA) weights of the last epoch
+
+
+def test_a_restart_on_a_new_machine_is_a_new_run_and_register_reads_its_id(data_dir, tmp_path, monkeypatch):
+    """Resuming from the mirrored checkpoint must not bring back the interrupted run's id: the
+    restarted run's metrics go to the new run, and `bincounter register` reads the id file."""
+    from bincounter import launch
+
+    cfg = TINY_TRAIN.model_copy(update={"epochs": 2, "checkpoint_uri": str(tmp_path / "shared")})
+    calls = interrupt_second_epoch(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        launch.train(cfg, str(data_dir), str(tmp_path / "node-a"))
+    interrupted_run = (tmp_path / "node-a" / "mlflow_run_id").read_text()
+    calls["n"] = 10  # no more interruptions
+    meta = launch.train(cfg, str(data_dir), str(tmp_path / "node-b"))  # an empty folder on another machine
+    assert calls["n"] == 11  # it resumed: only the second epoch ran
+    assert (tmp_path / "node-b" / "mlflow_run_id").read_text() == meta["mlflow_run_id"] != interrupted_run

@@ -356,12 +356,18 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
     start_epoch, history, best, best_epoch, stale = 0, [], None, -1, 0
     ckpt_path = out_dir / CHECKPOINT
     mirror = CheckpointMirror(cfg.checkpoint_uri)
-    if is_main:
+    ckpt = None
+    if is_main:  # its own folder's checkpoint, else the mirror's (a restart on a new machine)
         mirror.restore(out_dir)
+        if ckpt_path.exists():
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     if world > 1:
-        dist.barrier()  # every rank sees the restored checkpoint before deciding to resume
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        # Every rank resumes from rank 0's checkpoint, whatever its own folder holds (a worker's is
+        # an emptyDir, or keeps an older epoch): else ranks would train different epochs and weights.
+        box = [ckpt]
+        dist.broadcast_object_list(box, src=0)
+        ckpt = box[0]
+    if ckpt is not None:
         if ckpt["args"] != cfg.model_dump():
             raise ValueError(f"{ckpt_path} was written with other settings; use a new output folder "
                              "or delete the checkpoint to start over")
@@ -373,8 +379,9 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, history = ckpt["epoch"] + 1, ckpt["history"]
         best, best_epoch, stale = ckpt["best"], ckpt["best_epoch"], ckpt["stale"]
-        if is_main:
-            log.info("resumed from %s at epoch %d", ckpt_path, start_epoch + 1)
+        log.info("rank %d/%d resumed at epoch %d, weights sha256=%s", rank, world, start_epoch + 1,
+                 state_digest(model))
+        del ckpt
 
     stopped_early = False
     for epoch in range(start_epoch, cfg.epochs):
