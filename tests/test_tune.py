@@ -164,8 +164,11 @@ def test_a_trial_without_validation_metrics_fails_and_a_search_without_a_split_i
                                                                                           tmp_path):
     """The trial guard must fire when training returns no validation metrics, and the search itself
     must refuse a dataset without a validation split before training anything."""
+    from bincounter import tracking
+
     params = sample(SPACE, SEED, 0)
-    record = run_trial(0, params, BASE, data_dir_without_val, tmp_path / "trial")
+    with tracking.stage_run("tune"):  # trials are child runs of the search's run
+        record = run_trial(0, params, BASE, data_dir_without_val, tmp_path / "trial")
     assert record["status"] == "failed" and "no validation metrics" in record["error"], record
     assert record["val_accuracy"] is None
     with pytest.raises(ValueError, match="no validation split"):
