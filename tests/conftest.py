@@ -48,6 +48,16 @@ def data_dir(synth_dir, tmp_path_factory) -> Path:
     return work / "data"
 
 
+@pytest.fixture(scope="session")
+def data_dir_without_val(synth_dir, tmp_path_factory) -> Path:
+    """The synthetic photos preprocessed with val_fraction=0: no validation split."""
+    from bincounter.preprocess import preprocess
+
+    out = tmp_path_factory.mktemp("data-no-val") / "data"
+    preprocess(PreprocessConfig(image_size=64, workers=1, val_fraction=0.0), synth_dir, out, progress=False)
+    return out
+
+
 # 14 epochs: the tiny CNN is slow to start on 390 photos (6 left it within a few photos of the
 # majority-class margin that test_training_learns_the_synthetic_counts asks for). The loss and
 # augmentation settings are pinned so that tuning the real-photo defaults cannot move that margin.

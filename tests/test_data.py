@@ -1,3 +1,6 @@
+import re
+from pathlib import Path
+
 import pytest
 
 from bincounter.data import ShardDataset, materialize, read_samples, shard_urls
@@ -64,3 +67,66 @@ def test_datasets_on_s3_are_cached_locally_once(data_dir, tmp_path, monkeypatch)
         assert before == {p: p.stat().st_mtime_ns for p in local.rglob("*.tar")}
         with pytest.raises(FileNotFoundError, match="dataset.json"):
             materialize("s3://team/nothing-here", cache=tmp_path)
+
+
+def _s3_env(monkeypatch, s3) -> None:
+    for key, value in {"AWS_ENDPOINT_URL_S3": s3.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_keys_that_would_escape_the_cache_are_refused_naming_them(tmp_path, monkeypatch):
+    """S3 keys are names, not paths: '..' and a leading '/' are legal in a key and must never
+    write outside the cache folder."""
+    from bincounter.ids import InvalidId
+    from bincounter.s3server import LocalS3
+
+    cache = tmp_path / "cache"
+    with LocalS3() as s3:
+        _s3_env(monkeypatch, s3)
+        client = s3.client()
+        client.create_bucket(Bucket="hostile")
+        escapes = {"runs/1/data/../../escape.txt": tmp_path / "escape.txt",
+                   f"runs/2/data/{tmp_path}/absolute.txt": tmp_path / "absolute.txt"}
+        for key in escapes:
+            prefix = key.split("/data/")[0] + "/data/"
+            client.put_object(Bucket="hostile", Key=prefix + "dataset.json", Body=b"{}")
+            client.put_object(Bucket="hostile", Key=key, Body=b"written outside the cache")
+        for key, target in escapes.items():
+            with pytest.raises(InvalidId, match=re.escape(repr(key))):
+                materialize("s3://hostile/" + key.split("/data/")[0] + "/data", cache=cache)
+            assert not target.exists()
+
+
+def test_a_dataset_regenerated_at_the_same_uri_replaces_the_cached_copy_whole(data_dir, tmp_path, monkeypatch):
+    """The cache is keyed on content (ETags): a new shard of the same size as the old one is
+    fetched, and a file the new dataset no longer has is gone, so old and new never mix."""
+    from bincounter.s3server import LocalS3
+
+    with LocalS3() as s3:
+        _s3_env(monkeypatch, s3)
+        client = s3.client()
+        client.create_bucket(Bucket="regen")
+        for path in data_dir.rglob("*"):
+            if path.is_file():
+                client.put_object(Bucket="regen", Key=f"ds/{path.relative_to(data_dir)}", Body=path.read_bytes())
+        client.put_object(Bucket="regen", Key="ds/notes.txt", Body=b"only in the first version")
+        local = materialize("s3://regen/ds", cache=tmp_path)
+        assert (local / "notes.txt").exists()
+
+        # The regenerated dataset: one shard has new bytes at exactly the old size, notes.txt is gone.
+        shard = shard_urls(data_dir, "train")[0]
+        relative = Path(shard).relative_to(data_dir).as_posix()
+        old = Path(shard).read_bytes()
+        new = old[:1024] + bytes(b ^ 0xFF for b in old[1024:2048]) + old[2048:]
+        assert len(new) == len(old) and new != old
+        client.put_object(Bucket="regen", Key=f"ds/{relative}", Body=new)
+        client.delete_object(Bucket="regen", Key="ds/notes.txt")
+
+        assert materialize("s3://regen/ds", cache=tmp_path) == local
+        assert (local / relative).read_bytes() == new
+        assert not (local / "notes.txt").exists()
+        # Nothing else was fetched again.
+        before = {p: p.stat().st_mtime_ns for p in local.rglob("*.tar")}
+        materialize("s3://regen/ds", cache=tmp_path)
+        assert before == {p: p.stat().st_mtime_ns for p in local.rglob("*.tar")}

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -91,3 +92,86 @@ def test_two_cpu_ranks_train_one_model(data_dir, tmp_path):
     for h in history:
         assert h["steps"] == math.ceil(n_train / WORLD) // cfg.batch_size
         assert abs(WORLD * h["steps"] - single) <= WORLD, (h["steps"], single)
+
+
+# One rank of a multi-node job, started the way each node's launcher starts it (RANK, WORLD_SIZE,
+# MASTER_*), optionally dying like a preempted pod at the start of the epoch DIE_IN_EPOCH.
+RANK_SCRIPT = """
+import os, sys
+from bincounter import train as training
+if os.environ.get("DIE_IN_EPOCH"):
+    real, calls = training.train_one_epoch, [0]
+    def dies(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == int(os.environ["DIE_IN_EPOCH"]):
+            os._exit(17)
+        return real(*args, **kwargs)
+    training.train_one_epoch = dies
+from bincounter.cli import main
+main(sys.argv[1:])
+"""
+RESUMED = re.compile(r"rank (\d+)/(\d+) resumed at epoch (\d+), weights sha256=([0-9a-f]{64})")
+
+
+def _run_ranks(data_dir: Path, outs: list[Path], shared: Path, cwd: Path, die_in_epoch: int | None = None,
+               timeout: float = 240) -> list[tuple[int, str, str]]:
+    """Both ranks of a 2-node job, each with its own output folder; (exit code, stdout, stderr) per rank."""
+    from bincounter.s3server import free_port
+
+    cfg = TINY_TRAIN.model_copy(update={"epochs": EPOCHS})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("DIE_IN_EPOCH", None)
+    if die_in_epoch:
+        env["DIE_IN_EPOCH"] = str(die_in_epoch)
+    procs = []
+    for rank, out in enumerate(outs):
+        cmd = [sys.executable, "-c", RANK_SCRIPT, "train", "--data", str(data_dir), "--out", str(out),
+               "--backbone", cfg.backbone, "--pretrained", cfg.pretrained, "--image-size", str(cfg.image_size),
+               "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr),
+               "--workers", "0", "--freeze-early", "0", "--no-tta", "--no-progress", "--device", "cpu",
+               "--checkpoint-uri", str(shared)]
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env={**env, "RANK": str(rank), "LOCAL_RANK": "0"},
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=timeout)
+            results.append((proc.returncode, stdout, stderr))
+    finally:
+        for proc in procs:  # ranks that wait forever for a peer that went another way
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return results
+
+
+def test_a_multi_node_job_resumes_every_rank_from_the_shared_checkpoint(data_dir, tmp_path):
+    """Two nodes, each with its own output folder (a worker's is an emptyDir) and one shared
+    checkpoint folder. Preempted in epoch 2 and restarted on fresh folders, both ranks resume at
+    epoch 2 with the same weights, finish identical, and the restarted MLflow run's id is the one
+    left for `bincounter register`."""
+    shared = tmp_path / "shared-checkpoints"
+    outs = [tmp_path / "node-0", tmp_path / "node-1"]
+    first = _run_ranks(data_dir, outs, shared, tmp_path, die_in_epoch=2)
+    assert [code for code, _, _ in first] == [17, 17], [err[-2000:] for _, _, err in first]
+    assert torch.load(shared / CHECKPOINT, weights_only=False)["epoch"] == 0
+    first_run_id = (outs[0] / "mlflow_run_id").read_text()
+    for out in outs:  # the restarted pods get new, empty folders
+        shutil.rmtree(out, ignore_errors=True)
+
+    second = _run_ranks(data_dir, outs, shared, tmp_path)
+    assert [code for code, _, _ in second] == [0, 0], [err[-3000:] for _, _, err in second]
+    resumed = [RESUMED.findall(err) for _, _, err in second]
+    assert [[(int(r), int(w), int(e)) for r, w, e, _ in found] for found in resumed] == [[(0, 2, 2)], [(1, 2, 2)]]
+    assert resumed[0][0][3] == resumed[1][0][3], "the ranks resumed with different weights"
+    digests = [DIGEST.findall(err) for _, _, err in second]
+    assert len(digests[0]) == len(digests[1]) == 1 and digests[0][0][2] == digests[1][0][2]
+    history = json.loads((outs[0] / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert not (outs[1] / CHECKPOINT).exists()  # workers write nothing of their own
+
+    # The restarted run is a new MLflow run, and its id is the one register will read.
+    stdout = second[0][1]
+    result = json.loads(stdout[stdout.rindex("\n{") + 1:])  # the CLI's result, after the epoch lines
+    assert (outs[0] / "mlflow_run_id").read_text() == result["mlflow_run_id"] != first_run_id

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ import pytest
 from bincounter import ingest as ingest_mod
 from bincounter.config import IngestConfig, SourceConfig, SynthConfig
 from bincounter.ingest import ERRORS, MANIFEST, ingest, load_manifest
+from bincounter.ids import InvalidId
 from bincounter.s3server import LocalS3, S3Proxy, free_port
 from bincounter.sources import LocalSource, S3Source, SourceError
 from bincounter.synth import generate
@@ -56,7 +58,7 @@ def broken(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> Path:
     for id_ in ("00001", "00002", "00003"):
         shutil.copy(dataset / "bin-images" / f"{id_}.jpg", root / "bin-images" / f"{id_}.jpg")
         shutil.copy(dataset / "metadata" / f"{id_}.json", root / "metadata" / f"{id_}.json")
-    shutil.copy(dataset / "metadata" / "00004.json", root / "metadata" / "orphan.json")
+    shutil.copy(dataset / "metadata" / "00004.json", root / "metadata" / "00004.json")  # its image is not
     return root
 
 
@@ -241,9 +243,9 @@ def test_metadata_without_image_is_recorded_not_fatal(proxy, dataset, tmp_path):
     result = ingest(_cfg(proxy.endpoint, uri=f"s3://{BUCKET}/broken"), tmp_path)
     assert (result.downloaded, result.failed) == (3, 1)
     errors = [json.loads(line) for line in (tmp_path / ERRORS).read_text().splitlines()]
-    assert [(e["id"], e["reason"]) for e in errors] == [("orphan", "missing_image")]
-    assert "broken/bin-images/orphan.jpg" in errors[0]["detail"]
-    assert not (tmp_path / "metadata" / "orphan.json").exists()  # no half pair on disk
+    assert [(e["id"], e["reason"]) for e in errors] == [("00004", "missing_image")]
+    assert "broken/bin-images/00004.jpg" in errors[0]["detail"]
+    assert not (tmp_path / "metadata" / "00004.json").exists()  # no half pair on disk
     assert sorted(_assert_verified(tmp_path, dataset)) == ["00001", "00002", "00003"]
 
 
@@ -297,9 +299,9 @@ def test_a_burst_of_errors_longer_than_botocores_retry_quota(s3, dataset, tmp_pa
 
 def test_errors_that_are_not_transient_are_not_retried(s3, tmp_path):
     with S3Proxy(s3.endpoint) as proxy:
-        result = ingest(_cfg(proxy.endpoint, ids=("00001", "nope")), tmp_path)
+        result = ingest(_cfg(proxy.endpoint, ids=("00001", "99999")), tmp_path)
     assert result.failed == 1 and result.retries == 0
-    assert sum(r.key == "metadata/nope.json" for r in proxy.gets()) == 1
+    assert sum(r.key == "metadata/99999.json" for r in proxy.gets()) == 1
 
 
 def test_a_second_ingest_into_the_same_folder_is_refused(dataset, tmp_path):
@@ -391,3 +393,63 @@ def test_a_file_changed_after_download_is_fetched_again(dataset, tmp_path):
     result = ingest(cfg, tmp_path)
     assert (result.skipped, result.downloaded) == (1, 1)
     _assert_verified(tmp_path, dataset)
+
+
+# --------------------------------------------------------------------------- hostile ids
+
+HOSTILE_IDS = ["../../outside/00001", "/etc/passwd", "00001/../00002", "..", "abc", "", "１２３", "00001\n"]
+
+
+@pytest.mark.parametrize("bad", HOSTILE_IDS)
+def test_configured_ids_that_are_not_dataset_ids_are_refused_naming_them(dataset, bad):
+    with pytest.raises(ValueError, match=f"invalid id {re.escape(repr(bad))}"):
+        IngestConfig(source=SourceConfig(uri=str(dataset)), ids=("00001", bad))
+
+
+def test_an_id_never_reaches_a_path_or_key_unchecked(s3, dataset, tmp_path):
+    """The last gate, whatever the caller: a source builds no key from a hostile id, so the
+    local source reads nothing outside its folder and ingest writes nothing outside its own."""
+    for source in (LocalSource(dataset), S3Source(SourceConfig(uri=f"s3://{BUCKET}", endpoint_url=s3.endpoint))):
+        for bad in ("../bin-images/00001", "../../x", "/etc/passwd"):
+            with pytest.raises(InvalidId, match=re.escape(repr(bad))):
+                source.key("bin-images", bad)
+    with pytest.raises(InvalidId):
+        ingest_mod._fetch_one(LocalSource(dataset / "metadata"), tmp_path / "out", "../metadata/00001")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_list_with_a_bad_id_is_refused_before_any_download(proxy, tmp_path):
+    file_list = tmp_path / "file_list.json"
+    file_list.write_text(json.dumps({"1": ["data/metadata/00003.json", "data/metadata/x..json"]}))
+    with pytest.raises(ValueError, match=r"invalid id 'x\.'.*file_list\.json.*x\.\.json"):
+        ingest(_cfg(proxy.endpoint, file_list=str(file_list)), tmp_path / "out")
+    assert not proxy.gets()
+    assert not (tmp_path / "out" / "metadata").exists()
+
+
+def test_listed_names_that_are_not_dataset_ids_are_skipped_with_a_warning(s3, proxy, dataset, tmp_path, caplog):
+    """A bucket (or folder) may hold anything under metadata/: only digit ids are the dataset's."""
+    client = s3.client()
+    hostile = ["metadata/..json", "metadata/notes.json", "metadata/a b.json", "metadata/00001.json.bak"]
+    for key in ("metadata/00001.json", "bin-images/00001.jpg"):
+        client.put_object(Bucket=BUCKET, Key=f"hostile/{key}", Body=(dataset / key).read_bytes())
+    for key in hostile:
+        client.put_object(Bucket=BUCKET, Key=f"hostile/{key}", Body=(dataset / "metadata/00002.json").read_bytes())
+    with caplog.at_level("WARNING", logger="bincounter.sources"):
+        result = ingest(_cfg(proxy.endpoint, uri=f"s3://{BUCKET}/hostile"), tmp_path / "s3")
+    assert (result.downloaded, result.failed) == (1, 0)
+    assert sorted(load_manifest(tmp_path / "s3" / MANIFEST)) == ["00001"]
+    assert "notes.json" in caplog.text and "a b.json" in caplog.text
+
+    local = tmp_path / "folder"
+    for key in ("metadata/00001.json", "bin-images/00001.jpg", *hostile):
+        (local / key).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(dataset / (key if key.endswith(("00001.json", ".jpg")) else "metadata/00002.json"), local / key)
+    result = ingest(IngestConfig(source=SourceConfig(uri=str(local)), progress=False), tmp_path / "local")
+    assert (result.downloaded, result.failed) == (1, 0)
+
+
+def test_a_manifest_line_with_a_hostile_id_is_ignored(tmp_path):
+    (tmp_path / MANIFEST).write_text("".join(json.dumps({"id": i, "count": 1}) + "\n"
+                                             for i in ("00001", "../../etc/passwd", "/tmp/x", 7)))
+    assert list(load_manifest(tmp_path / MANIFEST)) == ["00001"]

@@ -40,6 +40,49 @@ def test_missing_torchvision_weights_fail_loudly(monkeypatch):
         build_model(ModelSpec(backbone="resnet18", num_classes=6), pretrained="torchvision")
 
 
+def no_downloads(monkeypatch) -> list:
+    """torchvision's get_model as on a machine without network: asking for weights fails.
+    Returns the list of weights asked for."""
+    import torchvision
+
+    real, asked = torchvision.models.get_model, []
+
+    def offline(name, weights=None):
+        asked.append(weights)
+        if weights is not None:
+            raise urllib.error.URLError("no network")
+        return real(name)
+
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    return asked
+
+
+def test_auto_never_downloads_torchvision_weights_and_says_so(monkeypatch, caplog):
+    """'auto' means packaged offline weights where they exist, else none: a torchvision backbone
+    starts from random weights offline, with a log line saying so; only 'torchvision' downloads."""
+    asked = no_downloads(monkeypatch)
+    with caplog.at_level("INFO", logger="bincounter.models"):
+        model = build_model(ModelSpec(backbone="resnet18", num_classes=6), pretrained="auto")
+    assert asked == [None] and model.backbone.fc.__class__.__name__ == "Identity"
+    assert "resnet18" in caplog.text and "random weights" in caplog.text and "torchvision" in caplog.text
+    with pytest.raises(WeightsUnavailable):
+        build_model(ModelSpec(backbone="resnet18", num_classes=6), pretrained="torchvision")
+    assert asked[-1] is not None
+
+
+def test_the_tuners_default_backbones_get_pretrained_weights_offline(monkeypatch):
+    """The default search space must run on a machine without network, and compare backbones
+    that all start from pretrained weights (a random-init one would lose for the wrong reason)."""
+    from bincounter.tune import SearchSpace
+
+    no_downloads(monkeypatch)
+    for backbone in SearchSpace().backbone:
+        pretrained = build_model(ModelSpec(backbone=backbone, num_classes=6), pretrained="auto")
+        random = build_model(ModelSpec(backbone=backbone, num_classes=6), pretrained="none")
+        first = next(iter(random.backbone.state_dict()))
+        assert not torch.equal(pretrained.backbone.state_dict()[first], random.backbone.state_dict()[first]), backbone
+
+
 def test_weights_from_a_local_file(tmp_path):
     import torchvision
 

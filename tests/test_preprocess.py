@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -258,3 +260,102 @@ def test_worker_pool_gives_byte_identical_output(tmp_path):
     for shard in [s for split in SPLITS for s in info["shards"][split]]:
         assert (outs[0] / shard).read_bytes() == (outs[1] / shard).read_bytes()
     assert not (tmp_path / "w1.partial").exists()
+
+
+def test_a_manifest_id_that_is_not_a_file_name_is_quarantined_and_never_read(tmp_path):
+    """An ingest manifest naming '../../outside' must not pull in files from outside the folder
+    (nor write '../../outside.jpg' into a shard, where it would escape an extracting folder)."""
+    raw = tmp_path / "raw"
+    generate(SynthConfig(n_images=8, image_size=SIZE, seed=3), raw)
+    shutil.copy(raw / "bin-images" / "00001.jpg", tmp_path / "outside.jpg")  # where '../../outside' points
+    (tmp_path / "outside.json").write_bytes(_meta(1, {"A": _item(1)}))
+    ids = [p.stem for p in (raw / "metadata").glob("*.json")] + ["../../outside", "/tmp/x"]
+    (raw / "manifest.jsonl").write_text("".join(json.dumps({"id": i}) + "\n" for i in ids))
+    out = tmp_path / "data"
+    preprocess(PreprocessConfig(image_size=SIZE, workers=1), raw, out, progress=False)
+    quarantine = {q["id"]: q["reason"] for q in _jsonl(out / "quarantine.jsonl")}
+    assert quarantine == {"../../outside": v.INVALID_ID, "/tmp/x": v.INVALID_ID}
+    assert "outside" not in (out / "index.jsonl").read_text()
+    kept = [key for split in SPLITS for key, _, _ in read_samples(shard_urls(out, split))]
+    assert sorted(kept) == sorted(ids[:8])
+
+
+# A preprocess that SIGKILLs itself right after its k-th folder operation (rename, exchange or
+# delete) once the new dataset is complete: the moments at which it replaces the old dataset.
+KILL_AFTER_OP = """
+import os, shutil, signal, sys
+from bincounter import fileio, preprocess as pp
+from bincounter.config import PreprocessConfig
+
+in_dir, out_dir, size, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+if sys.argv[5] == "fallback":  # a file system without an atomic exchange
+    fileio._exchange = lambda a, b: False
+state = {"armed": False, "ops": 0}
+real_report = pp.write_data_report
+
+def report(*args, **kwargs):
+    result = real_report(*args, **kwargs)
+    state["armed"] = True  # the new dataset is complete beside the old one
+    return result
+
+def killing(fn):
+    def op(*args, **kwargs):
+        result = fn(*args, **kwargs)
+        if state["armed"]:
+            state["ops"] += 1
+            if state["ops"] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    return op
+
+pp.write_data_report = report
+os.replace, os.rename, shutil.rmtree = killing(os.replace), killing(os.rename), killing(shutil.rmtree)
+if hasattr(fileio, "_exchange"):
+    fileio._exchange = killing(fileio._exchange)
+pp.preprocess(PreprocessConfig(image_size=size, workers=1), in_dir, out_dir, progress=False)
+"""
+
+
+def _dataset_size(out: Path) -> int | None:
+    """The image size of the complete, readable dataset at ``out``; None if there is none."""
+    try:
+        info = load_dataset_info(out)
+        for split in SPLITS:
+            assert len(read_samples(shard_urls(out, split))) == info["sizes"][split]
+    except (OSError, ValueError, AssertionError):
+        return None
+    return info["image_size"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("swap", ["exchange", "fallback"])
+def test_a_preprocess_killed_while_replacing_its_output_leaves_a_whole_dataset(tmp_path, swap):
+    """With an atomic exchange the dataset is whole after a kill at any point; without one (the
+    fallback renames the old folder aside first) the old one is put back by the next run's first step."""
+    import subprocess
+    import sys
+
+    from bincounter.fileio import recover_dir
+
+    raw = tmp_path / "raw"
+    generate(SynthConfig(n_images=24, image_size=SIZE, seed=9), raw)
+    out = tmp_path / "data"
+    preprocess(PreprocessConfig(image_size=32, workers=1), raw, out, progress=False)  # the old dataset
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    kills = 0
+    for kill_at in range(1, 10):
+        proc = subprocess.run([sys.executable, "-c", KILL_AFTER_OP, str(raw), str(out), "48", str(kill_at), swap],
+                              env=env, capture_output=True, text=True, timeout=120)
+        if proc.returncode == 0:
+            break  # fewer folder operations than kill_at: it finished
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        kills += 1
+        if swap == "fallback":
+            recover_dir(out)
+        assert _dataset_size(out) in (32, 48), f"no whole dataset after a kill at folder operation {kill_at}"
+        # A rerun after the kill replaces whatever is there with a whole new dataset.
+        preprocess(PreprocessConfig(image_size=32, workers=1), raw, out, progress=False)
+        assert _dataset_size(out) == 32
+    assert kills >= 1 and proc.returncode == 0
+    assert _dataset_size(out) == 48
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".data", "data."))]  # nothing beside it

@@ -82,3 +82,17 @@ print(json.dumps({{"counts": out["count"].tolist(), "p": out["probabilities"].to
     assert len(out["counts"]) == 3 and all(0 <= c <= 5 for c in out["counts"])
     assert all(abs(sum(p) - 1) < 1e-4 for p in out["p"])
     assert out["meta"]["class_names"] == ["0", "1", "2", "3", "4", "5"]
+
+
+def test_registration_leaves_no_temporary_copy_of_the_model(model_dir, synth_dir, tmp_path, monkeypatch):
+    """Each registration stages the serving files in a temporary folder; it must be gone afterwards
+    (a leaked copy of the weights per call fills a long-lived worker's disk)."""
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    register(RegisterConfig(model_name="temp-test"), model_dir, {"accuracy": 0.5}, example_images=images(synth_dir))
+    register(RegisterConfig(model_name="temp-test"), model_dir, {"accuracy": 0.6}, example_images=images(synth_dir))
+    assert not list(scratch.glob("bincounter-serving-*"))
+    assert not list(scratch.rglob("model.pt")), "a copy of the weights was left in the temporary folder"

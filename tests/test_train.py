@@ -145,4 +145,54 @@ def test_profiler_trace_and_run_metrics_are_logged(data_dir, tmp_path):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"plots", "profile"} <= artifacts
     metrics = client.get_run(run.info.run_id).data.metrics
-    assert {"val_accuracy", "train_loss", "grad_norm_mean", "images_per_second", "step_loss", "lr"} <= set(metrics)
+    assert {"val_accuracy", "train_loss", "grad_norm_mean", "train_images_per_second", "train_seconds", "val_seconds",
+            "step_loss", "lr"} <= set(metrics)
+
+
+def test_training_throughput_leaves_validation_time_out(data_dir, tmp_path, monkeypatch):
+    """A slow validation must not lower the reported training throughput; its time is reported apart."""
+    import time
+
+    real_predict = train_module.predict_probs
+
+    def slow_validation(*args, **kwargs):
+        time.sleep(1.0)
+        return real_predict(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "predict_probs", slow_validation)
+    n_train = json.loads((data_dir / "dataset.json").read_text())["sizes"]["train"]
+    (h,) = train(TINY_TRAIN.model_copy(update={"epochs": 1}), data_dir, tmp_path / "m").history
+    assert h["val_seconds"] >= 1.0
+    assert h["train_seconds"] + h["val_seconds"] == pytest.approx(h["epoch_seconds"], abs=0.05)
+    assert h["images"] == n_train // TINY_TRAIN.batch_size * TINY_TRAIN.batch_size  # drop_last
+    assert h["train_images_per_second"] == pytest.approx(h["images"] / h["train_seconds"])
+    assert "images_per_second" not in h  # the old name mixed validation time in
+
+
+def test_without_a_validation_split_the_last_epoch_is_kept_and_training_never_stops_early(data_dir_without_val,
+                                                                                          tmp_path):
+    cfg = TINY_TRAIN.model_copy(update={"epochs": 3, "early_stopping_patience": 1})
+    result = train(cfg, data_dir_without_val, tmp_path / "m")
+    assert [h["epoch"] for h in result.history] == [1, 2, 3] and not result.stopped_early
+    assert not any(k.startswith("val_") and k != "val_seconds" for h in result.history for k in h)
+    best = torch.load(tmp_path / "m" / "model.pt", weights_only=False)
+    assert best["epoch"] == 2 and result.best_epoch == 3
+    ckpt = torch.load(tmp_path / "m" / CHECKPOINT, weights_only=False)
+    last = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    assert all(torch.equal(best["model"][k], last[k]) for k in last)  # the served (EMA) weights of the last epoch
+
+
+def test_a_restart_on_a_new_machine_is_a_new_run_and_register_reads_its_id(data_dir, tmp_path, monkeypatch):
+    """Resuming from the mirrored checkpoint must not bring back the interrupted run's id: the
+    restarted run's metrics go to the new run, and `bincounter register` reads the id file."""
+    from bincounter import launch
+
+    cfg = TINY_TRAIN.model_copy(update={"epochs": 2, "checkpoint_uri": str(tmp_path / "shared")})
+    calls = interrupt_second_epoch(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        launch.train(cfg, str(data_dir), str(tmp_path / "node-a"))
+    interrupted_run = (tmp_path / "node-a" / "mlflow_run_id").read_text()
+    calls["n"] = 10  # no more interruptions
+    meta = launch.train(cfg, str(data_dir), str(tmp_path / "node-b"))  # an empty folder on another machine
+    assert calls["n"] == 11  # it resumed: only the second epoch ran
+    assert (tmp_path / "node-b" / "mlflow_run_id").read_text() == meta["mlflow_run_id"] != interrupted_run

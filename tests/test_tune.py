@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from bincounter import train as train_module
 from bincounter.tune import (BEST_FILE, PLOT_FILE, SearchSpace, TuneConfig, apply_best, launch_tune, read_trials,
-                             sample, tune)
+                             run_trial, sample, tune)
 from tests.conftest import TINY_TRAIN
 
 # Seconds per trial, and still lr, batch size, momentum, weight decay and input size vary.
@@ -157,3 +157,20 @@ def test_tuning_off_leaves_the_training_config_alone(tmp_path):
     """trials=0 in the pipeline: an empty artifact that the train task can take unconditionally."""
     assert launch_tune(BASE, SPACE, None, "unused", str(tmp_path / "best")) == {"tuned": False}
     assert apply_best(BASE, tmp_path / "best") == BASE
+
+
+@pytest.mark.slow
+def test_a_trial_without_validation_metrics_fails_and_a_search_without_a_split_is_refused(data_dir_without_val,
+                                                                                          tmp_path):
+    """The trial guard must fire when training returns no validation metrics, and the search itself
+    must refuse a dataset without a validation split before training anything."""
+    from bincounter import tracking
+
+    params = sample(SPACE, SEED, 0)
+    with tracking.stage_run("tune"):  # trials are child runs of the search's run
+        record = run_trial(0, params, BASE, data_dir_without_val, tmp_path / "trial")
+    assert record["status"] == "failed" and "no validation metrics" in record["error"], record
+    assert record["val_accuracy"] is None
+    with pytest.raises(ValueError, match="no validation split"):
+        tune(BASE, SPACE, data_dir_without_val, tmp_path / "search", TuneConfig(trials=1, seed=SEED))
+    assert not (tmp_path / "search" / "trials.jsonl").exists()

@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 from bincounter.fileio import atomic_write
 
-MIRRORED = ("checkpoint.pt", "model.pt", "mlflow_run_id")
+# checkpoint.pt last: it is what says "resume from here", so it is pushed (and restored) only
+# after the weights it refers to. The MLflow run id is not mirrored: a restart on a new machine
+# is a new run, and its id (written by the launcher) is the one a later registration must use.
+MIRRORED = ("model.pt", "checkpoint.pt")
+RESTORING = ".restoring"  # where restore gathers the files before moving any into place
 
 
 class CheckpointMirror:
@@ -40,22 +45,45 @@ class CheckpointMirror:
                 atomic_write(Path(self.uri) / name, path.read_bytes())
 
     def restore(self, local_dir: Path) -> bool:
-        """Fetch the mirrored files when ``local_dir`` has no checkpoint; True if one arrived."""
-        if not self.uri or (local_dir / "checkpoint.pt").exists():
-            return False
-        local_dir.mkdir(parents=True, exist_ok=True)
-        for name in MIRRORED:
-            if self.uri.startswith("s3://"):
-                from botocore.exceptions import ClientError
+        """Fetch the mirrored files when ``local_dir`` has no checkpoint; True if one arrived.
 
-                client, bucket, prefix = self._s3()
-                try:
-                    data = client.get_object(Bucket=bucket, Key=prefix + name)["Body"].read()
-                except ClientError as exc:
-                    if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                        continue
-                    raise
-                atomic_write(local_dir / name, data)
-            elif (Path(self.uri) / name).exists():
-                shutil.copyfile(Path(self.uri) / name, local_dir / name)
-        return (local_dir / "checkpoint.pt").exists()
+        All of them are fetched into a temporary folder first, then moved into place with the
+        checkpoint last: a restore that fails or is killed halfway leaves no checkpoint, so the
+        next start restores again instead of resuming with weights missing.
+        """
+        if not self.uri:
+            return False
+        staging = local_dir / RESTORING
+        shutil.rmtree(staging, ignore_errors=True)  # left by a killed restore
+        if (local_dir / "checkpoint.pt").exists():
+            return False
+        staging.mkdir(parents=True)
+        try:
+            fetched = [name for name in MIRRORED if self._fetch(name, staging / name)]
+            if "checkpoint.pt" not in fetched:
+                return False
+            for name in fetched:  # MIRRORED order: checkpoint.pt last
+                os.replace(staging / name, local_dir / name)
+            return True
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _fetch(self, name: str, dest: Path) -> bool:
+        """Copy one mirrored file to ``dest``; False when the mirror does not have it."""
+        if self.uri.startswith("s3://"):
+            from botocore.exceptions import ClientError
+
+            client, bucket, prefix = self._s3()
+            try:
+                data = client.get_object(Bucket=bucket, Key=prefix + name)["Body"].read()
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return False
+                raise
+            dest.write_bytes(data)
+            return True
+        source = Path(self.uri) / name
+        if not source.exists():
+            return False
+        shutil.copyfile(source, dest)
+        return True

@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from bincounter.ids import check_id
+
 
 class _Config(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -70,6 +72,12 @@ class IngestConfig(_Config):
     read_timeout: float = Field(30.0, gt=0)
     progress: bool = True
 
+    @field_validator("ids")
+    @classmethod
+    def _ids_are_dataset_ids(cls, ids: tuple[str, ...]) -> tuple[str, ...]:
+        # They become file names in the output folder: "../x" must never get that far.
+        return tuple(check_id(i, "ingest ids") for i in ids)
+
 
 class PreprocessConfig(_Config):
     """Validate, clean, split, resize and pack into webdataset shards."""
@@ -80,7 +88,8 @@ class PreprocessConfig(_Config):
     overflow: Literal["drop", "class"] = Field(
         "drop", description="Counts above K: drop them, or pool them in one 'K+1 or more' class."
     )
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="0: no validation split; training then keeps "
+                                "the last epoch's weights without early stopping, and a search is refused.")
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     split_salt: str = Field("bincounter", description="Salt of the id hash that assigns splits.")
     on_inconsistent_quantity: Literal["keep", "drop"] = Field(

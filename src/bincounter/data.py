@@ -17,9 +17,18 @@ from bincounter.transforms import decode_bytes
 DECODED_CACHE_BYTES = 6 * 2**30
 
 
+CACHE_INDEX = ".bincounter-etags.json"  # in a cached copy: relative path -> ETag of the object it holds
+
+
 def materialize(data_dir: str | Path, cache: str | Path | None = None) -> Path:
     """A local folder for a preprocessed dataset: the folder itself, or for ``s3://bucket/prefix``
-    a cached copy (objects already there with the same size are not fetched again)."""
+    a cached copy.
+
+    The copy is keyed on content, not size: each file is fetched again unless it came from an
+    object with the ETag the listing shows now (and is fetched with ``IfMatch`` on that ETag),
+    and files whose objects are gone are deleted. A dataset regenerated at the same URI so
+    replaces the old one whole, even where a new shard has an old one's size.
+    """
     text = str(data_dir)
     if not text.startswith("s3://"):
         return Path(data_dir)
@@ -29,17 +38,41 @@ def materialize(data_dir: str | Path, cache: str | Path | None = None) -> Path:
     import boto3
 
     from bincounter.fileio import atomic_write
+    from bincounter.ids import safe_join
 
     bucket, _, prefix = text[len("s3://"):].partition("/")
     prefix = prefix.strip("/") + "/"
     root = Path(cache or os.environ.get("BINCOUNTER_CACHE", Path.home() / ".cache" / "bincounter"))
     local = root / hashlib.sha256(text.encode()).hexdigest()[:16]
+    index_path = local / CACHE_INDEX
+    held: dict[str, str] = json.loads(index_path.read_text()) if index_path.exists() else {}
     client = boto3.client("s3")  # endpoint and credentials from the usual AWS_* settings
+    listed: dict[str, tuple[str, str]] = {}  # relative path -> (key, ETag)
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
-            dest = local / obj["Key"][len(prefix):]
-            if not (dest.exists() and dest.stat().st_size == obj["Size"]):
-                atomic_write(dest, client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
+            relative = obj["Key"][len(prefix):]
+            if not relative or relative.endswith("/") or relative == CACHE_INDEX:
+                continue  # a "folder" marker (or our own index's name), not a file of the dataset
+            safe_join(local, relative, what=f"key {obj['Key']!r} in {text}: relative path")
+            listed[relative] = (obj["Key"], obj["ETag"])
+    stale = [r for r in held if listed.get(r, (None, None))[1] != held[r]]
+    todo = [r for r in listed if held.get(r) != listed[r][1] or not (local / r).exists()]
+    # Forget what is about to change before changing it: a kill mid-way then never leaves an
+    # entry vouching for a file that holds something else.
+    for relative in stale:
+        del held[relative]
+    atomic_write(index_path, json.dumps(held, sort_keys=True).encode())
+    try:
+        for relative in stale:
+            if relative not in listed:
+                (local / relative).unlink(missing_ok=True)
+        for relative in todo:
+            key, etag = listed[relative]
+            body = client.get_object(Bucket=bucket, Key=key, IfMatch=etag)["Body"].read()
+            atomic_write(local / relative, body)
+            held[relative] = etag
+    finally:
+        atomic_write(index_path, json.dumps(held, sort_keys=True).encode())
     if not (local / "dataset.json").exists():
         raise FileNotFoundError(f"{text} holds no dataset.json: not a preprocess output")
     return local
@@ -58,6 +91,8 @@ def read_samples(urls: list[str]) -> list[tuple[str, bytes, int]]:
     DistributedSampler divides it (webdataset's default node splitter refuses to run there).
     """
     out = []
+    if not urls:  # an empty split (val_fraction=0): webdataset refuses an empty shard list
+        return out
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None,
                                  workersplitter=None):
         out.append((sample["__key__"], sample["jpg"], int(sample["cls"])))

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from bincounter.config import IngestConfig
 from bincounter.fileio import atomic_write
+from bincounter.ids import check_id, is_dataset_id
 from bincounter.sources import IMAGES, METADATA, ObjectMissing, Source, SourceError, open_source
 
 MANIFEST = "manifest.jsonl"
@@ -48,15 +49,18 @@ def sha256(data: bytes) -> str:
 
 
 def ids_from_file_list(path: str | Path) -> list[str]:
-    """Ids named by a Udacity ``file_list.json`` (``{"1": ["data/metadata/100313.json", ...]}``)."""
+    """Ids named by a Udacity ``file_list.json`` (``{"1": ["data/metadata/100313.json", ...]}``).
+
+    Every id is checked before any is fetched: one that is not a dataset id fails the whole list.
+    """
     raw = json.loads(Path(path).read_text())
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected an object mapping counts to metadata paths")
+    if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
+        raise ValueError(f"{path}: expected an object mapping counts to lists of metadata paths")
     ids: list[str] = []
     for entries in raw.values():
         for entry in entries:
             stem = str(entry).rsplit("/", 1)[-1]
-            ids.append(stem.removesuffix(".json").removesuffix(".jpg"))
+            ids.append(check_id(stem.removesuffix(".json").removesuffix(".jpg"), f"{path}: {entry!r}"))
     return list(dict.fromkeys(ids))
 
 
@@ -79,7 +83,8 @@ def load_manifest(path: Path) -> dict[str, dict]:
             entry = json.loads(line)
         except ValueError:
             continue
-        if isinstance(entry, dict) and "id" in entry:
+        # An entry whose id could not be a file name is ignored like a torn line (never read).
+        if isinstance(entry, dict) and is_dataset_id(entry.get("id")):
             entries[entry["id"]] = entry
     return entries
 

@@ -65,9 +65,10 @@ def train(cfg: TrainConfig, data_dir: str, model_dir: str, *, tracking_uri: str 
         from bincounter.report import html_page
 
         pngs = sorted((Path(model_dir) / "plots").glob("*.png"))
-        Path(curves_html).write_text(html_page("Training", [f"best epoch {r.best_epoch}: "
-                                                            f"val accuracy {r.best.get('val_accuracy', 0):.4f}, "
-                                                            f"val RMSE {r.best.get('val_rmse', 0):.4f}"], pngs))
+        verdict = (f"best epoch {r.best_epoch}: val accuracy {r.best['val_accuracy']:.4f}, "
+                   f"val RMSE {r.best['val_rmse']:.4f}" if "val_accuracy" in r.best
+                   else f"no validation split: the last epoch ({r.best_epoch}) is kept")
+        Path(curves_html).write_text(html_page("Training", [verdict], pngs))
     return {"mlflow_run_id": mlrun.info.run_id, "best_epoch": r.best_epoch,
             "val_accuracy": r.best.get("val_accuracy"), "val_rmse": r.best.get("val_rmse"),
             "backbone": cfg.backbone, "image_size": cfg.image_size, "stopped_early": r.stopped_early}

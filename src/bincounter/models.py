@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -105,9 +108,11 @@ def _lite0(pretrained: str) -> tuple[nn.Module, int]:
 def _torchvision(name: str, pretrained: str) -> tuple[nn.Module, int]:
     import torchvision
 
-    weights = None
-    if pretrained in ("auto", "torchvision"):
-        weights = "DEFAULT"
+    # torchvision's weights are a download: only on request ('torchvision'), never by default.
+    weights = "DEFAULT" if pretrained == "torchvision" else None
+    if pretrained == "auto":
+        log.info("pretrained=auto: no packaged offline weights for %s, so it starts from random weights "
+                 "(pass --train.pretrained torchvision to download ImageNet weights)", name)
     try:
         net = torchvision.models.get_model(name, weights=weights)
     except Exception as exc:  # download errors come as URLError, OSError, RuntimeError...
@@ -163,6 +168,8 @@ def build_backbone(name: str, pretrained: str = "auto") -> tuple[nn.Module, int]
     if name == "tiny_cnn":
         if pretrained not in ("auto", "none"):
             raise WeightsUnavailable("tiny_cnn has no pretrained weights")
+        if pretrained == "auto":
+            log.info("pretrained=auto: tiny_cnn has no pretrained weights, so it starts from random weights")
         net = _TinyCNN()
         return net, net.out_features
     if name in TORCHVISION_BACKBONES:

@@ -20,14 +20,16 @@ def training_curves(history: list[dict], out_dir: Path) -> list[Path]:
     ax1.set_ylabel("loss")
     ax1.legend()
     ax2.plot(epochs, [h["train_accuracy"] for h in history], marker="o", label="train accuracy")
-    ax2.plot(epochs, [h["val_accuracy"] for h in history], marker="o", label="val accuracy")
     ax2b = ax2.twinx()
-    ax2b.plot(epochs, [h["val_rmse"] for h in history], color="tab:red", linestyle="--", label="val RMSE")
+    if all("val_accuracy" in h for h in history):  # absent when there is no validation split
+        ax2.plot(epochs, [h["val_accuracy"] for h in history], marker="o", label="val accuracy")
+        ax2b.plot(epochs, [h["val_rmse"] for h in history], color="tab:red", linestyle="--", label="val RMSE")
     ax2b.set_ylabel("RMSE")
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("accuracy")
     ax2.legend(loc="upper left")
-    ax2b.legend(loc="upper right")
+    if ax2b.lines:
+        ax2b.legend(loc="upper right")
     curves = save_figure(fig, out_dir / "training_curves.png")
 
     fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from bincounter import validate as v
 from bincounter.config import PreprocessConfig
-from bincounter.fileio import atomic_write
+from bincounter.fileio import atomic_write, recover_dir, replace_dir
+from bincounter.ids import is_file_stem
 from bincounter.ingest import MANIFEST
 from bincounter.report import write_data_report  # at the top: forked workers inherit matplotlib
 from bincounter.sources import IMAGES, METADATA
@@ -67,16 +68,25 @@ def _visible(names: list[str], suffix: str) -> list[str]:
     return [n[: -len(suffix)] for n in names if n.endswith(suffix) and not n.startswith(".")]
 
 
-def list_ids(in_dir: Path) -> list[str]:
-    """Ids from the manifest when there is one, plus both folders (catching orphans)."""
+def list_ids(in_dir: Path, rejected: list[dict] | None = None) -> list[str]:
+    """Ids from the manifest when there is one, plus both folders (catching orphans).
+
+    A manifest id that is not a plain file name (``../../x``, ``/etc/x``) is never read: it
+    goes to ``rejected`` as a quarantine record instead.
+    """
     manifest = in_dir / MANIFEST
     ids: set[str] = set()
     if manifest.exists():
         for line in manifest.read_text().splitlines():
             try:
-                ids.add(json.loads(line)["id"])
+                id_ = json.loads(line)["id"]
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by a killed ingest names nothing reliable
+            if is_file_stem(id_):
+                ids.add(id_)
+            elif rejected is not None:
+                rejected.append({"id": str(id_), "reason": v.INVALID_ID,
+                                 "detail": f"{MANIFEST} names {id_!r}, which is not a file name"})
     for sub, suffix in ((IMAGES, ".jpg"), (METADATA, ".json")):
         folder = in_dir / sub
         if folder.is_dir():
@@ -286,14 +296,16 @@ def _processed(ids: list[str], pool: ProcessPoolExecutor | None, workers: int,
 
 def preprocess(cfg: PreprocessConfig, in_dir: str | Path, out_dir: str | Path,
                progress: bool = True) -> PreprocessResult:
-    """Run every check, split, resize and pack. Writes into a temporary folder first and
-    renames it into place, so a killed run leaves no half-written dataset."""
+    """Run every check, split, resize and pack. Writes into a folder beside ``out_dir`` and swaps
+    it into place, so a killed run leaves the previous dataset or the new one, never neither."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     tmp_dir = out_dir.with_name(out_dir.name + ".partial")
+    recover_dir(out_dir)
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
 
-    ids = list_ids(in_dir)
+    rejected: list[dict] = []
+    ids = list_ids(in_dir, rejected)
     if not ids:
         raise ValueError(f"{in_dir} holds no photos or metadata in the bucket's layout")
 
@@ -304,7 +316,7 @@ def preprocess(cfg: PreprocessConfig, in_dir: str | Path, out_dir: str | Path,
     examples: dict[str, list[tuple[Sample, bytes]]] = {s: [] for s in SPLITS}
     per_label: Counter[int] = Counter()
     index: list[dict] = []
-    quarantine: list[dict] = []
+    quarantine: list[dict] = rejected
     seen_hash: dict[str, str] = {}
     null_dims = 0
     workers = cfg.workers or os.cpu_count() or 1
@@ -342,8 +354,7 @@ def preprocess(cfg: PreprocessConfig, in_dir: str | Path, out_dir: str | Path,
             w.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp_dir, out_dir)
+    replace_dir(tmp_dir, out_dir)
     return PreprocessResult(out_dir=out_dir, sizes=dataset["sizes"], quarantined=dataset["quarantined"],
                             classes=cfg.class_names(), shards=shards)
 

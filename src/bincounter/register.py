@@ -7,8 +7,10 @@ promoted); the decision and its reason are recorded as version tags either way.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,29 +64,34 @@ def log_pyfunc(model_dir: str | Path, example_images: list[bytes]):
                         ColSpec("double", "expected_count"), ColSpec(Array("double"), "probabilities")]),
     )
     # Only the weights and spec travel as artifacts; checkpoints and plots stay with the run.
-    artifacts = {"model_dir": str(_serving_files(Path(model_dir)))}
-    return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=BinCounterModel(),
-        artifacts=artifacts,
-        code_paths=[str(Path(bincounter.__file__).parent)],
-        signature=signature,
-        # Two rows: the signature is column-based, so no batch size is pinned.
-        input_example=pd.DataFrame({"image": example_images[:2]}) if example_images else None,
-        pip_requirements=_requirements(),
-        metadata={k: spec.get(k) for k in ("class_names", "image_size", "mean", "std", "backbone", "tta", "rot90", "min_count")},
-    )
+    with _serving_files(Path(model_dir)) as serving_dir:
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=BinCounterModel(),
+            artifacts={"model_dir": str(serving_dir)},
+            code_paths=[str(Path(bincounter.__file__).parent)],
+            signature=signature,
+            # Two rows: the signature is column-based, so no batch size is pinned.
+            input_example=pd.DataFrame({"image": example_images[:2]}) if example_images else None,
+            pip_requirements=_requirements(),
+            metadata={k: spec.get(k) for k in ("class_names", "image_size", "mean", "std", "backbone", "tta", "rot90",
+                                               "min_count")},
+        )
 
 
-def _serving_files(model_dir: Path) -> Path:
+@contextlib.contextmanager
+def _serving_files(model_dir: Path) -> Iterator[Path]:
+    """A temporary folder holding just the serving files, removed once MLflow has copied them
+    (a leaked copy of the weights per registration would fill the disk of a long-lived worker)."""
     import shutil
     import tempfile
 
-    out = Path(tempfile.mkdtemp(prefix="bincounter-serving-")) / "model"
-    out.mkdir()
-    for name in ("model.pt", "model_spec.json"):
-        shutil.copy2(model_dir / name, out / name)
-    return out
+    with tempfile.TemporaryDirectory(prefix="bincounter-serving-") as tmp:
+        out = Path(tmp) / "model"
+        out.mkdir()
+        for name in ("model.pt", "model_spec.json"):
+            shutil.copy2(model_dir / name, out / name)
+        yield out
 
 
 def _requirements() -> list[str]:

@@ -5,6 +5,7 @@ Layout: ``<root>/bin-images/<id>.jpg`` and ``<root>/metadata/<id>.json``.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Protocol
 
 from bincounter.config import SourceConfig
+from bincounter.ids import check_id, is_dataset_id
+
+log = logging.getLogger(__name__)
 
 IMAGES = "bin-images"
 METADATA = "metadata"
@@ -57,6 +61,23 @@ def _stem(name: str, suffix: str) -> str | None:
     return base[: -len(suffix)] if base.endswith(suffix) and len(base) > len(suffix) else None
 
 
+def _listed_id(name: str, where: str) -> str | None:
+    """The dataset id a listed metadata name stands for; None (with a warning naming it) for
+    anything else in the folder, which is not part of the dataset and never becomes a path."""
+    stem = _stem(name, ".json")
+    if stem is None:
+        return None
+    if not is_dataset_id(stem):
+        log.warning("skipped %s in %s: %r is not a dataset id (digits)", name, where, stem)
+        return None
+    return stem
+
+
+def _key(kind: str, id_: str) -> str:
+    check_id(id_)  # the last gate before an id names an object or a file
+    return f"{IMAGES}/{id_}.jpg" if kind == IMAGES else f"{METADATA}/{id_}.json"
+
+
 class LocalSource:
     """A folder in the bucket's layout."""
 
@@ -70,12 +91,12 @@ class LocalSource:
     def iter_ids(self) -> Iterator[str]:
         # Sorted like an S3 listing, so "the first N ids" means the same on both sources.
         for name in sorted(os.listdir(self.root / METADATA)):
-            stem = _stem(name, ".json")
+            stem = _listed_id(name, str(self.root / METADATA))
             if stem is not None:
                 yield stem
 
     def key(self, kind: str, id_: str) -> str:
-        return f"{IMAGES}/{id_}.jpg" if kind == IMAGES else f"{METADATA}/{id_}.json"
+        return _key(kind, id_)
 
     def read(self, key: str) -> bytes:
         path = self.root / key
@@ -219,7 +240,7 @@ class S3Source:
         while True:
             page = self._call("list", lambda: self.client.list_objects_v2(**kwargs))
             for obj in page.get("Contents", []):
-                stem = _stem(obj["Key"], ".json")
+                stem = _listed_id(obj["Key"], f"s3://{self.bucket}/{self.prefix}{METADATA}/")
                 if stem is not None:
                     yield stem
             if not page.get("IsTruncated"):
@@ -227,8 +248,7 @@ class S3Source:
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
     def key(self, kind: str, id_: str) -> str:
-        name = f"{IMAGES}/{id_}.jpg" if kind == IMAGES else f"{METADATA}/{id_}.json"
-        return f"{self.prefix}{name}"
+        return f"{self.prefix}{_key(kind, id_)}"
 
     def read(self, key: str) -> bytes:
         # The body is read inside the retried call: a transfer cut short is fetched again.

@@ -257,7 +257,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, epoch:
     _check_gradients(grad_norms, epoch)
     return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
             "grad_norm_mean": float(np.mean(grad_norms)) if grad_norms else 0.0,
-            "lr": optimizer.param_groups[-1]["lr"], "steps": len(grad_norms)}
+            "lr": optimizer.param_groups[-1]["lr"], "steps": len(grad_norms), "images": seen}
 
 
 def _check_gradients(norms: list[float], epoch: int) -> None:
@@ -320,6 +320,10 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
     val_ds = load_split(data_dir, "val", EvalTransform(size=cfg.image_size, mean=mean, std=std))
     if len(train_ds) == 0:
         raise ValueError(f"{data_dir} has no training samples")
+    validated = len(val_ds) > 0
+    if not validated and is_main:
+        log.warning("%s has no validation split (val_fraction=0): keeping the last epoch's weights, "
+                    "early stopping off, no val_* metrics", data_dir)
 
     seed_everything(cfg.seed)
     model = build_model(spec, pretrained=cfg.pretrained, freeze_backbone=cfg.freeze_backbone,
@@ -352,12 +356,18 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
     start_epoch, history, best, best_epoch, stale = 0, [], None, -1, 0
     ckpt_path = out_dir / CHECKPOINT
     mirror = CheckpointMirror(cfg.checkpoint_uri)
-    if is_main:
+    ckpt = None
+    if is_main:  # its own folder's checkpoint, else the mirror's (a restart on a new machine)
         mirror.restore(out_dir)
+        if ckpt_path.exists():
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     if world > 1:
-        dist.barrier()  # every rank sees the restored checkpoint before deciding to resume
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        # Every rank resumes from rank 0's checkpoint, whatever its own folder holds (a worker's is
+        # an emptyDir, or keeps an older epoch): else ranks would train different epochs and weights.
+        box = [ckpt]
+        dist.broadcast_object_list(box, src=0)
+        ckpt = box[0]
+    if ckpt is not None:
         if ckpt["args"] != cfg.model_dump():
             raise ValueError(f"{ckpt_path} was written with other settings; use a new output folder "
                              "or delete the checkpoint to start over")
@@ -369,8 +379,9 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, history = ckpt["epoch"] + 1, ckpt["history"]
         best, best_epoch, stale = ckpt["best"], ckpt["best_epoch"], ckpt["stale"]
-        if is_main:
-            log.info("resumed from %s at epoch %d", ckpt_path, start_epoch + 1)
+        log.info("rank %d/%d resumed at epoch %d, weights sha256=%s", rank, world, start_epoch + 1,
+                 state_digest(model))
+        del ckpt
 
     stopped_early = False
     for epoch in range(start_epoch, cfg.epochs):
@@ -391,6 +402,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
                                 profiler=profiler, ema=ema)
         if profiler is not None:
             profiler.stop()
+        t_train = time.perf_counter()
         val = {}
         # The averaged weights are the ones validated, kept and served.
         served = ema.module if ema is not None else model
@@ -404,13 +416,17 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
             box = [val]
             dist.broadcast_object_list(box, src=0)
             val = box[0]
-        seconds = time.perf_counter() - t0
-        metrics = {"epoch": epoch + 1, **stats, "val_accuracy": val.get("accuracy", 0.0),
-                   "val_rmse": val.get("rmse", 0.0), "val_macro_f1": val.get("macro_f1", 0.0),
-                   "val_within_1": val.get("within_1", 0.0), "epoch_seconds": seconds,
-                   "images_per_second": stats["steps"] * cfg.batch_size * world / seconds}
+        t_end = time.perf_counter()
+        # Training throughput counts the training steps alone: validation time is its own metric.
+        train_seconds = t_train - t0
+        # Without a validation split there are no val_* metrics (zeros would read as a score).
+        val_metrics = {f"val_{k}": val.get(k, 0.0) for k in ("accuracy", "rmse", "macro_f1", "within_1")}
+        metrics = {"epoch": epoch + 1, **stats, **(val_metrics if validated else {}), "epoch_seconds": t_end - t0,
+                   "images": stats["images"] * world, "train_seconds": train_seconds, "val_seconds": t_end - t_train,
+                   "train_images_per_second": stats["images"] * world / train_seconds}
         history.append(metrics)
-        if _improved(metrics, best):
+        # Nothing to compare without validation: the latest weights are kept and nothing is stale.
+        if not validated or _improved(metrics, best):
             best, best_epoch, stale = metrics, epoch, 0
             if is_main:
                 save_atomic({"model": served.state_dict(), "spec": spec.to_dict(), "epoch": epoch}, out_dir / BEST)
@@ -419,8 +435,8 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
         if is_main:
             tracking.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
             # Katib's StdOut collector reads "name=value" lines.
-            print(f"epoch={epoch + 1} val_accuracy={metrics['val_accuracy']:.4f} val_rmse={metrics['val_rmse']:.4f} "
-                  f"train_loss={metrics['train_loss']:.4f}", flush=True)
+            scores = f"val_accuracy={metrics['val_accuracy']:.4f} val_rmse={metrics['val_rmse']:.4f} " if validated else ""
+            print(f"epoch={epoch + 1} {scores}train_loss={metrics['train_loss']:.4f}", flush=True)
             save_atomic({"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                          "optimizer": optimizer.state_dict(),
                          "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),

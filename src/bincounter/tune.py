@@ -54,8 +54,10 @@ class SearchSpace(_Config):
     momentum: tuple[float, float] = Field((0.8, 0.95), description="SGD momentum / Adam beta1, uniform.")
     weight_decay: tuple[float, float] = Field((1e-5, 1e-3), description="Weight decay, log-uniform.")
     image_size: tuple[int, ...] = Field((160, 192, 224), description="Training input size, one of these.")
-    backbone: tuple[Backbone, ...] = Field(("efficientnet_lite0", "resnet18", "mobilenet_v3_large"),
-                                           description="Backbone, one of these.")
+    backbone: tuple[Backbone, ...] = Field(
+        ("efficientnet_lite0",), description="Backbone, one of these. The default is the one with packaged "
+        "offline weights: torchvision backbones start from random weights unless the base config asks for "
+        "pretrained='torchvision' (a download), which would make the comparison unfair and the search need a network.")
 
     @field_validator("*", mode="before")
     @classmethod
@@ -203,7 +205,7 @@ def run_trial(index: int, params: dict, base: TrainConfig, data_dir: str | Path,
             record["config"] = _normalized(cfg.model_dump())
             mlflow.log_params({k: str(v) for k, v in cfg.flat("train.").items()})
             result = training.train(cfg, data_dir, trial_dir)
-            if not result.best:
+            if not all(k in result.best for k in VAL_METRICS):
                 raise RuntimeError("training produced no validation metrics (empty validation split?)")
             record.update({k: float(result.best[k]) for k in VAL_METRICS}, best_epoch=result.best_epoch,
                           status="ok")
@@ -230,6 +232,7 @@ def tune(base: TrainConfig, space: SearchSpace, data_dir: str | Path, out_dir: s
 
     ``base`` supplies every setting the space does not vary. Returns the best trial's config.
     """
+    _require_validation(data_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = {r["trial"]: r for r in read_trials(out_dir)}
@@ -263,6 +266,17 @@ def tune(base: TrainConfig, space: SearchSpace, data_dir: str | Path, out_dir: s
         _log_best(best, records, tcfg, out_dir)
     return TuneResult(best=best_cfg, best_trial=best, trials=records, out_dir=out_dir,
                       mlflow_run_id=parent.info.run_id)
+
+
+def _require_validation(data_dir: str | Path) -> None:
+    """A search ranks trials by validation metrics: without a validation split every trial would
+    fail, so say so once, up front."""
+    from bincounter.data import materialize
+    from bincounter.preprocess import load_dataset_info
+
+    if not load_dataset_info(materialize(data_dir))["sizes"]["val"]:
+        raise ValueError(f"{data_dir} has no validation split (preprocess val_fraction=0): a search needs one "
+                         "to compare trials")
 
 
 def _resumable_parent(out_dir: Path, tracking_uri: str | None, experiment: str) -> str | None:

@@ -22,6 +22,7 @@ NO_QUANTITY = "missing_expected_quantity"
 INCONSISTENT = "inconsistent_quantity"
 DUPLICATE = "duplicate_image"
 OUT_OF_RANGE = "count_out_of_range"
+INVALID_ID = "invalid_id"  # a manifest id that could not be a file name ("../x"): never read
 
 JPEG_SOI = b"\xff\xd8\xff"  # start-of-image marker, then the first segment's marker
 
