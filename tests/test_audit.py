@@ -127,7 +127,7 @@ def test_expected_counts_from_a_csv_with_hostile_rows(pod, tmp_path):
     assert set(table["id"]) == {"00001", "00002"}
     assert table.set_index("id").loc["00001", "verdict"] == "match"
     errors = pd.read_csv(out / ERRORS_FILE, dtype=str).set_index("id")["reason"]
-    assert "invalid photo id '../../etc/passwd'" in errors["csv line 5"]
+    assert "invalid id '../../etc/passwd'" in errors["csv line 5"]
     assert "invalid literal" in errors["csv line 6"] and "outside 0..1000" in errors["csv line 7"]
     assert "listed again" in errors["00002"]
     assert "could not count" in errors["00005"] and "does not exist" in errors["99999"]

@@ -38,7 +38,8 @@ from bincounter.audit_outputs import (  # noqa: F401 - the audit's public names 
     write_outputs,
 )
 from bincounter.config import AuditConfig
-from bincounter.sources import IMAGES, METADATA, LocalSource, ObjectMissing, check_id, open_source
+from bincounter.ids import check_id
+from bincounter.sources import IMAGES, METADATA, LocalSource, ObjectMissing, open_source
 from bincounter.verdict import first_count, probability_of, verdict
 
 JOURNAL = "audit_journal.sqlite"

@@ -40,22 +40,6 @@ class Source(Protocol):
     def check(self) -> None: ...
 
 
-# The dataset's ids are digits; letters, '_', '-' and inner dots are allowed for other
-# datasets in the same layout. No '/', no leading dot: an id is one file name, never a path.
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-
-
-def check_id(id_: object) -> str:
-    """``id_`` if it is a safe photo id; ValueError naming it otherwise.
-
-    Ids become object keys and file names: ``../x`` or an absolute path must never reach one.
-    """
-    if not isinstance(id_, str) or not _ID.fullmatch(id_) or ".." in id_:
-        raise ValueError(f"invalid photo id {id_!r}: expected 1-128 letters, digits, '_', '-' or '.', "
-                         "starting with a letter or digit")
-    return id_
-
-
 def _stem(name: str, suffix: str) -> str | None:
     base = name.rsplit("/", 1)[-1]
     return base[: -len(suffix)] if base.endswith(suffix) and len(base) > len(suffix) else None
