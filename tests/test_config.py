@@ -43,3 +43,16 @@ def test_flat_params_cover_nested_configs():
 
 def test_ingest_ids_keep_leading_zeros():
     assert IngestConfig(ids=("523", "00523")).ids == ("523", "00523")
+
+
+def test_registry_metric_is_one_the_evaluation_reports():
+    from pydantic import ValidationError
+
+    from bincounter.config import EVAL_METRICS, RegisterConfig
+
+    with pytest.raises(ValidationError):
+        RegisterConfig(metric="acuracy")  # a typo once promoted every version
+    assert "rmse" in EVAL_METRICS and "accuracy" in EVAL_METRICS
+    assert RegisterConfig(metric="rmse").higher_is_better is False  # the metric's own direction
+    assert RegisterConfig(metric="accuracy").higher_is_better is True
+    assert RegisterConfig(metric="rmse", greater_is_better=True).higher_is_better is True

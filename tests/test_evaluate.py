@@ -20,3 +20,6 @@ def test_evaluate_writes_metrics_plots_and_report(model_dir, data_dir, tmp_path)
     lines = (tmp_path / "predictions.csv").read_text().splitlines()
     assert len(lines) == test_size + 1
     assert set(result.summary()) <= set(m)
+    from bincounter.config import EVAL_METRICS
+
+    assert set(result.summary()) == set(EVAL_METRICS)  # the promotion gate accepts exactly these

@@ -15,6 +15,7 @@ from typing import Annotated
 import tyro
 
 from bincounter.config import (
+    ClusterConfig,
     DeployConfig,
     EvaluateConfig,
     IngestConfig,
@@ -133,11 +134,15 @@ def pipeline_run(cfg: Annotated[PipelineConfig, Flat] = PipelineConfig(), tracki
     run_local(cfg, tracking_uri or default_tracking_uri(), cfg.pipeline_root or home() / "kfp")
 
 
-def pipeline_compile(out: Path = Path("pipeline.yaml"), gpus: int = 0) -> None:
-    """Compile the pipeline to an IR YAML for Kubeflow Pipelines (upload it, or submit with kfp.Client)."""
+def pipeline_compile(out: Path = Path("pipeline.yaml"), cfg: Annotated[PipelineConfig, Flat] = PipelineConfig(),
+                     cluster: ClusterConfig = ClusterConfig()) -> None:
+    """Compile the pipeline to an IR YAML for Kubeflow Pipelines (upload it, or 'pipeline submit' it).
+
+    The stage options become the pipeline parameters' defaults; --cluster.* options set images,
+    secrets, resources, retries, caching and GPU placement of the tasks."""
     from pipelines.runner import compile_pipeline
 
-    _print({"compiled": str(compile_pipeline(out, gpus=gpus))})
+    _print({"compiled": str(compile_pipeline(out, cfg, cluster))})
 
 
 def s3_server(folder: Path, bucket: str = "aft-vbi-pds", port: int = 0) -> None:

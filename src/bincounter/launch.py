@@ -19,6 +19,7 @@ from bincounter.config import (
     PreprocessConfig,
     RegisterConfig,
     TrainConfig,
+    TuneStageConfig,
 )
 
 
@@ -43,13 +44,33 @@ def preprocess(cfg: PreprocessConfig, raw_dir: str, out_dir: str, report_html: s
             "input_manifest_sha256": info["input_manifest_sha256"]}
 
 
+def tune(cfg: TuneStageConfig, base: TrainConfig, data_dir: str, out_dir: str, *, tracking_uri: str | None = None,
+         experiment: str = "bincounter") -> dict:
+    """The pipeline's search before training: trials start from ``base``; 0 trials switch it off."""
+    from bincounter.tune import SearchSpace, TuneConfig, launch_tune
+
+    fixed: dict = {}
+    if cfg.epochs > 0:
+        fixed["epochs"] = (cfg.epochs,)
+    if cfg.backbones:
+        fixed["backbone"] = cfg.backbones
+    search = TuneConfig(trials=cfg.trials, seed=cfg.seed, metric=cfg.metric) if cfg.trials > 0 else None
+    return launch_tune(base.model_copy(update={"progress": False}), SearchSpace(**fixed), search, data_dir, out_dir,
+                       tracking_uri=tracking_uri, experiment=experiment)
+
+
 def train(cfg: TrainConfig, data_dir: str, model_dir: str, *, tracking_uri: str | None = None,
-          experiment: str = "bincounter", curves_html: str | None = None) -> dict:
-    """Train inside an MLflow run; the run id travels on as artifact metadata."""
+          experiment: str = "bincounter", curves_html: str | None = None, tuned_dir: str | None = None) -> dict:
+    """Train inside an MLflow run; the run id travels on as artifact metadata. With ``tuned_dir``
+    (a tune output) the search's best settings replace the ones it varied."""
     from bincounter.data import materialize
     from bincounter.preprocess import load_dataset_info
     from bincounter.train import train as run
 
+    if tuned_dir is not None:
+        from bincounter.tune import apply_best
+
+        cfg = apply_best(cfg, tuned_dir)
     data_dir = str(materialize(data_dir))
     info = load_dataset_info(data_dir)
     params = {**cfg.flat("train."), **_data_params(data_dir, info)}
@@ -110,12 +131,12 @@ def evaluate(cfg: EvaluateConfig, model_dir: str, data_dir: str, out_dir: str, *
 def register(cfg: RegisterConfig, model_dir: str, eval_dir: str, data_dir: str, *, run_id: str | None = None,
              pipeline_run_id: str | None = None) -> dict:
     from bincounter.data import read_samples, shard_urls
-    from bincounter.evaluate import SUMMARY_KEYS
+    from bincounter.config import EVAL_METRICS
     from bincounter.preprocess import load_dataset_info
     from bincounter.register import register as run
 
     metrics = json.loads((Path(eval_dir) / "metrics.json").read_text())
-    summary = {k: float(metrics[k]) for k in SUMMARY_KEYS if k in metrics}
+    summary = {k: float(metrics[k]) for k in EVAL_METRICS if k in metrics}
     info = load_dataset_info(data_dir)
     lineage = {"data_manifest_sha256": str(info["input_manifest_sha256"]),
                "split": f"hash(id) salt={info['config']['split_salt']} val={info['config']['val_fraction']} "

@@ -144,7 +144,7 @@ def decide(new: float | None, current: float | None, cfg: RegisterConfig) -> tup
         return True, "no champion yet: first model is promoted"
     if new is None:
         return False, f"challenger has no '{cfg.metric}' metric; champion kept"
-    gain = (new - current) if cfg.greater_is_better else (current - new)
+    gain = (new - current) if cfg.higher_is_better else (current - new)
     if gain > cfg.min_improvement:
         return True, f"{cfg.metric} {new:.4f} beats champion's {current:.4f} by {gain:.4f} (> {cfg.min_improvement})"
     return False, f"{cfg.metric} {new:.4f} does not beat champion's {current:.4f} by more than {cfg.min_improvement}"
