@@ -58,7 +58,8 @@ def make_pipeline(defaults: Optional[PipelineConfig] = None, cluster: Optional[C
         tasks = {"ingest": raw, "preprocess": data, "tune": tuned, "train": trained, "evaluate": scored,
                  "register": registered}
         with dsl.If(deploy_enabled == True):  # noqa: E712 - kfp builds a condition from ==
-            served = deploy_op(registration=registered.outputs["registration"], config=deploy)
+            served = deploy_op(registration=registered.outputs["registration"], config=deploy,
+                               tracking_uri=tracking_uri)
             served.set_caching_options(False)
             tasks["deploy"] = served
         if cluster is not None:

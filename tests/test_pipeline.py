@@ -193,3 +193,4 @@ def test_every_stage_field_reaches_its_stage_on_the_local_runner(tmp_path, monke
     for task in ("tune", "train", "evaluate"):
         assert records[task][0]["kwargs"]["experiment"] == cfg.registry.experiment
         assert records[task][0]["kwargs"]["tracking_uri"] == "sqlite:///spy.db"
+    assert records["deploy"][0]["kwargs"]["tracking_uri"] == "sqlite:///spy.db"

@@ -148,9 +148,12 @@ def register(cfg: RegisterConfig, model_dir: str, eval_dir: str, data_dir: str, 
             "reason": r.reason, "champion_uri": f"models:/{r.name}@champion"}
 
 
-def deploy(cfg: DeployConfig, name: str = "bincounter") -> dict:
+def deploy(cfg: DeployConfig, name: str = "bincounter", tracking_uri: str | None = None) -> dict:
+    """Deploy; ``tracking_uri`` (the run's MLflow server) is what cluster pods load the model from."""
     from bincounter.deploy import deploy as run
 
-    kwargs = {"name": name} if cfg.target == "local" else {}
+    kwargs: dict = {"name": name} if cfg.target == "local" else {}
+    if cfg.target in ("kubernetes", "kserve") and tracking_uri:
+        kwargs["tracking_uri"] = tracking_uri
     result = run(cfg, **kwargs)
     return {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool))}
