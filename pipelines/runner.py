@@ -37,6 +37,34 @@ def compile_pipeline(path: str | Path, cfg: PipelineConfig | None = None,
     return Path(path)
 
 
+def submit(host: str, cfg: PipelineConfig | None = None, cluster: ClusterConfig | None = None, *,
+           namespace: str | None = None, experiment: str = "bincounter", run_name: str | None = None,
+           service_account: str | None = None, wait: bool = False, timeout: float = 7 * 24 * 3600,
+           package: str | Path | None = None) -> dict:
+    """Compile, upload and start a run on Kubeflow Pipelines at ``host`` through ``kfp.Client``.
+
+    The run's arguments are ``cfg``'s stage configs (as on the cluster) and the cluster's
+    tracking URI. With ``wait``, follows the run to its end; the result's ``state`` says how it
+    ended. ``package`` keeps the compiled YAML there (default: a temporary file).
+    """
+    import tempfile
+
+    from kfp import Client
+
+    cluster = cluster or ClusterConfig()
+    cfg = for_cluster(cfg or PipelineConfig(), cluster)
+    with tempfile.TemporaryDirectory(prefix="bincounter-submit-") as tmp:
+        path = compile_pipeline(package or Path(tmp) / "bincounter.yaml", cfg, cluster)
+        client = Client(host=host, namespace=namespace or "kubeflow")
+        run = client.create_run_from_pipeline_package(
+            str(path), arguments=arguments(cfg, cluster.tracking_uri), run_name=run_name,
+            experiment_name=experiment, namespace=namespace, service_account=service_account)
+    out = {"run_id": run.run_id, "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}", "state": None}
+    if wait:
+        out["state"] = client.wait_for_run_completion(run.run_id, timeout=timeout).state
+    return out
+
+
 def run_local(cfg: PipelineConfig, tracking_uri: str, pipeline_root: str | Path):
     """Run every stage as a local subprocess in this Python environment."""
     import warnings

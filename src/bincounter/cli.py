@@ -145,6 +145,25 @@ def pipeline_compile(out: Path = Path("pipeline.yaml"), cfg: Annotated[PipelineC
     _print({"compiled": str(compile_pipeline(out, cfg, cluster))})
 
 
+def pipeline_submit(host: str, cfg: Annotated[PipelineConfig, Flat] = PipelineConfig(),
+                    cluster: ClusterConfig = ClusterConfig(), namespace: str | None = None,
+                    experiment: str = "bincounter", run_name: str | None = None,
+                    service_account: str | None = None, wait: bool = False, timeout: float = 7 * 24 * 3600) -> None:
+    """Compile, upload and start a run on Kubeflow Pipelines (kfp.Client) and print its URL.
+
+    The stage options are the run's arguments; --cluster.* as for 'pipeline compile'. --namespace
+    is the Kubeflow profile namespace (multi-user), --experiment the KFP experiment. With --wait,
+    follows the run to its end and exits non-zero unless it succeeded."""
+    from pipelines.runner import submit
+
+    out = submit(host, cfg, cluster, namespace=namespace, experiment=experiment, run_name=run_name,
+                 service_account=service_account, wait=wait, timeout=timeout)
+    _print(out)
+    if wait and str(out["state"]).upper() != "SUCCEEDED":
+        print(f"run {out['run_id']} ended {out['state']}: {out['url']}", file=sys.stderr)
+        sys.exit(1)
+
+
 def s3_server(folder: Path, bucket: str = "aft-vbi-pds", port: int = 0) -> None:
     """Serve a folder in the bucket's layout from a local S3 endpoint until Ctrl-C."""
     import time
@@ -172,7 +191,7 @@ def demo(n_images: int = 600, epochs: int = 4, keep_server: bool = False) -> Non
 COMMANDS = {
     "synth": synth, "ingest": ingest, "preprocess": preprocess, "train": train, "evaluate": evaluate,
     "register": register, "deploy": deploy, "undeploy": undeploy, "serve": serve, "predict": predict,
-    "pipeline": {"run": pipeline_run, "compile": pipeline_compile},
+    "pipeline": {"run": pipeline_run, "compile": pipeline_compile, "submit": pipeline_submit},
     "s3-server": s3_server, "demo": demo,
 }
 
