@@ -10,15 +10,29 @@ in ``pipelines.cluster``; never inside components.
 from typing import Optional
 
 from kfp import dsl
+from kfp.dsl import Dataset
 
 from bincounter.config import ClusterConfig, PipelineConfig
 from components.deploy import deploy as deploy_op
 from components.evaluate import evaluate as evaluate_op
 from components.ingest import ingest as ingest_op
+from components.preprocess import merge_shards as merge_op
 from components.preprocess import preprocess as preprocess_op
+from components.preprocess import shard_indices as shard_indices_op
 from components.register import register as register_op
 from components.train import train as train_op
 from components.tune import tune as tune_op
+
+
+def data_stages(ingest: dict, preprocess: dict, shards) -> dict:
+    """Ingest and preprocess fanned out over ``shards`` shards of the id space (dsl.ParallelFor),
+    joined by ``merge_shards`` (dsl.Collected): the tasks by name."""
+    plan = shard_indices_op(shards=shards)
+    with dsl.ParallelFor(plan.output) as shard:
+        raw = ingest_op(config=ingest, shard=shard, shards=shards)
+        part = preprocess_op(raw=raw.outputs["raw"], config=preprocess)
+    merged = merge_op(parts=dsl.Collected(part.outputs["data"]), config=preprocess)
+    return {"shard_indices": plan, "ingest": raw, "preprocess": part, "merge_shards": merged}
 
 
 def make_pipeline(defaults: Optional[PipelineConfig] = None, cluster: Optional[ClusterConfig] = None,
@@ -36,12 +50,13 @@ def make_pipeline(defaults: Optional[PipelineConfig] = None, cluster: Optional[C
         evaluate: dict = d.evaluate.params(),
         registry: dict = d.registry.params(),
         deploy: dict = d.deploy.params(),
+        shards: int = d.shards,
         deploy_enabled: bool = d.deploy_enabled,
         tracking_uri: str = tracking_uri,
         experiment: str = d.registry.experiment,
     ):
-        raw = ingest_op(config=ingest)
-        data = preprocess_op(raw=raw.outputs["raw"], config=preprocess)
+        tasks = data_stages(ingest, preprocess, shards)
+        data = tasks["merge_shards"]
         # Always scheduled: with 0 trials it returns at once. (A dsl.If branch would need
         # dsl.OneOf downstream, which kfp's local runner cannot run.)
         tuned = tune_op(data=data.outputs["data"], config=tune, train_config=train, tracking_uri=tracking_uri,
@@ -55,8 +70,7 @@ def make_pipeline(defaults: Optional[PipelineConfig] = None, cluster: Optional[C
                                  pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, tracking_uri=tracking_uri)
         # Registering and deploying change the world outside the pipeline: never cache them.
         registered.set_caching_options(False)
-        tasks = {"ingest": raw, "preprocess": data, "tune": tuned, "train": trained, "evaluate": scored,
-                 "register": registered}
+        tasks.update({"tune": tuned, "train": trained, "evaluate": scored, "register": registered})
         with dsl.If(deploy_enabled == True):  # noqa: E712 - kfp builds a condition from ==
             served = deploy_op(registration=registered.outputs["registration"], config=deploy,
                                tracking_uri=tracking_uri)
@@ -68,3 +82,15 @@ def make_pipeline(defaults: Optional[PipelineConfig] = None, cluster: Optional[C
             configure(tasks, cluster)
 
     return bincounter_pipeline
+
+
+def make_data_pipeline(defaults: Optional[PipelineConfig] = None):
+    """Only the data stages: the dataset the training would read, as the pipeline's output."""
+    d = defaults or PipelineConfig()
+
+    @dsl.pipeline(name="bincounter-data", description="Ingest and preprocess, sharded, into one dataset.")
+    def bincounter_data(ingest: dict = d.ingest.params(), preprocess: dict = d.preprocess.params(),
+                        shards: int = d.shards) -> Dataset:
+        return data_stages(ingest, preprocess, shards)["merge_shards"].outputs["data"]
+
+    return bincounter_data

@@ -9,7 +9,7 @@ from kfp import kubernetes
 
 from bincounter.config import ClusterConfig, Resources
 
-DATA = ("ingest", "preprocess", "merge_shards", "shard_indices")
+DATA = ("ingest", "preprocess", "merge_shards")
 GPU = ("tune", "train")
 # Tasks that read or write S3 (data, artifacts) or the MLflow registry: worth a retry.
 REMOTE = ("ingest", "preprocess", "merge_shards", "tune", "train", "evaluate", "register", "deploy")
@@ -41,7 +41,7 @@ def configure(tasks: dict, cluster: ClusterConfig) -> None:
         if name in REMOTE and cluster.retries:
             task.set_retry(cluster.retries, backoff_duration=cluster.retry_backoff, backoff_factor=2.0,
                            backoff_max_duration=cluster.retry_backoff_max)
-        if name in DATA:
+        if name in DATA or name == "shard_indices":
             task.set_caching_options(cluster.cache_data)
         if name in GPU:
             # DataLoader workers pass batches through shared memory; a pod's default /dev/shm is 64 MiB.

@@ -10,7 +10,8 @@ from bincounter.config import STAGES, ClusterConfig, PipelineConfig
 
 def arguments(cfg: PipelineConfig, tracking_uri: str) -> dict:
     """Pipeline arguments from the typed config: one struct per stage, plus the run's settings."""
-    return {**{stage: getattr(cfg, stage).params() for stage in STAGES}, "deploy_enabled": cfg.deploy_enabled,
+    return {**{stage: getattr(cfg, stage).params() for stage in STAGES}, "shards": cfg.shards,
+            "deploy_enabled": cfg.deploy_enabled,
             "tracking_uri": tracking_uri, "experiment": cfg.registry.experiment}
 
 

@@ -52,7 +52,7 @@ def test_pipeline_parameters_are_the_stage_configs(tmp_path):
     """Users of the Kubeflow UI and of the CLI get the same defaults: one struct per stage."""
     spec = _compiled(tmp_path)
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert set(params) == {*STAGES, "deploy_enabled", "tracking_uri", "experiment"}
+    assert set(params) == {*STAGES, "shards", "deploy_enabled", "tracking_uri", "experiment"}
     assert set(arguments(PipelineConfig(), "")) == set(params)
     for stage in STAGES:
         assert params[stage]["parameterType"] == "STRUCT"
@@ -138,14 +138,15 @@ def everything_changed() -> PipelineConfig:
 
 
 def test_every_stage_field_reaches_the_compiled_pipeline(tmp_path):
-    cfg = everything_changed().model_copy(update={"deploy_enabled": False})
+    cfg = everything_changed().model_copy(update={"deploy_enabled": False, "shards": 4})
     params = _compiled(tmp_path, cfg=cfg)["root"]["inputDefinitions"]["parameters"]
     for stage in STAGES:
         assert type(getattr(cfg, stage)).model_validate(params[stage]["defaultValue"]) == getattr(cfg, stage), stage
     assert params["deploy_enabled"]["defaultValue"] is False
+    assert params["shards"]["defaultValue"] == 4
     assert params["experiment"]["defaultValue"] == cfg.registry.experiment
     # Top-level fields are stages or run-level settings; only the local runner's folder stays local.
-    assert set(PipelineConfig.model_fields) - set(STAGES) == {"deploy_enabled", "pipeline_root"}
+    assert set(PipelineConfig.model_fields) - set(STAGES) == {"shards", "deploy_enabled", "pipeline_root"}
 
 
 COMPONENT_CONFIGS = [("ingest", "ingest", IngestConfig), ("preprocess", "preprocess", PreprocessConfig),
@@ -177,19 +178,22 @@ def test_every_stage_field_reaches_its_stage_on_the_local_runner(tmp_path, monke
     spy.mkdir()
     monkeypatch.setenv("BINCOUNTER_SPY_DIR", str(spy))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(SPY), os.environ.get("PYTHONPATH", "")]))
-    cfg = everything_changed()
+    cfg = everything_changed().model_copy(update={"shards": 2})
     run_local(cfg, "sqlite:///spy.db", tmp_path / "kfp")
     records: dict[str, list[dict]] = {}
     for path in spy.glob("*.json"):
         entry = json.loads(path.read_text())
         records.setdefault(entry["stage"], []).append(entry)
-    stage_of = {"ingest": "ingest", "preprocess": "preprocess", "tune": "tune", "train": "train",
+    stage_of = {"ingest": "ingest", "preprocess": "preprocess", "merge_shards": "preprocess", "tune": "tune",
+                "train": "train",
                 "evaluate": "evaluate", "register": "registry", "deploy": "deploy"}
     assert set(records) == set(stage_of)
     for task, stage in stage_of.items():
         for entry in records[task]:
             assert entry["config"] == getattr(cfg, stage).model_dump(mode="json"), task
     assert records["tune"][0]["train_config"] == cfg.train.model_dump(mode="json")
+    assert sorted((r["kwargs"]["shard"], r["kwargs"]["shards"]) for r in records["ingest"]) == [(0, 2), (1, 2)]
+    assert len(records["preprocess"]) == 2 and len(records["merge_shards"]) == 1
     for task in ("tune", "train", "evaluate"):
         assert records[task][0]["kwargs"]["experiment"] == cfg.registry.experiment
         assert records[task][0]["kwargs"]["tracking_uri"] == "sqlite:///spy.db"

@@ -264,6 +264,8 @@ class PipelineConfig(_Config):
     registry: RegisterConfig = RegisterConfig()
     deploy: DeployConfig = DeployConfig()
     tune: TuneStageConfig = TuneStageConfig()
+    shards: int = Field(1, ge=1, description="Ingest and preprocess fan out over this many shards of the id space "
+                                            "(one pod each on a cluster); the dataset is the same for any number.")
     deploy_enabled: bool = Field(True, description="Run the deploy stage after registration.")
     pipeline_root: str | None = Field(None, description="Where kfp's local runner keeps artifacts; default $BINCOUNTER_HOME/kfp.")
 

@@ -23,13 +23,26 @@ from bincounter.config import (
 )
 
 
-def ingest(cfg: IngestConfig, out_dir: str) -> dict:
+def ingest(cfg: IngestConfig, out_dir: str, *, shard: int = 0, shards: int = 1) -> dict:
     from bincounter.ingest import ingest as run
 
-    r = run(cfg, out_dir)
+    r = run(cfg, out_dir, shard=shard, shards=shards)
     atomic_write(Path(out_dir) / "ingest_config.json", json.dumps(cfg.model_dump(), indent=2).encode())
     return {"downloaded": r.downloaded, "skipped": r.skipped, "failed": r.failed, "bytes": r.bytes,
-            "source": cfg.source.uri, "manifest": "manifest.jsonl"}
+            "source": cfg.source.uri, "manifest": "manifest.jsonl", "shard": shard, "shards": shards}
+
+
+def merge_shards(cfg: PreprocessConfig, parts: list[str], out_dir: str, report_html: str | None = None) -> dict:
+    """Join preprocessed shards into the training dataset (``bincounter.shards.merge``)."""
+    from bincounter.preprocess import load_dataset_info
+    from bincounter.shards import merge
+
+    r = merge(cfg, parts, out_dir)
+    if report_html:
+        shutil.copyfile(Path(out_dir) / "report" / "report.html", report_html)
+    info = load_dataset_info(out_dir)
+    return {"sizes": r.sizes, "quarantined": r.quarantined, "classes": r.classes, "shards_merged": len(parts),
+            "input_manifest_sha256": info["input_manifest_sha256"]}
 
 
 def preprocess(cfg: PreprocessConfig, raw_dir: str, out_dir: str, report_html: str | None = None) -> dict:
