@@ -187,7 +187,8 @@ def registry_lock(client, name: str, timeout: float = 300.0) -> Iterator[None]:
             client.create_registered_model(lock, tags={"holder": holder}, description="bincounter promotion lock")
             break
         except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            # Taken; or taken and released while MLflow looked up the holder to report it.
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         _break_if_stale(client, lock)
         if time.monotonic() > deadline:
