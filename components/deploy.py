@@ -5,21 +5,16 @@ from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def deploy(
-    registration: Input[Artifact],
-    endpoint: Output[Artifact],
-    model_uri: str,
-    target: str,
-    image: str,
-    namespace: str,
-    port: int,
-    dry_run: bool,
-):
-    """Serve ``model_uri`` (default: the registry's champion) on a local HTTP server,
-    Kubernetes (kubectl), KServe or a SageMaker endpoint."""
+def deploy(registration: Input[Artifact], endpoint: Output[Artifact], config: dict, tracking_uri: str):
+    """Serve the model on a local HTTP server, Kubernetes (kubectl), KServe or a SageMaker
+    endpoint. ``config`` is a ``DeployConfig``; its default ``model_uri`` stands for the
+    champion of the model name this run registered. On Kubernetes and KServe the pods load the
+    model from ``tracking_uri``, the run's MLflow server."""
     from bincounter import launch
     from bincounter.config import DeployConfig
 
-    cfg = DeployConfig(target=target, model_uri=model_uri or registration.metadata["champion_uri"], image=image,
-                       namespace=namespace, port=port, dry_run=dry_run)
-    endpoint.metadata.update(launch.deploy(cfg))
+    cfg = DeployConfig.model_validate(config)
+    endpoint.metadata["config"] = cfg.model_dump(mode="json")
+    if cfg.model_uri == DeployConfig.model_fields["model_uri"].default:
+        cfg = cfg.model_copy(update={"model_uri": registration.metadata["champion_uri"]})
+    endpoint.metadata.update(launch.deploy(cfg, tracking_uri=tracking_uri or None))

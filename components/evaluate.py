@@ -5,25 +5,19 @@ from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def evaluate(
-    model: Input[Model],
-    data: Input[Dataset],
-    results: Output[Dataset],
-    metrics: Output[Metrics],
-    confusion: Output[ClassificationMetrics],
-    report: Output[HTML],
-    batch_size: int,
-    tracking_uri: str,
-    experiment: str,
-):
+def evaluate(model: Input[Model], data: Input[Dataset], results: Output[Dataset], metrics: Output[Metrics],
+             confusion: Output[ClassificationMetrics], report: Output[HTML], config: dict, tracking_uri: str,
+             experiment: str):
     """Score the model on the held-out test split: accuracy, RMSE, MAE, within-1, per-class
-    F1, the 0-5 figures comparable with published results, calibration and latency."""
+    F1, the 0-5 figures comparable with published results, calibration and latency.
+    ``config`` is an ``EvaluateConfig``."""
     from bincounter import launch
     from bincounter.config import EvaluateConfig
 
-    out = launch.evaluate(EvaluateConfig(batch_size=batch_size), model.path, data.path, results.path,
-                          tracking_uri=tracking_uri or None, experiment=experiment,
-                          run_id=model.metadata.get("mlflow_run_id"), report_html=report.path)
+    cfg = EvaluateConfig.model_validate(config)
+    results.metadata["config"] = cfg.model_dump(mode="json")
+    out = launch.evaluate(cfg, model.path, data.path, results.path, tracking_uri=tracking_uri or None,
+                          experiment=experiment, run_id=model.metadata.get("mlflow_run_id"), report_html=report.path)
     for name, value in out["summary"].items():
         metrics.log_metric(name, value)
     confusion.log_confusion_matrix(out["class_names"], out["confusion_matrix"])

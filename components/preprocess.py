@@ -1,3 +1,5 @@
+from typing import List
+
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Output
 
@@ -5,25 +7,36 @@ from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def preprocess(
-    raw: Input[Dataset],
-    data: Output[Dataset],
-    report: Output[HTML],
-    image_size: int,
-    min_count: int,
-    max_count: int,
-    overflow: str,
-    val_fraction: float,
-    test_fraction: float,
-):
-    """Validate, clean, split by id hash, resize once and pack into webdataset shards.
+def preprocess(raw: Input[Dataset], data: Output[Dataset], config: dict):
+    """Validate, clean, split by id hash, resize once and pack one ingest shard.
 
-    Rejected photos are listed with their reason in ``quarantine.jsonl``; ``report`` shows the
-    class histogram, image sizes, samples per count and quarantine reasons.
+    ``config`` is a ``PreprocessConfig``. Rejected photos are listed with their reason in
+    ``quarantine.jsonl``; ``merge_shards`` joins the shards into the training dataset.
     """
     from bincounter import launch
     from bincounter.config import PreprocessConfig
 
-    cfg = PreprocessConfig(image_size=image_size, min_count=min_count, max_count=max_count, overflow=overflow,
-                           val_fraction=val_fraction, test_fraction=test_fraction)
-    data.metadata.update(launch.preprocess(cfg, raw.path, data.path, report_html=report.path))
+    cfg = PreprocessConfig.model_validate(config)
+    data.metadata["config"] = cfg.model_dump(mode="json")
+    data.metadata.update(launch.preprocess(cfg, raw.path, data.path))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def merge_shards(parts: Input[List[Dataset]], data: Output[Dataset], report: Output[HTML], config: dict):
+    """Join the preprocessed shards into one dataset, exactly the one an unsharded preprocess
+    makes (same order, duplicates across shards quarantined, same manifest hash and split).
+    ``report`` shows the class histogram, image sizes, samples per count and quarantine reasons."""
+    from bincounter import launch
+    from bincounter.config import PreprocessConfig
+
+    cfg = PreprocessConfig.model_validate(config)
+    data.metadata["config"] = cfg.model_dump(mode="json")
+    data.metadata.update(launch.merge_shards(cfg, [p.path for p in parts], data.path, report_html=report.path))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def shard_indices(shards: int) -> List[int]:
+    """The shard numbers 0..shards-1 the data stages fan out over."""
+    from bincounter.shards import shard_indices as indices
+
+    return indices(shards)

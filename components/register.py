@@ -5,25 +5,18 @@ from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def register(
-    model: Input[Model],
-    results: Input[Dataset],
-    data: Input[Dataset],
-    registration: Output[Artifact],
-    model_name: str,
-    metric: str,
-    min_improvement: float,
-    pipeline_run_id: str,
-    tracking_uri: str,
-    experiment: str,
-) -> str:
+def register(model: Input[Model], results: Input[Dataset], data: Input[Dataset], registration: Output[Artifact],
+             config: dict, pipeline_run_id: str, tracking_uri: str) -> str:
     """Log the serving pyfunc, register a version as ``challenger``, and promote it to
-    ``champion`` only if it beats the current champion. Returns the champion's URI."""
+    ``champion`` only if it beats the current champion. ``config`` is a ``RegisterConfig``
+    (its own ``tracking_uri``, when set, wins over the run's). Returns the champion's URI."""
     from bincounter import launch
     from bincounter.config import RegisterConfig
 
-    cfg = RegisterConfig(model_name=model_name, metric=metric, min_improvement=min_improvement,
-                         tracking_uri=tracking_uri or None, experiment=experiment)
+    cfg = RegisterConfig.model_validate(config)
+    registration.metadata["config"] = cfg.model_dump(mode="json")
+    if cfg.tracking_uri is None and tracking_uri:
+        cfg = cfg.model_copy(update={"tracking_uri": tracking_uri})
     out = launch.register(cfg, model.path, results.path, data.path, run_id=model.metadata.get("mlflow_run_id"),
                           pipeline_run_id=pipeline_run_id)
     registration.metadata.update(out)

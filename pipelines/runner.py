@@ -5,39 +5,65 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bincounter.config import PipelineConfig
+from bincounter.config import STAGES, ClusterConfig, PipelineConfig
 
 
 def arguments(cfg: PipelineConfig, tracking_uri: str) -> dict:
-    """Pipeline arguments from the typed config (0 and "" stand for "not set")."""
-    i, p, t, r, d = cfg.ingest, cfg.preprocess, cfg.train, cfg.registry, cfg.deploy
-    if i.ids:
-        raise ValueError("explicit ids are not a pipeline parameter; write them to a file_list.json")
-    return dict(
-        source_uri=i.source.uri, endpoint_url=i.source.endpoint_url or "", anonymous=i.source.anonymous,
-        file_list=i.file_list or "", limit=i.limit or 0, per_class=i.per_class or 0, ingest_workers=i.workers,
-        image_size=p.image_size, min_count=p.min_count, max_count=p.max_count, overflow=p.overflow,
-        val_fraction=p.val_fraction, test_fraction=p.test_fraction,
-        backbone=t.backbone, pretrained=t.pretrained, head=t.head, loss=t.loss, train_image_size=t.image_size,
-        epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
-        freeze_backbone=t.freeze_backbone, freeze_early=t.freeze_early, early_stopping_patience=t.early_stopping_patience,
-        train_workers=t.workers, seed=t.seed, tune_trials=cfg.tune_trials, tune_epochs=cfg.tune_epochs,
-        tune_backbones=",".join(cfg.tune_backbones), eval_batch_size=cfg.evaluate.batch_size,
-        model_name=r.model_name, promotion_metric=r.metric, min_improvement=r.min_improvement,
-        deploy_enabled=cfg.deploy_enabled, deploy_target=d.target,
-        deploy_model_uri="" if d.model_uri == f"models:/{r.model_name}@champion" else d.model_uri,
-        deploy_image=d.image, deploy_namespace=d.namespace, deploy_port=d.port, deploy_dry_run=d.dry_run,
-        tracking_uri=tracking_uri, experiment=r.experiment,
-    )
+    """Pipeline arguments from the typed config: one struct per stage, plus the run's settings."""
+    return {**{stage: getattr(cfg, stage).params() for stage in STAGES}, "shards": cfg.shards,
+            "deploy_enabled": cfg.deploy_enabled,
+            "tracking_uri": tracking_uri, "experiment": cfg.registry.experiment}
 
 
-def compile_pipeline(path: str | Path, gpus: int = 0) -> Path:
+def for_cluster(cfg: PipelineConfig, cluster: ClusterConfig) -> PipelineConfig:
+    """``cfg`` as it runs on a cluster: a local deploy target (a server dying with its pod) becomes
+    the cluster's, and a registry store of its own must be a server, as the cluster's must."""
+    if cfg.registry.tracking_uri:
+        cluster.model_validate({**cluster.model_dump(), "tracking_uri": cfg.registry.tracking_uri})
+    if cfg.deploy.target == "local":
+        cfg = cfg.model_copy(update={"deploy": cfg.deploy.model_copy(update={"target": cluster.deploy_target})})
+    return cfg
+
+
+def compile_pipeline(path: str | Path, cfg: PipelineConfig | None = None,
+                     cluster: ClusterConfig | None = None) -> Path:
+    """Compile for a Kubeflow Pipelines 2.x cluster, ``cfg`` giving the parameters' defaults."""
     from kfp import compiler
 
     from pipelines.bincounter_pipeline import make_pipeline
 
-    compiler.Compiler().compile(make_pipeline(gpus=gpus), str(path))
+    cluster = cluster or ClusterConfig()
+    cfg = for_cluster(cfg or PipelineConfig(), cluster)
+    compiler.Compiler().compile(make_pipeline(cfg, cluster, tracking_uri=cluster.tracking_uri), str(path))
     return Path(path)
+
+
+def submit(host: str, cfg: PipelineConfig | None = None, cluster: ClusterConfig | None = None, *,
+           namespace: str | None = None, experiment: str = "bincounter", run_name: str | None = None,
+           service_account: str | None = None, wait: bool = False, timeout: float = 7 * 24 * 3600,
+           package: str | Path | None = None) -> dict:
+    """Compile, upload and start a run on Kubeflow Pipelines at ``host`` through ``kfp.Client``.
+
+    The run's arguments are ``cfg``'s stage configs (as on the cluster) and the cluster's
+    tracking URI. With ``wait``, follows the run to its end; the result's ``state`` says how it
+    ended. ``package`` keeps the compiled YAML there (default: a temporary file).
+    """
+    import tempfile
+
+    from kfp import Client
+
+    cluster = cluster or ClusterConfig()
+    cfg = for_cluster(cfg or PipelineConfig(), cluster)
+    with tempfile.TemporaryDirectory(prefix="bincounter-submit-") as tmp:
+        path = compile_pipeline(package or Path(tmp) / "bincounter.yaml", cfg, cluster)
+        client = Client(host=host, namespace=namespace or "kubeflow")
+        run = client.create_run_from_pipeline_package(
+            str(path), arguments=arguments(cfg, cluster.tracking_uri), run_name=run_name,
+            experiment_name=experiment, namespace=namespace, service_account=service_account)
+    out = {"run_id": run.run_id, "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}", "state": None}
+    if wait:
+        out["state"] = client.wait_for_run_completion(run.run_id, timeout=timeout).state
+    return out
 
 
 def run_local(cfg: PipelineConfig, tracking_uri: str, pipeline_root: str | Path):
@@ -56,4 +82,4 @@ def run_local(cfg: PipelineConfig, tracking_uri: str, pipeline_root: str | Path)
     with warnings.catch_warnings():
         # kfp warns that our image name has no "python" in it; the local runner ignores images.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-        return make_pipeline()(**arguments(cfg, tracking_uri))
+        return make_pipeline(cfg)(**arguments(cfg, tracking_uri))

@@ -38,8 +38,21 @@ def test_flat_params_cover_nested_configs():
     flat = PipelineConfig().flat()
     assert flat["ingest.source.uri"] == "s3://aft-vbi-pds"
     assert flat["train.backbone"] == "efficientnet_lite0"
-    assert all("." in k or k.startswith(("deploy_", "pipeline_", "tune_")) for k in flat)
+    assert all("." in k or k in ("shards", "deploy_enabled", "pipeline_root") for k in flat)
 
 
 def test_ingest_ids_keep_leading_zeros():
     assert IngestConfig(ids=("523", "00523")).ids == ("523", "00523")
+
+
+def test_registry_metric_is_one_the_evaluation_reports():
+    from pydantic import ValidationError
+
+    from bincounter.config import EVAL_METRICS, RegisterConfig
+
+    with pytest.raises(ValidationError):
+        RegisterConfig(metric="acuracy")  # a typo once promoted every version
+    assert "rmse" in EVAL_METRICS and "accuracy" in EVAL_METRICS
+    assert RegisterConfig(metric="rmse").higher_is_better is False  # the metric's own direction
+    assert RegisterConfig(metric="accuracy").higher_is_better is True
+    assert RegisterConfig(metric="rmse", greater_is_better=True).higher_is_better is True

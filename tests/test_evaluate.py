@@ -26,3 +26,6 @@ def test_evaluate_writes_metrics_plots_and_report(model_dir, data_dir, tmp_path)
     assert sum(m["reliability"]["counts"]) == test_size
     cal = from_metrics(m, "metrics.json")
     assert cal.photos == test_size and 0.0 <= cal.accuracy_at(0.9) <= 1.0
+    from bincounter.config import EVAL_METRICS
+
+    assert set(result.summary()) == set(EVAL_METRICS)  # the promotion gate accepts exactly these

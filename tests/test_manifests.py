@@ -432,3 +432,39 @@ def test_dockerignore() -> None:
     assert {".venv", ".bincounter", "data", ".git"} <= patterns
     # The build copies these; ignoring them would break it.
     assert not patterns & {"src", "pyproject.toml", "README.md", "manifests"}
+
+
+# --------------------------------------------------------------------------- the pipeline's deploy step
+
+
+def test_deployment_leaves_replicas_to_its_hpa_and_a_network_policy_guards_it(kubectl: str) -> None:
+    docs = build(kubectl, MANIFESTS / "serving")
+    deployment = find(docs, "Deployment", "bincounter")
+    assert "replicas" not in deployment["spec"]
+    assert find(docs, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]["name"] == "bincounter"
+    policy = find(docs, "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels(deployment).items()
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 8080, "protocol": "TCP"}]
+
+
+def test_the_deploy_step_may_apply_every_object_it_renders_and_no_more(kubectl: str) -> None:
+    rbac = build(kubectl, MANIFESTS / "pipeline")
+    role = find(rbac, "Role", "bincounter-deployer")
+    binding = find(rbac, "RoleBinding", "bincounter-deployer")
+    assert binding["roleRef"]["name"] == "bincounter-deployer"
+    assert {s["name"] for s in binding["subjects"]} == {"pipeline-runner", "bincounter-pipeline"}
+    assert find(rbac, "ServiceAccount", "bincounter-pipeline")
+    granted = {(group, resource): set(rule["verbs"]) for rule in role["rules"]
+               for group in rule["apiGroups"] for resource in rule["resources"]}
+    plural = {"NetworkPolicy": "networkpolicies"}
+    for tree in ("serving", "kserve"):
+        for doc in build(kubectl, MANIFESTS / tree):
+            if doc["kind"] == "Namespace":
+                continue
+            group = doc["apiVersion"].rpartition("/")[0]
+            resource = plural.get(doc["kind"], doc["kind"].lower() + "s")
+            assert {"get", "create", "patch"} <= granted.get((group, resource), set()), (tree, doc["kind"])
+    assert all("delete" not in verbs and "*" not in verbs for verbs in granted.values())
+    assert role["metadata"]["namespace"] == "bincounter"

@@ -1,40 +1,203 @@
-import inspect
 import json
+import os
+import types
+import typing
+from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from bincounter.config import (DeployConfig, EvaluateConfig, IngestConfig, PipelineConfig, PreprocessConfig,
-                               SourceConfig, SynthConfig, TrainConfig)
-from pipelines.bincounter_pipeline import make_pipeline
+from bincounter.config import (STAGES, ClusterConfig, DeployConfig, EvaluateConfig, IngestConfig, PipelineConfig,
+                               PreprocessConfig, SourceConfig, SynthConfig, TrainConfig)  # noqa: F401
 from pipelines.runner import arguments, compile_pipeline
 
-STAGES = {"ingest", "preprocess", "tune", "train", "evaluate", "register", "deploy"}
+TASKS = {"ingest", "preprocess", "tune", "train", "evaluate", "register", "deploy"}
+SPY = Path(__file__).parent / "pipeline_spy"
+
+
+def _compiled(tmp_path, **kwargs) -> dict:
+    """The pipeline spec; its ``platforms`` key holds the second YAML document (kfp-kubernetes)."""
+    docs = list(yaml.safe_load_all(compile_pipeline(tmp_path / "pipeline.yaml", **kwargs).read_text()))
+    return {**docs[0], **(docs[1] if len(docs) > 1 else {})}
 
 
 @pytest.mark.parametrize("gpus", [0, 2])
-def test_pipeline_compiles_with_every_stage_on_the_project_image(tmp_path, gpus):
-    path = compile_pipeline(tmp_path / "pipeline.yaml", gpus=gpus)
-    spec = yaml.safe_load(path.read_text())
+def test_pipeline_compiles_with_every_stage_on_the_project_images(tmp_path, gpus):
+    spec = _compiled(tmp_path, cluster=ClusterConfig(gpus=gpus))
     executors = spec["deploymentSpec"]["executors"]
-    assert {name.removeprefix("exec-") for name in executors} == STAGES
-    for executor in executors.values():
-        assert executor["container"]["image"] == "ghcr.io/bincounter/bincounter:0.1.0"
+    assert {name.removeprefix("exec-") for name in executors} >= TASKS
+    for name, executor in executors.items():
+        gpu_task = gpus and name in ("exec-tune", "exec-train")
+        tag = "0.1.0-cuda" if gpu_task else "0.1.0"
+        assert executor["container"]["image"] == f"ghcr.io/bincounter/bincounter:{tag}"
         assert "pip install" not in " ".join(executor["container"]["command"])  # the image has everything
-    for stage in ("exec-tune", "exec-train"):
-        resources = executors[stage]["container"].get("resources", {})
-        if gpus:
-            assert resources["accelerator"]["resourceCount"] == str(gpus)
+        resources = executor["container"]["resources"]
+        if gpu_task:
+            assert resources["accelerator"] == {"count": str(gpus), "resourceCount": str(gpus),
+                                                "type": "nvidia.com/gpu", "resourceType": "nvidia.com/gpu"}
         else:
             assert "accelerator" not in resources
 
 
-def test_pipeline_defaults_equal_the_typed_config():
-    """Users of the Kubeflow UI and of the CLI must get the same defaults."""
-    signature = inspect.signature(make_pipeline().pipeline_func)
-    defaults = {name: p.default for name, p in signature.parameters.items()}
-    expected = arguments(PipelineConfig(), tracking_uri="")
-    assert defaults == expected
+def test_image_names_are_compile_options(tmp_path, monkeypatch):
+    monkeypatch.setenv("BINCOUNTER_IMAGE", "registry.example/bc:7")
+    monkeypatch.setenv("BINCOUNTER_CUDA_IMAGE", "registry.example/bc:7-gpu")
+    executors = _compiled(tmp_path, cluster=ClusterConfig(gpus=1))["deploymentSpec"]["executors"]
+    assert executors["exec-train"]["container"]["image"] == "registry.example/bc:7-gpu"
+    assert executors["exec-evaluate"]["container"]["image"] == "registry.example/bc:7"
+
+
+def test_pipeline_parameters_are_the_stage_configs(tmp_path):
+    """Users of the Kubeflow UI and of the CLI get the same defaults: one struct per stage."""
+    spec = _compiled(tmp_path)
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(params) == {*STAGES, "shards", "deploy_enabled", "tracking_uri", "experiment"}
+    assert set(arguments(PipelineConfig(), "")) == set(params)
+    for stage in STAGES:
+        assert params[stage]["parameterType"] == "STRUCT"
+
+
+# --- every field reaches its stage ---------------------------------------------------------------
+
+OVERRIDES = {  # where "a different value of the same type" would not be a meaningful setting
+    "ingest.source.uri": "s3://another-bucket/prefix",
+    "ingest.source.endpoint_url": "http://minio.example:9000",
+    "ingest.file_list": "s3://another-bucket/file_list.json",
+    "preprocess.val_fraction": 0.15,
+    "preprocess.test_fraction": 0.2,
+    "train.pretrained": "none",
+    "train.device": "cpu",
+    "train.checkpoint_uri": "s3://another-bucket/checkpoints",
+    "evaluate.device": "cpu",
+    "registry.tracking_uri": "http://mlflow.example:5000",
+    "deploy.model_uri": "models:/bincounter/7",
+    "deploy.sagemaker_role_arn": "arn:aws:iam::123456789012:role/bincounter",
+}
+
+
+def _leaves(model: type[BaseModel], prefix: str = ""):
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _leaves(annotation, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field
+
+
+def _other_value(path: str, field):
+    if path in OVERRIDES:
+        return OVERRIDES[path]
+    default = field.get_default(call_default_factory=True)
+    kind = field.annotation
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    bounds = {type(m).__name__: m for m in field.metadata}
+    if typing.get_origin(kind) is typing.Literal:
+        return next(c for c in typing.get_args(kind) if c != default)
+    if typing.get_origin(kind) is tuple:
+        item = typing.get_args(kind)[0]
+        return (typing.get_args(item)[1],) if typing.get_origin(item) is typing.Literal else ("00042",)
+    if kind is bool:
+        return not default
+    if kind is int:
+        value = 3 if default is None else default + 1
+        return value - 2 if "Le" in bounds and value > bounds["Le"].le else value
+    if kind is float:
+        top = bounds["Lt"].lt if "Lt" in bounds else (default or 0) + 2
+        return ((default or 0) + top) / 2
+    if kind is str:
+        return f"{default or 'x'}-changed"
+    raise AssertionError(f"{path}: no rule for {field.annotation}")
+
+
+def _nested(flat: dict) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def everything_changed() -> PipelineConfig:
+    """A valid PipelineConfig whose every stage field differs from its default."""
+    flat = {path: _other_value(path, field) for path, field in _leaves(PipelineConfig)
+            if path.split(".")[0] in STAGES}
+    cfg = PipelineConfig.model_validate(_nested(flat))
+    for path, _ in _leaves(PipelineConfig):
+        if path.split(".")[0] in STAGES:
+            value = cfg
+            default = PipelineConfig()
+            for part in path.split("."):
+                value, default = getattr(value, part), getattr(default, part)
+            assert value != default, path
+    return cfg
+
+
+def test_every_stage_field_reaches_the_compiled_pipeline(tmp_path):
+    cfg = everything_changed().model_copy(update={"deploy_enabled": False, "shards": 4})
+    params = _compiled(tmp_path, cfg=cfg)["root"]["inputDefinitions"]["parameters"]
+    for stage in STAGES:
+        assert type(getattr(cfg, stage)).model_validate(params[stage]["defaultValue"]) == getattr(cfg, stage), stage
+    assert params["deploy_enabled"]["defaultValue"] is False
+    assert params["shards"]["defaultValue"] == 4
+    assert params["experiment"]["defaultValue"] == cfg.registry.experiment
+    # Top-level fields are stages or run-level settings; only the local runner's folder stays local.
+    assert set(PipelineConfig.model_fields) - set(STAGES) == {"shards", "deploy_enabled", "pipeline_root"}
+
+
+COMPONENT_CONFIGS = [("ingest", "ingest", IngestConfig), ("preprocess", "preprocess", PreprocessConfig),
+                     ("tune", "tune", None), ("train", "train", TrainConfig), ("evaluate", "evaluate", EvaluateConfig),
+                     ("register", "register", None), ("deploy", "deploy", DeployConfig)]
+
+
+@pytest.mark.parametrize("module", ["ingest", "preprocess", "tune", "train", "evaluate", "register", "deploy"])
+def test_a_misspelled_field_fails_in_the_component_before_any_work(module):
+    import importlib
+    import inspect
+
+    from pydantic import ValidationError
+
+    component = getattr(importlib.import_module(f"components.{module}"), module)
+    stage = "registry" if module == "register" else module
+    config = {**getattr(PipelineConfig(), stage).params(), "epoch": 3}
+    kwargs = {name: None for name in inspect.signature(component.python_func).parameters}
+    with pytest.raises(ValidationError, match="epoch"):
+        component.python_func(**{**kwargs, "config": config})
+
+
+@pytest.mark.slow
+def test_every_stage_field_reaches_its_stage_on_the_local_runner(tmp_path, monkeypatch):
+    """One local run with every field changed; a spy (tests/pipeline_spy) records what each stage got."""
+    from pipelines.runner import run_local
+
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    monkeypatch.setenv("BINCOUNTER_SPY_DIR", str(spy))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(SPY), os.environ.get("PYTHONPATH", "")]))
+    cfg = everything_changed().model_copy(update={"shards": 2})
+    run_local(cfg, "sqlite:///spy.db", tmp_path / "kfp")
+    records: dict[str, list[dict]] = {}
+    for path in spy.glob("*.json"):
+        entry = json.loads(path.read_text())
+        records.setdefault(entry["stage"], []).append(entry)
+    stage_of = {"ingest": "ingest", "preprocess": "preprocess", "merge_shards": "preprocess", "tune": "tune",
+                "train": "train",
+                "evaluate": "evaluate", "register": "registry", "deploy": "deploy"}
+    assert set(records) == set(stage_of)
+    for task, stage in stage_of.items():
+        for entry in records[task]:
+            assert entry["config"] == getattr(cfg, stage).model_dump(mode="json"), task
+    assert records["tune"][0]["train_config"] == cfg.train.model_dump(mode="json")
+    assert sorted((r["kwargs"]["shard"], r["kwargs"]["shards"]) for r in records["ingest"]) == [(0, 2), (1, 2)]
+    assert len(records["preprocess"]) == 2 and len(records["merge_shards"]) == 1
+    for task in ("tune", "train", "evaluate"):
+        assert records[task][0]["kwargs"]["experiment"] == cfg.registry.experiment
+        assert records[task][0]["kwargs"]["tracking_uri"] == "sqlite:///spy.db"
+    assert records["deploy"][0]["kwargs"]["tracking_uri"] == "sqlite:///spy.db"
 
 
 @pytest.mark.slow
@@ -60,6 +223,7 @@ def test_whole_pipeline_runs_locally_and_serves_the_registered_model(synth_dir, 
                               freeze_early=0, tta=False),
             evaluate=EvaluateConfig(batch_size=32, latency_samples=2),
             deploy=DeployConfig(target="local", port=0),
+            shards=2,
         )
         try:
             run_local(cfg, tracking_uri, tmp_path / "kfp")

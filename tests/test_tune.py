@@ -150,13 +150,17 @@ def test_the_component_compiles_on_the_project_image(tmp_path):
 
     compiler.Compiler().compile(component, str(tmp_path / "tune.yaml"))
     text = (tmp_path / "tune.yaml").read_text()
-    assert "launch_tune" in text and "ghcr.io/bincounter/bincounter" in text and "pip install" not in text
+    assert "launch.tune" in text and "ghcr.io/bincounter/bincounter" in text and "pip install" not in text
 
 
 def test_tuning_off_leaves_the_training_config_alone(tmp_path):
     """trials=0 in the pipeline: an empty artifact that the train task can take unconditionally."""
     assert launch_tune(BASE, SPACE, None, "unused", str(tmp_path / "best")) == {"tuned": False}
     assert apply_best(BASE, tmp_path / "best") == BASE
+    from bincounter import launch
+    from bincounter.config import TuneStageConfig
+
+    assert launch.tune(TuneStageConfig(trials=0), BASE, "unused", str(tmp_path / "off")) == {"tuned": False}
 
 
 @pytest.mark.slow

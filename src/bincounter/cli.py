@@ -16,6 +16,7 @@ import tyro
 
 from bincounter.config import (
     AuditConfig,
+    ClusterConfig,
     DeployConfig,
     EvaluateConfig,
     IngestConfig,
@@ -145,11 +146,34 @@ def pipeline_run(cfg: Annotated[PipelineConfig, Flat] = PipelineConfig(), tracki
     run_local(cfg, tracking_uri or default_tracking_uri(), cfg.pipeline_root or home() / "kfp")
 
 
-def pipeline_compile(out: Path = Path("pipeline.yaml"), gpus: int = 0) -> None:
-    """Compile the pipeline to an IR YAML for Kubeflow Pipelines (upload it, or submit with kfp.Client)."""
+def pipeline_compile(out: Path = Path("pipeline.yaml"), cfg: Annotated[PipelineConfig, Flat] = PipelineConfig(),
+                     cluster: ClusterConfig = ClusterConfig()) -> None:
+    """Compile the pipeline to an IR YAML for Kubeflow Pipelines (upload it, or 'pipeline submit' it).
+
+    The stage options become the pipeline parameters' defaults; --cluster.* options set images,
+    secrets, resources, retries, caching and GPU placement of the tasks."""
     from pipelines.runner import compile_pipeline
 
-    _print({"compiled": str(compile_pipeline(out, gpus=gpus))})
+    _print({"compiled": str(compile_pipeline(out, cfg, cluster))})
+
+
+def pipeline_submit(host: str, cfg: Annotated[PipelineConfig, Flat] = PipelineConfig(),
+                    cluster: ClusterConfig = ClusterConfig(), namespace: str | None = None,
+                    experiment: str = "bincounter", run_name: str | None = None,
+                    service_account: str | None = None, wait: bool = False, timeout: float = 7 * 24 * 3600) -> None:
+    """Compile, upload and start a run on Kubeflow Pipelines (kfp.Client) and print its URL.
+
+    The stage options are the run's arguments; --cluster.* as for 'pipeline compile'. --namespace
+    is the Kubeflow profile namespace (multi-user), --experiment the KFP experiment. With --wait,
+    follows the run to its end and exits non-zero unless it succeeded."""
+    from pipelines.runner import submit
+
+    out = submit(host, cfg, cluster, namespace=namespace, experiment=experiment, run_name=run_name,
+                 service_account=service_account, wait=wait, timeout=timeout)
+    _print(out)
+    if wait and str(out["state"]).upper() != "SUCCEEDED":
+        print(f"run {out['run_id']} ended {out['state']}: {out['url']}", file=sys.stderr)
+        sys.exit(1)
 
 
 def pipeline_compile_audit(out: Path = Path("audit_pipeline.yaml")) -> None:
@@ -187,7 +211,8 @@ COMMANDS = {
     "synth": synth, "ingest": ingest, "preprocess": preprocess, "train": train, "evaluate": evaluate,
     "register": register, "deploy": deploy, "undeploy": undeploy, "serve": serve, "predict": predict,
     "audit": audit,
-    "pipeline": {"run": pipeline_run, "compile": pipeline_compile, "compile-audit": pipeline_compile_audit},
+    "pipeline": {"run": pipeline_run, "compile": pipeline_compile, "submit": pipeline_submit,
+                 "compile-audit": pipeline_compile_audit},
     "s3-server": s3_server, "demo": demo,
 }
 

@@ -8,11 +8,14 @@ Unknown fields are rejected rather than silently ignored.
 from __future__ import annotations
 
 import json
-from typing import Literal
+import os
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bincounter.ids import check_id
+
+from bincounter import __version__
 
 
 class _Config(BaseModel):
@@ -29,8 +32,14 @@ class _Config(BaseModel):
                 out[name] = value
         return out
 
+    def params(self) -> dict:
+        """This config as one KFP struct parameter: JSON values, unset (None) fields left out
+        (a KFP struct cannot hold null; leaving them out gives the same config back)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
 
 PUBLIC_BUCKET = "s3://aft-vbi-pds"
+IMAGE_REPOSITORY = "ghcr.io/bincounter/bincounter"
 
 
 class SynthConfig(_Config):
@@ -197,6 +206,14 @@ class TrainConfig(_Config):
     progress: bool = True
 
 
+# The scalar figures the evaluate stage reports (its KFP Metrics, its MLflow test_* metrics),
+# and the only names the promotion gate accepts. bincounter.evaluate derives its summary from this.
+EvalMetric = Literal["accuracy", "rmse", "mae", "within_1", "macro_f1", "range_accuracy", "range_rmse",
+                     "range_mae", "range_within_1", "latency_ms_p50", "latency_ms_p95", "throughput_images_per_s"]
+EVAL_METRICS: tuple[str, ...] = get_args(EvalMetric)
+LOWER_IS_BETTER = frozenset({"rmse", "mae", "range_rmse", "range_mae", "latency_ms_p50", "latency_ms_p95"})
+
+
 class EvaluateConfig(_Config):
     batch_size: int = Field(64, ge=1)
     latency_samples: int = Field(32, ge=0, description="Single-image requests timed for latency.")
@@ -205,11 +222,18 @@ class EvaluateConfig(_Config):
 
 class RegisterConfig(_Config):
     model_name: str = "bincounter"
-    metric: str = Field("accuracy", description="Metric the promotion gate compares.")
-    greater_is_better: bool = True
+    metric: EvalMetric = Field("accuracy", description="Evaluation metric the promotion gate compares.")
+    greater_is_better: bool | None = Field(
+        None, description="Direction of the metric; default: the metric's own (errors and latencies lower).")
     min_improvement: float = Field(0.0, ge=0.0, description="Challenger must beat the champion by this margin.")
     tracking_uri: str | None = Field(None, description="Default: $MLFLOW_TRACKING_URI, else a local SQLite store.")
     experiment: str = "bincounter"
+
+    @property
+    def higher_is_better(self) -> bool:
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return self.metric not in LOWER_IS_BETTER
 
 
 class DeployConfig(_Config):
@@ -217,7 +241,7 @@ class DeployConfig(_Config):
     model_uri: str = Field("models:/bincounter@champion")
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0 picks a free port.")
-    image: str = Field("ghcr.io/bincounter/bincounter:0.1.0", description="Serving image (Kubernetes, KServe, SageMaker).")
+    image: str = Field(f"{IMAGE_REPOSITORY}:{__version__}", description="Serving image (Kubernetes, KServe, SageMaker).")
     namespace: str = "bincounter"
     replicas: int = Field(1, ge=1)
     dry_run: bool = Field(False, description="Render and validate, do not apply/create.")
@@ -225,8 +249,23 @@ class DeployConfig(_Config):
     sagemaker_instance_type: str = "ml.m5.large"
 
 
+class TuneStageConfig(_Config):
+    """The pipeline's hyperparameter search before training (``bincounter.tune``)."""
+
+    trials: int = Field(0, ge=0, description="Trials before training (0: no search).")
+    epochs: int = Field(4, ge=0, description="Epochs per trial (0: searched too).")
+    backbones: tuple[Backbone, ...] = Field((), description="Backbones the search may pick (default: its own list).")
+    seed: int = Field(0, ge=0, description="Same seed, same trial settings.")
+    metric: Literal["val_accuracy", "val_macro_f1", "val_within_1", "val_rmse"] = Field(
+        "val_accuracy", description="Best-epoch validation metric the search optimises (val_rmse is minimised).")
+
+
 class PipelineConfig(_Config):
-    """The whole pipeline: every stage's settings plus where the run keeps its files."""
+    """The whole pipeline: every stage's settings plus where the run keeps its files.
+
+    Each stage field travels as one KFP struct parameter (``params()``) and is validated by the
+    stage's own model inside its component; ``STAGES`` names them for the pipeline and runner.
+    """
 
     ingest: IngestConfig = IngestConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
@@ -234,9 +273,9 @@ class PipelineConfig(_Config):
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegisterConfig = RegisterConfig()
     deploy: DeployConfig = DeployConfig()
-    tune_trials: int = Field(0, ge=0, description="Hyperparameter-search trials before training (0: no search).")
-    tune_epochs: int = Field(4, ge=0, description="Epochs per trial (0: searched too).")
-    tune_backbones: tuple[str, ...] = Field((), description="Backbones the search may pick (default: its own list).")
+    tune: TuneStageConfig = TuneStageConfig()
+    shards: int = Field(1, ge=1, description="Ingest and preprocess fan out over this many shards of the id space "
+                                            "(one pod each on a cluster); the dataset is the same for any number.")
     deploy_enabled: bool = Field(True, description="Run the deploy stage after registration.")
     pipeline_root: str | None = Field(None, description="Where kfp's local runner keeps artifacts; default $BINCOUNTER_HOME/kfp.")
 
@@ -298,6 +337,8 @@ class AuditConfig(_Config):
         if self.url is not None and not self.url.startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
         return self
+
+
 class SageMakerConfig(_Config):
     """An AWS account's SageMaker settings: where training jobs and endpoints run.
 
@@ -387,3 +428,78 @@ class SageMakerHostingConfig(_StepConfig):
     tracking_uri: str | None = Field(None, description="http(s) MLflow server the endpoint loads the model from "
                                      "(default: $MLFLOW_TRACKING_URI).")
     timeout_seconds: int = Field(3600, ge=1, description="How long to wait for InService (and for a rollback).")
+
+
+# PipelineConfig fields that are one stage's config each (one struct parameter each).
+STAGES = ("ingest", "preprocess", "tune", "train", "evaluate", "registry", "deploy")
+
+
+class Resources(_Config):
+    """A task's CPU and memory requests and limits (Kubernetes quantities)."""
+
+    cpu_request: str = "1"
+    cpu_limit: str = "2"
+    memory_request: str = "2G"
+    memory_limit: str = "4G"
+
+
+def _image_default(variable: str, suffix: str = "") -> str:
+    return os.environ.get(variable) or f"{IMAGE_REPOSITORY}:{__version__}{suffix}"
+
+
+_LOCAL_STORES = ("sqlite:", "file:", "./", "/", "~")
+
+
+class ClusterConfig(_Config):
+    """How the compiled pipeline runs on a Kubeflow Pipelines 2.x cluster (kfp-kubernetes).
+
+    Compile-time only: task images, secrets, resources, retries, GPU placement and caching.
+    """
+
+    image: str = Field(default_factory=lambda: _image_default("BINCOUNTER_IMAGE"),
+                       description="Image of the CPU tasks (default $BINCOUNTER_IMAGE, else the project's, tagged "
+                                   "with this version).")
+    cuda_image: str = Field(default_factory=lambda: _image_default("BINCOUNTER_CUDA_IMAGE", "-cuda"),
+                            description="Image of the GPU tasks (default $BINCOUNTER_CUDA_IMAGE, else the "
+                                        "project's '-cuda' tag).")
+    tracking_uri: str = Field(
+        "http://mlflow.mlflow.svc.cluster.local:5000",
+        description="MLflow tracking server every task shares (default: manifests/mlflow's). Pods share "
+                    "nothing else, so a local store (SQLite, a folder) is refused.")
+    mlflow_secret: str | None = Field(
+        "mlflow-credentials", description="Secret whose MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN keys become "
+                                          "env of the tasks that talk to MLflow (optional keys; none: not used).")
+    aws_secret: str | None = Field(
+        "aws-credentials", description="Secret whose AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN "
+                                       "/ AWS_DEFAULT_REGION keys become env of every task (optional keys; none: "
+                                       "not used, e.g. with IRSA).")
+    gpus: int = Field(0, ge=0, description="GPUs for each of the tune and train tasks (0: CPU only).")
+    gpu_resource: str = Field("nvidia.com/gpu", description="The GPU's extended resource name.")
+    gpu_node_label: str = Field("nvidia.com/gpu.present=true",
+                                description="key=value node label the GPU tasks select ('' for none).")
+    gpu_toleration: str = Field("nvidia.com/gpu", description="Taint key the GPU tasks tolerate (operator Exists, "
+                                                              "effect NoSchedule; '' for none).")
+    shm_size: str = Field("8Gi", description="Memory-backed /dev/shm on tune and train (DataLoader workers).")
+    retries: int = Field(3, ge=0, description="Retries of the tasks that touch S3 or the registry.")
+    retry_backoff: str = Field("30s", description="Wait before the first retry; doubles each time.")
+    retry_backoff_max: str = Field("3600s", description="Longest time spent retrying.")
+    cache_data: bool = Field(True, description="Cache ingest and preprocess (keyed by their inputs); register and "
+                                               "deploy are never cached.")
+    deploy_target: Literal["kubernetes", "kserve", "sagemaker"] = Field(
+        "kubernetes", description="Where the deploy step serves when the pipeline's deploy.target is 'local' (a "
+                                  "local server would die with its pod).")
+    data_resources: Resources = Resources(cpu_request="2", cpu_limit="4", memory_request="4G", memory_limit="8G")
+    train_resources: Resources = Resources(cpu_request="4", cpu_limit="8", memory_request="16G", memory_limit="32G")
+    light_resources: Resources = Resources(cpu_request="1", cpu_limit="2", memory_request="2G", memory_limit="4G")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ClusterConfig":
+        uri = self.tracking_uri.strip()
+        if not uri or uri.startswith(_LOCAL_STORES) or "://" not in uri:
+            raise ValueError(
+                f"tracking_uri {self.tracking_uri!r} is not a tracking server: on a cluster every task runs in its "
+                "own pod, so a local store is lost with the pod. Set --cluster.tracking-uri to your MLflow server, "
+                "e.g. http://mlflow.mlflow.svc.cluster.local:5000 (kubectl apply -k manifests/mlflow deploys one).")
+        if self.gpu_node_label and "=" not in self.gpu_node_label:
+            raise ValueError("gpu_node_label is key=value, e.g. nvidia.com/gpu.present=true")
+        return self

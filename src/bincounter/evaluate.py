@@ -12,14 +12,13 @@ import numpy as np
 import torch
 
 from bincounter import metrics as M
-from bincounter.config import EvaluateConfig
+from bincounter.config import EVAL_METRICS, EvaluateConfig
 from bincounter.data import make_loader, read_samples, ShardDataset, shard_urls
 from bincounter.fileio import atomic_write
 from bincounter.predictor import Predictor
 from bincounter.train import resolve_device
 
-SUMMARY_KEYS = ("accuracy", "rmse", "mae", "within_1", "macro_f1", "range_accuracy", "range_rmse",
-                "range_mae", "range_within_1", "latency_ms_p50", "latency_ms_p95", "throughput_images_per_s")
+SUMMARY_KEYS = EVAL_METRICS  # config.EvalMetric owns the names (the promotion gate accepts only these)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from bincounter.config import IngestConfig
 from bincounter.fileio import atomic_write
 from bincounter.ids import check_id, is_dataset_id
 from bincounter.sources import IMAGES, METADATA, ObjectMissing, Source, SourceError, open_source
+from bincounter.split import shard_of
 
 MANIFEST = "manifest.jsonl"
 ERRORS = "ingest_errors.jsonl"
@@ -271,8 +272,14 @@ def _lock(out_dir: Path):
     return lock
 
 
-def ingest(cfg: IngestConfig, out_dir: str | Path) -> IngestResult:
-    """Fetch the selected ids into ``out_dir``; resumable, concurrent, atomic."""
+def ingest(cfg: IngestConfig, out_dir: str | Path, shard: int = 0, shards: int = 1) -> IngestResult:
+    """Fetch the selected ids into ``out_dir``; resumable, concurrent, atomic.
+
+    With ``shards`` > 1, keeps only the selected ids of shard ``shard`` (``split.shard_of``):
+    every shard makes the same selection, so the shards together hold exactly the unsharded one.
+    """
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} is not one of 0..{shards - 1}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     source = open_source(cfg.source, workers=cfg.workers, retries=cfg.retries,
@@ -280,12 +287,12 @@ def ingest(cfg: IngestConfig, out_dir: str | Path) -> IngestResult:
     source.check()  # fail fast with the endpoint's name rather than one error per object
     lock = _lock(out_dir)
     try:
-        return _ingest_locked(cfg, source, out_dir)
+        return _ingest_locked(cfg, source, out_dir, shard, shards)
     finally:
         lock.release()
 
 
-def _ingest_locked(cfg: IngestConfig, source: Source, out_dir: Path) -> IngestResult:
+def _ingest_locked(cfg: IngestConfig, source: Source, out_dir: Path, shard: int = 0, shards: int = 1) -> IngestResult:
     _remove_partials(out_dir)
     manifest_path = out_dir / MANIFEST
     known = load_manifest(manifest_path)
@@ -300,6 +307,9 @@ def _ingest_locked(cfg: IngestConfig, source: Source, out_dir: Path) -> IngestRe
     def todo() -> Iterator[str]:
         nonlocal skipped
         for id_ in select_ids(source, cfg, known=done_before, prefetched=prefetched):
+            if shards > 1 and shard_of(id_, shards) != shard:
+                prefetched.pop(id_, None)  # another shard's: its metadata is not kept here
+                continue
             if id_ in done_before:
                 skipped += 1
                 fetched[id_] = done_before[id_]

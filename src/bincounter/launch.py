@@ -20,16 +20,30 @@ from bincounter.config import (
     PreprocessConfig,
     RegisterConfig,
     TrainConfig,
+    TuneStageConfig,
 )
 
 
-def ingest(cfg: IngestConfig, out_dir: str) -> dict:
+def ingest(cfg: IngestConfig, out_dir: str, *, shard: int = 0, shards: int = 1) -> dict:
     from bincounter.ingest import ingest as run
 
-    r = run(cfg, out_dir)
+    r = run(cfg, out_dir, shard=shard, shards=shards)
     atomic_write(Path(out_dir) / "ingest_config.json", json.dumps(cfg.model_dump(), indent=2).encode())
     return {"downloaded": r.downloaded, "skipped": r.skipped, "failed": r.failed, "bytes": r.bytes,
-            "source": cfg.source.uri, "manifest": "manifest.jsonl"}
+            "source": cfg.source.uri, "manifest": "manifest.jsonl", "shard": shard, "shards": shards}
+
+
+def merge_shards(cfg: PreprocessConfig, parts: list[str], out_dir: str, report_html: str | None = None) -> dict:
+    """Join preprocessed shards into the training dataset (``bincounter.shards.merge``)."""
+    from bincounter.preprocess import load_dataset_info
+    from bincounter.shards import merge
+
+    r = merge(cfg, parts, out_dir)
+    if report_html:
+        shutil.copyfile(Path(out_dir) / "report" / "report.html", report_html)
+    info = load_dataset_info(out_dir)
+    return {"sizes": r.sizes, "quarantined": r.quarantined, "classes": r.classes, "shards_merged": len(parts),
+            "input_manifest_sha256": info["input_manifest_sha256"]}
 
 
 def preprocess(cfg: PreprocessConfig, raw_dir: str, out_dir: str, report_html: str | None = None) -> dict:
@@ -44,13 +58,33 @@ def preprocess(cfg: PreprocessConfig, raw_dir: str, out_dir: str, report_html: s
             "input_manifest_sha256": info["input_manifest_sha256"]}
 
 
+def tune(cfg: TuneStageConfig, base: TrainConfig, data_dir: str, out_dir: str, *, tracking_uri: str | None = None,
+         experiment: str = "bincounter") -> dict:
+    """The pipeline's search before training: trials start from ``base``; 0 trials switch it off."""
+    from bincounter.tune import SearchSpace, TuneConfig, launch_tune
+
+    fixed: dict = {}
+    if cfg.epochs > 0:
+        fixed["epochs"] = (cfg.epochs,)
+    if cfg.backbones:
+        fixed["backbone"] = cfg.backbones
+    search = TuneConfig(trials=cfg.trials, seed=cfg.seed, metric=cfg.metric) if cfg.trials > 0 else None
+    return launch_tune(base.model_copy(update={"progress": False}), SearchSpace(**fixed), search, data_dir, out_dir,
+                       tracking_uri=tracking_uri, experiment=experiment)
+
+
 def train(cfg: TrainConfig, data_dir: str, model_dir: str, *, tracking_uri: str | None = None,
-          experiment: str = "bincounter", curves_html: str | None = None) -> dict:
-    """Train inside an MLflow run; the run id travels on as artifact metadata."""
+          experiment: str = "bincounter", curves_html: str | None = None, tuned_dir: str | None = None) -> dict:
+    """Train inside an MLflow run; the run id travels on as artifact metadata. With ``tuned_dir``
+    (a tune output) the search's best settings replace the ones it varied."""
     from bincounter.data import materialize
     from bincounter.preprocess import load_dataset_info
     from bincounter.train import train as run
 
+    if tuned_dir is not None:
+        from bincounter.tune import apply_best
+
+        cfg = apply_best(cfg, tuned_dir)
     data_dir = str(materialize(data_dir))
     info = load_dataset_info(data_dir)
     params = {**cfg.flat("train."), **_data_params(data_dir, info)}
@@ -112,12 +146,12 @@ def evaluate(cfg: EvaluateConfig, model_dir: str, data_dir: str, out_dir: str, *
 def register(cfg: RegisterConfig, model_dir: str, eval_dir: str, data_dir: str, *, run_id: str | None = None,
              pipeline_run_id: str | None = None) -> dict:
     from bincounter.data import read_samples, shard_urls
-    from bincounter.evaluate import SUMMARY_KEYS
+    from bincounter.config import EVAL_METRICS
     from bincounter.preprocess import load_dataset_info
     from bincounter.register import register as run
 
     metrics = json.loads((Path(eval_dir) / "metrics.json").read_text())
-    summary = {k: float(metrics[k]) for k in SUMMARY_KEYS if k in metrics}
+    summary = {k: float(metrics[k]) for k in EVAL_METRICS if k in metrics}
     info = load_dataset_info(data_dir)
     lineage = {"data_manifest_sha256": str(info["input_manifest_sha256"]),
                "split": f"hash(id) salt={info['config']['split_salt']} val={info['config']['val_fraction']} "
@@ -129,10 +163,13 @@ def register(cfg: RegisterConfig, model_dir: str, eval_dir: str, data_dir: str, 
             "reason": r.reason, "champion_uri": f"models:/{r.name}@champion"}
 
 
-def deploy(cfg: DeployConfig, name: str = "bincounter") -> dict:
+def deploy(cfg: DeployConfig, name: str = "bincounter", tracking_uri: str | None = None) -> dict:
+    """Deploy; ``tracking_uri`` (the run's MLflow server) is what cluster pods load the model from."""
     from bincounter.deploy import deploy as run
 
-    kwargs = {"name": name} if cfg.target == "local" else {}
+    kwargs: dict = {"name": name} if cfg.target == "local" else {}
+    if cfg.target in ("kubernetes", "kserve") and tracking_uri:
+        kwargs["tracking_uri"] = tracking_uri
     result = run(cfg, **kwargs)
     return {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool))}
 

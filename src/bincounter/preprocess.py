@@ -3,7 +3,8 @@
 Input: an ingest folder (``bin-images/``, ``metadata/``, ``manifest.jsonl``).
 Output folder:
     train/ val/ test/   shard-000000.tar ... (``<id>.jpg`` resized, ``<id>.cls`` label, ``<id>.json``)
-    index.jsonl         one line per kept sample: id, count, label, split, original size
+    index.jsonl         one line per kept sample: id, count, label, split, original size, sha256
+    input_manifest.jsonl  the ingest manifest this was made from (shards merge into the whole's)
     quarantine.jsonl    one line per rejected sample: id, reason, detail
     dataset.json        classes, image size, sizes per split, shards, hash of the input manifest
     report/             PNG plots and report.md (see bincounter.report)
@@ -41,6 +42,22 @@ from bincounter.sources import IMAGES, METADATA
 from bincounter.split import SPLITS, label_of, split_of, unit_hash
 
 DATASET_JSON = "dataset.json"
+INPUT_MANIFEST = "input_manifest.jsonl"
+_DUPLICATE = "same bytes as "
+
+
+def duplicate_detail(first: str) -> str:
+    return _DUPLICATE + first
+
+
+def duplicate_of(detail: str) -> str:
+    """The id a duplicate record names as the copy that was kept."""
+    return detail.removeprefix(_DUPLICATE)
+
+
+def order_key(id_: str, cfg: PreprocessConfig) -> tuple[float, str]:
+    """The order photos are processed and packed in: a hash of the id (ties by id)."""
+    return unit_hash(id_, cfg.split_salt + ":order"), id_
 
 
 @dataclass(frozen=True)
@@ -52,6 +69,8 @@ class Sample:
     width: int
     height: int
     consistent: bool
+    sha256: str = ""  # of the original photo: duplicates are found by it, also across shards
+    null_dims: bool = False
 
 
 @dataclass
@@ -311,7 +330,7 @@ def preprocess(cfg: PreprocessConfig, in_dir: str | Path, out_dir: str | Path,
 
     # A hash order is a shuffle that stays put when the dataset grows, and it decides which
     # copy of a duplicated photo is kept.
-    order = sorted(ids, key=lambda i: unit_hash(i, cfg.split_salt + ":order"))
+    order = sorted(ids, key=lambda i: order_key(i, cfg))
     writers = {s: _ShardWriter(tmp_dir / s, cfg.shard_size) for s in SPLITS}
     examples: dict[str, list[tuple[Sample, bytes]]] = {s: [] for s in SPLITS}
     per_label: Counter[int] = Counter()
@@ -328,10 +347,11 @@ def preprocess(cfg: PreprocessConfig, in_dir: str | Path, out_dir: str | Path,
                 continue
             first = seen_hash.setdefault(res["sha256"], id_)
             if first != id_:
-                quarantine.append({"id": id_, "reason": v.DUPLICATE, "detail": f"same bytes as {first}"})
+                quarantine.append({"id": id_, "reason": v.DUPLICATE, "detail": duplicate_detail(first)})
                 continue
             sample = Sample(id=id_, count=res["count"], label=label_of(res["count"], cfg), split=split_of(id_, cfg),
-                            width=res["width"], height=res["height"], consistent=res["consistent"])
+                            width=res["width"], height=res["height"], consistent=res["consistent"],
+                            sha256=res["sha256"], null_dims=bool(res["null_dims"]))
             writers[sample.split].write(id_, {"jpg": res["jpg"], "cls": str(sample.label).encode(),
                                               "json": json.dumps({"id": id_, "count": sample.count}).encode()})
             index.append(dict(vars(sample)))  # flat: asdict's deep copy cost more than the write
@@ -345,7 +365,11 @@ def preprocess(cfg: PreprocessConfig, in_dir: str | Path, out_dir: str | Path,
         _write_jsonl(tmp_dir / "index.jsonl", index)
         quarantine.sort(key=lambda q: (q["id"], q["reason"]))
         _write_jsonl(tmp_dir / "quarantine.jsonl", quarantine)
-        dataset = _dataset_info(cfg, in_dir, index, quarantine, null_dims, shards)
+        manifest = in_dir / MANIFEST
+        if manifest.exists():
+            shutil.copyfile(manifest, tmp_dir / INPUT_MANIFEST)
+        dataset = _dataset_info(cfg, _file_sha256(manifest) if manifest.exists() else None,
+                                _read_json(in_dir / "ingest_config.json"), index, quarantine, null_dims, shards)
         atomic_write(tmp_dir / DATASET_JSON, json.dumps(dataset, indent=2).encode())
         # The idle workers draw the report's plots side by side.
         write_data_report(tmp_dir, index, quarantine, examples, cfg, executor=pool)
@@ -359,11 +383,10 @@ def preprocess(cfg: PreprocessConfig, in_dir: str | Path, out_dir: str | Path,
                             classes=cfg.class_names(), shards=shards)
 
 
-def _dataset_info(cfg: PreprocessConfig, in_dir: Path, index: list[dict], quarantine: list[dict],
-                  null_dims: int, shards: dict[str, list[str]]) -> dict:
+def _dataset_info(cfg: PreprocessConfig, manifest_sha256: str | None, ingest_config: dict | None,
+                  index: list[dict], quarantine: list[dict], null_dims: int, shards: dict[str, list[str]]) -> dict:
     """The contents of ``dataset.json``: what the trainer and the lineage records read."""
     names = cfg.class_names()
-    manifest = in_dir / MANIFEST
     kept = {r["id"] for r in index}
     per_split = Counter(r["split"] for r in index)
     per_class = Counter((r["split"], r["label"]) for r in index)
@@ -380,8 +403,8 @@ def _dataset_info(cfg: PreprocessConfig, in_dir: Path, index: list[dict], quaran
         "quarantined": dict(sorted(Counter(q["reason"] for q in quarantine if not q.get("kept")).items())),
         "warnings": dict(sorted(Counter(q["reason"] for q in quarantine if q.get("kept") and q["id"] in kept).items())),
         "null_dimensions": null_dims,  # kept samples with an item's dimension or weight null
-        "input_manifest_sha256": _file_sha256(manifest) if manifest.exists() else None,
-        "ingest_config": _read_json(in_dir / "ingest_config.json"),
+        "input_manifest_sha256": manifest_sha256,
+        "ingest_config": ingest_config,
         "config": cfg.model_dump(),
     }
 

@@ -8,8 +8,13 @@ promoted); the decision and its reason are recorded as version tags either way.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import random
+import socket
 import subprocess
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +22,6 @@ from pathlib import Path
 import bincounter
 from bincounter import tracking
 from bincounter.config import RegisterConfig
-from bincounter.paths import home
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -134,6 +138,10 @@ input {spec.get('image_size')} px, test-time augmentation: {spec.get('tta')} (fl
 """
 
 
+class PromotionError(RuntimeError):
+    """The gate cannot decide (a missing metric, a champion without it): nothing is promoted."""
+
+
 def _champion_score(client, name: str, metric: str) -> tuple[str | None, float | None]:
     from mlflow.exceptions import MlflowException
 
@@ -142,19 +150,98 @@ def _champion_score(client, name: str, metric: str) -> tuple[str | None, float |
     except MlflowException:
         return None, None
     value = champ.tags.get(f"metric.{metric}")
-    return champ.version, float(value) if value is not None else None
+    if value is None:
+        raise PromotionError(f"champion v{champ.version} of {name!r} has no '{metric}' recorded: it cannot be "
+                             f"compared; re-register it with that metric or move the alias by hand")
+    return champ.version, float(value)
 
 
 def decide(new: float | None, current: float | None, cfg: RegisterConfig) -> tuple[bool, str]:
-    """Whether a challenger scoring ``new`` replaces a champion scoring ``current``."""
+    """Whether a challenger scoring ``new`` replaces a champion scoring ``current`` (None: no champion).
+
+    A challenger without the metric (or with NaN) is an error, never a promotion."""
+    if new is None or math.isnan(new):
+        raise PromotionError(f"challenger has no '{cfg.metric}' metric; nothing promoted")
     if current is None:
         return True, "no champion yet: first model is promoted"
-    if new is None:
-        return False, f"challenger has no '{cfg.metric}' metric; champion kept"
-    gain = (new - current) if cfg.greater_is_better else (current - new)
+    gain = (new - current) if cfg.higher_is_better else (current - new)
     if gain > cfg.min_improvement:
         return True, f"{cfg.metric} {new:.4f} beats champion's {current:.4f} by {gain:.4f} (> {cfg.min_improvement})"
     return False, f"{cfg.metric} {new:.4f} does not beat champion's {current:.4f} by more than {cfg.min_improvement}"
+
+
+LOCK_SUFFIX = ".promotion-lock"
+LOCK_STALE_S = 600.0  # a lock older than this was left by a killed process
+
+
+@contextlib.contextmanager
+def registry_lock(client, name: str, timeout: float = 300.0) -> Iterator[None]:
+    """Hold the registry-wide promotion lock of model ``name``, shared by every pod.
+
+    MLflow has no compare-and-set on aliases, but creating a registered model is an insert on
+    a unique key, which exactly one of any number of racing callers wins: the lock is the
+    registered model ``<name>.promotion-lock`` (tagged with its holder), deleted on release.
+    A lock older than ``LOCK_STALE_S`` is broken, so a killed holder blocks nobody for long.
+    """
+    from mlflow.exceptions import MlflowException
+
+    lock, holder = name + LOCK_SUFFIX, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.create_registered_model(lock, tags={"holder": holder}, description="bincounter promotion lock")
+            break
+        except MlflowException as exc:
+            # Taken; or taken and released while MLflow looked up the holder to report it.
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+                raise
+        _break_if_stale(client, lock)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"promotion lock {lock!r} still held after {timeout:g} s")
+        time.sleep(random.uniform(0.05, 0.3))
+    try:
+        yield
+    finally:
+        try:
+            client.delete_registered_model(lock)
+        except MlflowException:
+            pass  # broken as stale meanwhile: nothing of ours to release
+
+
+def _break_if_stale(client, lock: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        held = client.get_registered_model(lock)
+    except MlflowException:
+        return  # released meanwhile
+    if time.time() - held.creation_timestamp / 1000 > LOCK_STALE_S:
+        try:
+            client.delete_registered_model(lock)
+        except MlflowException:
+            pass
+
+
+def promote(client, cfg: RegisterConfig, version: str, score: float | None) -> tuple[bool, str]:
+    """Gate ``version`` (scoring ``score``) against the champion, under the registry lock, and
+    record the decision on the version: read, compare, move and tag happen as one step, so two
+    registrations at once in two pods end with the better model as champion and both
+    decisions true when made."""
+    if score is None or math.isnan(score):
+        raise PromotionError(f"challenger v{version} has no '{cfg.metric}' metric; nothing promoted")
+    with registry_lock(client, cfg.model_name):
+        client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
+        champ_version, champ_score = _champion_score(client, cfg.model_name, cfg.metric)
+        promoted, reason = decide(score, champ_score, cfg)
+        if champ_version is not None:
+            reason += f" (champion was v{champ_version})"
+        if promoted:
+            client.set_registered_model_alias(cfg.model_name, CHAMPION, version)
+        for key, value in {"promotion.decision": "promoted" if promoted else "kept", "promotion.reason": reason,
+                           "promotion.metric": cfg.metric,
+                           "promotion.champion_before": champ_version or "none"}.items():
+            client.set_model_version_tag(cfg.model_name, version, key, value)
+    return promoted, reason
 
 
 def register(cfg: RegisterConfig, model_dir: str | Path, metrics: dict[str, float], *, run_id: str | None = None,
@@ -163,9 +250,11 @@ def register(cfg: RegisterConfig, model_dir: str | Path, metrics: dict[str, floa
     import json
 
     import mlflow
-    from filelock import FileLock
     from mlflow import MlflowClient
 
+    if cfg.metric not in metrics or metrics[cfg.metric] is None or math.isnan(float(metrics[cfg.metric])):
+        raise PromotionError(f"the evaluation has no '{cfg.metric}' to gate on (it has {sorted(metrics)}); "
+                             "nothing registered")
     tracking.configure(cfg.tracking_uri, cfg.experiment)
     spec = json.loads((Path(model_dir) / "model_spec.json").read_text())
     lineage = {"git_commit": git_commit(), **(lineage or {})}
@@ -179,18 +268,7 @@ def register(cfg: RegisterConfig, model_dir: str | Path, metrics: dict[str, floa
                                     tags={**{f"metric.{k}": str(v) for k, v in metrics.items()},
                                           **{f"lineage.{k}": v for k, v in lineage.items()},
                                           "lineage.training_run_id": run.info.run_id}).version
-    # Read-compare-move must not interleave with another registration: hold a lock.
-    home().mkdir(parents=True, exist_ok=True)
-    with FileLock(str(home() / f"registry-{cfg.model_name}.lock"), timeout=300):
-        client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
-        champ_version, champ_score = _champion_score(client, cfg.model_name, cfg.metric)
-        promoted, reason = decide(metrics.get(cfg.metric), champ_score, cfg)
-        if champ_version is not None:
-            reason += f" (champion was v{champ_version})"
-        if promoted:
-            client.set_registered_model_alias(cfg.model_name, CHAMPION, version)
-    client.set_model_version_tag(cfg.model_name, version, "promotion.decision", "promoted" if promoted else "kept")
-    client.set_model_version_tag(cfg.model_name, version, "promotion.reason", reason)
+    promoted, reason = promote(client, cfg, str(version), float(metrics[cfg.metric]))
     card = model_card(cfg.model_name, version, metrics, lineage, spec, reason)
     client.update_model_version(cfg.model_name, version, description=card)
     with mlflow.start_run(run_id=run.info.run_id):

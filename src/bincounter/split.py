@@ -37,3 +37,9 @@ def split_of(id_: str, cfg: PreprocessConfig) -> str:
     if u < cfg.test_fraction + cfg.val_fraction:
         return "val"
     return "train"
+
+
+def shard_of(id_: str, shards: int) -> int:
+    """Which of ``shards`` data shards an id belongs to: a hash of the id alone, so every
+    shard gets an even share of the id space whatever the listing order."""
+    return min(int(unit_hash(id_, "shard") * shards), shards - 1)

@@ -137,7 +137,7 @@ def test_apply_and_wait_call_kubectl_with_exact_arguments(kubectl: str) -> None:
     assert result["url"] == "http://bincounter.models.example.com"
     common = dict(capture_output=True, text=True, check=False)
     assert run.call_args_list[1:] == [
-        mock.call([kubectl, "--context", "prod", "apply", "-f", "-"], input=result["manifest"], timeout=200.0, **common),
+        mock.call([kubectl, "--context", "prod", *k8s.APPLY_ARGS], input=result["manifest"], timeout=200.0, **common),
         mock.call(
             [kubectl, "--context", "prod", "wait", "--for=condition=Ready", "inferenceservice/bincounter", "-n", "models", "--timeout=200s"],
             input=None,

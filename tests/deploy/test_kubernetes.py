@@ -76,7 +76,7 @@ def test_dry_run_renders_image_namespace_replicas_and_model_uri(kubectl: str) ->
     assert find(docs, "Namespace")["metadata"]["name"] == "prod-ml"
     assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"prod-ml"}
     deployment = find(docs, "Deployment")
-    assert deployment["spec"]["replicas"] == 3
+    assert "replicas" not in deployment["spec"]  # its HPA owns the count
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["image"] == ECR
     configmap = find(docs, "ConfigMap")
@@ -176,12 +176,13 @@ def test_inputs_that_cannot_be_rendered(kubectl: str, bad: dict) -> None:
 
 def test_apply_pipes_the_manifest_to_kubectl_apply(kubectl: str) -> None:
     with mock.patch.object(k8s.subprocess, "run", autospec=True, side_effect=fake_kubectl_apply()) as run:
-        result = k8s.deploy(cfg(), kubectl=kubectl, context="prod", kubeconfig="/etc/kube/config")
+        result = k8s.deploy(cfg(), kubectl=kubectl, context="prod", kubeconfig="/etc/kube/config", wait=False)
     assert result["applied"] is True
     assert result["kubectl_output"] == "deployment.apps/bincounter configured\n"
     assert run.call_count == 2
     assert run.call_args_list[-1] == mock.call(
-        [kubectl, "--kubeconfig", "/etc/kube/config", "--context", "prod", "apply", "-f", "-"],
+        [kubectl, "--kubeconfig", "/etc/kube/config", "--context", "prod", "apply", "--server-side",
+         "--field-manager=bincounter", "--force-conflicts", "-f", "-"],
         input=result["manifest"],
         capture_output=True,
         text=True,
@@ -194,7 +195,8 @@ def test_wait_checks_the_rollout(kubectl: str) -> None:
     with mock.patch.object(k8s.subprocess, "run", autospec=True, side_effect=fake_kubectl_apply()) as run:
         result = k8s.deploy(cfg(), kubectl=kubectl, wait=True, timeout=120)
     assert result["ready"] is True
-    assert run.call_args_list[-2].args[0] == [kubectl, "apply", "-f", "-"]
+    assert run.call_args_list[0].args[0][1:4] == ["get", "deployment/bincounter", "-n"]  # the revision to return to
+    assert run.call_args_list[-2].args[0] == [kubectl, *k8s.APPLY_ARGS]
     assert run.call_args_list[-1] == mock.call(
         [kubectl, "rollout", "status", "deployment/bincounter", "-n", "prod-ml", "--timeout=120s"],
         input=None,
@@ -209,10 +211,10 @@ def test_unreachable_cluster_error_carries_stderr(kubectl: str) -> None:
     stderr = "The connection to the server localhost:8080 was refused - did you specify the right host or port?"
     with mock.patch.object(k8s.subprocess, "run", autospec=True, side_effect=fake_kubectl_apply(returncode=1, stderr=stderr)):
         with pytest.raises(k8s.KubectlError) as err:
-            k8s.deploy(cfg(), kubectl=kubectl)
+            k8s.deploy(cfg(), kubectl=kubectl, wait=False)
     assert "cannot reach the Kubernetes cluster" in str(err.value)
     assert stderr in str(err.value) and err.value.stderr == stderr
-    assert err.value.returncode == 1 and err.value.cmd[-3:] == ["apply", "-f", "-"]
+    assert err.value.returncode == 1 and err.value.cmd[1:] == list(k8s.APPLY_ARGS)
 
 
 def test_missing_kubectl_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -253,3 +255,81 @@ def test_split_image(image: str, parts: tuple) -> None:
 )
 def test_is_mutable_model_uri(uri: str, mutable: bool) -> None:
     assert k8s.is_mutable_model_uri(uri) is mutable
+
+
+# --------------------------------------------------------------------------- rollout, on a fake kubectl
+
+
+FAKE_KUBECTL = """#!{python}
+# A kubectl on PATH for one test: real `kustomize`, a Deployment at revision {revision!r} whose
+# next rollout {outcome}; every call is logged, one line of JSON each.
+import json, os, subprocess, sys
+args = sys.argv[1:]
+log = os.path.join(os.path.dirname(__file__), "calls.jsonl")
+stdin = sys.stdin.read() if "-f" in args else ""
+with open(log, "a") as f:
+    f.write(json.dumps({{"args": args, "stdin_kinds": [l[6:] for l in stdin.splitlines() if l.startswith("kind: ")]}}) + "\\n")
+verb = args[0]
+undone = any(json.loads(l)["args"][:2] == ["rollout", "undo"] for l in open(log))
+if verb == "kustomize":
+    sys.exit(subprocess.run([{real!r}, *args]).returncode)
+if verb == "get":
+    print({revision!r} or "", end="")
+elif verb == "apply":
+    print("deployment.apps/bincounter serverside-applied")
+elif args[:2] == ["rollout", "status"]:
+    if {outcome!r} == "fails" and not undone:
+        print('error: deployment "bincounter" exceeded its progress deadline', file=sys.stderr)
+        sys.exit(1)
+    print('deployment "bincounter" successfully rolled out')
+elif args[:2] == ["rollout", "undo"]:
+    print("deployment.apps/bincounter rolled back")
+else:
+    print("unexpected: " + " ".join(args), file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def fake_kubectl_on_path(tmp_path: Path, monkeypatch, kubectl: str, revision: str, outcome: str) -> Path:
+    import json
+    import sys
+
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    script = folder / "kubectl"
+    script.write_text(FAKE_KUBECTL.format(python=sys.executable, real=kubectl, revision=revision, outcome=outcome))
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}:{__import__('os').environ['PATH']}")
+    return folder / "calls.jsonl"
+
+
+def _calls(log: Path) -> list[list[str]]:
+    import json
+
+    return [json.loads(line)["args"] for line in log.read_text().splitlines()]
+
+
+def test_a_rollout_that_never_gets_ready_is_rolled_back_to_the_previous_revision(kubectl, tmp_path, monkeypatch):
+    log = fake_kubectl_on_path(tmp_path, monkeypatch, kubectl, revision="4", outcome="fails")
+    with pytest.raises(k8s.RolloutError, match="rolled back to revision 4") as err:
+        k8s.deploy(cfg(), timeout=5)
+    assert err.value.rolled_back_to == "4"
+    verbs = [c[0] if c[0] != "rollout" else " ".join(c[:2]) for c in _calls(log)]
+    assert verbs == ["get", "kustomize", "apply", "rollout status", "rollout undo", "rollout status"]
+    calls = _calls(log)
+    assert calls[2] == list(k8s.APPLY_ARGS)  # server-side apply
+    assert calls[4] == ["rollout", "undo", "deployment/bincounter", "-n", "prod-ml", "--to-revision=4"]
+
+
+def test_a_ready_rollout_is_not_touched(kubectl, tmp_path, monkeypatch):
+    log = fake_kubectl_on_path(tmp_path, monkeypatch, kubectl, revision="4", outcome="succeeds")
+    result = k8s.deploy(cfg(), timeout=5)
+    assert result["ready"] is True and result["previous_revision"] == "4"
+    assert not any(c[:2] == ["rollout", "undo"] for c in _calls(log))
+
+
+def test_a_first_rollout_that_fails_says_there_is_nothing_to_return_to(kubectl, tmp_path, monkeypatch):
+    fake_kubectl_on_path(tmp_path, monkeypatch, kubectl, revision="", outcome="fails")
+    with pytest.raises(k8s.RolloutError, match="no earlier revision") as err:
+        k8s.deploy(cfg(), timeout=5)
+    assert err.value.rolled_back_to is None

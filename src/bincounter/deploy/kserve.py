@@ -185,7 +185,8 @@ def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
 
     Keyword arguments are those of :func:`bincounter.deploy.kubernetes.deploy`
     (manifests, kubectl, context, kubeconfig, tracking_uri, max_replicas, restart, wait,
-    timeout); ``wait`` waits for the InferenceService to report Ready.
+    timeout); ``wait`` (default True) waits for the InferenceService to report Ready. A new
+    revision that never gets ready takes no traffic: KServe keeps serving the last ready one.
 
     Returns ``{"target": "kserve", "manifest": <yaml>, "applied": bool, ...}``.
     """
@@ -195,7 +196,7 @@ def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
     )
     if not result["applied"]:
         return result
-    if kwargs.get("wait"):
+    if kwargs.get("wait", True):
         run_kubectl(
             kubectl,
             [*flags, "wait", "--for=condition=Ready", f"inferenceservice/{ISVC_NAME}", "-n", cfg.namespace, f"--timeout={int(timeout)}s"],

@@ -4,7 +4,10 @@ The manifests live in ``manifests/serving`` (a kustomize tree). :func:`deploy` c
 tree to a temporary directory, writes a kustomize overlay beside it that sets the image,
 namespace, replica count and model URI, renders it with ``kubectl kustomize`` (no
 ``kustomize edit``, nothing in the repository is modified), checks the result and pipes
-it to ``kubectl apply -f -``.
+it to ``kubectl apply --server-side -f -`` (server-side apply: the API server merges and owns
+the fields per manager, so the HPA's replica count is never fought over). It then waits for the
+rollout and, when the new pods never become ready, rolls the Deployment back to the revision
+that ran before and raises :class:`RolloutError`.
 
 With ``cfg.dry_run`` nothing is applied: ``kubectl apply --dry-run=client`` still needs a
 reachable API server for discovery, so a dry run only renders and validates, and returns
@@ -42,6 +45,9 @@ RESTART_ANNOTATION = "kubectl.kubernetes.io/restartedAt"
 #: Kubernetes release the rendered objects are schema-checked against (when
 #: kubernetes-validate is installed): old enough to match most clusters in use.
 DEFAULT_K8S_VERSION = "1.30.0"
+FIELD_MANAGER = "bincounter"
+APPLY_ARGS = ("apply", "--server-side", f"--field-manager={FIELD_MANAGER}", "--force-conflicts", "-f", "-")
+REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
 
 _CLUSTER_UNREACHABLE = (
     "unable to connect to the server",
@@ -72,6 +78,14 @@ class KubectlError(RuntimeError):
 
 class KubectlNotFoundError(KubectlError):
     """No kubectl binary to run."""
+
+
+class RolloutError(RuntimeError):
+    """The new revision did not become ready; ``rolled_back_to`` is the revision restored (or None)."""
+
+    def __init__(self, message: str, *, rolled_back_to: str | None):
+        super().__init__(message)
+        self.rolled_back_to = rolled_back_to
 
 
 class ManifestError(ValueError):
@@ -174,8 +188,12 @@ def apply(
     kubeconfig: str | os.PathLike[str] | None = None,
     timeout: float = 300.0,
 ) -> str:
-    """``kubectl apply -f -`` the manifest; returns kubectl's report (one line per object)."""
-    proc = run_kubectl(kubectl, [*global_flags(context, kubeconfig), "apply", "-f", "-"], input=manifest, timeout=timeout)
+    """Server-side apply the manifest; returns kubectl's report (one line per object).
+
+    ``--force-conflicts``: this deployer is the owner of what it renders, so a field last set
+    by hand (``kubectl edit``) is taken back rather than failing the pipeline.
+    """
+    proc = run_kubectl(kubectl, [*global_flags(context, kubeconfig), *APPLY_ARGS], input=manifest, timeout=timeout)
     return proc.stdout
 
 
@@ -351,7 +369,6 @@ def overlay(
     doc: dict[str, Any] = {
         "namespace": cfg.namespace,
         "images": [image_override(cfg.image)],
-        "replicas": [{"name": APP_NAME, "count": cfg.replicas}],
         # behavior: merge keeps the base's other keys; the name hash changes with the values,
         # which is what rolls the pods to a new model URI.
         "configMapGenerator": [{"name": CONFIGMAP_NAME, "behavior": "merge", "literals": literals}],
@@ -360,7 +377,7 @@ def overlay(
     if max_replicas is not None and max_replicas < cfg.replicas:
         raise ValueError(f"max_replicas={max_replicas} is below replicas={cfg.replicas}")
     if hpa is not None:
-        # The HPA owns the replica count once it runs: give it the same floor.
+        # The Deployment leaves the replica count to its HPA: cfg.replicas is the HPA's floor.
         base_max = int(hpa.get("spec", {}).get("maxReplicas", cfg.replicas))
         ceiling = max(cfg.replicas, base_max if max_replicas is None else max_replicas)
         patches.append(
@@ -435,8 +452,13 @@ def validate(
         problems.append(f"no Deployment/{APP_NAME}")
     else:
         spec = deployment.get("spec", {})
-        if spec.get("replicas") != cfg.replicas:
-            problems.append(f"Deployment replicas {spec.get('replicas')} != {cfg.replicas}")
+        if "replicas" in spec:
+            problems.append(f"Deployment sets replicas ({spec['replicas']}): its HPA owns the count")
+        hpa = find_object(docs, "HorizontalPodAutoscaler", APP_NAME)
+        if hpa is None:
+            problems.append(f"no HorizontalPodAutoscaler/{APP_NAME} to own the replica count")
+        elif hpa.get("spec", {}).get("minReplicas") != cfg.replicas:
+            problems.append(f"HPA minReplicas {hpa.get('spec', {}).get('minReplicas')} != replicas {cfg.replicas}")
         pod = spec.get("template", {}).get("spec", {})
         container = next((c for c in pod.get("containers", []) if c.get("name") == SERVER_CONTAINER), None)
         if container is None:
@@ -497,25 +519,61 @@ def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
         tracking_uri: MLFLOW_TRACKING_URI for the pods; default: the manifest's in-cluster
             MLflow (``http://mlflow.mlflow.svc.cluster.local:5000``). The local
             ``$MLFLOW_TRACKING_URI`` is deliberately not used: it is rarely reachable from pods.
-        max_replicas: HPA ceiling (default: the manifest's, raised to ``cfg.replicas``).
+        max_replicas: HPA ceiling (default: the manifest's, raised to ``cfg.replicas``);
+            ``cfg.replicas`` is the HPA's floor (the Deployment itself sets no count).
         restart: restart the pods even if nothing else changed; default: only when
             ``cfg.model_uri`` is a movable reference such as ``models:/bincounter@champion``.
-        wait: after applying, wait for the rollout to finish (default False).
-        timeout: seconds for each kubectl call (default 300).
+        wait: after applying, wait for the rollout, and roll back to the revision that ran
+            before when it does not become ready (default True).
+        timeout: seconds for each kubectl call, and for the rollout (default 300).
 
     Returns ``{"target": "kubernetes", "manifest": <yaml>, "applied": bool, ...}``.
     """
+    wait = kwargs.get("wait", True)
+    previous = None
+    if wait and not cfg.dry_run:
+        previous = current_revision(find_kubectl(kwargs.get("kubectl")),
+                                    global_flags(kwargs.get("context"), kwargs.get("kubeconfig")), cfg.namespace)
     result, kubectl, flags, timeout = render_and_apply(
         cfg, kwargs, render_fn=render, validate_fn=validate, target="kubernetes", name=APP_NAME,
         extra={"url": f"http://{APP_NAME}.{cfg.namespace}.svc.cluster.local"},
     )
-    if not result["applied"]:
+    if not result["applied"] or not wait:
         return result
-    if kwargs.get("wait"):
-        run_kubectl(
-            kubectl,
-            [*flags, "rollout", "status", f"deployment/{APP_NAME}", "-n", cfg.namespace, f"--timeout={int(timeout)}s"],
-            timeout=timeout + 30,
-        )
-        result["ready"] = True
+    result["previous_revision"] = previous
+    wait_or_roll_back(kubectl, flags, cfg.namespace, previous, timeout)
+    result["ready"] = True
     return result
+
+
+def current_revision(kubectl: str, flags: Sequence[str], namespace: str) -> str | None:
+    """The Deployment's revision now (before applying), or None when it does not exist yet."""
+    try:
+        proc = run_kubectl(kubectl, [*flags, "get", f"deployment/{APP_NAME}", "-n", namespace, "--ignore-not-found",
+                                     "-o", "jsonpath={.metadata.annotations.deployment\\.kubernetes\\.io/revision}"],
+                           timeout=60)
+    except KubectlError as exc:
+        if "notfound" in exc.stderr.lower().replace(" ", ""):
+            return None
+        raise
+    return proc.stdout.strip() or None
+
+
+def wait_or_roll_back(kubectl: str, flags: Sequence[str], namespace: str, previous: str | None,
+                      timeout: float) -> None:
+    """Wait for the rollout; if its pods never get ready, undo to ``previous`` and raise."""
+    try:
+        run_kubectl(kubectl, [*flags, "rollout", "status", f"deployment/{APP_NAME}", "-n", namespace,
+                              f"--timeout={int(timeout)}s"], timeout=timeout + 30)
+        return
+    except KubectlError as exc:
+        failure = exc
+    if previous is None:
+        raise RolloutError(f"deployment/{APP_NAME} did not become ready and has no earlier revision to roll back "
+                           f"to: {failure}", rolled_back_to=None) from failure
+    run_kubectl(kubectl, [*flags, "rollout", "undo", f"deployment/{APP_NAME}", "-n", namespace,
+                          f"--to-revision={previous}"], timeout=120)
+    run_kubectl(kubectl, [*flags, "rollout", "status", f"deployment/{APP_NAME}", "-n", namespace,
+                          f"--timeout={int(timeout)}s"], timeout=timeout + 30)
+    raise RolloutError(f"deployment/{APP_NAME} did not become ready; rolled back to revision {previous}, which "
+                       f"serves again: {failure}", rolled_back_to=previous) from failure

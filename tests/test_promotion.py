@@ -1,0 +1,152 @@
+"""Promotion between pods: processes that share nothing but a real ``mlflow server`` on loopback."""
+
+from __future__ import annotations
+
+import multiprocessing
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from bincounter.config import RegisterConfig
+from bincounter.register import CHAMPION, PromotionError, decide, promote
+
+pytestmark = pytest.mark.slow
+NAME = "race"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real tracking server (SQLite behind it), as every pod of a cluster would share."""
+    tmp_path = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "2"],
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / "server.log").open("w"))
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("mlflow server did not start:\n" + (tmp_path / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
+        yield uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _register_and_promote(uri: str, scores: list[float], start, results, name: str = NAME) -> None:
+    """One 'pod': registers a version per score and gates each, as the register step does."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri, registry_uri=uri)
+    cfg = RegisterConfig(model_name=name, tracking_uri=uri)
+    start.wait()
+    for score in scores:
+        version = client.create_model_version(name, source=f"s3://models/{score}",
+                                              tags={"metric.accuracy": str(score)}).version
+        promoted, _ = promote(client, cfg, str(version), score)
+        results.put((str(version), score, promoted))
+
+
+def test_two_processes_promoting_at_once_end_with_the_best_and_true_decisions(mlflow_server):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    client.create_registered_model(NAME)
+    # Interleaved scores, rising and falling in both processes, all distinct.
+    a = [0.50, 0.71, 0.55, 0.90, 0.62, 0.58]
+    b = [0.60, 0.52, 0.80, 0.57, 0.93, 0.65]
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_register_and_promote, args=(mlflow_server, s, start, results)) for s in (a, b)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    outcomes = [results.get(timeout=5) for _ in a + b]
+
+    score = {v: s for v, s, _ in outcomes}
+    champion = client.get_model_version_by_alias(NAME, CHAMPION)
+    assert score[champion.version] == max(a + b) == 0.93
+    # Every decision was true when made: a promoted version beat the champion it replaced, a kept
+    # one did not; and the promotions form one chain (no two replaced the same champion).
+    replaced = []
+    for version, s, promoted in outcomes:
+        tags = client.get_model_version(NAME, version).tags
+        before = tags["promotion.champion_before"]
+        assert tags["promotion.decision"] == ("promoted" if promoted else "kept")
+        if promoted:
+            assert before == "none" or score[before] < s
+            replaced.append(before)
+        else:
+            assert score[before] > s
+    assert len(replaced) == len(set(replaced)), replaced
+    assert replaced.count("none") == 1
+    # The lock is gone.
+    assert not client.search_registered_models(f"name = '{NAME}.promotion-lock'")
+
+
+def test_a_missing_metric_is_an_error_never_a_promotion(mlflow_server):
+    from mlflow import MlflowClient
+
+    NAME = "missing-metric"  # noqa: N806 - one registry for the module's tests
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    client.create_registered_model(NAME)
+    version = client.create_model_version(NAME, source="s3://models/x").version
+    cfg = RegisterConfig(model_name=NAME, tracking_uri=mlflow_server)
+    with pytest.raises(PromotionError, match="no 'accuracy'"):
+        promote(client, cfg, str(version), None)
+    with pytest.raises(PromotionError):
+        decide(float("nan"), 0.5, cfg)
+    with pytest.raises(PromotionError):
+        decide(None, None, cfg)  # not even a first model is promoted without its metric
+    # A champion that lacks the metric cannot be beaten or kept by comparison: an error too.
+    client.set_registered_model_alias(NAME, CHAMPION, version)
+    other = client.create_model_version(NAME, source="s3://models/y").version
+    with pytest.raises(PromotionError, match="champion v1"):
+        promote(client, cfg, str(other), 0.9)
+    assert client.get_model_version_by_alias(NAME, CHAMPION).version == version
+
+
+def test_a_stale_lock_of_a_killed_process_is_broken(mlflow_server, monkeypatch):
+    from mlflow import MlflowClient
+
+    NAME = "stale-lock"  # noqa: N806
+    from bincounter import register as reg
+
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    client.create_registered_model(NAME)
+    client.create_registered_model(NAME + reg.LOCK_SUFFIX)  # left behind by a killed pod
+    monkeypatch.setattr(reg, "LOCK_STALE_S", 0.0)
+    version = client.create_model_version(NAME, source="s3://models/x", tags={"metric.accuracy": "0.5"}).version
+    promoted, _ = promote(client, RegisterConfig(model_name=NAME), str(version), 0.5)
+    assert promoted
+    monkeypatch.setattr(reg, "LOCK_STALE_S", 600.0)
+    client.create_registered_model(NAME + reg.LOCK_SUFFIX)  # a live holder
+    with pytest.raises(TimeoutError):
+        with reg.registry_lock(client, NAME, timeout=1.0):
+            pass
