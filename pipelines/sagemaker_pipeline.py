@@ -6,22 +6,24 @@ The account's settings are pipeline parameters whose defaults are ``SageMakerCon
 training settings are one struct parameter, ``train`` (``TrainConfig`` as JSON).
 """
 
+from typing import Optional
+
 from kfp import dsl
 
-from bincounter.config import EvaluateConfig, IngestConfig, PreprocessConfig, RegisterConfig, SageMakerConfig, TrainConfig
-from components.evaluate import evaluate
-from components.ingest import ingest
-from components.preprocess import preprocess
-from components.register import register
+from bincounter.config import PipelineConfig, SageMakerConfig
+from components.evaluate import evaluate as evaluate_op
+from components.register import register as register_op
 from components.sagemaker_deploy import sagemaker_deploy
 from components.sagemaker_train import sagemaker_train
+from pipelines.bincounter_pipeline import data_stages
 
 _SM = SageMakerConfig()
-_INGEST, _PRE, _EVAL, _REG = IngestConfig(), PreprocessConfig(), EvaluateConfig(), RegisterConfig()
 
 
-def make_pipeline():
-    """Build the SageMaker variant of the bincounter pipeline."""
+def make_pipeline(defaults: Optional[PipelineConfig] = None):
+    """Build the SageMaker variant of the bincounter pipeline; the stages' struct parameters
+    default to ``defaults`` (as in the main pipeline)."""
+    d = defaults or PipelineConfig()
 
     @dsl.pipeline(name="bincounter-sagemaker",
                   description="Count items in warehouse bin photos; training and hosting on Amazon SageMaker.")
@@ -42,28 +44,16 @@ def make_pipeline():
         endpoint_name: str = _SM.endpoint_name,
         endpoint_instance_type: str = _SM.endpoint_instance_type,
         endpoint_instance_count: int = _SM.endpoint_instance_count,
-        train: dict = TrainConfig().model_dump(mode="json", exclude_none=True),  # protobuf structs hold no None
-        source_uri: str = _INGEST.source.uri,
-        endpoint_url: str = "",
-        anonymous: bool = _INGEST.source.anonymous,
-        file_list: str = "",
-        limit: int = 0,
-        per_class: int = 0,
-        ingest_workers: int = _INGEST.workers,
-        image_size: int = _PRE.image_size,
-        min_count: int = _PRE.min_count,
-        max_count: int = _PRE.max_count,
-        overflow: str = _PRE.overflow,
-        val_fraction: float = _PRE.val_fraction,
-        test_fraction: float = _PRE.test_fraction,
-        eval_batch_size: int = _EVAL.batch_size,
-        model_name: str = _REG.model_name,
-        promotion_metric: str = _REG.metric,
-        min_improvement: float = _REG.min_improvement,
-        deploy_enabled: bool = True,
+        ingest: dict = d.ingest.params(),
+        preprocess: dict = d.preprocess.params(),
+        train: dict = d.train.params(),
+        evaluate: dict = d.evaluate.params(),
+        registry: dict = d.registry.params(),
+        shards: int = d.shards,
+        deploy_enabled: bool = d.deploy_enabled,
         deploy_model_uri: str = "",
         tracking_uri: str = "",
-        experiment: str = _REG.experiment,
+        experiment: str = d.registry.experiment,
     ):
         # One source for the account's settings in both SageMaker steps.
         account = {
@@ -74,20 +64,16 @@ def make_pipeline():
             "max_wait_seconds": max_wait_seconds, "endpoint_name": endpoint_name,
             "endpoint_instance_type": endpoint_instance_type, "endpoint_instance_count": endpoint_instance_count,
         }
-        raw = ingest(source_uri=source_uri, endpoint_url=endpoint_url, anonymous=anonymous, file_list=file_list,
-                     limit=limit, per_class=per_class, workers=ingest_workers)
-        data = preprocess(raw=raw.outputs["raw"], image_size=image_size, min_count=min_count, max_count=max_count,
-                          overflow=overflow, val_fraction=val_fraction, test_fraction=test_fraction)
+        data = data_stages(ingest, preprocess, shards)["merge_shards"]
         trained = sagemaker_train(data=data.outputs["data"], config={
             "train": train, "sagemaker": account, "tracking_uri": tracking_uri, "experiment": experiment})
         # It only uploads, polls and downloads; the job's instance does the training.
         trained.set_cpu_request("500m").set_memory_request("2G")
-        scored = evaluate(model=trained.outputs["model"], data=data.outputs["data"], batch_size=eval_batch_size,
-                          tracking_uri=tracking_uri, experiment=experiment)
-        registered = register(model=trained.outputs["model"], results=scored.outputs["results"],
-                              data=data.outputs["data"], model_name=model_name, metric=promotion_metric,
-                              min_improvement=min_improvement, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                              tracking_uri=tracking_uri, experiment=experiment)
+        scored = evaluate_op(model=trained.outputs["model"], data=data.outputs["data"], config=evaluate,
+                             tracking_uri=tracking_uri, experiment=experiment)
+        registered = register_op(model=trained.outputs["model"], results=scored.outputs["results"],
+                                 data=data.outputs["data"], config=registry,
+                                 pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, tracking_uri=tracking_uri)
         # Registering and deploying change the world outside the pipeline: never cache them.
         registered.set_caching_options(False)
         with dsl.If(deploy_enabled == True):  # noqa: E712 - kfp builds a condition from ==
@@ -98,11 +84,11 @@ def make_pipeline():
     return bincounter_sagemaker_pipeline
 
 
-def compile_pipeline(path):
-    """Compile the SageMaker variant to ``path`` (YAML); returns the path."""
+def compile_pipeline(path, cfg: Optional[PipelineConfig] = None):
+    """Compile the SageMaker variant to ``path`` (YAML), ``cfg`` giving the stages' defaults."""
     from pathlib import Path
 
     from kfp import compiler
 
-    compiler.Compiler().compile(make_pipeline(), str(path))
+    compiler.Compiler().compile(make_pipeline(cfg), str(path))
     return Path(path)

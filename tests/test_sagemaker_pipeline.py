@@ -11,7 +11,7 @@ import yaml
 from bincounter.config import SageMakerConfig, SageMakerHostingConfig, SageMakerTrainingConfig, TrainConfig
 from pipelines.sagemaker_pipeline import compile_pipeline, make_pipeline
 
-STEPS = {"ingest", "preprocess", "sagemaker-train", "evaluate", "register", "sagemaker-deploy"}
+STEPS = {"shard-indices", "ingest", "preprocess", "merge-shards", "sagemaker-train", "evaluate", "register", "sagemaker-deploy"}
 ACCOUNT = {"role_arn", "region", "bucket", "data_prefix", "output_prefix", "checkpoint_prefix", "training_image",
            "serving_image"}
 PLACEHOLDER = re.compile(r"^\{\{\$\.inputs\.parameters\['pipelinechannel--(\w+)'\]\}\}$")
@@ -106,3 +106,15 @@ def test_hosting_runs_only_when_enabled_and_is_never_cached(spec: dict) -> None:
     assert tasks["register"]["cachingOptions"].get("enableCache", False) is False
     condition = next(t for t in spec["root"]["dag"]["tasks"].values() if "triggerPolicy" in t)
     assert "deploy_enabled" in condition["triggerPolicy"]["condition"]
+
+
+def test_the_cli_compiles_the_sagemaker_backend_with_the_stage_options_as_defaults(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "sm.yaml"
+    subprocess.run([sys.executable, "-m", "bincounter.cli", "pipeline", "compile", "--backend", "sagemaker",
+                    "--out", str(out), "--train.epochs", "3"], check=True, capture_output=True, timeout=300)
+    spec = yaml.safe_load(out.read_text())
+    assert "exec-sagemaker-train" in spec["deploymentSpec"]["executors"]
+    assert spec["root"]["inputDefinitions"]["parameters"]["train"]["defaultValue"]["epochs"] == 3

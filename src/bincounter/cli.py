@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import tyro
 
@@ -147,11 +147,22 @@ def pipeline_run(cfg: Annotated[PipelineConfig, Flat] = PipelineConfig(), tracki
 
 
 def pipeline_compile(out: Path = Path("pipeline.yaml"), cfg: Annotated[PipelineConfig, Flat] = PipelineConfig(),
-                     cluster: ClusterConfig = ClusterConfig()) -> None:
+                     cluster: ClusterConfig = ClusterConfig(),
+                     backend: Literal["kubeflow", "sagemaker"] = "kubeflow") -> None:
     """Compile the pipeline to an IR YAML for Kubeflow Pipelines (upload it, or 'pipeline submit' it).
 
     The stage options become the pipeline parameters' defaults; --cluster.* options set images,
-    secrets, resources, retries, caching and GPU placement of the tasks."""
+    secrets, resources, retries, caching and GPU placement of the tasks. --backend sagemaker
+    compiles the variant that trains in a SageMaker training job and hosts on a SageMaker
+    endpoint (its account settings are run parameters)."""
+    if backend == "sagemaker":
+        from pipelines.sagemaker_pipeline import compile_pipeline as compile_sagemaker
+
+        if cluster.gpus:
+            raise SystemExit("--cluster.gpus does not apply to --backend sagemaker: the training job's instance "
+                             "type brings the GPU (--instance-type at run time)")
+        _print({"compiled": str(compile_sagemaker(out, cfg))})
+        return
     from pipelines.runner import compile_pipeline
 
     _print({"compiled": str(compile_pipeline(out, cfg, cluster))})
