@@ -16,8 +16,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from bincounter import serve
+from bincounter.config import ServeConfig
 
 MODEL_URI = "models:/bincounter@champion"
+CFG = ServeConfig(model_uri=MODEL_URI)
+LIMITS = ServeConfig()
 NUM_CLASSES = 6
 
 
@@ -79,7 +82,7 @@ def model() -> FakeModel:
 
 @pytest.fixture
 def client(model: FakeModel):
-    with TestClient(serve.create_app(MODEL_URI, model=model)) as c:
+    with TestClient(serve.create_app(CFG, model=model)) as c:
         yield c
 
 
@@ -114,7 +117,7 @@ def test_not_ready_before_the_model_loads(model: FakeModel) -> None:
         release.wait(10)
         return model
 
-    with TestClient(serve.create_app(MODEL_URI, loader=slow_loader)) as c:
+    with TestClient(serve.create_app(CFG, loader=slow_loader)) as c:
         assert c.get("/healthz").status_code == 200
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["status"] == "loading"
@@ -132,7 +135,7 @@ def test_not_ready_before_the_model_loads(model: FakeModel) -> None:
 
 def test_not_ready_without_lifespan() -> None:
     # No `with`: the lifespan (and so the loader) never runs.
-    c = TestClient(serve.create_app(MODEL_URI))
+    c = TestClient(serve.create_app(CFG))
     assert c.get("/healthz").status_code == 200
     r = c.get("/readyz")
     assert r.status_code == 503 and r.json()["status"] == "not_loaded"
@@ -143,7 +146,7 @@ def test_load_failure_is_reported() -> None:
         raise OSError("no such model")
 
     failures = []
-    app = serve.create_app(MODEL_URI, loader=broken_loader)
+    app = serve.create_app(CFG, loader=broken_loader)
     app.state.on_load_failure = failures.append
     with TestClient(app) as c:
         deadline = time.monotonic() + 10
@@ -165,11 +168,22 @@ def test_count_one_image(client: TestClient, model: FakeModel, path: str) -> Non
     r = client.post(path, content=_jpeg(width=24), headers={"Content-Type": "image/jpeg"})
     assert r.status_code == 200, r.text
     _check_result(r.json(), count=3)
-    # Any content type, PNG too.
-    r = client.post(path, content=_png(width=16), headers={"Content-Type": "text/plain"})
+    # PNG too, with or without a content type.
+    r = client.post(path, content=_png(width=16), headers={"Content-Type": "image/png"})
     assert r.status_code == 200
     _check_result(r.json(), count=2)
-    assert model.calls == [1, 1]
+    r = client.post(path, content=_png(width=16), headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 200
+    assert model.calls == [1, 1, 1]
+
+
+@pytest.mark.parametrize("path", ["/v1/count", "/invocations"])
+@pytest.mark.parametrize("content_type", ["text/plain", "application/json", "multipart/form-data; boundary=x"])
+def test_count_refuses_content_types_that_are_not_images(client: TestClient, model: FakeModel, path: str,
+                                                          content_type: str) -> None:
+    r = client.post(path, content=_png(width=16), headers={"Content-Type": content_type})
+    assert r.status_code == 415 and "image" in r.json()["detail"]
+    assert model.calls == []
 
 
 @pytest.mark.parametrize("path", ["/v1/count", "/invocations"])
@@ -177,12 +191,13 @@ def test_count_errors(client: TestClient, model: FakeModel, path: str) -> None:
     r = client.post(path, content=b"")
     assert r.status_code == 400 and "empty" in r.json()["detail"]
     r = client.post(path, content=b"this is not an image")
-    assert r.status_code == 422
-    assert "could not decode the image" in r.json()["detail"]
+    assert r.status_code == 400
+    assert "not a recognisable image" in r.json()["detail"]
+    assert model.calls == []  # refused from the header, the model never saw it
 
 
 def test_body_over_the_limit_is_413(client: TestClient, model: FakeModel) -> None:
-    r = client.post("/v1/count", content=b"\xff" * (serve.DEFAULT_MAX_BODY_BYTES + 1))
+    r = client.post("/v1/count", content=b"\xff" * (LIMITS.max_body_bytes + 1))
     assert r.status_code == 413 and "limit" in r.json()["detail"]
     assert model.calls == []
 
@@ -192,7 +207,7 @@ def test_chunked_body_over_the_limit_is_413(model: FakeModel) -> None:
         for _ in range(10):
             yield b"\x00" * 1000
 
-    with TestClient(serve.create_app(MODEL_URI, model=model, max_body_bytes=5000)) as c:
+    with TestClient(serve.create_app(CFG.model_copy(update={"max_body_bytes": 5000}), model=model)) as c:
         r = c.post("/v1/count", content=chunks())  # no Content-Length: chunked transfer
         assert r.status_code == 413
         assert c.post("/v1/count", content=_jpeg()).status_code == 200
@@ -201,7 +216,7 @@ def test_chunked_body_over_the_limit_is_413(model: FakeModel) -> None:
 
 def test_model_output_missing_columns_is_500(client: TestClient, model: FakeModel, monkeypatch) -> None:
     monkeypatch.setattr(model, "predict", lambda df: pd.DataFrame({"count": [1]}))
-    with TestClient(serve.create_app(MODEL_URI, model=model), raise_server_exceptions=False) as c:
+    with TestClient(serve.create_app(CFG, model=model), raise_server_exceptions=False) as c:
         assert c.post("/v1/count", content=_jpeg()).status_code == 500
 
 
@@ -230,11 +245,11 @@ def test_batch(client: TestClient, model: FakeModel) -> None:
 def test_batch_errors(client: TestClient) -> None:
     files = [("files", ("good.jpg", _jpeg(), "image/jpeg")), ("files", ("bad.jpg", b"garbage", "image/jpeg"))]
     r = client.post("/v1/count:batch", files=files)
-    assert r.status_code == 422 and "bad.jpg" in r.json()["detail"]
+    assert r.status_code == 400 and "bad.jpg" in r.json()["detail"]
     r = client.post("/v1/count:batch", data={"note": "no files"}, files=[("x", ("", b"", "image/jpeg"))])
     assert r.status_code == 400
     r = client.post("/v1/count:batch", content=_jpeg(), headers={"Content-Type": "image/jpeg"})
-    assert r.status_code == 400 and "multipart" in r.json()["detail"]
+    assert r.status_code == 415 and "multipart" in r.json()["detail"]
 
 
 def test_batch_without_python_multipart_is_501(client: TestClient, monkeypatch) -> None:
@@ -269,8 +284,8 @@ def test_kserve_predict(client: TestClient, model: FakeModel) -> None:
         ({"instances": []}, 400, "empty"),
         ({"instances": [{"image": {"b64": "%%%not base64"}}]}, 400, "base64"),
         ({"instances": [{"image": 3}]}, 400, "instance 0"),
-        ({"instances": [{"image": {"b64": _b64(_jpeg())}}, {"image": {"b64": _b64(b"junk")}}]}, 422, "instance 1"),
-        ({"instances": [{"image": {"b64": _b64(_jpeg())}}] * (serve.DEFAULT_MAX_BATCH + 1)}, 413, "instances"),
+        ({"instances": [{"image": {"b64": _b64(_jpeg())}}, {"image": {"b64": _b64(b"junk")}}]}, 400, "instance 1"),
+        ({"instances": [{"image": {"b64": _b64(_jpeg())}}] * (LIMITS.max_images + 1)}, 413, "instances"),
     ],
 )
 def test_kserve_errors(client: TestClient, payload, status: int, needle: str) -> None:
@@ -285,7 +300,7 @@ def test_kserve_bad_json(client: TestClient) -> None:
 
 
 def test_kserve_model_name(model: FakeModel) -> None:
-    with TestClient(serve.create_app(MODEL_URI, model=model, model_name="counter")) as c:
+    with TestClient(serve.create_app(CFG.model_copy(update={"model_name": "counter"}), model=model)) as c:
         assert c.get("/v1/models/counter").status_code == 200
         assert c.get("/v1/models/other").status_code == 404
         payload = {"instances": [{"image": {"b64": _b64(_jpeg())}}]}
@@ -297,26 +312,31 @@ def test_kserve_model_name(model: FakeModel) -> None:
 # -- command line ----------------------------------------------------------------------------
 
 
-def test_args_fall_back_to_env(monkeypatch) -> None:
-    monkeypatch.setenv("MODEL_URI", "runs:/abc/model")
-    monkeypatch.setenv("PORT", "9999")
-    args = serve._parse_args([])
-    assert (args.model_uri, args.port, args.host) == ("runs:/abc/model", 9999, "127.0.0.1")
-    args = serve._parse_args(["--model-uri", "models:/m@x", "--host", "0.0.0.0", "--port", "8080"])
-    assert (args.model_uri, args.port, args.host) == ("models:/m@x", 8080, "0.0.0.0")
+def test_args_fall_back_to_env() -> None:
+    cfg = serve.parse_config([], {"MODEL_URI": "runs:/abc/model", "PORT": "9999", "BINCOUNTER_SERVE_WORKERS": "3"})
+    assert (cfg.model_uri, cfg.port, cfg.host, cfg.workers) == ("runs:/abc/model", 9999, "127.0.0.1", 3)
+    cfg = serve.parse_config(["--model-uri", "models:/m@x", "--host", "0.0.0.0", "--port", "8080", "--max-wait-ms", "2"],
+                             {"MODEL_URI": "runs:/abc/model", "PORT": "9999"})
+    assert (cfg.model_uri, cfg.port, cfg.host, cfg.max_wait_ms) == ("models:/m@x", 8080, "0.0.0.0", 2.0)
 
 
-def test_args_default_to_the_champion(monkeypatch) -> None:
+def test_args_default_to_the_champion() -> None:
     from bincounter.config import DeployConfig
 
-    monkeypatch.delenv("MODEL_URI", raising=False)
-    monkeypatch.delenv("PORT", raising=False)
-    args = serve._parse_args([])
-    assert args.model_uri == serve.DEFAULT_MODEL_URI == DeployConfig().model_uri
-    assert args.port == 8080
+    cfg = serve.parse_config([], {})
+    assert cfg.model_uri == serve.DEFAULT_MODEL_URI == DeployConfig().model_uri
+    assert cfg.port == 8080
+
+
+def test_bad_env_is_refused() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        ServeConfig.from_env({"BINCOUNTER_SERVE_MAX_QUEUE": "0"})
 
 
 def test_openapi_lists_every_endpoint(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
-    for path in ["/healthz", "/readyz", "/v1/count", "/v1/count:batch", "/v1/models/{name}:predict", "/ping", "/invocations"]:
+    for path in ["/healthz", "/readyz", "/metrics", "/v1/count", "/v1/count:batch", "/v1/models/{name}:predict", "/ping",
+                 "/invocations"]:
         assert path in spec["paths"]

@@ -15,6 +15,7 @@ from pathlib import Path
 import bincounter
 from bincounter import tracking
 from bincounter.config import RegisterConfig
+from bincounter.onnx_export import export_onnx
 from bincounter.paths import home
 
 CHALLENGER = "challenger"
@@ -84,6 +85,7 @@ def _serving_files(model_dir: Path) -> Path:
     out.mkdir()
     for name in ("model.pt", "model_spec.json"):
         shutil.copy2(model_dir / name, out / name)
+    export_onnx(out)  # model.onnx: what the model server runs (bincounter.onnx_export)
     return out
 
 
