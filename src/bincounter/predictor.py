@@ -41,7 +41,6 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.spec = spec
         self.max_pixels = max_pixels
-        self.tta_probabilities = TTAProbabilities(self.model, spec).eval()
         self.transform = EvalTransform(size=spec.image_size, mean=spec.mean, std=spec.std)
         self.values = np.arange(spec.min_count, spec.min_count + spec.num_classes, dtype=np.float64)
 
@@ -53,7 +52,8 @@ class Predictor:
     @torch.no_grad()
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
         """Class probabilities for a normalised NCHW batch."""
-        return self.tta_probabilities(batch.to(self.device)).cpu().numpy()
+        # Built per call from the current spec (cheap), so a changed ``spec.tta`` takes effect.
+        return TTAProbabilities(self.model, self.spec)(batch.to(self.device)).cpu().numpy()
 
     def prepare_one(self, data: bytes) -> torch.Tensor:
         """Decode (refusing doubtful input, see ``decode_untrusted``) and transform one image."""

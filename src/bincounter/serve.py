@@ -66,7 +66,7 @@ _DRAIN_SECONDS = 10.0
 _IMAGE_MEDIA = ("application/octet-stream", "application/x-image")
 _EXPECTED_HEADER = "x-expected-count"
 _SAGEMAKER_ATTRIBUTES = "x-amzn-sagemaker-custom-attributes"
-_EXPECTED_RE = re.compile(r"^\s*\+?(\d{1,7})\s*$")
+_EXPECTED_RE = re.compile(r"^\s*\+?(\d{1,7})\s*$", re.ASCII)
 
 _IMAGE_BODY = {
     "required": True,
@@ -520,8 +520,8 @@ def create_app(cfg: ServeConfig | None = None, *, model: Any | None = None,
             body["version"] = state.version
         if state.info is not None:
             body["backend"] = state.info.backend
-        if state.runner is not None and state.ready:
-            body["workers"] = state.runner.alive()
+        if isinstance(state.runner, ProcessRunner) and state.ready:
+            body["worker_pids"] = [w.pid for w in state.runner.processes if w.pid is not None]
         if state.error:
             body["error"] = state.error
         return JSONResponse(body, status_code=200 if state.ready else 503)
