@@ -40,6 +40,20 @@ def jpeg(rng: random.Random, width: int | None = None, height: int | None = None
     return buf.getvalue()
 
 
+def big_photo(rng: random.Random, size: int = 1900) -> bytes:
+    """A large JPEG that compresses well (shapes on a gradient): slow to decode, small to send."""
+    from PIL import ImageDraw
+
+    img = Image.linear_gradient("L").resize((size, size)).convert("RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(12):
+        x, y = rng.randrange(size - 200), rng.randrange(size - 200)
+        draw.rectangle([x, y, x + rng.randint(50, 200), y + rng.randint(50, 200)], fill=tuple(rng.randrange(256) for _ in "rgb"))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
 def png(width: int, height: int, mode: str = "RGB") -> bytes:
     buf = io.BytesIO()
     Image.new(mode, (width, height)).save(buf, format="PNG")

@@ -228,7 +228,7 @@ def test_a_worker_killed_during_a_request_is_replaced_and_service_goes_on(server
 
     rng = random.Random(7)
     # Eight large photos in one request keep a worker busy for a while (decode and resize).
-    big = [payloads.jpeg(rng, 1900, 1900) for _ in range(MAX_IMAGES)]
+    big = [payloads.big_photo(rng) for _ in range(MAX_IMAGES)]
     body = json.dumps({"instances": [{"image": {"b64": base64.b64encode(b).decode()}} for b in big]}).encode()
     probe = payloads.Probe("big", "POST", "/v1/models/bincounter:predict", body, {"Content-Type": "application/json"})
     _, ready = server.get("/readyz")
@@ -242,12 +242,15 @@ def test_a_worker_killed_during_a_request_is_replaced_and_service_goes_on(server
 
     thread = threading.Thread(target=request)
     thread.start()
-    # Kill whichever worker picks the batch up: wait until one is busy, then kill it.
-    deadline = time.monotonic() + 30
+    # Kill whichever worker picks the batch up: the first whose CPU time climbs.
+    procs = {pid: psutil.Process(pid) for pid in old_pids}
+    start = {pid: sum(p.cpu_times()[:2]) for pid, p in procs.items()}
+    deadline = time.monotonic() + 60
     victim = None
-    while victim is None and time.monotonic() < deadline:
-        for pid in old_pids:
-            if psutil.Process(pid).cpu_percent(interval=0.05) > 20:
+    while victim is None and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.01)
+        for pid, p in procs.items():
+            if sum(p.cpu_times()[:2]) - start[pid] > 0.05:
                 victim = pid
                 break
     assert victim is not None, "no worker got busy"

@@ -256,9 +256,25 @@ class WorkerProcess:
             except ProcessLookupError:
                 pass
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 5.0) -> None:
+        """Ask the process to exit, SIGKILL it after ``grace`` seconds."""
         if self.executor is not None:
-            self.kill()
             self.executor.shutdown(wait=False, cancel_futures=True)
+            deadline = time.monotonic() + grace
+            while self.pid is not None and _alive(self.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.kill()
             self.executor = None
         self.info = None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by the executor) is gone for our purpose
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except OSError:
+        return True
