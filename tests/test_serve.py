@@ -340,3 +340,168 @@ def test_openapi_lists_every_endpoint(client: TestClient) -> None:
     for path in ["/healthz", "/readyz", "/metrics", "/v1/count", "/v1/count:batch", "/v1/models/{name}:predict", "/ping",
                  "/invocations"]:
         assert path in spec["paths"]
+
+
+# -- expected: the inventory check -----------------------------------------------------------
+
+
+def _check_expected(body: dict, expected: int, count: int) -> None:
+    assert body["expected"] == expected
+    assert body["match"] is (count == expected)
+    assert body["probability_of_expected"] == pytest.approx(0.9 if count == expected else (0.02 if expected < NUM_CLASSES else 0.0))
+
+
+@pytest.mark.parametrize("expected", [0, 3, 5, 1000])
+def test_expected_on_count(client: TestClient, expected: int) -> None:
+    r = client.post(f"/v1/count?expected={expected}", content=_jpeg(width=24), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 200, r.text
+    _check_expected(r.json(), expected, count=3)
+
+
+@pytest.mark.parametrize("headers", [
+    {"X-Expected-Count": "3"},
+    {"X-Amzn-SageMaker-Custom-Attributes": "expected=3"},
+    {"X-Amzn-SageMaker-Custom-Attributes": "trace=abc;expected=3"},
+])
+def test_expected_on_invocations(client: TestClient, headers: dict) -> None:
+    r = client.post("/invocations", content=_jpeg(width=24), headers={"Content-Type": "image/jpeg", **headers})
+    assert r.status_code == 200, r.text
+    _check_expected(r.json(), 3, count=3)
+    r = client.post("/invocations?expected=3", content=_jpeg(width=24), headers={"Content-Type": "image/jpeg"})
+    _check_expected(r.json(), 3, count=3)
+
+
+@pytest.mark.parametrize("value", ["-1", "1001", "abc", "1.5", "", "1e3", "%EF%BC%93", "3&expected=4", "99999999"])
+def test_bad_expected_is_422(client: TestClient, model: FakeModel, value: str) -> None:
+    r = client.post(f"/v1/count?expected={value}", content=_jpeg(), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 422 and "expected" in r.json()["detail"]
+    r = client.post("/invocations", content=_jpeg(), headers={"Content-Type": "image/jpeg", "X-Expected-Count": value})
+    assert r.status_code == 422
+    assert model.calls == []
+
+
+def test_disagreeing_expected_is_422(client: TestClient) -> None:
+    r = client.post("/invocations?expected=2", content=_jpeg(), headers={"Content-Type": "image/jpeg",
+                                                                         "X-Expected-Count": "3"})
+    assert r.status_code == 422 and "differently" in r.json()["detail"]
+
+
+def test_expected_in_kserve_instances(client: TestClient) -> None:
+    payload = {"instances": [{"image": {"b64": _b64(_jpeg(width=8))}, "expected": 1},
+                             {"image": {"b64": _b64(_png(width=40))}, "expected": 2},
+                             {"image": {"b64": _b64(_png(width=16))}}]}
+    r = client.post("/v1/models/bincounter:predict", json=payload)
+    assert r.status_code == 200, r.text
+    first, second, third = r.json()["predictions"]
+    _check_expected(first, 1, count=1)
+    _check_expected(second, 2, count=5)
+    assert "expected" not in third
+    r = client.post("/v1/models/bincounter:predict?expected=4", json={"instances": payload["instances"][2:]})
+    _check_expected(r.json()["predictions"][0], 4, count=2)
+    bad = {"instances": [{"image": {"b64": _b64(_jpeg())}, "expected": 2.5}]}
+    assert client.post("/v1/models/bincounter:predict", json=bad).status_code == 422
+    bad = {"instances": [{"image": {"b64": _b64(_jpeg())}, "expected": True}]}
+    assert client.post("/v1/models/bincounter:predict", json=bad).status_code == 422
+
+
+@needs_multipart
+def test_expected_in_the_batch_form(client: TestClient) -> None:
+    files = [("files", ("a.jpg", _jpeg(width=8), "image/jpeg")), ("files", ("b.png", _png(width=32), "image/png"))]
+    r = client.post("/v1/count:batch", files=files, data={"expected": "1"})
+    assert [x["match"] for x in r.json()] == [True, False]
+    r = client.post("/v1/count:batch", files=files, data={"expected": ["1", "4"]})
+    assert [x["match"] for x in r.json()] == [True, True]
+    r = client.post("/v1/count:batch?expected=4", files=files)
+    assert [x["expected"] for x in r.json()] == [4, 4]
+    assert client.post("/v1/count:batch", files=files, data={"expected": ["1", "2", "3"]}).status_code == 422
+    assert client.post("/v1/count:batch", files=files, data={"expected": "x"}).status_code == 422
+
+
+def test_inventory_check_with_a_pooled_last_class() -> None:
+    from bincounter.serve_worker import ModelInfo
+
+    info = ModelInfo("onnx", min_count=1, class_names=("1", "2", "3", "4+"))
+    row = {"count": 4, "probabilities": [0.1, 0.2, 0.3, 0.4]}
+    assert serve.inventory_check(row, 7, info) == {"expected": 7, "match": True, "probability_of_expected": 0.4}
+    assert serve.inventory_check(row, 0, info) == {"expected": 0, "match": False, "probability_of_expected": 0.0}
+    assert serve.inventory_check(row, 2, info)["probability_of_expected"] == 0.2
+
+
+# -- limits, load shedding, metrics ------------------------------------------------------------
+
+
+def test_pixel_limit_is_checked_from_the_header(model: FakeModel) -> None:
+    with TestClient(serve.create_app(CFG.model_copy(update={"max_pixels": 100}), model=model)) as c:
+        r = c.post("/v1/count", content=_jpeg(width=32, height=24), headers={"Content-Type": "image/jpeg"})
+        assert r.status_code == 413 and "pixels" in r.json()["detail"]
+    assert model.calls == []
+
+
+def test_full_queue_sheds_load_with_503(model: FakeModel) -> None:
+    release = threading.Event()
+    original = model.predict
+
+    def slow_predict(df):
+        release.wait(10)
+        return original(df)
+
+    model.predict = slow_predict
+    cfg = CFG.model_copy(update={"max_queue": 2, "max_batch_size": 1, "max_wait_ms": 0})
+    with TestClient(serve.create_app(cfg, model=model)) as c:
+        answers: list[int] = []
+
+        def post() -> None:
+            answers.append(c.post("/v1/count", content=_jpeg(), headers={"Content-Type": "image/jpeg"}).status_code)
+
+        # One image in the worker, two waiting: the queue is full.
+        threads = [threading.Thread(target=post) for _ in range(3)]
+        for t in threads:
+            t.start()
+            time.sleep(0.3)
+        r = c.post("/v1/count", content=_jpeg(), headers={"Content-Type": "image/jpeg"})
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1" and "busy" in r.json()["detail"]
+        release.set()
+        for t in threads:
+            t.join(10)
+        assert answers == [200, 200, 200]
+        assert "bincounter_load_shed_total 1.0" in c.get("/metrics").text
+
+
+@pytest.mark.slow
+def test_concurrent_requests_share_model_calls(model: FakeModel) -> None:
+    cfg = CFG.model_copy(update={"max_wait_ms": 200, "max_batch_size": 8})
+    with TestClient(serve.create_app(cfg, model=model)) as c:
+        results: list[int] = []
+
+        def post() -> None:
+            results.append(c.post("/v1/count", content=_jpeg(width=24), headers={"Content-Type": "image/jpeg"}).json()["count"])
+
+        threads = [threading.Thread(target=post) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+    assert results == [3] * 6
+    assert len(model.calls) < 6 and sum(model.calls) == 6  # micro-batched
+
+
+def test_metrics(client: TestClient) -> None:
+    client.post("/v1/count?expected=3", content=_jpeg(width=24), headers={"Content-Type": "image/jpeg"})
+    client.post("/v1/count", content=b"", headers={"Content-Type": "image/jpeg"})
+    client.post("/no/such/path/12345")
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    assert 'bincounter_http_requests_total{endpoint="/v1/count",method="POST",status="200"} 1.0' in text
+    assert 'bincounter_http_requests_total{endpoint="/v1/count",method="POST",status="400"} 1.0' in text
+    assert 'endpoint="unmatched"' in text and "12345" not in text  # no series per hostile path
+    assert 'bincounter_predicted_count_bucket{le="3.0"} 1.0' in text
+    assert "bincounter_batch_size_count 1.0" in text
+    assert "bincounter_queue_depth 0.0" in text
+    assert 'bincounter_model_info{backend="inline",model_uri="models:/bincounter@champion",version=""} 1.0' in text
+
+
+def test_errors_are_json(client: TestClient) -> None:
+    for method, path in [("GET", "/v1/count"), ("POST", "/nope"), ("DELETE", "/invocations")]:
+        r = client.request(method, path)
+        assert r.status_code in (404, 405) and "detail" in r.json()
