@@ -195,6 +195,22 @@ def _init_worker(spec: EngineSpec) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("OMP_NUM_THREADS", str(spec.threads))
     _engine = load_engine(spec)
+    _warm_up(_engine)
+
+
+def _warm_up(engine: NativeEngine | PyfuncEngine) -> None:
+    """One small image through the engine before the worker reports ready: the first call
+    imports modules and allocates buffers, which would otherwise delay the first request."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (128, 128, 128)).save(buf, format="PNG")
+    try:
+        engine.run([buf.getvalue()])
+    except Exception as exc:  # noqa: BLE001 - a model that dislikes the probe still serves real images
+        log.warning("warm-up call failed (%s: %s)", type(exc).__name__, exc)
 
 
 def _worker_info() -> ModelInfo:
