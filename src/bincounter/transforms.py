@@ -62,6 +62,8 @@ def _open(data: bytes, max_pixels: int):
             img = Image.open(io.BytesIO(data))  # reads the header only
         except Image.DecompressionBombError as exc:
             raise ImageTooLarge(f"image is too large: {exc}") from None
+        except Image.UnidentifiedImageError:
+            raise ImageRejected(f"not a recognisable image (send one of {', '.join(ACCEPTED_FORMATS)})") from None
         except Exception as exc:  # noqa: BLE001 - Pillow raises many types for garbage
             raise ImageRejected(f"not a recognisable image ({type(exc).__name__}: {_short(exc)})") from None
     if img.format not in ACCEPTED_FORMATS:
