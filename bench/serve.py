@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "abid-dev"
+# ../shared/abid-dev beside the checkout; $BINCOUNTER_SHARED_DATA points elsewhere (a git worktree).
+SHARED = Path(os.environ.get("BINCOUNTER_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "abid-dev")
 N_PHOTOS = 200
 SECONDS = float(os.environ.get("BENCH_SERVE_SECONDS", "20"))
 WARMUP = 16
@@ -214,6 +215,8 @@ def main() -> None:
         results: dict = {}
         env_src = str(Path(__file__).resolve().parents[1] / "src")
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (env_src, os.environ.get("PYTHONPATH")) if p)
+        # mlflow models serve runs `uvicorn` from $PATH: the venv's, as an activated venv would.
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
         port = free_port()
         ours = start([sys.executable, "-m", "bincounter.serve", "--model-uri", model_uri, "--port", str(port),

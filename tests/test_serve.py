@@ -505,3 +505,34 @@ def test_errors_are_json(client: TestClient) -> None:
     for method, path in [("GET", "/v1/count"), ("POST", "/nope"), ("DELETE", "/invocations")]:
         r = client.request(method, path)
         assert r.status_code in (404, 405) and "detail" in r.json()
+
+
+class _Tampered:
+    """What a tampered model.pt could carry: unpickling it would run code."""
+
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('ran')",))
+
+
+def test_model_files_are_loaded_without_running_their_code(tmp_path, monkeypatch) -> None:
+    import pickle
+
+    import torch
+
+    from bincounter.models import load_trained
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": {}, "spec": {}, "epoch": 0, "payload": _Tampered()}, tmp_path / "model.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        load_trained(tmp_path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_serving_never_imports_training() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, bincounter.serve, bincounter.serve_worker, bincounter.predictor, bincounter.pyfunc; "
+            "print('bincounter.train' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
