@@ -16,7 +16,8 @@ on already-decoded, already-resized photos, 8 photos (32 views) per call, with e
 no HTTP, no decoding. Eager PyTorch on the same input is printed beside it (how the
 inference path was chosen).
 
-Run: ``.venv/bin/python bench/serve.py``; the last line is ``ratio: X.XX (goal >= 2.0)``
+Run: ``.venv/bin/python bench/serve.py`` (from a git worktree, point
+``$BINCOUNTER_SHARED_DATA`` at the abid-dev folder); the last line is ``ratio: X.XX (goal >= 2.0)``
 (our photos/s over mlflow's at concurrency 8).
 """
 

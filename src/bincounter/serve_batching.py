@@ -50,6 +50,7 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self._items: collections.deque[_Item] = collections.deque()
+        self._idle = 0  # consumers waiting in take()
         self._changed = asyncio.Condition()
 
     @property
@@ -69,11 +70,18 @@ class Batcher:
         return list(await asyncio.gather(*(item.future for item in items)))
 
     async def take(self) -> list[_Item]:
-        """The next batch: waits for one image, then up to ``max_wait_s`` to fill the batch."""
-        async with self._changed:
-            await self._changed.wait_for(self._live)
-        batch = self._pop(self.max_batch_size)
-        if len(batch) < self.max_batch_size and self.max_wait_s > 0:
+        """The next batch: waits for one image; takes its share of the queue (idle consumers
+        split it, so every worker gets work); when no other consumer is idle, waits up to
+        ``max_wait_s`` to fill the batch."""
+        self._idle += 1
+        try:
+            async with self._changed:
+                await self._changed.wait_for(self._live)
+        finally:
+            self._idle -= 1
+        share = -(-len(self._items) // (self._idle + 1))  # ceil: idle consumers split the queue
+        batch = self._pop(min(self.max_batch_size, share))
+        if len(batch) < self.max_batch_size and self.max_wait_s > 0 and self._idle == 0:
             need = self.max_batch_size - len(batch)
             with anyio.move_on_after(self.max_wait_s):
                 async with self._changed:
