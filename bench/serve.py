@@ -229,6 +229,11 @@ def main() -> None:
                       "--no-access-log"], port, "/readyz", work / "ours.log")
         try:
             measure("ours", port, [("/v1/count", b, {"Content-Type": "image/jpeg"}) for b in images], results)
+            import psutil
+
+            tree = [psutil.Process(ours.pid), *psutil.Process(ours.pid).children(recursive=True)]
+            print(f"   ours memory: {sum(p.memory_info().rss for p in tree) / 2**20:.0f} MiB resident "
+                  f"(server and workers)", flush=True)
         finally:
             stop(ours)
 
