@@ -239,8 +239,9 @@ def main() -> None:
             import psutil
 
             tree = [psutil.Process(ours.pid), *psutil.Process(ours.pid).children(recursive=True)]
-            print(f"   ours memory: {sum(p.memory_info().rss for p in tree) / 2**20:.0f} MiB resident "
-                  f"(server and workers)", flush=True)
+            # PSS: shared library pages (torch, onnxruntime) counted once across the processes.
+            print(f"   ours memory: {sum(p.memory_full_info().pss for p in tree) / 2**20:.0f} MiB proportional set "
+                  f"size, server and {len(tree) - 1} child processes", flush=True)
         finally:
             stop(ours)
 
