@@ -16,8 +16,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from bincounter import serve
+from bincounter.config import ServeConfig
 
 MODEL_URI = "models:/bincounter@champion"
+CFG = ServeConfig(model_uri=MODEL_URI)
+LIMITS = ServeConfig()
 NUM_CLASSES = 6
 
 
@@ -79,7 +82,7 @@ def model() -> FakeModel:
 
 @pytest.fixture
 def client(model: FakeModel):
-    with TestClient(serve.create_app(MODEL_URI, model=model)) as c:
+    with TestClient(serve.create_app(CFG, model=model)) as c:
         yield c
 
 
@@ -114,7 +117,7 @@ def test_not_ready_before_the_model_loads(model: FakeModel) -> None:
         release.wait(10)
         return model
 
-    with TestClient(serve.create_app(MODEL_URI, loader=slow_loader)) as c:
+    with TestClient(serve.create_app(CFG, loader=slow_loader)) as c:
         assert c.get("/healthz").status_code == 200
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["status"] == "loading"
@@ -132,7 +135,7 @@ def test_not_ready_before_the_model_loads(model: FakeModel) -> None:
 
 def test_not_ready_without_lifespan() -> None:
     # No `with`: the lifespan (and so the loader) never runs.
-    c = TestClient(serve.create_app(MODEL_URI))
+    c = TestClient(serve.create_app(CFG))
     assert c.get("/healthz").status_code == 200
     r = c.get("/readyz")
     assert r.status_code == 503 and r.json()["status"] == "not_loaded"
@@ -143,7 +146,7 @@ def test_load_failure_is_reported() -> None:
         raise OSError("no such model")
 
     failures = []
-    app = serve.create_app(MODEL_URI, loader=broken_loader)
+    app = serve.create_app(CFG, loader=broken_loader)
     app.state.on_load_failure = failures.append
     with TestClient(app) as c:
         deadline = time.monotonic() + 10
@@ -165,11 +168,22 @@ def test_count_one_image(client: TestClient, model: FakeModel, path: str) -> Non
     r = client.post(path, content=_jpeg(width=24), headers={"Content-Type": "image/jpeg"})
     assert r.status_code == 200, r.text
     _check_result(r.json(), count=3)
-    # Any content type, PNG too.
-    r = client.post(path, content=_png(width=16), headers={"Content-Type": "text/plain"})
+    # PNG too, with or without a content type.
+    r = client.post(path, content=_png(width=16), headers={"Content-Type": "image/png"})
     assert r.status_code == 200
     _check_result(r.json(), count=2)
-    assert model.calls == [1, 1]
+    r = client.post(path, content=_png(width=16), headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 200
+    assert model.calls == [1, 1, 1]
+
+
+@pytest.mark.parametrize("path", ["/v1/count", "/invocations"])
+@pytest.mark.parametrize("content_type", ["text/plain", "application/json", "multipart/form-data; boundary=x"])
+def test_count_refuses_content_types_that_are_not_images(client: TestClient, model: FakeModel, path: str,
+                                                          content_type: str) -> None:
+    r = client.post(path, content=_png(width=16), headers={"Content-Type": content_type})
+    assert r.status_code == 415 and "image" in r.json()["detail"]
+    assert model.calls == []
 
 
 @pytest.mark.parametrize("path", ["/v1/count", "/invocations"])
@@ -177,12 +191,13 @@ def test_count_errors(client: TestClient, model: FakeModel, path: str) -> None:
     r = client.post(path, content=b"")
     assert r.status_code == 400 and "empty" in r.json()["detail"]
     r = client.post(path, content=b"this is not an image")
-    assert r.status_code == 422
-    assert "could not decode the image" in r.json()["detail"]
+    assert r.status_code == 400
+    assert "not a recognisable image" in r.json()["detail"]
+    assert model.calls == []  # refused from the header, the model never saw it
 
 
 def test_body_over_the_limit_is_413(client: TestClient, model: FakeModel) -> None:
-    r = client.post("/v1/count", content=b"\xff" * (serve.DEFAULT_MAX_BODY_BYTES + 1))
+    r = client.post("/v1/count", content=b"\xff" * (LIMITS.max_body_bytes + 1))
     assert r.status_code == 413 and "limit" in r.json()["detail"]
     assert model.calls == []
 
@@ -192,7 +207,7 @@ def test_chunked_body_over_the_limit_is_413(model: FakeModel) -> None:
         for _ in range(10):
             yield b"\x00" * 1000
 
-    with TestClient(serve.create_app(MODEL_URI, model=model, max_body_bytes=5000)) as c:
+    with TestClient(serve.create_app(CFG.model_copy(update={"max_body_bytes": 5000}), model=model)) as c:
         r = c.post("/v1/count", content=chunks())  # no Content-Length: chunked transfer
         assert r.status_code == 413
         assert c.post("/v1/count", content=_jpeg()).status_code == 200
@@ -201,7 +216,7 @@ def test_chunked_body_over_the_limit_is_413(model: FakeModel) -> None:
 
 def test_model_output_missing_columns_is_500(client: TestClient, model: FakeModel, monkeypatch) -> None:
     monkeypatch.setattr(model, "predict", lambda df: pd.DataFrame({"count": [1]}))
-    with TestClient(serve.create_app(MODEL_URI, model=model), raise_server_exceptions=False) as c:
+    with TestClient(serve.create_app(CFG, model=model), raise_server_exceptions=False) as c:
         assert c.post("/v1/count", content=_jpeg()).status_code == 500
 
 
@@ -230,11 +245,11 @@ def test_batch(client: TestClient, model: FakeModel) -> None:
 def test_batch_errors(client: TestClient) -> None:
     files = [("files", ("good.jpg", _jpeg(), "image/jpeg")), ("files", ("bad.jpg", b"garbage", "image/jpeg"))]
     r = client.post("/v1/count:batch", files=files)
-    assert r.status_code == 422 and "bad.jpg" in r.json()["detail"]
+    assert r.status_code == 400 and "bad.jpg" in r.json()["detail"]
     r = client.post("/v1/count:batch", data={"note": "no files"}, files=[("x", ("", b"", "image/jpeg"))])
     assert r.status_code == 400
     r = client.post("/v1/count:batch", content=_jpeg(), headers={"Content-Type": "image/jpeg"})
-    assert r.status_code == 400 and "multipart" in r.json()["detail"]
+    assert r.status_code == 415 and "multipart" in r.json()["detail"]
 
 
 def test_batch_without_python_multipart_is_501(client: TestClient, monkeypatch) -> None:
@@ -269,8 +284,8 @@ def test_kserve_predict(client: TestClient, model: FakeModel) -> None:
         ({"instances": []}, 400, "empty"),
         ({"instances": [{"image": {"b64": "%%%not base64"}}]}, 400, "base64"),
         ({"instances": [{"image": 3}]}, 400, "instance 0"),
-        ({"instances": [{"image": {"b64": _b64(_jpeg())}}, {"image": {"b64": _b64(b"junk")}}]}, 422, "instance 1"),
-        ({"instances": [{"image": {"b64": _b64(_jpeg())}}] * (serve.DEFAULT_MAX_BATCH + 1)}, 413, "instances"),
+        ({"instances": [{"image": {"b64": _b64(_jpeg())}}, {"image": {"b64": _b64(b"junk")}}]}, 400, "instance 1"),
+        ({"instances": [{"image": {"b64": _b64(_jpeg())}}] * (LIMITS.max_images + 1)}, 413, "instances"),
     ],
 )
 def test_kserve_errors(client: TestClient, payload, status: int, needle: str) -> None:
@@ -285,7 +300,7 @@ def test_kserve_bad_json(client: TestClient) -> None:
 
 
 def test_kserve_model_name(model: FakeModel) -> None:
-    with TestClient(serve.create_app(MODEL_URI, model=model, model_name="counter")) as c:
+    with TestClient(serve.create_app(CFG.model_copy(update={"model_name": "counter"}), model=model)) as c:
         assert c.get("/v1/models/counter").status_code == 200
         assert c.get("/v1/models/other").status_code == 404
         payload = {"instances": [{"image": {"b64": _b64(_jpeg())}}]}
@@ -297,26 +312,227 @@ def test_kserve_model_name(model: FakeModel) -> None:
 # -- command line ----------------------------------------------------------------------------
 
 
-def test_args_fall_back_to_env(monkeypatch) -> None:
-    monkeypatch.setenv("MODEL_URI", "runs:/abc/model")
-    monkeypatch.setenv("PORT", "9999")
-    args = serve._parse_args([])
-    assert (args.model_uri, args.port, args.host) == ("runs:/abc/model", 9999, "127.0.0.1")
-    args = serve._parse_args(["--model-uri", "models:/m@x", "--host", "0.0.0.0", "--port", "8080"])
-    assert (args.model_uri, args.port, args.host) == ("models:/m@x", 8080, "0.0.0.0")
+def test_args_fall_back_to_env() -> None:
+    cfg = serve.parse_config([], {"MODEL_URI": "runs:/abc/model", "PORT": "9999", "BINCOUNTER_SERVE_WORKERS": "3"})
+    assert (cfg.model_uri, cfg.port, cfg.host, cfg.workers) == ("runs:/abc/model", 9999, "127.0.0.1", 3)
+    cfg = serve.parse_config(["--model-uri", "models:/m@x", "--host", "0.0.0.0", "--port", "8080", "--max-wait-ms", "2"],
+                             {"MODEL_URI": "runs:/abc/model", "PORT": "9999"})
+    assert (cfg.model_uri, cfg.port, cfg.host, cfg.max_wait_ms) == ("models:/m@x", 8080, "0.0.0.0", 2.0)
 
 
-def test_args_default_to_the_champion(monkeypatch) -> None:
+def test_args_default_to_the_champion() -> None:
     from bincounter.config import DeployConfig
 
-    monkeypatch.delenv("MODEL_URI", raising=False)
-    monkeypatch.delenv("PORT", raising=False)
-    args = serve._parse_args([])
-    assert args.model_uri == serve.DEFAULT_MODEL_URI == DeployConfig().model_uri
-    assert args.port == 8080
+    cfg = serve.parse_config([], {})
+    assert cfg.model_uri == serve.DEFAULT_MODEL_URI == DeployConfig().model_uri
+    assert cfg.port == 8080
+
+
+def test_bad_env_is_refused() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        ServeConfig.from_env({"BINCOUNTER_SERVE_MAX_QUEUE": "0"})
 
 
 def test_openapi_lists_every_endpoint(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
-    for path in ["/healthz", "/readyz", "/v1/count", "/v1/count:batch", "/v1/models/{name}:predict", "/ping", "/invocations"]:
+    for path in ["/healthz", "/readyz", "/metrics", "/v1/count", "/v1/count:batch", "/v1/models/{name}:predict", "/ping",
+                 "/invocations"]:
         assert path in spec["paths"]
+
+
+# -- expected: the inventory check -----------------------------------------------------------
+
+
+def _check_expected(body: dict, expected: int, count: int) -> None:
+    assert body["expected"] == expected
+    assert body["match"] is (count == expected)
+    assert body["probability_of_expected"] == pytest.approx(0.9 if count == expected else (0.02 if expected < NUM_CLASSES else 0.0))
+
+
+@pytest.mark.parametrize("expected", [0, 3, 5, 1000])
+def test_expected_on_count(client: TestClient, expected: int) -> None:
+    r = client.post(f"/v1/count?expected={expected}", content=_jpeg(width=24), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 200, r.text
+    _check_expected(r.json(), expected, count=3)
+
+
+@pytest.mark.parametrize("headers", [
+    {"X-Expected-Count": "3"},
+    {"X-Amzn-SageMaker-Custom-Attributes": "expected=3"},
+    {"X-Amzn-SageMaker-Custom-Attributes": "trace=abc;expected=3"},
+])
+def test_expected_on_invocations(client: TestClient, headers: dict) -> None:
+    r = client.post("/invocations", content=_jpeg(width=24), headers={"Content-Type": "image/jpeg", **headers})
+    assert r.status_code == 200, r.text
+    _check_expected(r.json(), 3, count=3)
+    r = client.post("/invocations?expected=3", content=_jpeg(width=24), headers={"Content-Type": "image/jpeg"})
+    _check_expected(r.json(), 3, count=3)
+
+
+@pytest.mark.parametrize("value", ["-1", "1001", "abc", "1.5", "", "1e3", "%EF%BC%93", "3&expected=4", "99999999"])
+def test_bad_expected_is_422(client: TestClient, model: FakeModel, value: str) -> None:
+    r = client.post(f"/v1/count?expected={value}", content=_jpeg(), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 422 and "expected" in r.json()["detail"]
+    r = client.post("/invocations", content=_jpeg(), headers={"Content-Type": "image/jpeg", "X-Expected-Count": value})
+    assert r.status_code == 422
+    assert model.calls == []
+
+
+def test_disagreeing_expected_is_422(client: TestClient) -> None:
+    r = client.post("/invocations?expected=2", content=_jpeg(), headers={"Content-Type": "image/jpeg",
+                                                                         "X-Expected-Count": "3"})
+    assert r.status_code == 422 and "differently" in r.json()["detail"]
+
+
+def test_expected_in_kserve_instances(client: TestClient) -> None:
+    payload = {"instances": [{"image": {"b64": _b64(_jpeg(width=8))}, "expected": 1},
+                             {"image": {"b64": _b64(_png(width=40))}, "expected": 2},
+                             {"image": {"b64": _b64(_png(width=16))}}]}
+    r = client.post("/v1/models/bincounter:predict", json=payload)
+    assert r.status_code == 200, r.text
+    first, second, third = r.json()["predictions"]
+    _check_expected(first, 1, count=1)
+    _check_expected(second, 2, count=5)
+    assert "expected" not in third
+    r = client.post("/v1/models/bincounter:predict?expected=4", json={"instances": payload["instances"][2:]})
+    _check_expected(r.json()["predictions"][0], 4, count=2)
+    bad = {"instances": [{"image": {"b64": _b64(_jpeg())}, "expected": 2.5}]}
+    assert client.post("/v1/models/bincounter:predict", json=bad).status_code == 422
+    bad = {"instances": [{"image": {"b64": _b64(_jpeg())}, "expected": True}]}
+    assert client.post("/v1/models/bincounter:predict", json=bad).status_code == 422
+
+
+@needs_multipart
+def test_expected_in_the_batch_form(client: TestClient) -> None:
+    files = [("files", ("a.jpg", _jpeg(width=8), "image/jpeg")), ("files", ("b.png", _png(width=32), "image/png"))]
+    r = client.post("/v1/count:batch", files=files, data={"expected": "1"})
+    assert [x["match"] for x in r.json()] == [True, False]
+    r = client.post("/v1/count:batch", files=files, data={"expected": ["1", "4"]})
+    assert [x["match"] for x in r.json()] == [True, True]
+    r = client.post("/v1/count:batch?expected=4", files=files)
+    assert [x["expected"] for x in r.json()] == [4, 4]
+    assert client.post("/v1/count:batch", files=files, data={"expected": ["1", "2", "3"]}).status_code == 422
+    assert client.post("/v1/count:batch", files=files, data={"expected": "x"}).status_code == 422
+
+
+def test_inventory_check_with_a_pooled_last_class() -> None:
+    from bincounter.serve_worker import ModelInfo
+
+    info = ModelInfo("onnx", min_count=1, class_names=("1", "2", "3", "4+"))
+    row = {"count": 4, "probabilities": [0.1, 0.2, 0.3, 0.4]}
+    assert serve.inventory_check(row, 7, info) == {"expected": 7, "match": True, "probability_of_expected": 0.4}
+    assert serve.inventory_check(row, 0, info) == {"expected": 0, "match": False, "probability_of_expected": 0.0}
+    assert serve.inventory_check(row, 2, info)["probability_of_expected"] == 0.2
+
+
+# -- limits, load shedding, metrics ------------------------------------------------------------
+
+
+def test_pixel_limit_is_checked_from_the_header(model: FakeModel) -> None:
+    with TestClient(serve.create_app(CFG.model_copy(update={"max_pixels": 100}), model=model)) as c:
+        r = c.post("/v1/count", content=_jpeg(width=32, height=24), headers={"Content-Type": "image/jpeg"})
+        assert r.status_code == 413 and "pixels" in r.json()["detail"]
+    assert model.calls == []
+
+
+def test_full_queue_sheds_load_with_503(model: FakeModel) -> None:
+    release = threading.Event()
+    original = model.predict
+
+    def slow_predict(df):
+        release.wait(10)
+        return original(df)
+
+    model.predict = slow_predict
+    cfg = CFG.model_copy(update={"max_queue": 2, "max_batch_size": 1, "max_wait_ms": 0})
+    with TestClient(serve.create_app(cfg, model=model)) as c:
+        answers: list[int] = []
+
+        def post() -> None:
+            answers.append(c.post("/v1/count", content=_jpeg(), headers={"Content-Type": "image/jpeg"}).status_code)
+
+        # One image in the worker, two waiting: the queue is full.
+        threads = [threading.Thread(target=post) for _ in range(3)]
+        for t in threads:
+            t.start()
+            time.sleep(0.3)
+        r = c.post("/v1/count", content=_jpeg(), headers={"Content-Type": "image/jpeg"})
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1" and "busy" in r.json()["detail"]
+        release.set()
+        for t in threads:
+            t.join(10)
+        assert answers == [200, 200, 200]
+        assert "bincounter_load_shed_total 1.0" in c.get("/metrics").text
+
+
+@pytest.mark.slow
+def test_concurrent_requests_share_model_calls(model: FakeModel) -> None:
+    cfg = CFG.model_copy(update={"max_wait_ms": 200, "max_batch_size": 8})
+    with TestClient(serve.create_app(cfg, model=model)) as c:
+        results: list[int] = []
+
+        def post() -> None:
+            results.append(c.post("/v1/count", content=_jpeg(width=24), headers={"Content-Type": "image/jpeg"}).json()["count"])
+
+        threads = [threading.Thread(target=post) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+    assert results == [3] * 6
+    assert len(model.calls) < 6 and sum(model.calls) == 6  # micro-batched
+
+
+def test_metrics(client: TestClient) -> None:
+    client.post("/v1/count?expected=3", content=_jpeg(width=24), headers={"Content-Type": "image/jpeg"})
+    client.post("/v1/count", content=b"", headers={"Content-Type": "image/jpeg"})
+    client.post("/no/such/path/12345")
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    assert 'bincounter_http_requests_total{endpoint="/v1/count",method="POST",status="200"} 1.0' in text
+    assert 'bincounter_http_requests_total{endpoint="/v1/count",method="POST",status="400"} 1.0' in text
+    assert 'endpoint="unmatched"' in text and "12345" not in text  # no series per hostile path
+    assert 'bincounter_predicted_count_bucket{le="3.0"} 1.0' in text
+    assert "bincounter_batch_size_count 1.0" in text
+    assert "bincounter_queue_depth 0.0" in text
+    assert 'bincounter_model_info{backend="inline",model_uri="models:/bincounter@champion",version=""} 1.0' in text
+
+
+def test_errors_are_json(client: TestClient) -> None:
+    for method, path in [("GET", "/v1/count"), ("POST", "/nope"), ("DELETE", "/invocations")]:
+        r = client.request(method, path)
+        assert r.status_code in (404, 405) and "detail" in r.json()
+
+
+class _Tampered:
+    """What a tampered model.pt could carry: unpickling it would run code."""
+
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('ran')",))
+
+
+def test_model_files_are_loaded_without_running_their_code(tmp_path, monkeypatch) -> None:
+    import pickle
+
+    import torch
+
+    from bincounter.models import load_trained
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": {}, "spec": {}, "epoch": 0, "payload": _Tampered()}, tmp_path / "model.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        load_trained(tmp_path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_serving_never_imports_training() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, bincounter.serve, bincounter.serve_worker, bincounter.predictor, bincounter.pyfunc; "
+            "print('bincounter.train' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]

@@ -23,6 +23,7 @@ from bincounter.config import (
     PipelineConfig,
     PreprocessConfig,
     RegisterConfig,
+    ServeConfig,
     SynthConfig,
     TrainConfig,
 )
@@ -105,11 +106,12 @@ def undeploy(name: str = "bincounter") -> None:
     _print({"stopped": stop("local", name)})
 
 
-def serve(model_uri: str = "models:/bincounter@champion", host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Serve a model in the foreground (what the container runs)."""
+def serve(cfg: Annotated[ServeConfig, Flat] = ServeConfig()) -> None:
+    """Serve a model in the foreground (the container runs the same server as
+    ``python -m bincounter.serve``, which also reads $MODEL_URI, $PORT and $BINCOUNTER_SERVE_*)."""
     from bincounter.serve import run
 
-    sys.exit(run(model_uri, host, port))
+    sys.exit(run(cfg))
 
 
 def predict(images: tuple[Path, ...], /, model_uri: str = "models:/bincounter@champion",

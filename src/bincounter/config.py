@@ -260,6 +260,57 @@ class TuneStageConfig(_Config):
         "val_accuracy", description="Best-epoch validation metric the search optimises (val_rmse is minimised).")
 
 
+class ServeConfig(_Config):
+    """The model server (``python -m bincounter.serve``, ``bincounter serve``, the containers).
+
+    Every field is also read from ``$BINCOUNTER_SERVE_<FIELD>`` (upper case), and the
+    container conventions ``$MODEL_URI``, ``$MODEL_NAME``, ``$PORT`` and ``$LOG_LEVEL``
+    (see :meth:`from_env`); command-line flags win over both.
+    """
+
+    model_uri: str = Field("models:/bincounter@champion", description="MLflow model URI (or a local model folder).")
+    host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 in containers).")
+    port: int = Field(8080, ge=0, le=65535)
+    model_name: str | None = Field(None, description="Only name accepted on the KServe routes (default: any).")
+    backend: Literal["auto", "onnx", "torch", "pyfunc"] = Field(
+        "auto", description="Inference engine: 'auto' runs the model.onnx registered with the model in ONNX Runtime "
+        "(fastest measured on CPU), else eager PyTorch; 'pyfunc' calls any MLflow model's predict."
+    )
+    workers: int = Field(2, ge=1, description="Inference worker processes; a crashing one fails its batch "
+                         "(retried image by image) and is replaced.")
+    threads_per_worker: int = Field(1, ge=1, description="Compute threads per worker process.")
+    max_batch_size: int = Field(32, ge=1, description="Most images one model call runs (micro-batching).")
+    max_wait_ms: float = Field(5.0, ge=0, description="How long a worker waits for more images to fill a batch.")
+    max_queue: int = Field(256, ge=1, description="Images waiting for a worker; beyond it requests get 503 + Retry-After.")
+    max_body_bytes: int = Field(20 * 2**20, ge=1, description="Largest image body (413 above it).")
+    max_images: int = Field(64, ge=1, description="Most images in one batch, KServe or multipart request (413 above it).")
+    max_pixels: int = Field(40_000_000, ge=1, description="Largest declared width x height (413 above it), "
+                            "checked from the header before decoding.")
+    max_drain_bytes: int = Field(256 * 2**20, ge=0, description="An over-limit body up to this size is read and "
+                                 "discarded so the client gets its 413 on an open connection.")
+    worker_timeout_s: float = Field(120.0, gt=0, description="A batch running longer than this: its worker is "
+                                    "killed and replaced.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    access_log: bool = Field(True, description="One JSON line per request on stderr.")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> "ServeConfig":
+        """Defaults, then ``$MODEL_URI``-style container variables, then ``$BINCOUNTER_SERVE_*``."""
+        import os
+
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for field, var in (("model_uri", "MODEL_URI"), ("model_name", "MODEL_NAME"), ("port", "PORT"),
+                           ("log_level", "LOG_LEVEL")):
+            if env.get(var):
+                values[field] = env[var].lower() if field == "log_level" else env[var]
+        for field in cls.model_fields:
+            var = f"BINCOUNTER_SERVE_{field.upper()}"
+            if env.get(var):
+                values[field] = env[var]
+        return cls.model_validate({**values, **overrides})
+
+
 class PipelineConfig(_Config):
     """The whole pipeline: every stage's settings plus where the run keeps its files.
 

@@ -238,3 +238,19 @@ def build_model(spec: ModelSpec, pretrained: str = "none", freeze_backbone: bool
         for p in module.parameters():
             p.requires_grad_(False)
     return Counter(backbone, build_head(spec.head, features, spec.num_classes), frozen)
+
+
+BEST_WEIGHTS = "model.pt"  # what training writes and serving loads: {"model": state_dict, "spec": dict, "epoch": int}
+
+
+def load_trained(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Counter, ModelSpec]:
+    """The best model of a training output folder, in eval mode.
+
+    ``weights_only=True``: the file holds tensors and plain containers only, so a tampered
+    ``model.pt`` cannot run code when a server loads it.
+    """
+    state = torch.load(Path(model_dir) / BEST_WEIGHTS, map_location="cpu", weights_only=True)
+    spec = ModelSpec.from_dict(state["spec"])
+    model = build_model(spec, pretrained="none")
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), spec

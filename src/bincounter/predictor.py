@@ -8,43 +8,63 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from bincounter.models import ModelSpec
-from bincounter.transforms import EvalTransform, decode_bytes, tta_views
+from bincounter.models import ModelSpec, load_trained
+from bincounter.transforms import DEFAULT_MAX_PIXELS, EvalTransform, decode_untrusted, tta_views
+
+
+class TTAProbabilities(nn.Module):
+    """Class probabilities averaged over the test-time views: the single place where
+    test-time augmentation happens (eager evaluation, the pyfunc and the ONNX export all run
+    this module), so a served model behaves exactly as it was evaluated."""
+
+    def __init__(self, model: nn.Module, spec: ModelSpec):
+        super().__init__()
+        self.model = model
+        self.tta = spec.tta
+        self.rot90 = spec.rot90
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        views = tta_views(x, self.rot90) if self.tta else [x]
+        # One model call over all views: batch norm is in eval mode, so images stay independent.
+        p = F.softmax(self.model(torch.cat(views)).float(), dim=1)
+        return p.view(len(views), x.shape[0], -1).mean(0)
 
 
 class Predictor:
-    """A trained model with its preprocessing. ``probabilities`` is the single place where
-    test-time augmentation happens, so a served model behaves exactly as it was evaluated."""
+    """A trained model with its preprocessing."""
 
-    def __init__(self, model: torch.nn.Module, spec: ModelSpec, device: str | torch.device = "cpu"):
+    def __init__(self, model: torch.nn.Module, spec: ModelSpec, device: str | torch.device = "cpu",
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.spec = spec
+        self.max_pixels = max_pixels
         self.transform = EvalTransform(size=spec.image_size, mean=spec.mean, std=spec.std)
         self.values = np.arange(spec.min_count, spec.min_count + spec.num_classes, dtype=np.float64)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> "Predictor":
-        from bincounter.train import load_trained
-
         model, spec = load_trained(model_dir, device)
         return cls(model, spec, device)
 
     @torch.no_grad()
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
         """Class probabilities for a normalised NCHW batch."""
-        x = batch.to(self.device)
-        views = tta_views(x, self.spec.rot90) if self.spec.tta else [x]
-        p = sum(F.softmax(self.model(v).float(), dim=1) for v in views) / len(views)
-        return p.cpu().numpy()
+        # Built per call from the current spec (cheap), so a changed ``spec.tta`` takes effect.
+        return TTAProbabilities(self.model, self.spec)(batch.to(self.device)).cpu().numpy()
+
+    def prepare_one(self, data: bytes) -> torch.Tensor:
+        """Decode (refusing doubtful input, see ``decode_untrusted``) and transform one image."""
+        return self.transform(decode_untrusted(bytes(data), max_pixels=self.max_pixels))
 
     def prepare(self, images: Sequence[bytes]) -> torch.Tensor:
         """Decode and transform raw bytes; ValueError names the first bad image."""
         tensors = []
         for i, data in enumerate(images):
             try:
-                tensors.append(self.transform(decode_bytes(bytes(data))))
+                tensors.append(self.prepare_one(data))
             except ValueError as exc:
                 raise ValueError(f"image {i}: {exc}") from exc
         return torch.stack(tensors)
@@ -58,11 +78,17 @@ class Predictor:
         return out
 
     def describe(self, p: np.ndarray) -> dict:
-        k = int(p.argmax())
-        return {
-            "count": int(self.values[k]),
-            "label": self.spec.class_names[k] if self.spec.class_names else str(int(self.values[k])),
-            "confidence": float(p[k]),
-            "expected_count": float(p @ self.values),
-            "probabilities": [float(v) for v in p],
-        }
+        return describe(p, self.spec)
+
+
+def describe(p: np.ndarray, spec: ModelSpec) -> dict:
+    """One image's answer from its class probabilities."""
+    values = np.arange(spec.min_count, spec.min_count + spec.num_classes, dtype=np.float64)
+    k = int(p.argmax())
+    return {
+        "count": int(values[k]),
+        "label": spec.class_names[k] if spec.class_names else str(int(values[k])),
+        "confidence": float(p[k]),
+        "expected_count": float(p @ values),
+        "probabilities": [float(v) for v in p],
+    }

@@ -22,6 +22,7 @@ from pathlib import Path
 import bincounter
 from bincounter import tracking
 from bincounter.config import RegisterConfig
+from bincounter.onnx_export import export_onnx
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -95,6 +96,7 @@ def _serving_files(model_dir: Path) -> Iterator[Path]:
         out.mkdir()
         for name in ("model.pt", "model_spec.json"):
             shutil.copy2(model_dir / name, out / name)
+        export_onnx(out)  # model.onnx: what the model server runs (bincounter.onnx_export)
         yield out
 
 

@@ -472,11 +472,3 @@ def _start_profiler(out_dir: Path):
     prof.start()
     return prof
 
-
-def load_trained(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:
-    """The best model of a training output folder, in eval mode."""
-    state = torch.load(Path(model_dir) / BEST, map_location="cpu", weights_only=False)
-    spec = ModelSpec.from_dict(state["spec"])
-    model = build_model(spec, pretrained="none")
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), spec

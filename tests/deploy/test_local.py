@@ -129,7 +129,7 @@ def test_deploy_count_and_stop(tmp_path: Path, home: Path, model_uri: str, deplo
 
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
-    with pytest.raises(RuntimeError, match="422"):
+    with pytest.raises(RuntimeError, match="400"):
         client.count_images(info["url"], [bad])
 
     assert local.stop("t-serve") is True

@@ -1,0 +1,53 @@
+"""Export a trained model, test-time views included, to ONNX for the model server.
+
+The server runs ONNX Runtime because it measured fastest on CPU (``bench/serve.py`` prints
+the raw figures); the graph is ``TTAProbabilities`` itself, so it returns the same averaged
+probabilities as eager evaluation. Registration writes it next to ``model.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+ONNX_FILE = "model.onnx"
+_OPSET = 17
+_TOLERANCE = 1e-4
+
+
+def export_onnx(model_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``model.onnx`` (input ``image``: normalised float NCHW, any batch size; output
+    ``probabilities``) for the model in ``model_dir``; checks it against eager PyTorch.
+
+    Returns the file's path. Raises RuntimeError if ONNX Runtime disagrees with PyTorch.
+    """
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from bincounter.models import load_trained
+    from bincounter.predictor import TTAProbabilities
+
+    model, spec = load_trained(model_dir)
+    module = TTAProbabilities(model, spec).eval()
+    out = Path(out) if out is not None else Path(model_dir) / ONNX_FILE
+    tmp = out.with_name(f".{out.name}.tmp")
+    example = torch.randn(2, 3, spec.image_size, spec.image_size, generator=torch.Generator().manual_seed(0))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(module, (example,), str(tmp), dynamo=False, opset_version=_OPSET,
+                              input_names=["image"], output_names=["probabilities"],
+                              dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}})
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        probe = torch.randn(3, 3, spec.image_size, spec.image_size, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            expected = module(probe).numpy()
+        worst = float(np.abs(session.run(None, {"image": probe.numpy()})[0] - expected).max())
+        if not worst <= _TOLERANCE:
+            raise RuntimeError(f"ONNX export of {model_dir} disagrees with PyTorch by {worst:.2e}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

@@ -1,0 +1,225 @@
+"""Dynamic micro-batching: images from concurrent requests share model calls.
+
+Requests put their images in one bounded queue (:class:`Batcher`); each worker has a
+consumer that takes up to ``max_batch_size`` images, waiting at most ``max_wait`` for more
+once it has one, and runs them as one batch. A full queue refuses new work at once
+(:class:`QueueFull`, answered 503 + Retry-After) instead of letting latency grow without end.
+
+:class:`ProcessRunner` supervises the worker processes: a batch whose worker dies or hangs
+is retried image by image on a replacement, so only an image that kills a worker twice
+fails (400); :class:`InlineRunner` runs an in-process model in a thread (tests, notebooks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from bincounter.serve_worker import EngineSpec, ModelInfo, Outcome, PyfuncEngine, WorkerProcess
+
+log = logging.getLogger("bincounter.serve")
+
+CRASHED = "the image could not be processed: it crashed the decoder twice (the worker was replaced)"
+
+
+class QueueFull(Exception):
+    """No room for the request's images: shed load."""
+
+
+@dataclass
+class _Item:
+    data: bytes
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """The bounded queue of images waiting for a worker."""
+
+    def __init__(self, max_batch_size: int, max_wait_s: float, max_queue: int):
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self._items: collections.deque[_Item] = collections.deque()
+        self._idle = 0  # consumers waiting in take()
+        self._changed = asyncio.Condition()
+
+    @property
+    def depth(self) -> int:
+        return len(self._items)
+
+    async def submit(self, images: list[bytes]) -> list[Outcome]:
+        """Queue the images and wait for their outcomes (in order); raises QueueFull."""
+        if len(self._items) + len(images) > self.max_queue:
+            raise QueueFull(f"{len(self._items)} images are waiting (limit {self.max_queue})")
+        loop = asyncio.get_running_loop()
+        items = [_Item(data, loop.create_future()) for data in images]
+        self._items.extend(items)
+        async with self._changed:
+            self._changed.notify_all()
+        # A client that goes away cancels this await, hence its futures: consumers skip them.
+        return list(await asyncio.gather(*(item.future for item in items)))
+
+    async def take(self) -> list[_Item]:
+        """The next batch: waits for one image; takes its share of the queue (idle consumers
+        split it, so every worker gets work); when no other consumer is idle, waits up to
+        ``max_wait_s`` to fill the batch."""
+        self._idle += 1
+        try:
+            async with self._changed:
+                await self._changed.wait_for(self._live)
+        finally:
+            self._idle -= 1
+        share = -(-len(self._items) // (self._idle + 1))  # ceil: idle consumers split the queue
+        batch = self._pop(min(self.max_batch_size, share))
+        if len(batch) < self.max_batch_size and self.max_wait_s > 0 and self._idle == 0:
+            need = self.max_batch_size - len(batch)
+            with anyio.move_on_after(self.max_wait_s):
+                async with self._changed:
+                    await self._changed.wait_for(lambda: len(self._items) >= need)
+            batch += self._pop(need)
+        return batch
+
+    def _live(self) -> bool:
+        while self._items and self._items[0].future.done():  # cancelled by a departed client
+            self._items.popleft()
+        return bool(self._items)
+
+    def _pop(self, n: int) -> list[_Item]:
+        out = []
+        while self._items and len(out) < n:
+            item = self._items.popleft()
+            if not item.future.done():
+                out.append(item)
+        return out
+
+
+def _settle(items: list[_Item], outcomes: list[Outcome] | None = None, error: BaseException | None = None) -> None:
+    for i, item in enumerate(items):
+        if item.future.done():
+            continue
+        if error is not None:
+            item.future.set_exception(error)
+        else:
+            item.future.set_result(outcomes[i])
+
+
+class InlineRunner:
+    """An in-process model (anything with ``predict(DataFrame)``), run in a thread."""
+
+    workers = 1
+
+    def __init__(self, model: Any, max_pixels: int):
+        self.engine = PyfuncEngine(model, backend="inline", max_pixels=max_pixels)
+        self.info: ModelInfo = self.engine.info
+
+    def start(self) -> ModelInfo:
+        return self.info
+
+    async def consume(self, index: int, batcher: Batcher, observe: Callable[[int, float], None]) -> None:
+        while True:
+            items = await batcher.take()
+            if not items:
+                continue
+            started = time.perf_counter()
+            try:
+                outcomes = await anyio.to_thread.run_sync(self.engine.run, [i.data for i in items])
+            except Exception as exc:  # noqa: BLE001 - a model bug: every request of the batch gets a 500
+                _settle(items, error=exc)
+                continue
+            observe(len(items), time.perf_counter() - started)
+            _settle(items, outcomes)
+
+    def alive(self) -> int:
+        return 1
+
+    def stop(self) -> None:
+        pass
+
+
+class ProcessRunner:
+    """``workers`` supervised worker processes, each fed by its own consumer."""
+
+    def __init__(self, spec: EngineSpec, workers: int, timeout_s: float,
+                 on_restart: Callable[[], None] = lambda: None):
+        self.spec = spec
+        self.timeout_s = timeout_s
+        self.on_restart = on_restart
+        self.processes = [WorkerProcess(spec) for _ in range(workers)]
+        self.workers = workers
+        self.info: ModelInfo | None = None
+
+    def start(self) -> ModelInfo:
+        """Start every worker (blocking; the model loads in each)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(self.processes)) as pool:
+            infos = list(pool.map(lambda w: w.start(), self.processes))
+        self.info = infos[0]
+        return self.info
+
+    def alive(self) -> int:
+        return sum(1 for w in self.processes if w.executor is not None)
+
+    def stop(self) -> None:
+        for w in self.processes:
+            w.stop()
+
+    async def _restart(self, worker: WorkerProcess) -> None:
+        worker.kill()
+        self.on_restart()
+        delay = 1.0
+        while True:
+            try:
+                await anyio.to_thread.run_sync(worker.start)
+                return
+            except Exception as exc:  # noqa: BLE001 - keep trying: the other workers still serve
+                log.error("could not restart a worker (%s: %s); retrying in %.0f s", type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _attempt(self, worker: WorkerProcess, images: list[bytes]) -> list[Outcome] | None:
+        """Run a batch; None if the worker died or hung (it has been replaced then)."""
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(worker.submit(images)), self.timeout_s)
+        except (BrokenProcessPool, asyncio.TimeoutError) as exc:
+            what = "hung" if isinstance(exc, asyncio.TimeoutError) else "died"
+            log.error("worker %s %s during a batch of %d images; replacing it", worker.pid, what, len(images))
+            await self._restart(worker)
+            return None
+
+    async def run(self, worker: WorkerProcess, images: list[bytes]) -> list[Outcome]:
+        outcomes = await self._attempt(worker, images)
+        if outcomes is not None:
+            return outcomes
+        # Isolate the culprit: each image once more, alone, on the fresh worker.
+        retried = []
+        for data in images:
+            single = await self._attempt(worker, [data])
+            retried.append(single[0] if single is not None else ("error", 400, CRASHED))
+        return retried
+
+    async def consume(self, index: int, batcher: Batcher, observe: Callable[[int, float], None]) -> None:
+        worker = self.processes[index]
+        while True:
+            items = await batcher.take()
+            if not items:
+                continue
+            started = time.perf_counter()
+            try:
+                outcomes = await self.run(worker, [i.data for i in items])
+            except Exception as exc:  # noqa: BLE001 - an engine bug: the batch's requests get a 500
+                log.exception("inference failed")
+                _settle(items, error=exc)
+                continue
+            observe(len(items), time.perf_counter() - started)
+            _settle(items, outcomes)
