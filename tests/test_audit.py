@@ -172,9 +172,10 @@ def test_audit_through_a_deployed_servers_batch_endpoint(pod, tmp_path):
     import mlflow.pyfunc
 
     from bincounter import serve
+    from bincounter.config import ServeConfig
 
     model = mlflow.pyfunc.load_model("models:/bincounter@champion")
-    with serving(serve.create_app("models:/bincounter@champion", model=model)) as url:
+    with serving(serve.create_app(ServeConfig(model_uri="models:/bincounter@champion"), model=model)) as url:
         summary = audit(_cfg(str(pod), url=url), tmp_path / "out")
     table = _read_csv(tmp_path / "out")
     assert summary.counter == url

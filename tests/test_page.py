@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from bincounter import page, serve
-from bincounter.config import VerdictConfig
+from bincounter.config import ServeConfig, VerdictConfig
 from tests.live_server import serving
 
 MODEL_URI = "models:/bincounter@champion"
@@ -48,9 +48,8 @@ class WidthModel:
 
 
 def _app(verdict: VerdictConfig = VerdictConfig()):
-    app = serve.create_app(MODEL_URI, model=WidthModel())
-    app.include_router(page.make_router(verdict))
-    return app
+    # The server includes the page (serve.create_app), with the verdict thresholds of its config.
+    return serve.create_app(ServeConfig(model_uri=MODEL_URI, verdict=verdict), model=WidthModel())
 
 
 def _jpeg(width: int, height: int = 24) -> bytes:

@@ -348,7 +348,11 @@ def test_openapi_lists_every_endpoint(client: TestClient) -> None:
 def _check_expected(body: dict, expected: int, count: int) -> None:
     assert body["expected"] == expected
     assert body["match"] is (count == expected)
-    assert body["probability_of_expected"] == pytest.approx(0.9 if count == expected else (0.02 if expected < NUM_CLASSES else 0.0))
+    if expected < NUM_CLASSES:
+        assert body["probability_of_expected"] == pytest.approx(0.9 if count == expected else 0.02)
+        assert body["verdict"] == ("match" if count == expected else "mismatch")
+    else:  # a count the model has no class for: it cannot judge it, a person should
+        assert body["probability_of_expected"] is None and body["verdict"] == "unsure"
 
 
 @pytest.mark.parametrize("expected", [0, 3, 5, 1000])
@@ -422,8 +426,11 @@ def test_inventory_check_with_a_pooled_last_class() -> None:
 
     info = ModelInfo("onnx", min_count=1, class_names=("1", "2", "3", "4+"))
     row = {"count": 4, "probabilities": [0.1, 0.2, 0.3, 0.4]}
-    assert serve.inventory_check(row, 7, info) == {"expected": 7, "match": True, "probability_of_expected": 0.4}
-    assert serve.inventory_check(row, 0, info) == {"expected": 0, "match": False, "probability_of_expected": 0.0}
+    assert serve.inventory_check(row, 7, info) == {"expected": 7, "match": True, "probability_of_expected": 0.4,
+                                                   "verdict": "unsure"}
+    # Below the model's first count it cannot judge: no probability, a person decides.
+    assert serve.inventory_check(row, 0, info) == {"expected": 0, "match": False, "probability_of_expected": None,
+                                                   "verdict": "unsure"}
     assert serve.inventory_check(row, 2, info)["probability_of_expected"] == 0.2
 
 

@@ -260,6 +260,31 @@ class TuneStageConfig(_Config):
         "val_accuracy", description="Best-epoch validation metric the search optimises (val_rmse is minimised).")
 
 
+class VerdictConfig(_Config):
+    """How the model's probability of the expected count becomes a verdict.
+
+    With p the probability the model gives the expected count: "mismatch" when p is at most
+    ``flag_threshold`` (the model is confident the bin is wrong), "match" when p is at least
+    ``match_threshold``, otherwise "unsure" (a person looks). ``bincounter.verdict`` applies
+    them for the audit; the one-bin page gets them from the server that includes it.
+    """
+
+    flag_threshold: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Flag a bin as a mismatch when the model gives its expected count at "
+        "most this probability."
+    )
+    match_threshold: float = Field(
+        0.5, gt=0.0, le=1.0, description="Call a bin a match when the model gives its expected count at least "
+        "this probability; between the two thresholds a person decides."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "VerdictConfig":
+        if self.flag_threshold >= self.match_threshold:
+            raise ValueError("flag_threshold must be below match_threshold (the band between them is 'unsure')")
+        return self
+
+
 class ServeConfig(_Config):
     """The model server (``python -m bincounter.serve``, ``bincounter serve``, the containers).
 
@@ -292,6 +317,8 @@ class ServeConfig(_Config):
                                     "killed and replaced.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = Field(True, description="One JSON line per request on stderr.")
+    verdict: VerdictConfig = Field(VerdictConfig(), description="Thresholds of the verdict answered with expected "
+                                   "(and applied by the page at GET /).")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> "ServeConfig":
@@ -305,6 +332,8 @@ class ServeConfig(_Config):
             if env.get(var):
                 values[field] = env[var].lower() if field == "log_level" else env[var]
         for field in cls.model_fields:
+            if field == "verdict":  # nested: set it in code or with --verdict.* flags
+                continue
             var = f"BINCOUNTER_SERVE_{field.upper()}"
             if env.get(var):
                 values[field] = env[var]
@@ -329,31 +358,6 @@ class PipelineConfig(_Config):
                                             "(one pod each on a cluster); the dataset is the same for any number.")
     deploy_enabled: bool = Field(True, description="Run the deploy stage after registration.")
     pipeline_root: str | None = Field(None, description="Where kfp's local runner keeps artifacts; default $BINCOUNTER_HOME/kfp.")
-
-
-class VerdictConfig(_Config):
-    """How the model's probability of the expected count becomes a verdict.
-
-    With p the probability the model gives the expected count: "mismatch" when p is at most
-    ``flag_threshold`` (the model is confident the bin is wrong), "match" when p is at least
-    ``match_threshold``, otherwise "unsure" (a person looks). ``bincounter.verdict`` applies
-    them for the audit; the one-bin page gets them from the server that includes it.
-    """
-
-    flag_threshold: float = Field(
-        0.05, ge=0.0, lt=1.0, description="Flag a bin as a mismatch when the model gives its expected count at "
-        "most this probability."
-    )
-    match_threshold: float = Field(
-        0.5, gt=0.0, le=1.0, description="Call a bin a match when the model gives its expected count at least "
-        "this probability; between the two thresholds a person decides."
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> "VerdictConfig":
-        if self.flag_threshold >= self.match_threshold:
-            raise ValueError("flag_threshold must be below match_threshold (the band between them is 'unsure')")
-        return self
 
 
 class AuditConfig(_Config):

@@ -52,10 +52,12 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from bincounter.config import ServeConfig
+from bincounter.config import ServeConfig, VerdictConfig
+from bincounter.page import make_router
 from bincounter.serve_batching import Batcher, InlineRunner, ProcessRunner, QueueFull
 from bincounter.serve_metrics import ObservabilityMiddleware, ServerMetrics
 from bincounter.serve_worker import SPEC_FILE, EngineSpec, ModelInfo
+from bincounter.verdict import probability_of, verdict
 
 log = logging.getLogger("bincounter.serve")
 
@@ -95,6 +97,7 @@ class CountResult(BaseModel):
     expected: int | None = None
     match: bool | None = None
     probability_of_expected: float | None = None
+    verdict: str | None = None
 
 
 class KServeResponse(BaseModel):
@@ -318,20 +321,18 @@ def _decode_instances(payload: Any, max_images: int, max_image_bytes: int,
     return images, expected
 
 
-def inventory_check(row: dict, expected: int, info: ModelInfo) -> dict:
-    """``expected``, ``match`` and ``probability_of_expected`` for one answer.
+def inventory_check(row: dict, expected: int, info: ModelInfo, rule: VerdictConfig = VerdictConfig()) -> dict:
+    """``expected``, ``match``, ``probability_of_expected`` and ``verdict`` for one answer.
 
     Class i of the model is the count ``min_count + i``; a pooled last class ("K+") stands
     for every count from K up, so for those its probability is P(count >= K), an upper bound.
+    A count the model has no class for gets probability null and verdict "unsure".
     """
-    probs = row["probabilities"]
-    index = expected - info.min_count
     overflow = info.overflow_from
-    if overflow is not None and expected >= overflow:
-        index = len(probs) - 1
-    probability = float(probs[index]) if 0 <= index < len(probs) else 0.0
+    probability = probability_of(expected, row["probabilities"], info.min_count, open_ended=overflow is not None)
     match = row["count"] == expected or (overflow is not None and expected >= overflow and row["count"] == overflow)
-    return {"expected": expected, "match": bool(match), "probability_of_expected": probability}
+    return {"expected": expected, "match": bool(match), "probability_of_expected": probability,
+            "verdict": verdict(probability, rule)}
 
 
 # -- the app ------------------------------------------------------------------------------------
@@ -433,6 +434,7 @@ def create_app(cfg: ServeConfig | None = None, *, model: Any | None = None,
                   lifespan=lifespan)
     app.state.model_state = state
     app.state.metrics = metrics
+    app.include_router(make_router(cfg.verdict))  # GET /: the one-bin page
     app.add_middleware(ObservabilityMiddleware, metrics=metrics, log_requests=cfg.access_log)
 
     # -- errors: always JSON, and the body is drained first so the client reads the answer ------
@@ -502,7 +504,7 @@ def create_app(cfg: ServeConfig | None = None, *, model: Any | None = None,
             metrics.predicted_count.observe(row["count"])
             answer = {**row, "model_uri": model_uri}
             if expected[i] is not None:
-                answer.update(inventory_check(row, expected[i], state.info))
+                answer.update(inventory_check(row, expected[i], state.info, cfg.verdict))
             answers.append(answer)
         return answers
 
@@ -546,14 +548,14 @@ def create_app(cfg: ServeConfig | None = None, *, model: Any | None = None,
 
     # -- native API ------------------------------------------------------------------------
 
-    @app.post("/v1/count", response_model=CountResult, response_model_exclude_none=True, tags=["count"],
+    @app.post("/v1/count", response_model=CountResult, response_model_exclude_unset=True, tags=["count"],
               openapi_extra={"requestBody": _IMAGE_BODY, "parameters": [_EXPECTED_QUERY]})
     async def count(request: Request) -> dict[str, Any]:
         """Count the items in one image sent as the raw request body."""
         return await _count_raw(request, _query_expected(request))
 
     @app.post(
-        "/v1/count:batch", response_model=list[CountResult], response_model_exclude_none=True, tags=["count"],
+        "/v1/count:batch", response_model=list[CountResult], response_model_exclude_unset=True, tags=["count"],
         openapi_extra={
             "parameters": [_EXPECTED_QUERY],
             "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -633,7 +635,7 @@ def create_app(cfg: ServeConfig | None = None, *, model: Any | None = None,
         """KServe v1: the served model names."""
         return {"models": [cfg.model_name or "bincounter"]}
 
-    @app.post("/v1/models/{name}:predict", response_model=KServeResponse, response_model_exclude_none=True,
+    @app.post("/v1/models/{name}:predict", response_model=KServeResponse, response_model_exclude_unset=True,
               tags=["kserve"], openapi_extra={"parameters": [_EXPECTED_QUERY]})
     async def kserve_predict(name: str, request: Request) -> dict[str, Any]:
         """KServe v1 predict: ``{"instances": [{"image": {"b64": "..."}, "expected": 3}]}``."""
@@ -670,7 +672,7 @@ def create_app(cfg: ServeConfig | None = None, *, model: Any | None = None,
         """SageMaker health check: 200 when the model is loaded."""
         return _readiness()
 
-    @app.post("/invocations", response_model=CountResult, response_model_exclude_none=True, tags=["sagemaker"],
+    @app.post("/invocations", response_model=CountResult, response_model_exclude_unset=True, tags=["sagemaker"],
               openapi_extra={"requestBody": _IMAGE_BODY, "parameters": [_EXPECTED_QUERY]})
     async def invocations(request: Request) -> dict[str, Any]:
         """SageMaker inference: raw image bytes in, the same JSON as ``/v1/count`` out; ``expected``
