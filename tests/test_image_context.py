@@ -41,7 +41,8 @@ def test_context_holds_the_sources_and_no_local_state(context: list[str]) -> Non
         assert not missing, f"tracked sources the build would not see: {missing}"
     for f in context:
         assert not f.startswith((".git/", ".venv/", ".bincounter/", "tests/", "dockerfiles/")), f
-        assert "__pycache__" not in f and not f.endswith((".pyc", ".db", ".ckpt", ".pt")), f
+        assert "__pycache__" not in f and ".egg-info/" not in f, f
+        assert not f.endswith((".pyc", ".db", ".ckpt", ".pt")), f
 
 
 def test_package_installs_from_exactly_the_context(tmp_path: Path, context: list[str]) -> None:
@@ -76,8 +77,8 @@ def test_package_installs_from_exactly_the_context(tmp_path: Path, context: list
         (".venv", ".venv/bin/python", True),
         ("**/__pycache__", "src/bincounter/__pycache__/x.pyc", True),
         ("**/*.py[cod]", "a/b/c.pyc", True),
-        ("*.egg-info", "src/bincounter.egg-info/PKG-INFO", True),
-        ("*.egg-info", "src/bincounter.egg-info", False),  # '*' does not cross '/'
+        ("**/*.egg-info", "src/bincounter.egg-info/PKG-INFO", True),
+        ("*.egg-info", "src/bincounter.egg-info/PKG-INFO", False),  # '*' does not cross '/'
         ("tests", "src/tests/x.py", False),  # rooted at the context, as in Docker
         ("data", "src/bincounter/data.py", False),
     ],
