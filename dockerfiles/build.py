@@ -443,21 +443,44 @@ def build(variant: str, args: dict[str, str] | None = None) -> str:
     with tempfile.TemporaryDirectory(prefix="bincounter-pip-") as tmp, pip_secrets(Path(tmp)) as (secrets, needles):
         secret_flags = [a for k, p in secrets.items() for a in ("--secret", f"id={k},src={p}")]
         if engine() == "docker":
-            cmd = ["docker", "build", "--network", "host", *arg_flags, *secret_flags,
+            cmd = ["docker", "build", "--progress", "plain", "--network", "host", *arg_flags, *secret_flags,
                    "-f", str(DOCKERFILES[variant]), "-t", image, "-t", tagged, str(REPO)]
             env = {**os.environ, "DOCKER_BUILDKIT": "1"}
         else:
             # --layers caches every step: a source change rebuilds only the package layers.
-            cmd = ["buildah", "bud", "--isolation", "chroot", "--layers", "--network", "host", *arg_flags,
+            # Docker's image format keeps HEALTHCHECK (OCI's has no field for it).
+            cmd = ["buildah", "bud", "--isolation", "chroot", "--layers", "--format", "docker", "--network", "host", *arg_flags,
                    *secret_flags, "-f", str(DOCKERFILES[variant]), "-t", image, "-t", tagged, str(REPO)]
             env = None
         log(f"building {image} with {engine()} (tag {tagged})")
         started = time.perf_counter()
-        run(cmd, env=env)
+        stream_with_times(cmd, env)
         took = time.perf_counter() - started
     log(f"built {image} in {took:.0f} s; size {image_size(image)}")
     check_no_build_settings(tagged, needles)
+    drop_stale_tags(image, tagged)
     return tagged
+
+
+def drop_stale_tags(image: str, keep: str) -> None:
+    """Untag this image's builds from older sources (the layer cache stays)."""
+    cmd = (["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"] if engine() == "docker"
+           else ["buildah", "images", "--format", "{{.Name}}:{{.Tag}}"])
+    for ref in run(cmd, capture=True).stdout.split():
+        if ref.startswith(image + "-src.") and ref != keep:
+            run([engine(), "rmi", ref], check=False, capture=True)
+
+
+def stream_with_times(cmd: list[str], env: dict | None) -> None:
+    """Run the build, prefixing each step with the seconds since the start (where time goes)."""
+    started = time.perf_counter()
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace", bufsize=1) as proc:
+        for line in proc.stdout:
+            mark = re.search(r"STEP \d+/\d+|COMMIT|^#\d+ ", line)
+            print(f"[{time.perf_counter() - started:6.0f}s] {line}" if mark else line, end="", flush=True)
+    if proc.returncode:
+        sys.exit(f"image build failed (exit {proc.returncode}): {shlex.join(cmd)}")
 
 
 def check_no_build_settings(ref: str, needles: list[str]) -> None:
