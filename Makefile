@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export BINCOUNTER_HOME ?= $(CURDIR)/.bincounter
 UI_PORT ?= 5000
 
-.PHONY: help venv demo test test-fast ui compile bench lint clean
+.PHONY: help venv demo test test-fast ui compile bench lint clean image image-cuda image-test image-test-cuda
 
 help:
 	@echo "make demo      whole pipeline end to end, offline (synthetic data, local S3, MLflow, model server)"
@@ -16,6 +16,9 @@ help:
 	@echo "make ui        MLflow UI on http://127.0.0.1:$(UI_PORT) over $(BINCOUNTER_HOME)/mlflow.db"
 	@echo "make compile   pipeline.yaml for Kubeflow Pipelines"
 	@echo "make bench     speed benchmarks (bench/)"
+	@echo "make image     CPU image (docker, or buildah where no docker daemon answers); make image-cuda: CUDA image"
+	@echo "make image-test        builds the CPU image if the sources changed, then tests it from inside (incl. the demo)"
+	@echo "make image-test-cuda   the same for the CUDA image (torch is a CUDA build, every module imports)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +52,21 @@ bench: venv
 lint: venv
 	$(VENV)/bin/yamllint manifests
 	$(VENV)/bin/hadolint dockerfiles/Dockerfile dockerfiles/Dockerfile.cuda
+
+# Images: dockerfiles/build.py picks docker or buildah, makes a base where the pinned one cannot
+# be pulled, passes this machine's pip settings as build secrets, and tags each image by a
+# digest of its build context (see dockerfiles/README.md). Standard library only: no venv needed.
+image:
+	$(PYTHON) dockerfiles/build.py build cpu
+
+image-cuda:
+	$(PYTHON) dockerfiles/build.py build cuda
+
+image-test:
+	$(PYTHON) dockerfiles/build.py test cpu
+
+image-test-cuda:
+	$(PYTHON) dockerfiles/build.py test cuda
 
 clean:
 	rm -rf $(BINCOUNTER_HOME) pipeline.yaml .pytest_cache

@@ -431,7 +431,7 @@ def test_dockerignore() -> None:
     patterns = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
     assert {".venv", ".bincounter", "data", ".git"} <= patterns
     # The build copies these; ignoring them would break it.
-    assert not patterns & {"src", "pyproject.toml", "README.md", "manifests"}
+    assert not patterns & {"src", "components", "pipelines", "pyproject.toml", "README.md", "manifests"}
 
 
 # --------------------------------------------------------------------------- the pipeline's deploy step
