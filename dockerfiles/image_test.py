@@ -178,6 +178,44 @@ def check_demo() -> None:
     assert "[4/4] model server" in proc.stdout and "exact on this sample" in proc.stdout
 
 
+@step("SageMaker's `serve` (docker run <image> serve) answers /ping and /invocations with the demo's champion")
+def check_sagemaker_serve() -> None:
+    import socket
+    import urllib.request
+
+    from bincounter.paths import default_tracking_uri, home
+
+    with socket.socket() as s:  # SageMaker's port is 8080; any free one here (shared host network)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PORT": str(port), "MODEL_URI": "models:/bincounter@champion",
+           "MLFLOW_TRACKING_URI": default_tracking_uri()}
+    server = subprocess.Popen(["serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, f"serve exited: {server.stderr.read()[-3000:]}"
+            try:
+                with urllib.request.urlopen(url + "/ping", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "serve did not answer /ping within 300 s"
+            time.sleep(2)
+        photo = next((home() / "demo" / "synthetic" / "bin-images").glob("*.jpg"))
+        request = urllib.request.Request(url + "/invocations", data=photo.read_bytes(),
+                                         headers={"Content-Type": "image/jpeg"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            answer = json.loads(r.read())
+        print(f"   /invocations on {photo.name}: {answer}")
+        assert "count" in json.dumps(answer)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variant", choices=["cpu", "cuda"], required=True)
@@ -193,6 +231,7 @@ def main() -> None:
         check_kfp_executor()
         if not args.no_demo:
             check_demo()
+            check_sagemaker_serve()
     print(f"{args.variant} image checked in {time.perf_counter() - started:.0f} s")
     print(f"image-test: {len(PASSED)} passed, 0 failed", flush=True)
 
