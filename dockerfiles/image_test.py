@@ -216,6 +216,20 @@ def check_sagemaker_serve() -> None:
         server.wait(timeout=30)
 
 
+@step("SageMaker's `train` (docker run <image> train) runs the training contract and reports its failure")
+def check_sagemaker_train() -> None:
+    # No input channel: the entry point must fail the way SageMaker reads it (output/failure).
+    root = WORK / "sagemaker-root"
+    (root / "input" / "config").mkdir(parents=True, exist_ok=True)
+    (root / "input" / "config" / "hyperparameters.json").write_text('{"epochs": "1"}')
+    proc = subprocess.run(["train"], env={**os.environ, "BINCOUNTER_SAGEMAKER_ROOT": str(root)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    failure = (root / "output" / "failure").read_text()
+    assert "input channel 'training'" in failure, failure
+    print(f"   failure reason: {failure.splitlines()[0][:120]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variant", choices=["cpu", "cuda"], required=True)
@@ -228,6 +242,7 @@ def main() -> None:
     check_torch(args.variant)
     if args.variant == "cpu":
         check_cli()
+        check_sagemaker_train()
         check_kfp_executor()
         if not args.no_demo:
             check_demo()
