@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export BINCOUNTER_HOME ?= $(CURDIR)/.bincounter
 UI_PORT ?= 5000
 
-.PHONY: help venv demo test test-fast ui compile bench lint clean image image-cuda image-test image-test-cuda
+.PHONY: help venv browser demo test test-fast ui compile bench lint clean image image-cuda image-test image-test-cuda
 
 help:
 	@echo "make demo      whole pipeline end to end, offline (synthetic data, local S3, MLflow, model server)"
@@ -32,7 +32,14 @@ venv: $(STAMP)
 demo: venv
 	$(VENV)/bin/bincounter demo
 
-test: venv
+# The one-bin page is tested in a real headless browser: Debian's chromium, installed when missing
+# (as root, or the browser test skips and says so).
+browser:
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+		&& { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "chromium is not installed: tests/test_page.py's browser test will skip"; }
+
+test: venv browser
 	$(PY) -m pytest
 
 test-fast: venv
