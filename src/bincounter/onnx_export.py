@@ -8,12 +8,16 @@ probabilities as eager evaluation. Registration writes it next to ``model.pt``.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from pathlib import Path
 
 ONNX_FILE = "model.onnx"
 _OPSET = 17
 _TOLERANCE = 1e-4
+# torch.onnx.export keeps its state in module globals (and warnings filters are process-wide):
+# registrations running in threads must take turns.
+_EXPORT_LOCK = threading.Lock()
 
 
 def export_onnx(model_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -32,10 +36,10 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None) -> Path:
     model, spec = load_trained(model_dir)
     module = TTAProbabilities(model, spec).eval()
     out = Path(out) if out is not None else Path(model_dir) / ONNX_FILE
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     example = torch.randn(2, 3, spec.image_size, spec.image_size, generator=torch.Generator().manual_seed(0))
     try:
-        with warnings.catch_warnings():
+        with _EXPORT_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             torch.onnx.export(module, (example,), str(tmp), dynamo=False, opset_version=_OPSET,
                               input_names=["image"], output_names=["probabilities"],
