@@ -119,8 +119,9 @@ def _parameter_values(definitions: dict, cfg) -> dict:
     return values
 
 
-def run_component(component, cfg, inputs: dict[str, dict], out: Path) -> dict[str, dict]:
-    """Run one component through ``python -m kfp.dsl.executor_main`` from an executor input."""
+def run_component(component, cfg, inputs: dict[str, dict], out: Path, **params) -> dict[str, dict]:
+    """Run one component through ``python -m kfp.dsl.executor_main`` from an executor input;
+    ``params`` are its run-level parameters besides the stage config."""
     root, container = _compiled(component)
     outputs = {}
     for name, definition in root.get("outputDefinitions", {}).get("artifacts", {}).items():
@@ -128,7 +129,7 @@ def run_component(component, cfg, inputs: dict[str, dict], out: Path) -> dict[st
                                         "uri": str(out / name), "metadata": {}}]}
     executor_input = {
         "inputs": {
-            "parameterValues": _parameter_values(root["inputDefinitions"].get("parameters", {}), cfg),
+            "parameterValues": {**_parameter_values(root["inputDefinitions"].get("parameters", {}), cfg), **params},
             "artifacts": {name: {"artifacts": [a]} for name, a in inputs.items()},
         },
         "outputs": {"artifacts": outputs, "outputFile": str(out / "executor_output.json")},
@@ -152,7 +153,8 @@ def check_kfp_executor() -> None:
 
     folder = WORK / "bucket"
     ids = generate(SynthConfig(n_images=40, image_size=64), folder)
-    raw = run_component(ingest, IngestConfig(source=SourceConfig(uri=str(folder)), workers=2), {}, WORK / "ingest")
+    raw = run_component(ingest, IngestConfig(source=SourceConfig(uri=str(folder)), workers=2), {}, WORK / "ingest",
+                        shard=0, shards=1)
     manifest = Path(raw["raw"]["uri"]) / "manifest.jsonl"
     n = sum(1 for _ in manifest.open())
     assert n == len(ids), f"ingest wrote {n} of {len(ids)} photos"
