@@ -191,7 +191,7 @@ def test_killed_mid_epoch_the_job_resumes_from_its_checkpoint_folder(tmp_path: P
     out2, err2 = second.communicate(timeout=300)
     assert second.returncode == 0, err2
 
-    assert "resumed from" in err2 and "at epoch 3" in err2
+    assert "resumed at epoch 3" in err2
     metrics = parse_metrics(out2)
     assert metrics["epoch"] == [3.0, 4.0]  # continued at epoch 3, not restarted at 1
     assert len(metrics["val_accuracy"]) == 2 and len(metrics["train_loss"]) == 2
@@ -207,7 +207,8 @@ def test_killed_mid_epoch_the_job_resumes_from_its_checkpoint_folder(tmp_path: P
     predictor = Predictor.from_dir(layout.model)
     assert predictor.spec.backbone == "tiny_cnn"
     assert TrainConfig.model_validate_json((layout.model / "train_config.json").read_text()).epochs == 4
-    assert len(list(scratch.iterdir())) == 1  # the killed run's scratch; the finished run removed its own
+    # The killed run's scratch; the finished run removed its own (torch may keep caches of its own there).
+    assert len(list(scratch.glob("bincounter-train-*"))) == 1
 
 
 def test_an_unwritable_failure_file_still_exits_non_zero(tmp_path: Path, capsys) -> None:
