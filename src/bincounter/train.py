@@ -2,7 +2,8 @@
 
 One call, ``train(cfg, data_dir, out_dir)``, on one process or under ``torchrun`` (DDP).
 Every epoch writes ``checkpoint.pt`` (model, EMA, optimizer, scheduler, epoch, history);
-a rerun with the same ``out_dir`` resumes from it. Each epoch reseeds every RNG from
+a rerun with the same ``out_dir`` (or any folder, given ``checkpoint_uri``) resumes from it; under
+DDP every rank resumes from the checkpoint rank 0 finds. Each epoch reseeds every RNG from
 (seed, epoch), so a resumed run equals an uninterrupted one.
 """
 
