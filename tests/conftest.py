@@ -58,6 +58,19 @@ def data_dir_without_val(synth_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def data_dir_overflow(tmp_path_factory) -> Path:
+    """Synthetic photos of 0-8 items, preprocessed with a censored '6+' class."""
+    from bincounter.preprocess import preprocess
+    from bincounter.synth import generate
+
+    work = tmp_path_factory.mktemp("data-overflow")
+    generate(SynthConfig(n_images=240, image_size=64, max_count=8, seed=3), work / "raw")
+    preprocess(PreprocessConfig(image_size=48, workers=1, overflow="class"), work / "raw", work / "data",
+               progress=False)
+    return work / "data"
+
+
 # 14 epochs: the tiny CNN is slow to start on 390 photos (6 left it within a few photos of the
 # majority-class margin that test_training_learns_the_synthetic_counts asks for). The loss and
 # augmentation settings are pinned so that tuning the real-photo defaults cannot move that margin.

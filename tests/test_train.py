@@ -196,3 +196,38 @@ def test_a_restart_on_a_new_machine_is_a_new_run_and_register_reads_its_id(data_
     meta = launch.train(cfg, str(data_dir), str(tmp_path / "node-b"))  # an empty folder on another machine
     assert calls["n"] == 11  # it resumed: only the second epoch ran
     assert (tmp_path / "node-b" / "mlflow_run_id").read_text() == meta["mlflow_run_id"] != interrupted_run
+
+
+def test_censored_photos_and_auxiliary_targets_train_a_model_that_answers_0_to_5(data_dir_overflow, tmp_path):
+    """Photos with more than 5 items train as a censored '6+' class with the metadata's item
+    figures as auxiliary targets; the saved model answers over 0..5 and loads like any other."""
+    from bincounter.models import BEST_WEIGHTS, load_trained
+    from bincounter.predictor import Predictor
+
+    cfg = TINY_TRAIN.model_copy(update={"epochs": 2, "aux_weight": 0.5})
+    result = train(cfg, data_dir_overflow, tmp_path / "m")
+    assert result.spec.num_classes == 6 and result.spec.class_names == ("0", "1", "2", "3", "4", "5")
+    saved = torch.load(tmp_path / "m" / BEST_WEIGHTS, weights_only=True)
+    assert not [k for k in saved["model"] if k.startswith("aux.")]
+    model, spec = load_trained(tmp_path / "m")
+    assert spec.num_classes == 6
+    assert all(0 <= h["val_accuracy"] <= 1 for h in result.history)
+    # The checkpoint keeps the whole training model (auxiliary head and censored class included)
+    # and resumes with weights_only=True.
+    ckpt = torch.load(tmp_path / "m" / CHECKPOINT, weights_only=True)
+    assert ckpt["model"]["aux.weight"].shape[0] == 4
+    probs = Predictor(model, spec).probabilities(torch.rand(2, 3, 64, 64))
+    assert probs.shape == (2, 6)
+
+
+def test_auxiliary_loss_ignores_missing_figures():
+    from bincounter.train import aux_loss, aux_statistics
+
+    targets = torch.tensor([[1.0, float("nan")], [3.0, 2.0], [5.0, float("nan")]])
+    mean, std = aux_statistics(targets)
+    torch.testing.assert_close(mean, torch.tensor([3.0, 2.0]))
+    pred = ((targets - mean) / std).nan_to_num(0.0)
+    assert float(aux_loss(pred, targets, mean, std)) == 0.0
+    assert float(aux_loss(pred + 1, targets, mean, std)) > 0.0
+    nothing = torch.full((2, 2), float("nan"))
+    assert float(aux_loss(torch.zeros(2, 2, requires_grad=True), nothing, mean, std)) == 0.0

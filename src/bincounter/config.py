@@ -131,6 +131,8 @@ class PreprocessConfig(_Config):
 
 Backbone = Literal[
     "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
     "resnet18",
     "resnet34",
     "resnet50",
@@ -164,6 +166,16 @@ class TrainConfig(_Config):
     )
     emd_weight: float = Field(0.5, ge=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    aux_weight: float = Field(
+        0.0, ge=0.0, description="Weight of auxiliary regression targets read from the metadata (log of the exact "
+        "item count, distinct products, total item volume and weight; data.AUX_TARGETS): they teach the backbone "
+        "what an item is. 0 disables."
+    )
+    overflow_answer: Literal["condition", "class"] = Field(
+        "condition", description="When the data has a 'K+1 or more' class (preprocess overflow=class): 'condition' "
+        "trains on those photos as censored labels but answers over 0..K (probabilities conditioned on a count "
+        "of at most K), 'class' also answers 'K+1 or more'."
+    )
     class_weighting: Literal["none", "sqrt_inverse", "inverse"] = Field(
         "none", description="Weight the loss towards rare counts (sqrt of or plain inverse frequency)."
     )

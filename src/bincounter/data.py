@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset
@@ -84,8 +85,9 @@ def shard_urls(data_dir: str | Path, split: str) -> list[str]:
     return [str(Path(data_dir) / s) for s in info["shards"][split]]
 
 
-def read_samples(urls: list[str]) -> list[tuple[str, bytes, int]]:
-    """(id, jpeg bytes, label) for every sample in the shards, in shard order.
+def read_samples(urls: list[str], with_meta: bool = False) -> list[tuple]:
+    """(id, jpeg bytes, label) for every sample in the shards, in shard order; with ``with_meta``
+    a fourth element, the sample's json member (count and item figures, see preprocess).
 
     Every caller reads every shard: under DDP each rank holds the whole split and a
     DistributedSampler divides it (webdataset's default node splitter refuses to run there).
@@ -95,17 +97,38 @@ def read_samples(urls: list[str]) -> list[tuple[str, bytes, int]]:
         return out
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None,
                                  workersplitter=None):
-        out.append((sample["__key__"], sample["jpg"], int(sample["cls"])))
+        row = (sample["__key__"], sample["jpg"], int(sample["cls"]))
+        if with_meta:
+            row += (json.loads(sample["json"]) if "json" in sample else {},)
+        out.append(row)
+    return out
+
+
+# Auxiliary regression targets read from each sample's json member, as log(1 + x): the exact item
+# count (also above the largest class), distinct products, total item volume and weight.
+AUX_TARGETS = ("count", "products", "volume_in3", "weight_lb")
+
+
+def aux_targets(metas: list[dict]) -> np.ndarray:
+    """(N, len(AUX_TARGETS)) float32 array of log1p figures; NaN where a figure is absent."""
+    out = np.full((len(metas), len(AUX_TARGETS)), np.nan, dtype=np.float32)
+    for i, meta in enumerate(metas):
+        for j, key in enumerate(AUX_TARGETS):
+            value = meta.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+                out[i, j] = np.log1p(value)
     return out
 
 
 class ShardDataset(Dataset):
     """A split held in memory: decoded once when it fits, else as JPEG bytes."""
 
-    def __init__(self, samples: list[tuple[str, bytes, int]], transform: Callable[[torch.Tensor], torch.Tensor],
-                 cache_bytes: int = DECODED_CACHE_BYTES):
+    def __init__(self, samples: list[tuple], transform: Callable[[torch.Tensor], torch.Tensor],
+                 cache_bytes: int = DECODED_CACHE_BYTES, targets: np.ndarray | None = None):
         self.ids = [s[0] for s in samples]
         self.labels = torch.tensor([s[2] for s in samples], dtype=torch.long)
+        # Auxiliary targets (one row per sample): when given, items are (image, label, targets).
+        self.targets = None if targets is None else torch.as_tensor(targets, dtype=torch.float32)
         self.transform = transform
         self._decoded: list[torch.Tensor] | None = None
         self._jpegs = [s[1] for s in samples]
@@ -121,8 +144,11 @@ class ShardDataset(Dataset):
     def image(self, i: int) -> torch.Tensor:
         return self._decoded[i] if self._decoded is not None else decode_bytes(self._jpegs[i])
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(self.image(i)), self.labels[i]
+    def _item(self, x: torch.Tensor, i: int) -> tuple[torch.Tensor, ...]:
+        return (x, self.labels[i]) if self.targets is None else (x, self.labels[i], self.targets[i])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        return self._item(self.transform(self.image(i)), i)
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A whole batch (DataLoader calls this instead of ``__getitem__`` per sample): images of
@@ -133,11 +159,14 @@ class ShardDataset(Dataset):
             out = self.transform(torch.stack(images)).unbind(0)
         else:
             out = [self.transform(im) for im in images]
-        return [(x, self.labels[i]) for x, i in zip(out, indices)]
+        return [self._item(x, i) for x, i in zip(out, indices)]
 
 
-def load_split(data_dir: str | Path, split: str, transform: Callable) -> ShardDataset:
-    return ShardDataset(read_samples(shard_urls(data_dir, split)), transform)
+def load_split(data_dir: str | Path, split: str, transform: Callable, with_targets: bool = False) -> ShardDataset:
+    """One split as a dataset; ``with_targets`` adds the auxiliary targets (``aux_targets``)."""
+    samples = read_samples(shard_urls(data_dir, split), with_meta=with_targets)
+    targets = aux_targets([s[3] for s in samples]) if with_targets else None
+    return ShardDataset(samples, transform, targets=targets)
 
 
 def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, workers: int, pin_memory: bool,

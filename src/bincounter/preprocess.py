@@ -190,6 +190,13 @@ def check_sample_metadata(id_: str, meta_path: str, cfg: PreprocessConfig) -> tu
     return info, records
 
 
+def items_summary(info: v.MetadataInfo) -> dict:
+    """What the metadata says about the items besides their count (the sample's json member):
+    training's auxiliary targets. Absent figures are null."""
+    return {"products": info.n_items if info.items_quantity is not None else None,
+            "volume_in3": info.items_volume_in3, "weight_lb": info.items_weight_lb}
+
+
 # Set once per worker process (and in this one for the inline path), so a job is just an id.
 _JOB: dict = {}
 
@@ -214,7 +221,7 @@ def _process_sample(id_: str) -> tuple[str, dict]:
     if "reason" in image:
         return id_, {"records": records + [{"id": id_, **image}]}
     return id_, {"records": records, **image, "count": info.count, "consistent": info.consistent,
-                 "null_dims": info.null_dimensions}
+                 "null_dims": info.null_dimensions, "items": items_summary(info)}
 
 
 def _header_template() -> tuple[bytearray, int]:
@@ -353,7 +360,8 @@ def preprocess(cfg: PreprocessConfig, in_dir: str | Path, out_dir: str | Path,
                             width=res["width"], height=res["height"], consistent=res["consistent"],
                             sha256=res["sha256"], null_dims=bool(res["null_dims"]))
             writers[sample.split].write(id_, {"jpg": res["jpg"], "cls": str(sample.label).encode(),
-                                              "json": json.dumps({"id": id_, "count": sample.count}).encode()})
+                                              "json": json.dumps({"id": id_, "count": sample.count,
+                                                                  **res["items"]}).encode()})
             index.append(dict(vars(sample)))  # flat: asdict's deep copy cost more than the write
             null_dims += bool(res["null_dims"])
             if per_label[sample.label] < cfg.samples_per_class_in_report:  # only these stay in memory

@@ -29,16 +29,15 @@ from tqdm import tqdm
 from bincounter import tracking
 from bincounter.checkpoints import CheckpointMirror
 from bincounter.config import TrainConfig
-from bincounter.data import load_split, make_loader, materialize
+from bincounter.data import AUX_TARGETS, load_split, make_loader, materialize
 from bincounter.metrics import evaluate_predictions
-from bincounter.models import ModelSpec, build_model, normalization_for
+from bincounter.models import BEST_WEIGHTS, ModelSpec, build_model, normalization_for, served_state
 from bincounter.preprocess import load_dataset_info
 from bincounter.transforms import EvalTransform, TrainTransform
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-BEST = "model.pt"
 SPEC = "model_spec.json"
 
 
@@ -110,19 +109,50 @@ def class_weights(counts: list[int], kind: str) -> torch.Tensor | None:
     return (w / (w * freq).sum() * freq.sum()).float()  # mean weight per sample is 1
 
 
+def aux_loss(pred: torch.Tensor, target: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Huber loss on standardised auxiliary targets; a missing figure (NaN) adds nothing."""
+    known = ~torch.isnan(target)
+    if not known.any():
+        return pred.sum() * 0.0  # keeps the graph whole (DDP expects every parameter to get a gradient)
+    z = (target - mean) / std
+    return F.smooth_l1_loss(pred.float()[known], z[known])
+
+
 class CountLoss(nn.Module):
-    def __init__(self, cfg: TrainConfig, weights: torch.Tensor | None):
+    """Cross-entropy over the count classes (a censored 'K+1 or more' photo is simply its own
+    class: its likelihood is the probability of any count above K), optionally with an
+    earth-mover term and auxiliary regression targets."""
+
+    def __init__(self, cfg: TrainConfig, weights: torch.Tensor | None,
+                 aux_stats: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         self.register_buffer("weights", weights if weights is not None else torch.tensor([]))
         self.smoothing = cfg.label_smoothing
         self.emd_weight = cfg.emd_weight if cfg.loss == "ce+emd" else 0.0
+        self.aux_weight = cfg.aux_weight if aux_stats is not None else 0.0
+        mean, std = aux_stats if aux_stats is not None else (torch.tensor([]), torch.tensor([]))
+        self.register_buffer("aux_mean", mean)
+        self.register_buffer("aux_std", std)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, output, target: torch.Tensor, aux_target: torch.Tensor | None = None) -> torch.Tensor:
+        logits, aux = output if isinstance(output, tuple) else (output, None)
         weight = self.weights if self.weights.numel() else None
         loss = F.cross_entropy(logits.float(), target, weight=weight, label_smoothing=self.smoothing)
         if self.emd_weight:
             loss = loss + self.emd_weight * emd_loss(logits, target)
+        if self.aux_weight and aux is not None and aux_target is not None:
+            loss = loss + self.aux_weight * aux_loss(aux, aux_target, self.aux_mean, self.aux_std)
         return loss
+
+
+def aux_statistics(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-target mean and standard deviation over the training split (NaNs skipped)."""
+    t = targets.double()
+    known = ~torch.isnan(t)
+    n = known.sum(0).clamp(min=1)
+    mean = torch.where(known, t, 0.0).sum(0) / n
+    var = torch.where(known, (t - mean) ** 2, 0.0).sum(0) / n
+    return mean.float(), var.sqrt().clamp(min=1e-3).float()
 
 
 # ---------------------------------------------------------------- optimiser
@@ -227,14 +257,16 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, epoch:
     total_loss, correct, seen = 0.0, 0, 0
     grad_norms: list[float] = []
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not show, leave=False)
-    for i, (images, target) in enumerate(bar):
+    for i, (images, target, *aux_target) in enumerate(bar):
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
+        aux_target = aux_target[0].to(device, non_blocking=True) if aux_target else None
         if cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type in ("cuda", "cpu")):
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(images)
-            loss = loss_fn(logits, target)
+            output = model(images)
+            loss = loss_fn(output, target, aux_target)
+        logits = output[0] if isinstance(output, tuple) else output
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -278,7 +310,7 @@ def predict_probs(model: nn.Module, loader, device: torch.device, amp_dtype=None
     """(labels, class probabilities) of one view per photo (validation; evaluation adds the TTA views)."""
     model.eval()
     labels, probs = [], []
-    for images, target in loader:
+    for images, target, *_ in loader:
         images = images.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             p = F.softmax(model(images).float(), dim=1)
@@ -287,6 +319,16 @@ def predict_probs(model: nn.Module, loader, device: torch.device, amp_dtype=None
     if not probs:
         return np.zeros(0, dtype=np.int64), np.zeros((0, 0))
     return np.concatenate(labels), np.concatenate(probs)
+
+
+def answer_probs(y: np.ndarray, p: np.ndarray, answers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and probabilities as the saved model answers: over the first ``answers`` classes,
+    renormalised, keeping only photos whose label is one of them (see models.served_state)."""
+    if p.shape[1] <= answers:
+        return y, p
+    keep = y < answers
+    q = p[keep, :answers]
+    return y[keep], q / q.sum(1, keepdims=True).clip(min=1e-12)
 
 
 def _improved(metrics: dict, best: dict | None) -> bool:
@@ -314,10 +356,16 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
     info = load_dataset_info(data_dir)
     classes = info["classes"]
     mean, std = normalization_for(cfg.backbone)
-    spec = ModelSpec(backbone=cfg.backbone, num_classes=len(classes), head=cfg.head,
-                     image_size=cfg.image_size, mean=mean, std=std, min_count=info["min_count"],
-                     class_names=tuple(classes), tta=cfg.tta, rot90=cfg.rot90)
-    train_ds = load_split(data_dir, "train", TrainTransform(size=cfg.image_size, mean=mean, std=std, rot90=cfg.rot90))
+    # The model trains on every class of the data; it answers over ``answers`` (without a
+    # censored 'K+1 or more' class when overflow_answer='condition').
+    censored = info.get("overflow") == "class" and cfg.overflow_answer == "condition"
+    answers = classes[:-1] if censored else classes
+    trained_spec = ModelSpec(backbone=cfg.backbone, num_classes=len(classes), head=cfg.head,
+                             image_size=cfg.image_size, mean=mean, std=std, min_count=info["min_count"],
+                             class_names=tuple(classes), tta=cfg.tta, rot90=cfg.rot90)
+    spec = ModelSpec(**{**trained_spec.to_dict(), "num_classes": len(answers), "class_names": tuple(answers)})
+    train_ds = load_split(data_dir, "train", TrainTransform(size=cfg.image_size, mean=mean, std=std, rot90=cfg.rot90),
+                          with_targets=cfg.aux_weight > 0)
     val_ds = load_split(data_dir, "val", EvalTransform(size=cfg.image_size, mean=mean, std=std))
     if len(train_ds) == 0:
         raise ValueError(f"{data_dir} has no training samples")
@@ -327,12 +375,13 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
                     "early stopping off, no val_* metrics", data_dir)
 
     seed_everything(cfg.seed)
-    model = build_model(spec, pretrained=cfg.pretrained, freeze_backbone=cfg.freeze_backbone,
-                        freeze_early=cfg.freeze_early).to(device)
+    model = build_model(trained_spec, pretrained=cfg.pretrained, freeze_backbone=cfg.freeze_backbone,
+                        freeze_early=cfg.freeze_early, aux_outputs=len(AUX_TARGETS) if cfg.aux_weight else 0).to(device)
     if cfg.channels_last != "off":
         model = model.to(memory_format=torch.channels_last)
     hist = [info["class_counts"]["train"][c] for c in classes]
-    loss_fn = CountLoss(cfg, class_weights(hist, cfg.class_weighting)).to(device)
+    aux_stats = aux_statistics(train_ds.targets) if train_ds.targets is not None else None
+    loss_fn = CountLoss(cfg, class_weights(hist, cfg.class_weighting), aux_stats).to(device)
 
     sampler = None
     if world > 1:
@@ -361,7 +410,8 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
     if is_main:  # its own folder's checkpoint, else the mirror's (a restart on a new machine)
         mirror.restore(out_dir)
         if ckpt_path.exists():
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            # Tensors and plain containers only: a tampered checkpoint cannot run code.
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     if world > 1:
         # Every rank resumes from rank 0's checkpoint, whatever its own folder holds (a worker's is
         # an emptyDir, or keeps an older epoch): else ranks would train different epochs and weights.
@@ -411,8 +461,8 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
             sync_buffers(model)
             sync_buffers(served)
         if is_main:  # on the unwrapped model: DDP's forward would wait for the other ranks
-            y, p = predict_probs(served, val_loader, device, amp_dtype=amp_dtype)
-            val = evaluate_predictions(y, p, min_count=info["min_count"], class_names=classes) if len(y) else {}
+            y, p = answer_probs(*predict_probs(served, val_loader, device, amp_dtype=amp_dtype), len(answers))
+            val = evaluate_predictions(y, p, min_count=info["min_count"], class_names=answers) if len(y) else {}
         if world > 1:  # one verdict for all ranks, so best/stale/early stopping never diverge
             box = [val]
             dist.broadcast_object_list(box, src=0)
@@ -430,7 +480,8 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
         if not validated or _improved(metrics, best):
             best, best_epoch, stale = metrics, epoch, 0
             if is_main:
-                save_atomic({"model": served.state_dict(), "spec": spec.to_dict(), "epoch": epoch}, out_dir / BEST)
+                save_atomic({"model": served_state(served, len(answers)), "spec": spec.to_dict(), "epoch": epoch},
+                            out_dir / BEST_WEIGHTS)
         else:
             stale += 1
         if is_main:

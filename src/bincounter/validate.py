@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -43,6 +44,10 @@ class MetadataInfo:
     n_items: int
     null_dimensions: int
     bad_quantities: tuple[str, ...] = ()  # items whose ``quantity`` is missing or not a count
+    # What the items add up to (quantity x each item's size or weight); None when any item lacks
+    # a usable figure. Training can learn them as auxiliary targets: they say what an item is.
+    items_volume_in3: float | None = None
+    items_weight_lb: float | None = None
 
     @property
     def consistent(self) -> bool:
@@ -100,7 +105,29 @@ def check_metadata(raw: bytes) -> MetadataInfo:
         n_items=len(items),
         null_dimensions=null_dims,
         bad_quantities=bad,
+        items_volume_in3=None if bad else _items_total(items, ("height", "length", "width"), "IN"),
+        items_weight_lb=None if bad else _items_total(items, ("weight",), "pounds"),
     )
+
+
+def _measure(value: object, unit: str) -> float | None:
+    if not isinstance(value, dict) or value.get("unit") != unit:
+        return None
+    v = value.get("value")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        return None
+    return float(v)
+
+
+def _items_total(items: dict, dims: tuple[str, ...], unit: str) -> float | None:
+    """Sum over items of quantity x the product of ``dims`` (all in ``unit``), or None."""
+    total = 0.0
+    for it in items.values():
+        figures = [_measure(it.get(d), unit) for d in dims]
+        if any(f is None for f in figures):
+            return None
+        total += it["quantity"] * math.prod(figures)
+    return total
 
 
 def open_checked(data: bytes, max_pixels: int) -> Image.Image:
