@@ -58,7 +58,7 @@ bench: venv
 
 lint: venv
 	$(VENV)/bin/yamllint manifests
-	$(VENV)/bin/hadolint dockerfiles/Dockerfile dockerfiles/Dockerfile.cuda
+	$(VENV)/bin/hadolint dockerfiles/Dockerfile dockerfiles/Dockerfile.cuda dockerfiles/Dockerfile.sagemaker
 
 # Images: dockerfiles/build.py picks docker or buildah, makes a base where the pinned one cannot
 # be pulled, passes this machine's pip settings as build secrets, and tags each image by a

@@ -5,14 +5,18 @@ from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def sagemaker_train(data: Input[Dataset], model: Output[Model], curves: Output[HTML], config: dict):
+def sagemaker_train(data: Input[Dataset], model: Output[Model], curves: Output[HTML], config: dict, sagemaker: dict,
+                    tracking_uri: str, experiment: str):
     """Train on SageMaker: upload the packed shards to S3, run a (spot) training job of the
     project's image on them, poll it to the end, log its metrics to MLflow and unpack its
-    model.tar.gz as this step's model. ``config`` is a ``SageMakerTrainingConfig`` as JSON
-    (``model_dump(mode="json")``): the training settings, the account and the MLflow run.
+    model.tar.gz as this step's model. ``config`` is a ``TrainConfig``, ``sagemaker`` a
+    ``SageMakerConfig`` (the account, instances and limits).
     """
     from bincounter import sagemaker_launch
-    from bincounter.config import SageMakerTrainingConfig
+    from bincounter.config import SageMakerConfig, SageMakerTrainingConfig, TrainConfig
 
-    cfg = SageMakerTrainingConfig.model_validate(config)
+    cfg = SageMakerTrainingConfig(train=TrainConfig.model_validate(config),
+                                  sagemaker=SageMakerConfig.model_validate(sagemaker),
+                                  tracking_uri=tracking_uri or None, experiment=experiment)
+    model.metadata["config"] = cfg.train.model_dump(mode="json")
     model.metadata.update(sagemaker_launch.train(cfg, data.path, model.path, curves_html=curves.path))

@@ -218,7 +218,8 @@ def check_sagemaker_serve() -> None:
         server.wait(timeout=30)
 
 
-@step("SageMaker's `train` (docker run <image> train) runs the training contract and reports its failure")
+@step("SageMaker's `train` (docker run <image> train) runs the training contract, reports its failure, and "
+      "refuses a root-owned /opt/ml at once")
 def check_sagemaker_train() -> None:
     # No input channel: the entry point must fail the way SageMaker reads it (output/failure).
     root = WORK / "sagemaker-root"
@@ -230,6 +231,12 @@ def check_sagemaker_train() -> None:
     failure = (root / "output" / "failure").read_text()
     assert "input channel 'training'" in failure, failure
     print(f"   failure reason: {failure.splitlines()[0][:120]}")
+    # The image's own /opt/ml: root's, as SageMaker mounts it. This user must be stopped at once,
+    # told its uid and the fix (the root variant), not after a paid training run.
+    env = {k: v for k, v in os.environ.items() if k != "BINCOUNTER_SAGEMAKER_ROOT"}
+    proc = subprocess.run(["train"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "uid 10001 (gid 10001) cannot write /opt/ml/model" in proc.stderr, proc.stderr
+    assert "dockerfiles/Dockerfile.sagemaker" in proc.stderr and "epoch=" not in proc.stdout
 
 
 def main() -> None:

@@ -35,6 +35,17 @@ def data_stages(ingest: dict, preprocess: dict, shards) -> dict:
     return {"shard_indices": plan, "ingest": raw, "preprocess": part, "merge_shards": merged}
 
 
+def evaluate_and_register(model, data, evaluate: dict, registry: dict, tracking_uri, experiment) -> dict:
+    """Score ``model`` on ``data``'s test split, then register it (promoted only if it beats the
+    champion): the tasks by name. Both pipelines wire these two stages through here."""
+    scored = evaluate_op(model=model, data=data, config=evaluate, tracking_uri=tracking_uri, experiment=experiment)
+    registered = register_op(model=model, results=scored.outputs["results"], data=data, config=registry,
+                             pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, tracking_uri=tracking_uri)
+    # Registering changes the world outside the pipeline: never cache it.
+    registered.set_caching_options(False)
+    return {"evaluate": scored, "register": registered}
+
+
 def make_pipeline(defaults: Optional[PipelineConfig] = None, cluster: Optional[ClusterConfig] = None,
                   tracking_uri: str = ""):
     """Build the pipeline with ``defaults`` as its parameters' default values; with ``cluster``,
@@ -63,17 +74,13 @@ def make_pipeline(defaults: Optional[PipelineConfig] = None, cluster: Optional[C
                         experiment=experiment)
         trained = train_op(data=data.outputs["data"], tuned=tuned.outputs["best"], config=train,
                            tracking_uri=tracking_uri, experiment=experiment)
-        scored = evaluate_op(model=trained.outputs["model"], data=data.outputs["data"], config=evaluate,
-                             tracking_uri=tracking_uri, experiment=experiment)
-        registered = register_op(model=trained.outputs["model"], results=scored.outputs["results"],
-                                 data=data.outputs["data"], config=registry,
-                                 pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, tracking_uri=tracking_uri)
-        # Registering and deploying change the world outside the pipeline: never cache them.
-        registered.set_caching_options(False)
-        tasks.update({"tune": tuned, "train": trained, "evaluate": scored, "register": registered})
+        tasks.update({"tune": tuned, "train": trained})
+        tasks.update(evaluate_and_register(trained.outputs["model"], data.outputs["data"], evaluate, registry,
+                                           tracking_uri, experiment))
         with dsl.If(deploy_enabled == True):  # noqa: E712 - kfp builds a condition from ==
-            served = deploy_op(registration=registered.outputs["registration"], config=deploy,
+            served = deploy_op(registration=tasks["register"].outputs["registration"], config=deploy,
                                tracking_uri=tracking_uri)
+            # Deploying changes the world outside the pipeline: never cache it.
             served.set_caching_options(False)
             tasks["deploy"] = served
         if cluster is not None:

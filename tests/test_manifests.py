@@ -24,6 +24,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"
 DOCKERFILES = [REPO / "dockerfiles" / "Dockerfile", REPO / "dockerfiles" / "Dockerfile.cuda"]
+SAGEMAKER_DOCKERFILE = REPO / "dockerfiles" / "Dockerfile.sagemaker"
 KUSTOMIZATIONS = sorted(p.parent for p in MANIFESTS.rglob("kustomization.yaml"))
 REQUIRED_DIRS = ("serving", "kserve", "training", "katib", "mlflow")
 CRD_KINDS = {
@@ -399,7 +400,7 @@ def _hadolint() -> str | None:
     return shutil.which("hadolint") or (str(beside) if beside.is_file() else None)
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", [*DOCKERFILES, SAGEMAKER_DOCKERFILE], ids=lambda p: p.name)
 def test_hadolint(dockerfile: Path) -> None:
     hadolint = _hadolint()
     if hadolint is None:
@@ -425,6 +426,18 @@ def test_dockerfile_conventions(dockerfile: Path) -> None:
     index = re.search(r"^ARG TORCH_INDEX_URL=(\S+)", text, re.M).group(1)
     expected = "cpu" if dockerfile.name == "Dockerfile" else "cu"
     assert index.startswith("https://download.pytorch.org/whl/" + expected)
+
+
+def test_the_sagemaker_variant_only_makes_the_projects_image_run_as_root() -> None:
+    """SageMaker mounts /opt/ml for root; the variant changes the user and nothing else, and it is
+    the file the training entry point names when it cannot write there."""
+    from bincounter import __version__
+    from bincounter.sagemaker_entry import ROOT_IMAGE_HINT
+
+    lines = [line for line in SAGEMAKER_DOCKERFILE.read_text().splitlines() if line and not line.startswith("#")]
+    assert lines == [f"ARG BASE_IMAGE=ghcr.io/bincounter/bincounter:{__version__}-cuda", "FROM ${BASE_IMAGE}",
+                     "USER 0:0"]
+    assert "dockerfiles/Dockerfile.sagemaker" in ROOT_IMAGE_HINT
 
 
 def test_dockerignore() -> None:

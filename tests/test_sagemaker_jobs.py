@@ -66,12 +66,15 @@ def _offline_aws(monkeypatch: pytest.MonkeyPatch) -> None:
 # --------------------------------------------------------------------------- the request
 
 
-@pytest.mark.parametrize("spot", [True, False])
-def test_training_job_request_satisfies_the_api_model(spot: bool) -> None:
-    sm = sm_config(spot=spot, max_run_seconds=3600, max_wait_seconds=7200)
+@pytest.mark.parametrize(("spot", "instances"), [(True, 1), (False, 1), (True, 4)])
+def test_training_job_request_satisfies_the_api_model(spot: bool, instances: int) -> None:
+    sm = sm_config(spot=spot, max_run_seconds=3600, max_wait_seconds=7200, instance_count=instances)
     request = jobs.training_job_request(TINY, sm, name="bincounter-1", data_uri="s3://bincounter-test/d/abc")
     assert_valid("CreateTrainingJob", request)
     assert request["EnableManagedSpotTraining"] is spot
+    assert request["ResourceConfig"]["InstanceCount"] == instances  # spot with several instances is allowed
+    # Every instance reads the whole channel: each rank's DistributedSampler takes its own share.
+    assert request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3DataDistributionType"] == "FullyReplicated"
     assert request["StoppingCondition"] == ({"MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 7200} if spot
                                             else {"MaxRuntimeInSeconds": 3600})
     assert request["CheckpointConfig"] == {"S3Uri": "s3://bincounter-test/bincounter/checkpoints/bincounter-1",
@@ -100,23 +103,21 @@ def test_request_errors_say_what_to_set(overrides: dict, message: str) -> None:
         jobs.training_job_request(TINY, sm_config(**overrides), name="j", data_uri="s3://b/d")
 
 
+def test_config_takes_what_a_run_form_gives_and_refuses_the_rest() -> None:
+    """A KFP run argument cannot be null: "" stands for unset; numbers and booleans may come as text."""
+    sm = SageMakerConfig.model_validate({"role_arn": ROLE, "bucket": "b", "training_image": "", "spot": "false",
+                                         "volume_gb": "50", "instance_count": "2"})
+    assert sm.training_image is None and sm.spot is False and sm.volume_gb == 50 and sm.instance_count == 2
+    with pytest.raises(ValueError, match="extra"):
+        SageMakerConfig.model_validate({"rolearn": ROLE})
+    with pytest.raises(ValueError, match="instance_count"):
+        SageMakerConfig(instance_count=0)
+
+
 def test_config_rejects_a_spot_wait_shorter_than_the_run() -> None:
     with pytest.raises(ValueError, match="max_wait_seconds"):
         SageMakerConfig(spot=True, max_run_seconds=7200, max_wait_seconds=3600)
     SageMakerConfig(spot=False, max_run_seconds=7200, max_wait_seconds=3600)  # no wait without spot
-
-
-def test_step_configs_accept_what_kfp_substitutes() -> None:
-    """Inside a struct argument KFP substitutes pipeline parameters as text: "" for unset, JSON for structs."""
-    cfg = SageMakerTrainingConfig.model_validate({
-        "train": json.dumps(TINY.model_dump(mode="json")),
-        "sagemaker": {"role_arn": ROLE, "bucket": "b", "training_image": "", "spot": "false", "volume_gb": "50"},
-        "tracking_uri": "",
-    })
-    assert cfg.train == TINY and cfg.tracking_uri is None
-    assert cfg.sagemaker.training_image is None and cfg.sagemaker.spot is False and cfg.sagemaker.volume_gb == 50
-    with pytest.raises(ValueError, match="extra"):
-        SageMakerTrainingConfig.model_validate({"sagemaker": {"rolearn": ROLE}})
 
 
 # --------------------------------------------------------------------------- waiting and results

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import inspect
-import re
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
-from bincounter.config import SageMakerConfig, SageMakerHostingConfig, SageMakerTrainingConfig, TrainConfig
+from bincounter.config import PipelineConfig, SageMakerConfig, TrainConfig
+from pipelines.bincounter_pipeline import make_pipeline as make_main_pipeline
 from pipelines.sagemaker_pipeline import compile_pipeline, make_pipeline
 
 STEPS = {"shard-indices", "ingest", "preprocess", "merge-shards", "sagemaker-train", "evaluate", "register", "sagemaker-deploy"}
-ACCOUNT = {"role_arn", "region", "bucket", "data_prefix", "output_prefix", "checkpoint_prefix", "training_image",
-           "serving_image"}
-PLACEHOLDER = re.compile(r"^\{\{\$\.inputs\.parameters\['pipelinechannel--(\w+)'\]\}\}$")
+PARAMETERS = {"sagemaker", "ingest", "preprocess", "train", "evaluate", "registry", "shards", "deploy_enabled",
+              "deploy_model_uri", "tracking_uri", "experiment"}
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,11 @@ def _tasks(spec: dict) -> dict:
     return tasks
 
 
+def _source(inputs: dict, name: str) -> str:
+    """The pipeline parameter feeding a task input (directly, or through a dsl.If branch's input)."""
+    return inputs[name]["componentInputParameter"].removeprefix("pipelinechannel--")
+
+
 def test_the_steps_are_the_stages_with_sagemaker_training_and_hosting(spec: dict) -> None:
     executors = spec["deploymentSpec"]["executors"]
     assert {name.removeprefix("exec-") for name in executors} == STEPS  # no in-cluster train, tune or deploy
@@ -45,59 +50,65 @@ def test_no_pod_of_the_pipeline_asks_for_a_gpu(spec: dict) -> None:
         assert "accelerator" not in executor["container"].get("resources", {})
 
 
-def test_the_account_settings_are_pipeline_parameters_with_the_typed_defaults(spec: dict) -> None:
+def test_the_account_is_one_struct_parameter_with_the_typed_defaults(spec: dict) -> None:
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert ACCOUNT <= set(params)
-    # The four an account must supply have no default: the run form asks for them.
-    for name in ("role_arn", "bucket", "training_image", "serving_image"):
-        assert not params[name].get("isOptional", False)
-    defaults = {name: p.default for name, p in inspect.signature(make_pipeline().pipeline_func).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    sm = SageMakerConfig()
-    for name in set(defaults) & set(SageMakerConfig.model_fields):
-        assert defaults[name] == getattr(sm, name), name
-    assert TrainConfig.model_validate(defaults["train"]) == TrainConfig()
-    assert params["train"]["parameterType"] == "STRUCT"
+    assert set(params) == PARAMETERS  # no account field of its own beside the struct
+    for name in ("sagemaker", "ingest", "preprocess", "train", "evaluate", "registry"):
+        assert params[name]["parameterType"] == "STRUCT", name
+    assert SageMakerConfig.model_validate(params["sagemaker"]["defaultValue"]) == SageMakerConfig()
+    assert TrainConfig.model_validate(params["train"]["defaultValue"]) == TrainConfig()
 
 
-def _substitute(value, arguments: dict):
-    """What KFP does at run time inside a struct argument: each placeholder becomes the text of
-    the parameter (JSON for structs, lower-case for booleans)."""
-    import json
-
-    if isinstance(value, dict):
-        return {k: _substitute(v, arguments) for k, v in value.items()}
-    match = PLACEHOLDER.match(value) if isinstance(value, str) else None
-    if not match:
-        return value
-    arg = arguments[match[1]]
-    return json.dumps(arg) if isinstance(arg, (dict, bool)) else str(arg)
+def test_compile_time_account_settings_become_the_structs_default(tmp_path) -> None:
+    sm = SageMakerConfig(region="eu-west-1", bucket="b", role_arn="arn:aws:iam::123456789012:role/sm",
+                         instance_count=3, spot=False)
+    path = compile_pipeline(tmp_path / "sm.yaml", PipelineConfig(train=TrainConfig(epochs=3)), sm)
+    params = yaml.safe_load(path.read_text())["root"]["inputDefinitions"]["parameters"]
+    assert SageMakerConfig.model_validate(params["sagemaker"]["defaultValue"]) == sm
+    assert params["train"]["defaultValue"]["epochs"] == 3
 
 
-@pytest.mark.parametrize(("task", "model"), [("sagemaker-train", SageMakerTrainingConfig),
-                                             ("sagemaker-deploy", SageMakerHostingConfig)])
-def test_each_sagemaker_step_gets_one_struct_its_config_validates(spec: dict, task: str, model) -> None:
+@pytest.mark.parametrize(("task", "inputs"), [
+    ("sagemaker-train", {"config": "train", "sagemaker": "sagemaker", "tracking_uri": "tracking_uri",
+                         "experiment": "experiment"}),
+    ("sagemaker-deploy", {"sagemaker": "sagemaker", "model_uri": "deploy_model_uri", "tracking_uri": "tracking_uri"}),
+])
+def test_each_sagemaker_step_gets_the_pipelines_structs_as_they_are(spec: dict, task: str, inputs: dict) -> None:
     tasks = _tasks(spec)
-    inputs = tasks[task]["inputs"]["parameters"]
     component = spec["components"][tasks[task]["componentRef"]["name"]]
-    assert list(component["inputDefinitions"]["parameters"]) == ["config"]
-    assert component["inputDefinitions"]["parameters"]["config"]["parameterType"] == "STRUCT"
-    struct = inputs["config"]["runtimeValue"]["constant"]
-    arguments = {name: p.default for name, p in inspect.signature(make_pipeline().pipeline_func).parameters.items()}
-    arguments.update(role_arn="arn:aws:iam::123456789012:role/sm", bucket="b",
-                     training_image="123456789012.dkr.ecr.us-east-1.amazonaws.com/bincounter:cuda",
-                     serving_image="123456789012.dkr.ecr.us-east-1.amazonaws.com/bincounter:cpu", spot=False)
-    cfg = model.model_validate(_substitute(struct, arguments))
-    assert cfg.sagemaker.role_arn == "arn:aws:iam::123456789012:role/sm" and cfg.sagemaker.spot is False
-    assert cfg.sagemaker.max_run_seconds == SageMakerConfig().max_run_seconds
-    if model is SageMakerTrainingConfig:
-        assert cfg.train == TrainConfig()
-    # Every placeholder in the struct is fed by the pipeline parameter of its name (inside the
-    # dsl.If branch, through the branch's input of the same channel).
-    for channel in re.findall(r"pipelinechannel--(\w+)", yaml.safe_dump(struct)):
-        source = inputs[f"pipelinechannel--{channel}"]["componentInputParameter"]
-        assert source in (channel, f"pipelinechannel--{channel}")
-        assert channel in spec["root"]["inputDefinitions"]["parameters"]
+    declared = component["inputDefinitions"]["parameters"]
+    assert set(declared) == set(inputs)
+    assert declared["sagemaker"]["parameterType"] == "STRUCT"
+    for name, parameter in inputs.items():
+        assert _source(tasks[task]["inputs"]["parameters"], name) == parameter, name
+
+
+@pytest.mark.parametrize(("module", "struct"), [("sagemaker_train", "config"), ("sagemaker_train", "sagemaker"),
+                                                ("sagemaker_deploy", "sagemaker")])
+def test_a_misspelled_field_fails_in_the_component_before_any_call(module: str, struct: str) -> None:
+    import importlib
+
+    component = getattr(importlib.import_module(f"components.{module}"), module)
+    given = {"config": {}, "sagemaker": {}, "tracking_uri": "", "experiment": "e", "model_uri": "",
+             struct: {"instance_cuont": 2}}  # artifacts stay None: nothing may touch them first
+    kwargs = {name: given.get(name) for name in inspect.signature(component.python_func).parameters}
+    with pytest.raises(ValidationError, match="instance_cuont"):
+        component.python_func(**kwargs)
+
+
+def _wiring(spec: dict, name: str, producer: str) -> dict:
+    """A task's inputs with the task that made its artifacts named generically."""
+    task = yaml.safe_dump(_tasks(spec)[name]["inputs"]).replace(f"producerTask: {producer}\n", "producerTask: TRAIN\n")
+    return yaml.safe_load(task)
+
+
+def test_evaluate_and_register_are_wired_as_in_the_main_pipeline(spec: dict, tmp_path) -> None:
+    from kfp import compiler
+
+    compiler.Compiler().compile(make_main_pipeline(), str(tmp_path / "main.yaml"))
+    main = yaml.safe_load((tmp_path / "main.yaml").read_text())
+    for name in ("evaluate", "register"):
+        assert _wiring(spec, name, "sagemaker-train") == _wiring(main, name, "train"), name
 
 
 def test_hosting_runs_only_when_enabled_and_is_never_cached(spec: dict) -> None:
@@ -108,13 +119,22 @@ def test_hosting_runs_only_when_enabled_and_is_never_cached(spec: dict) -> None:
     assert "deploy_enabled" in condition["triggerPolicy"]["condition"]
 
 
-def test_the_cli_compiles_the_sagemaker_backend_with_the_stage_options_as_defaults(tmp_path) -> None:
+def test_the_cli_compiles_the_sagemaker_backend_with_the_options_as_defaults(tmp_path) -> None:
     import subprocess
     import sys
 
     out = tmp_path / "sm.yaml"
     subprocess.run([sys.executable, "-m", "bincounter.cli", "pipeline", "compile", "--backend", "sagemaker",
-                    "--out", str(out), "--train.epochs", "3"], check=True, capture_output=True, timeout=300)
+                    "--out", str(out), "--train.epochs", "3", "--sagemaker.region", "eu-west-1",
+                    "--sagemaker.instance-count", "2"], check=True, capture_output=True, timeout=300)
     spec = yaml.safe_load(out.read_text())
     assert "exec-sagemaker-train" in spec["deploymentSpec"]["executors"]
-    assert spec["root"]["inputDefinitions"]["parameters"]["train"]["defaultValue"]["epochs"] == 3
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["train"]["defaultValue"]["epochs"] == 3
+    assert SageMakerConfig.model_validate(params["sagemaker"]["defaultValue"]) == SageMakerConfig(
+        region="eu-west-1", instance_count=2)
+    refused = subprocess.run([sys.executable, "-m", "bincounter.cli", "pipeline", "compile", "--out",
+                              str(tmp_path / "k.yaml"), "--sagemaker.region", "eu-west-1"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "--backend sagemaker" in refused.stderr
+    assert not (tmp_path / "k.yaml").exists()

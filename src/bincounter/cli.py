@@ -23,6 +23,7 @@ from bincounter.config import (
     PipelineConfig,
     PreprocessConfig,
     RegisterConfig,
+    SageMakerConfig,
     ServeConfig,
     SynthConfig,
     TrainConfig,
@@ -150,21 +151,25 @@ def pipeline_run(cfg: Annotated[PipelineConfig, Flat] = PipelineConfig(), tracki
 
 def pipeline_compile(out: Path = Path("pipeline.yaml"), cfg: Annotated[PipelineConfig, Flat] = PipelineConfig(),
                      cluster: ClusterConfig = ClusterConfig(),
-                     backend: Literal["kubeflow", "sagemaker"] = "kubeflow") -> None:
+                     backend: Literal["kubeflow", "sagemaker"] = "kubeflow",
+                     sagemaker: SageMakerConfig = SageMakerConfig()) -> None:
     """Compile the pipeline to an IR YAML for Kubeflow Pipelines (upload it, or 'pipeline submit' it).
 
     The stage options become the pipeline parameters' defaults; --cluster.* options set images,
     secrets, resources, retries, caching and GPU placement of the tasks. --backend sagemaker
     compiles the variant that trains in a SageMaker training job and hosts on a SageMaker
-    endpoint (its account settings are run parameters)."""
+    endpoint; its --sagemaker.* options (the account, instances, limits) become the default of
+    its one 'sagemaker' struct parameter."""
     if backend == "sagemaker":
         from pipelines.sagemaker_pipeline import compile_pipeline as compile_sagemaker
 
         if cluster.gpus:
             raise SystemExit("--cluster.gpus does not apply to --backend sagemaker: the training job's instance "
-                             "type brings the GPU (--instance-type at run time)")
-        _print({"compiled": str(compile_sagemaker(out, cfg))})
+                             "type brings the GPU (--sagemaker.instance-type)")
+        _print({"compiled": str(compile_sagemaker(out, cfg, sagemaker))})
         return
+    if sagemaker != SageMakerConfig():
+        raise SystemExit("--sagemaker.* options apply to --backend sagemaker only")
     from pipelines.runner import compile_pipeline
 
     _print({"compiled": str(compile_pipeline(out, cfg, cluster))})

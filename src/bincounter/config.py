@@ -7,7 +7,6 @@ Unknown fields are rejected rather than silently ignored.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Literal, get_args
 
@@ -426,7 +425,10 @@ class SageMakerConfig(_Config):
     training_image: str | None = Field(None, description="ECR URI of the training image (dockerfiles/Dockerfile.cuda for GPUs).")
     serving_image: str | None = Field(None, description="ECR URI of the serving image (dockerfiles/Dockerfile).")
     instance_type: str = Field("ml.g5.xlarge", description="Training instance (1 A10G GPU, 4 vCPUs).")
-    instance_count: int = Field(1, ge=1, le=1, description="One instance: the entry point does not rendezvous hosts yet.")
+    instance_count: int = Field(
+        1, ge=1, description="Training instances; more than one trains data-parallel (DDP) across them, every "
+        "instance reading the whole training channel (see the README's \"On SageMaker\")."
+    )
     volume_gb: int = Field(30, ge=1, le=16384, description="Training volume (shards, scratch, checkpoints).")
     spot: bool = Field(True, description="Managed spot training, resuming from the checkpoints after an interruption.")
     max_run_seconds: int = Field(4 * 3600, ge=1, le=28 * 86400, description="Training time limit (MaxRuntimeInSeconds).")
@@ -465,20 +467,7 @@ class SageMakerConfig(_Config):
         return "/".join([f"s3://{self.bucket}", prefix.strip("/"), *(p.strip("/") for p in parts)])
 
 
-class _StepConfig(_Config):
-    @field_validator("*", mode="before")
-    @classmethod
-    def _kfp_text(cls, value: object, info) -> object:
-        # KFP substitutes a pipeline parameter inside a struct argument as text: a struct as its
-        # JSON, an unset string as "".
-        if isinstance(value, str) and value.startswith("{") and info.field_name in ("train", "sagemaker"):
-            return json.loads(value)
-        if value == "" and info.field_name == "tracking_uri":
-            return None
-        return value
-
-
-class SageMakerTrainingConfig(_StepConfig):
+class SageMakerTrainingConfig(_Config):
     """The SageMaker training step: what to train, where, and which MLflow run records it."""
 
     train: TrainConfig = TrainConfig()
@@ -487,7 +476,7 @@ class SageMakerTrainingConfig(_StepConfig):
     experiment: str = "bincounter"
 
 
-class SageMakerHostingConfig(_StepConfig):
+class SageMakerHostingConfig(_Config):
     """The SageMaker hosting step: which registered model, on which endpoint."""
 
     sagemaker: SageMakerConfig = SageMakerConfig()
