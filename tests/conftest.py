@@ -29,7 +29,7 @@ def isolated_home(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     """480 synthetic photos (counts 0-5, balanced) in the bucket's layout."""
-    from bincounter.synth import generate
+    from bincounter_demo.synth import generate
 
     out = tmp_path_factory.mktemp("synth")
     generate(SynthConfig(n_images=480, image_size=96, seed=7), out)
