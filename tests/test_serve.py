@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import io
+import socket
 import threading
 import time
 
@@ -16,6 +17,7 @@ from PIL import Image
 
 from bincounter import serve
 from bincounter.config import ServeConfig
+from tests.live_server import serving
 from tests.width_model import NUM_CLASSES, WidthModel
 
 MODEL_URI = "models:/bincounter@champion"
@@ -472,6 +474,38 @@ def test_errors_are_json(client: TestClient) -> None:
     for method, path in [("GET", "/v1/count"), ("POST", "/nope"), ("DELETE", "/invocations")]:
         r = client.request(method, path)
         assert r.status_code in (404, 405) and "detail" in r.json()
+
+
+def _raw_exchange(url: str, request: bytes) -> bytes:
+    """Send ``request`` as it is on a fresh connection; everything the server sends before closing."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"NOT HTTP AT ALL\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\na header without a colon\r\n\r\n",
+    b"POST /v1/count HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello",
+], ids=["request-line", "header-line", "two-lengths"])
+def test_requests_that_are_not_http_get_uvicorns_plain_400(width_model: WidthModel, request_bytes: bytes) -> None:
+    """The known limitation README states: uvicorn's parser answers these before the app sees
+    them, in plain text (no supported way to make it JSON). If this fails, uvicorn changed:
+    update README's "Model server" section."""
+    with serving(serve.create_app(CFG, model=width_model)) as url:
+        head, _, body = _raw_exchange(url, request_bytes).partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").lower().split("\r\n")
+        assert lines[0].startswith("http/1.1 400 ")
+        assert "content-type: text/plain; charset=utf-8" in lines and "connection: close" in lines
+        assert body == b"Invalid HTTP request received."
+        # The server goes on answering in JSON.
+        health = _raw_exchange(url, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert health.startswith(b"HTTP/1.1 200 ") and health.endswith(b'{"status":"ok"}')
+    assert width_model.calls == []
 
 
 class _Tampered:
