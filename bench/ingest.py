@@ -25,8 +25,8 @@ from botocore.config import Config
 
 from bincounter.config import IngestConfig, SourceConfig, SynthConfig
 from bincounter.ingest import ingest
-from bincounter.s3server import free_port
-from bincounter.synth import generate
+from bincounter_demo.s3server import free_port
+from bincounter_demo.synth import generate
 
 N_IMAGES = 500  # 1,000 objects
 LATENCY = 0.030
@@ -35,7 +35,7 @@ BUCKET = "bench-ingest"
 # The server process: upload at full speed, then add the latency and wait until stdin closes.
 _SERVER = textwrap.dedent("""
     import sys
-    from bincounter.s3server import LocalS3
+    from bincounter_demo.s3server import LocalS3
     with LocalS3(port=int(sys.argv[1])) as s3:
         s3.upload_folder(sys.argv[2], sys.argv[3], workers=8)
         s3.latency = float(sys.argv[4])

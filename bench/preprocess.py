@@ -29,7 +29,7 @@ import bincounter.report  # noqa: F401  # imported before timing, like PIL for t
 from bincounter.config import IngestConfig, PreprocessConfig, SourceConfig, SynthConfig
 from bincounter.ingest import ingest
 from bincounter.preprocess import preprocess
-from bincounter.synth import generate
+from bincounter_demo.synth import generate
 
 N_SYNTHETIC = 1500
 SIZE = 224

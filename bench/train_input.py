@@ -9,7 +9,7 @@ AdamW, channels_last as train.py uses on CPU), in one process, the same number o
 * ImageFolder: torchvision ``ImageFolder`` over the same photos written as JPEG files, with PIL
   transforms (RandomResizedCrop, flip, ToTensor, Normalize): the textbook loader.
 
-Data: synthetic photos (``bincounter.synth.generate``), ingested from a folder and preprocessed
+Data: synthetic photos (``bincounter_demo.synth.generate``), ingested from a folder and preprocessed
 at 128 px into a temporary folder, all splits pooled (this measures speed, not accuracy).
 
 With DataLoader workers at 0 (what train.py picks on a 2-core CPU) the pipelines are interleaved
@@ -50,7 +50,7 @@ from bincounter.transforms import TrainTransform
 def build_dataset(root: Path, n_images: int, prep_size: int) -> Path:
     from bincounter.ingest import ingest
     from bincounter.preprocess import preprocess
-    from bincounter.synth import generate
+    from bincounter_demo.synth import generate
 
     generate(SynthConfig(n_images=n_images, seed=3), root / "synth")
     ingest(IngestConfig(source=SourceConfig(uri=str(root / "synth")), progress=False), root / "raw")
@@ -145,7 +145,7 @@ def main() -> None:
     rate = {k: args.batch / statistics.median(v) for k, v in seconds.items()}
     mean_rate = {k: args.batch * len(v) / sum(v) for k, v in seconds.items()}
     mode = "interleaved step by step" if args.workers == 0 else "one after the other"
-    print(f"data: {args.images} synthetic photos (bincounter.synth) -> ingest from folder -> preprocess at "
+    print(f"data: {args.images} synthetic photos (bincounter_demo.synth) -> ingest from folder -> preprocess at "
           f"{args.prep_size} px, all splits ({len(samples)} images); setup {setup:.0f} s")
     print(f"model: resnet18 (torchvision, pretrained none), {args.size} px, batch {args.batch}, AdamW, channels_last; "
           f"{args.steps} timed steps after {args.warmup} warm-up per pipeline, {mode}; torch threads {args.threads}, "

@@ -61,10 +61,10 @@ def check_cli() -> None:
         assert command in out.stdout, f"{command!r} missing from bincounter --help"
 
 
-@step("every module of bincounter, components and pipelines imports (from the image, not /src)")
+@step("every module of bincounter, bincounter_demo, components and pipelines imports (from the image, not /src)")
 def check_imports() -> None:
     names = []
-    for top in ("bincounter", "components", "pipelines"):
+    for top in ("bincounter", "bincounter_demo", "components", "pipelines"):
         package = importlib.import_module(top)
         where = Path(package.__file__).resolve()
         assert not str(where).startswith("/src"), f"{top} imported from the mounted sources: {where}"
@@ -147,7 +147,7 @@ def run_component(component, cfg, inputs: dict[str, dict], out: Path, **params) 
 @step("KFP executor (python -m kfp.dsl.executor_main) runs the ingest and preprocess components")
 def check_kfp_executor() -> None:
     from bincounter.config import IngestConfig, PreprocessConfig, SourceConfig, SynthConfig
-    from bincounter.synth import generate
+    from bincounter_demo.synth import generate
     from components.ingest import ingest
     from components.preprocess import preprocess
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from bincounter.config import IngestConfig, PreprocessConfig, SourceConfig, SynthConfig, TrainConfig
+from tests.width_model import WidthModel
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +30,7 @@ def isolated_home(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     """480 synthetic photos (counts 0-5, balanced) in the bucket's layout."""
-    from bincounter.synth import generate
+    from bincounter_demo.synth import generate
 
     out = tmp_path_factory.mktemp("synth")
     generate(SynthConfig(n_images=480, image_size=96, seed=7), out)
@@ -87,3 +88,24 @@ def model_dir(data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("model")
     train(TINY_TRAIN, data_dir, out)
     return out
+
+
+@pytest.fixture
+def width_model() -> WidthModel:
+    """The image-decoding fake model (tests/width_model.py): count = width // 8, 0.9 sure."""
+    return WidthModel()
+
+
+@pytest.fixture
+def sagemaker_stub():
+    """A SageMaker boto3 client wrapped in botocore's Stubber, which checks every request
+    against SageMaker's API model; yields (client, stubber), then asserts every queued
+    response was used. Fake credentials: nothing reaches AWS."""
+    import botocore.session
+    from botocore.stub import Stubber
+
+    client = botocore.session.get_session().create_client(
+        "sagemaker", region_name="eu-west-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+    with Stubber(client) as stubber:
+        yield client, stubber
+        stubber.assert_no_pending_responses()

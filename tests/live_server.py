@@ -13,7 +13,7 @@ def serving(app) -> Iterator[str]:
     """Serve ``app``; yields its base URL and stops the server on exit."""
     import uvicorn
 
-    from bincounter.s3server import free_port
+    from bincounter_demo.s3server import free_port
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

@@ -46,7 +46,7 @@ def _plant(folder: Path, ids) -> dict[str, int]:
 def pod(tmp_path) -> Path:
     """40 synthetic bins, the fake counter registered as champion (with its evaluation), and
     five bins whose metadata now expects a wrong count."""
-    from bincounter.synth import generate
+    from bincounter_demo.synth import generate
 
     folder = tmp_path / "pod"
     generate(SynthConfig(n_images=N_PHOTOS, image_size=48, seed=5), folder)
@@ -143,7 +143,7 @@ def test_a_csv_without_the_columns_is_refused(pod, tmp_path):
 
 
 def test_audit_over_s3_at_any_endpoint(pod, tmp_path):
-    from bincounter.s3server import LocalS3
+    from bincounter_demo.s3server import LocalS3
 
     with LocalS3() as s3:
         s3.upload_folder(pod, "pods", prefix="site-7/pod-3")
@@ -160,7 +160,7 @@ def test_audit_over_s3_at_any_endpoint(pod, tmp_path):
 
 
 def test_an_unreachable_source_is_a_clear_error(tmp_path, pod):
-    from bincounter.s3server import free_port
+    from bincounter_demo.s3server import free_port
 
     cfg = _cfg("s3://pods").model_copy(update={"source": SourceConfig(
         uri="s3://pods", endpoint_url=f"http://127.0.0.1:{free_port()}"), "retries": 0})
@@ -185,7 +185,7 @@ def test_audit_through_a_deployed_servers_batch_endpoint(pod, tmp_path):
 
 
 def test_an_unreachable_server_stops_the_audit_with_a_clear_error(pod, tmp_path):
-    from bincounter.s3server import free_port
+    from bincounter_demo.s3server import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(AuditError, match=f"cannot reach the bincounter server at {url}"):
@@ -193,7 +193,7 @@ def test_an_unreachable_server_stops_the_audit_with_a_clear_error(pod, tmp_path)
 
 
 def test_calibration_unavailable_is_said_plainly(tmp_path):
-    from bincounter.synth import generate
+    from bincounter_demo.synth import generate
 
     folder = tmp_path / "pod"
     generate(SynthConfig(n_images=8, image_size=48, seed=2), folder)
@@ -264,7 +264,7 @@ def test_a_killed_audit_resumes_without_recounting(pod, tmp_path, isolated_home)
 
 
 def test_a_model_that_cannot_be_loaded_is_named(tmp_path):
-    from bincounter.synth import generate
+    from bincounter_demo.synth import generate
 
     generate(SynthConfig(n_images=2, image_size=48, seed=1), tmp_path / "pod")
     with pytest.raises(AuditError, match="cannot load the model models:/nobody@champion"):

@@ -9,7 +9,7 @@ from bincounter.checkpoints import RESTORING, CheckpointMirror
 
 @pytest.fixture
 def s3(monkeypatch):
-    from bincounter.s3server import LocalS3
+    from bincounter_demo.s3server import LocalS3
 
     with LocalS3() as server:
         for key, value in {"AWS_ENDPOINT_URL_S3": server.endpoint, "AWS_ACCESS_KEY_ID": "testing",

@@ -48,7 +48,7 @@ def test_jpeg_bytes_kept_when_decoded_cache_would_not_fit(data_dir):
 
 
 def test_datasets_on_s3_are_cached_locally_once(data_dir, tmp_path, monkeypatch):
-    from bincounter.s3server import LocalS3
+    from bincounter_demo.s3server import LocalS3
 
     with LocalS3() as s3:
         client = s3.client()
@@ -79,7 +79,7 @@ def test_keys_that_would_escape_the_cache_are_refused_naming_them(tmp_path, monk
     """S3 keys are names, not paths: '..' and a leading '/' are legal in a key and must never
     write outside the cache folder."""
     from bincounter.ids import InvalidId
-    from bincounter.s3server import LocalS3
+    from bincounter_demo.s3server import LocalS3
 
     cache = tmp_path / "cache"
     with LocalS3() as s3:
@@ -101,7 +101,7 @@ def test_keys_that_would_escape_the_cache_are_refused_naming_them(tmp_path, monk
 def test_a_dataset_regenerated_at_the_same_uri_replaces_the_cached_copy_whole(data_dir, tmp_path, monkeypatch):
     """The cache is keyed on content (ETags): a new shard of the same size as the old one is
     fetched, and a file the new dataset no longer has is gone, so old and new never mix."""
-    from bincounter.s3server import LocalS3
+    from bincounter_demo.s3server import LocalS3
 
     with LocalS3() as s3:
         _s3_env(monkeypatch, s3)

@@ -117,7 +117,7 @@ RESUMED = re.compile(r"rank (\d+)/(\d+) resumed at epoch (\d+), weights sha256=(
 def _run_ranks(data_dir: Path, outs: list[Path], shared: Path, cwd: Path, die_in_epoch: int | None = None,
                timeout: float = 240) -> list[tuple[int, str, str]]:
     """Both ranks of a 2-node job, each with its own output folder; (exit code, stdout, stderr) per rank."""
-    from bincounter.s3server import free_port
+    from bincounter_demo.s3server import free_port
 
     cfg = TINY_TRAIN.model_copy(update={"epochs": EPOCHS})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1",

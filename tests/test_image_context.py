@@ -1,5 +1,6 @@
 """The image builds from what its build context holds: every path the Dockerfiles COPY is
-there, and the package (bincounter, components, pipelines) installs from exactly those files."""
+there, and the package (bincounter, bincounter_demo, components, pipelines) installs from
+exactly those files."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ _spec = importlib.util.spec_from_file_location("image_build", REPO / "dockerfile
 build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
 
-PACKAGES = ("src/bincounter", "components", "pipelines")
+PACKAGES = ("src/bincounter", "src/bincounter_demo", "components", "pipelines")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_package_installs_from_exactly_the_context(tmp_path: Path, context: list
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("bincounter-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for top in ("bincounter", "components", "pipelines"):
+    for top in ("bincounter", "bincounter_demo", "components", "pipelines"):
         assert f"{top}/__init__.py" in names, f"the wheel lacks {top}"
     # Every module in the sources ships (a subpackage missing from pyproject would not).
     for package in PACKAGES:

@@ -9,8 +9,6 @@ import shutil
 from importlib.resources import files
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -18,6 +16,7 @@ from PIL import Image
 from bincounter import page, serve
 from bincounter.config import ServeConfig, VerdictConfig
 from tests.live_server import serving
+from tests.width_model import WidthModel
 
 MODEL_URI = "models:/bincounter@champion"
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -25,31 +24,12 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
          "--disable-component-update", "--disable-sync"]
 
 
-class WidthModel:
-    """Like the pyfunc: count = photo width // 8 (0-5); probability 0.7 on it, 0.2 on the next
-    count, 0.025 on each other one, so one photo gives a match, an unsure and mismatches."""
-
-    def predict(self, df: pd.DataFrame) -> pd.DataFrame:
-        rows = []
-        for data in df["image"]:
-            try:
-                with Image.open(io.BytesIO(data)) as img:
-                    img.load()
-                    width = img.width
-            except Exception as exc:
-                raise ValueError(f"cannot decode image: {exc}") from exc
-            count = min(width // 8, 5)
-            probs = np.full(6, 0.025)
-            probs[count] = 0.7
-            probs[(count + 1) % 6] = 0.2
-            rows.append({"count": count, "confidence": 0.7, "expected_count": float(probs @ np.arange(6)),
-                         "probabilities": probs})
-        return pd.DataFrame(rows)
-
-
 def _app(verdict: VerdictConfig = VerdictConfig()):
     # The server includes the page (serve.create_app), with the verdict thresholds of its config.
-    return serve.create_app(ServeConfig(model_uri=MODEL_URI, verdict=verdict), model=WidthModel())
+    # count = width // 8 with probability 0.7, 0.2 on the next count, 0.025 on each other one:
+    # one photo gives a match, an unsure and mismatches.
+    model = WidthModel(top=0.7, runner_up=0.2)
+    return serve.create_app(ServeConfig(model_uri=MODEL_URI, verdict=verdict), model=model)
 
 
 def _jpeg(width: int, height: int = 24) -> bytes:

@@ -207,8 +207,8 @@ def test_whole_pipeline_runs_locally_and_serves_the_registered_model(synth_dir, 
 
     from bincounter.client import count_images
     from bincounter.deploy import stop
-    from bincounter.s3server import LocalS3
-    from bincounter.synth import generate
+    from bincounter_demo.s3server import LocalS3
+    from bincounter_demo.synth import generate
     from pipelines.runner import run_local
 
     src = tmp_path / "bucket"

@@ -21,7 +21,7 @@ from bincounter.config import PreprocessConfig, SynthConfig
 from bincounter.data import read_samples, shard_urls
 from bincounter.preprocess import _process_image, list_ids, load_dataset_info, preprocess
 from bincounter.split import SPLITS
-from bincounter.synth import generate
+from bincounter_demo.synth import generate
 
 N_GOOD = 36
 SIZE = 64  # the synthetic photos' size: they are stored as they are, others are resized

@@ -24,7 +24,6 @@ from pathlib import Path
 import boto3
 import botocore.session
 import pytest
-from botocore.stub import Stubber
 from botocore.validate import ParamValidator
 
 from bincounter import sagemaker_entry as entry
@@ -123,15 +122,6 @@ def test_config_rejects_a_spot_wait_shorter_than_the_run() -> None:
 # --------------------------------------------------------------------------- waiting and results
 
 
-@pytest.fixture
-def stubbed():
-    client = botocore.session.get_session().create_client(
-        "sagemaker", region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
-    with Stubber(client) as stubber:
-        yield client, stubber
-        stubber.assert_no_pending_responses()
-
-
 def _job(status: str, secondary: str, transitions: int, **extra) -> dict:
     now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     steps = [("Starting", "Preparing the instances for training"), ("Downloading", "Downloading input data"),
@@ -149,8 +139,8 @@ def _job(status: str, secondary: str, transitions: int, **extra) -> dict:
     }
 
 
-def test_waiting_follows_the_job_to_completion(stubbed, capsys) -> None:
-    client, stubber = stubbed
+def test_waiting_follows_the_job_to_completion(sagemaker_stub, capsys) -> None:
+    client, stubber = sagemaker_stub
     now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     stubber.add_response("describe_training_job", _job("InProgress", "Starting", 1), {"TrainingJobName": "bincounter-1"})
     stubber.add_response("describe_training_job", _job("InProgress", "Training", 3), {"TrainingJobName": "bincounter-1"})
@@ -168,8 +158,8 @@ def test_waiting_follows_the_job_to_completion(stubbed, capsys) -> None:
                                        "sagemaker_spot_saving": 0.7}
 
 
-def test_a_failed_job_raises_its_failure_reason(stubbed) -> None:
-    client, stubber = stubbed
+def test_a_failed_job_raises_its_failure_reason(sagemaker_stub) -> None:
+    client, stubber = sagemaker_stub
     failed = _job("Failed", "Failed", 3, FailureReason="AlgorithmError: FileNotFoundError: input channel 'training'")
     stubber.add_response("describe_training_job", failed, {"TrainingJobName": "bincounter-1"})
     with pytest.raises(jobs.TrainingJobFailed, match="ended Failed: AlgorithmError: FileNotFoundError"):
@@ -355,10 +345,10 @@ def test_hosting_needs_a_serving_image() -> None:
         sagemaker_launch.deploy_config(SageMakerHostingConfig(sagemaker=sm_config(serving_image="")), "models:/m@champion")
 
 
-def test_describe_tells_a_missing_job_from_other_errors(stubbed) -> None:
+def test_describe_tells_a_missing_job_from_other_errors(sagemaker_stub) -> None:
     from botocore.exceptions import ClientError
 
-    client, stubber = stubbed
+    client, stubber = sagemaker_stub
     stubber.add_client_error("describe_training_job", service_error_code="ValidationException",
                              service_message="Requested resource not found.", expected_params={"TrainingJobName": "j"})
     stubber.add_client_error("describe_training_job", service_error_code="AccessDeniedException",

@@ -26,7 +26,7 @@ def test_shards_split_the_id_space_evenly():
 def bucket(tmp_path_factory) -> Path:
     """Synthetic photos in the bucket's layout, with byte-identical copies under other ids
     (so duplicates fall in different shards) and a corrupt photo."""
-    from bincounter.synth import generate
+    from bincounter_demo.synth import generate
 
     out = tmp_path_factory.mktemp("bucket")
     generate(SynthConfig(n_images=90, image_size=48, seed=5), out)

@@ -17,7 +17,7 @@ from bincounter import validate as v
 from bincounter.config import IngestConfig, PreprocessConfig, SourceConfig
 from bincounter.ingest import ERRORS, MANIFEST, ingest, load_manifest
 from bincounter.preprocess import load_dataset_info, preprocess
-from bincounter.s3server import LocalS3
+from bincounter_demo.s3server import LocalS3
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "abid-dev"
 BUCKET = "aft-vbi-pds"

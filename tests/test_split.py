@@ -11,7 +11,7 @@ import pytest
 from bincounter.config import PreprocessConfig, SynthConfig
 from bincounter.preprocess import preprocess
 from bincounter.split import label_of, split_of, unit_hash
-from bincounter.synth import generate
+from bincounter_demo.synth import generate
 
 
 def test_split_is_a_pure_function_of_id_and_salt():

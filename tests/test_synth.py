@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from bincounter.config import SynthConfig
-from bincounter.synth import generate, make_metadata, render_bin
+from bincounter_demo.synth import generate, make_metadata, render_bin
 
 ASIN = re.compile(r"^B0[A-Z0-9]{8}$")
 
@@ -204,7 +204,7 @@ def test_count_is_learnable_from_pixels(tmp_path: Path) -> None:
 @pytest.mark.parametrize("count", [2, 5, 8])
 def test_every_item_stays_visible(count: int) -> None:
     """Overlaps are allowed, but no item may be buried by the ones placed after it."""
-    from bincounter import synth
+    from bincounter_demo import synth
 
     size = 96
     for seed in range(10):

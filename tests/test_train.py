@@ -99,7 +99,7 @@ def test_class_weights_favour_rare_classes_with_unit_mean():
 
 
 def test_a_new_machine_resumes_from_the_checkpoint_mirrored_to_s3(data_dir, tmp_path, monkeypatch):
-    from bincounter.s3server import LocalS3
+    from bincounter_demo.s3server import LocalS3
 
     with LocalS3() as s3:
         s3.client().create_bucket(Bucket="ckpt")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bincounter.s3server import free_port
+from bincounter_demo.s3server import free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

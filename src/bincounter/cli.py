@@ -6,6 +6,7 @@ shows each stage's parameters with their defaults and descriptions.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
@@ -36,11 +37,21 @@ def _print(obj: object) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
+def _demo_module(name: str):
+    """``bincounter_demo.<name>``, imported only when a demo command runs: the demo helpers
+    (synthetic photos, local S3) live outside the library, which never imports them."""
+    try:
+        return importlib.import_module(f"bincounter_demo.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("bincounter_demo", f"bincounter_demo.{name}"):
+            raise  # a dependency missing inside the demo package: its own message says which
+        raise SystemExit("this command needs the demo package bincounter_demo, which is not installed here: "
+                         "install bincounter from its source tree with pip install '.[demo]'") from exc
+
+
 def synth(out: Path, cfg: Annotated[SynthConfig, Flat] = SynthConfig()) -> None:
     """Generate synthetic bin photos in the bucket's layout (offline demo data)."""
-    from bincounter.synth import generate
-
-    ids = generate(cfg, out, progress=True)
+    ids = _demo_module("synth").generate(cfg, out, progress=True)
     _print({"out": str(out), "images": len(ids)})
 
 
@@ -205,9 +216,7 @@ def s3_server(folder: Path, bucket: str = "aft-vbi-pds", port: int = 0) -> None:
     """Serve a folder in the bucket's layout from a local S3 endpoint until Ctrl-C."""
     import time
 
-    from bincounter.s3server import LocalS3
-
-    with LocalS3(port=port) as s3:
+    with _demo_module("s3server").LocalS3(port=port) as s3:
         n = s3.upload_folder(folder, bucket)
         print(f"s3://{bucket} ({n} objects) at {s3.endpoint}; Ctrl-C stops it", flush=True)
         try:
@@ -220,9 +229,7 @@ def s3_server(folder: Path, bucket: str = "aft-vbi-pds", port: int = 0) -> None:
 def demo(n_images: int = 600, epochs: int = 4, keep_server: bool = False) -> None:
     """The whole pipeline end to end, offline: synthetic photos, a local S3 endpoint, training,
     registration, a local model server, and a few predictions next to the truth."""
-    from bincounter.demo import run
-
-    run(n_images=n_images, epochs=epochs, keep_server=keep_server)
+    _demo_module("demo").run(n_images=n_images, epochs=epochs, keep_server=keep_server)
 
 
 COMMANDS = {

@@ -16,7 +16,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,6 +113,26 @@ def _settle(items: list[_Item], outcomes: list[Outcome] | None = None, error: Ba
             item.future.set_result(outcomes[i])
 
 
+async def _consume(batcher: Batcher, run: Callable[[list[bytes]], Awaitable[list[Outcome]]],
+                   observe: Callable[[int, float], None]) -> None:
+    """Take batches from ``batcher`` forever, ``run`` each and settle its requests: with their
+    outcomes, or, when ``run`` raises (a model or engine bug), with the error, which every
+    request of the batch answers as a 500. ``observe(size, seconds)`` gets each good batch."""
+    while True:
+        items = await batcher.take()
+        if not items:
+            continue
+        started = time.perf_counter()
+        try:
+            outcomes = await run([i.data for i in items])
+        except Exception as exc:  # noqa: BLE001 - settled on the requests, never ends the consumer
+            log.exception("inference failed")
+            _settle(items, error=exc)
+            continue
+        observe(len(items), time.perf_counter() - started)
+        _settle(items, outcomes)
+
+
 class InlineRunner:
     """An in-process model (anything with ``predict(DataFrame)``), run in a thread."""
 
@@ -126,18 +146,7 @@ class InlineRunner:
         return self.info
 
     async def consume(self, index: int, batcher: Batcher, observe: Callable[[int, float], None]) -> None:
-        while True:
-            items = await batcher.take()
-            if not items:
-                continue
-            started = time.perf_counter()
-            try:
-                outcomes = await anyio.to_thread.run_sync(self.engine.run, [i.data for i in items])
-            except Exception as exc:  # noqa: BLE001 - a model bug: every request of the batch gets a 500
-                _settle(items, error=exc)
-                continue
-            observe(len(items), time.perf_counter() - started)
-            _settle(items, outcomes)
+        await _consume(batcher, lambda images: anyio.to_thread.run_sync(self.engine.run, images), observe)
 
     def alive(self) -> int:
         return 1
@@ -210,16 +219,4 @@ class ProcessRunner:
 
     async def consume(self, index: int, batcher: Batcher, observe: Callable[[int, float], None]) -> None:
         worker = self.processes[index]
-        while True:
-            items = await batcher.take()
-            if not items:
-                continue
-            started = time.perf_counter()
-            try:
-                outcomes = await self.run(worker, [i.data for i in items])
-            except Exception as exc:  # noqa: BLE001 - an engine bug: the batch's requests get a 500
-                log.exception("inference failed")
-                _settle(items, error=exc)
-                continue
-            observe(len(items), time.perf_counter() - started)
-            _settle(items, outcomes)
+        await _consume(batcher, lambda images: self.run(worker, images), observe)

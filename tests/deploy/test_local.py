@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import textwrap
@@ -9,50 +10,40 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from bincounter import client, paths
 from bincounter.config import DeployConfig
 from bincounter.deploy import local
+from tests import width_model
 
 pytestmark = pytest.mark.slow
 
-# A stand-in for the real model with the same contract, logged as "model from code" so the
-# server process needs nothing from the test modules to load it.
-FAKE_MODEL_CODE = textwrap.dedent(
-    '''
-    import io
+# The server tests' fake model (tests/width_model.py, count = width // 16 here) logged as a
+# "model from code": its source goes into the model, so the server process needs nothing from
+# the test modules to load it. FAKE_MODEL_LOAD_SECONDS makes loading slow.
+FAKE_MODEL_CODE = inspect.getsource(width_model) + textwrap.dedent(
+    """
+
     import os
     import time
 
     import mlflow
-    import pandas as pd
-    from PIL import Image
 
 
     class FakeCounter(mlflow.pyfunc.PythonModel):
         def load_context(self, context):
             time.sleep(float(os.environ.get("FAKE_MODEL_LOAD_SECONDS", "0")))
+            self.model = WidthModel(px_per_item=16)
 
         def predict(self, context, model_input, params=None):
-            rows = []
-            for data in model_input["image"]:
-                try:
-                    with Image.open(io.BytesIO(data)) as img:
-                        img.load()
-                        width = img.width
-                except Exception as exc:
-                    raise ValueError(f"cannot decode image: {exc}") from exc
-                count = min(width // 16, 5)
-                probs = [0.02] * 6
-                probs[count] = 0.9
-                rows.append({"count": count, "confidence": 0.9, "expected_count": count + 0.1, "probabilities": probs})
-            return pd.DataFrame(rows)
+            return self.model.predict(model_input)
 
 
     mlflow.models.set_model(FakeCounter())
-    '''
+    """
 )
 
 
@@ -122,8 +113,9 @@ def test_deploy_count_and_stop(tmp_path: Path, home: Path, model_uri: str, deplo
     assert [r["count"] for r in results] == [4, 2]
     first = results[0]
     assert first["confidence"] == pytest.approx(0.9)
-    assert first["expected_count"] == pytest.approx(4.1)
-    assert len(first["probabilities"]) == 6
+    probs = width_model.WidthModel().probabilities(4)
+    assert first["expected_count"] == pytest.approx(float(probs @ np.arange(width_model.NUM_CLASSES)))
+    assert first["probabilities"] == pytest.approx(probs.tolist())
     assert first["model_uri"] == model_uri
     assert first["path"] == str(tmp_path / "a.jpg")
 

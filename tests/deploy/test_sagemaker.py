@@ -245,41 +245,65 @@ def test_sagemaker_core_errors_other_than_not_found_propagate(core) -> None:
 # --------------------------------------------------------------------------- boto3 fallback
 
 
-@pytest.fixture
-def stubbed():
-    client = botocore.session.get_session().create_client(
-        "sagemaker", region_name="eu-west-1", aws_access_key_id="testing", aws_secret_access_key="testing"
-    )
-    with Stubber(client) as stubber:
-        yield client, stubber
-        stubber.assert_no_pending_responses()
+# The Stubber answers in order: each helper queues one call with the request it must receive.
+ARN = "arn:aws:sagemaker:eu-west-1:123456789012:"
+ENDPOINT = {"EndpointName": "bincounter"}
+OLD = "bincounter-20251201-090000"
 
 
-def _describe(status: str) -> dict:
+def _described(status: str, config: str = NAME, reason: str | None = None) -> dict:
     now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-    return {
+    out = {
         "EndpointName": "bincounter",
-        "EndpointArn": "arn:aws:sagemaker:eu-west-1:123456789012:endpoint/bincounter",
-        "EndpointConfigName": NAME,
+        "EndpointArn": ARN + "endpoint/bincounter",
+        "EndpointConfigName": config,
         "EndpointStatus": status,
         "CreationTime": now,
         "LastModifiedTime": now,
     }
+    if reason:
+        out["FailureReason"] = reason
+    return out
 
 
-def test_boto3_fallback_creates_the_endpoint(stubbed) -> None:
-    client, stubber = stubbed
-    arn = "arn:aws:sagemaker:eu-west-1:123456789012:"
-    stubber.add_response("create_model", {"ModelArn": arn + f"model/{NAME}"}, EXPECTED["model"])
-    stubber.add_response("create_endpoint_config", {"EndpointConfigArn": arn + f"endpoint-config/{NAME}"}, EXPECTED["endpoint_config"])
-    stubber.add_client_error(
-        "describe_endpoint", service_error_code="ValidationException", service_message='Could not find endpoint "bincounter".',
-        expected_params={"EndpointName": "bincounter"},
-    )
-    stubber.add_response(
-        "create_endpoint", {"EndpointArn": arn + "endpoint/bincounter"}, {**EXPECTED["endpoint"], "Tags": EXPECTED_TAGS}
-    )
-    stubber.add_response("describe_endpoint", _describe("InService"), {"EndpointName": "bincounter"})  # the waiter
+def _expect_model_and_config(stubber: Stubber) -> None:
+    stubber.add_response("create_model", {"ModelArn": ARN + f"model/{NAME}"}, EXPECTED["model"])
+    stubber.add_response("create_endpoint_config", {"EndpointConfigArn": ARN + f"endpoint-config/{NAME}"},
+                         EXPECTED["endpoint_config"])
+
+
+def _expect_describe(stubber: Stubber, status: str, config: str = NAME, reason: str | None = None) -> None:
+    stubber.add_response("describe_endpoint", _described(status, config, reason), ENDPOINT)
+
+
+def _expect_not_found(stubber: Stubber) -> None:
+    stubber.add_client_error("describe_endpoint", service_error_code="ValidationException",
+                             service_message='Could not find endpoint "bincounter".', expected_params=ENDPOINT)
+
+
+def _expect_create(stubber: Stubber, config: str = NAME) -> None:
+    stubber.add_response("create_endpoint", {"EndpointArn": ARN + "endpoint/bincounter"},
+                         {**ENDPOINT, "EndpointConfigName": config, "Tags": EXPECTED_TAGS})
+
+
+def _expect_update(stubber: Stubber, config: str = NAME) -> None:
+    stubber.add_response("update_endpoint", {"EndpointArn": ARN + "endpoint/bincounter"},
+                         {**ENDPOINT, "EndpointConfigName": config})
+
+
+def _expect_update_started(stubber: Stubber) -> None:
+    """A deploy over an endpoint serving OLD: model and config created, the update sent."""
+    _expect_model_and_config(stubber)
+    _expect_describe(stubber, "InService", OLD)
+    _expect_update(stubber)
+
+
+def test_boto3_fallback_creates_the_endpoint(sagemaker_stub) -> None:
+    client, stubber = sagemaker_stub
+    _expect_model_and_config(stubber)
+    _expect_not_found(stubber)
+    _expect_create(stubber)
+    _expect_describe(stubber, "InService")  # the waiter
 
     result = sm.deploy(cfg(), tracking_uri=MLFLOW, suffix=SUFFIX, backend="boto3", client=client)
 
@@ -287,26 +311,22 @@ def test_boto3_fallback_creates_the_endpoint(stubbed) -> None:
     assert (result["operation"], result["status"], result["applied"]) == ("create", "InService", True)
 
 
-def test_boto3_fallback_updates_an_existing_endpoint(stubbed) -> None:
-    client, stubber = stubbed
-    arn = "arn:aws:sagemaker:eu-west-1:123456789012:"
-    stubber.add_response("create_model", {"ModelArn": arn + f"model/{NAME}"}, EXPECTED["model"])
-    stubber.add_response("create_endpoint_config", {"EndpointConfigArn": arn + f"endpoint-config/{NAME}"}, EXPECTED["endpoint_config"])
-    stubber.add_response("describe_endpoint", _describe("InService"), {"EndpointName": "bincounter"})
-    stubber.add_response("update_endpoint", {"EndpointArn": arn + "endpoint/bincounter"}, EXPECTED["endpoint"])
+def test_boto3_fallback_updates_an_existing_endpoint(sagemaker_stub) -> None:
+    client, stubber = sagemaker_stub
+    _expect_model_and_config(stubber)
+    _expect_describe(stubber, "InService")
+    _expect_update(stubber)
 
     result = sm.deploy(cfg(), tracking_uri=MLFLOW, suffix=SUFFIX, backend="boto3", client=client, wait=False)
 
     assert (result["operation"], result["status"]) == ("update", None)
 
 
-def test_auto_backend_falls_back_to_boto3_without_sagemaker_core(stubbed) -> None:
-    client, stubber = stubbed
-    arn = "arn:aws:sagemaker:eu-west-1:123456789012:"
-    stubber.add_response("create_model", {"ModelArn": arn + f"model/{NAME}"}, EXPECTED["model"])
-    stubber.add_response("create_endpoint_config", {"EndpointConfigArn": arn + f"endpoint-config/{NAME}"}, EXPECTED["endpoint_config"])
-    stubber.add_response("describe_endpoint", _describe("InService"), {"EndpointName": "bincounter"})
-    stubber.add_response("update_endpoint", {"EndpointArn": arn + "endpoint/bincounter"}, EXPECTED["endpoint"])
+def test_auto_backend_falls_back_to_boto3_without_sagemaker_core(sagemaker_stub) -> None:
+    client, stubber = sagemaker_stub
+    _expect_model_and_config(stubber)
+    _expect_describe(stubber, "InService")
+    _expect_update(stubber)
     with mock.patch.object(sm, "load_sagemaker_core", autospec=True, return_value=None):
         result = sm.deploy(cfg(), tracking_uri=MLFLOW, suffix=SUFFIX, client=client, wait=False)
     assert result["backend"] == "boto3"
@@ -320,35 +340,17 @@ def test_forcing_sagemaker_core_without_it_installed_says_how_to_get_it() -> Non
 
 # --------------------------------------------------------------------------- update and rollback
 
-OLD = "bincounter-20251201-090000"
-
-
-def _described(status: str, config: str, reason: str | None = None) -> dict:
-    out = {**_describe(status), "EndpointConfigName": config}
-    if reason:
-        out["FailureReason"] = reason
-    return out
-
-
-def _expect_model_and_config(stubber: Stubber) -> None:
-    arn = "arn:aws:sagemaker:eu-west-1:123456789012:"
-    stubber.add_response("create_model", {"ModelArn": arn + f"model/{NAME}"}, EXPECTED["model"])
-    stubber.add_response("create_endpoint_config", {"EndpointConfigArn": arn + f"endpoint-config/{NAME}"}, EXPECTED["endpoint_config"])
-
 
 def _deploy_update(client):
     return sm.deploy(cfg(), tracking_uri=MLFLOW, suffix=SUFFIX, backend="boto3", client=client, timeout=60,
                      poll_seconds=0.01, progress=False)
 
 
-def test_an_update_waits_through_updating_until_the_new_config_serves(stubbed) -> None:
-    client, stubber = stubbed
-    arn = "arn:aws:sagemaker:eu-west-1:123456789012:endpoint/bincounter"
-    _expect_model_and_config(stubber)
-    stubber.add_response("describe_endpoint", _described("InService", OLD), {"EndpointName": "bincounter"})
-    stubber.add_response("update_endpoint", {"EndpointArn": arn}, EXPECTED["endpoint"])
-    stubber.add_response("describe_endpoint", _described("Updating", OLD), {"EndpointName": "bincounter"})
-    stubber.add_response("describe_endpoint", _described("InService", NAME), {"EndpointName": "bincounter"})
+def test_an_update_waits_through_updating_until_the_new_config_serves(sagemaker_stub) -> None:
+    client, stubber = sagemaker_stub
+    _expect_update_started(stubber)
+    _expect_describe(stubber, "Updating", OLD)
+    _expect_describe(stubber, "InService", NAME)
 
     result = _deploy_update(client)
 
@@ -356,105 +358,83 @@ def test_an_update_waits_through_updating_until_the_new_config_serves(stubbed) -
     assert result["previous_endpoint_config_name"] == OLD
 
 
-def test_a_failed_endpoint_is_recreated_from_the_previous_config(stubbed) -> None:
-    client, stubber = stubbed
-    arn = "arn:aws:sagemaker:eu-west-1:123456789012:endpoint/bincounter"
-    _expect_model_and_config(stubber)
-    stubber.add_response("describe_endpoint", _described("InService", OLD), {"EndpointName": "bincounter"})
-    stubber.add_response("update_endpoint", {"EndpointArn": arn}, EXPECTED["endpoint"])
-    stubber.add_response("describe_endpoint", _described("Updating", OLD), {"EndpointName": "bincounter"})
-    stubber.add_response("describe_endpoint", _described("Failed", NAME, "container failed the ping health check"),
-                         {"EndpointName": "bincounter"})
+def test_a_failed_endpoint_is_recreated_from_the_previous_config(sagemaker_stub) -> None:
+    client, stubber = sagemaker_stub
+    _expect_update_started(stubber)
+    _expect_describe(stubber, "Updating", OLD)
+    _expect_describe(stubber, "Failed", NAME, "container failed the ping health check")
     # Rollback: a Failed endpoint accepts only DeleteEndpoint; then it is created from the old config.
-    stubber.add_response("delete_endpoint", {}, {"EndpointName": "bincounter"})
-    stubber.add_response("describe_endpoint", _described("Deleting", NAME), {"EndpointName": "bincounter"})
-    stubber.add_client_error("describe_endpoint", service_error_code="ValidationException",
-                             service_message='Could not find endpoint "bincounter".', expected_params={"EndpointName": "bincounter"})
-    stubber.add_response("create_endpoint", {"EndpointArn": arn},
-                         {"EndpointName": "bincounter", "EndpointConfigName": OLD, "Tags": EXPECTED_TAGS})
-    stubber.add_response("describe_endpoint", _described("Creating", OLD), {"EndpointName": "bincounter"})
-    stubber.add_response("describe_endpoint", _described("InService", OLD), {"EndpointName": "bincounter"})
+    stubber.add_response("delete_endpoint", {}, ENDPOINT)
+    _expect_describe(stubber, "Deleting", NAME)
+    _expect_not_found(stubber)
+    _expect_create(stubber, OLD)
+    _expect_describe(stubber, "Creating", OLD)
+    _expect_describe(stubber, "InService", OLD)
 
     with pytest.raises(sm.EndpointUpdateFailed, match=f"ping health check.*rolled back to {OLD}") as failed:
         _deploy_update(client)
     assert failed.value.rolled_back_to == OLD
 
 
-def test_an_update_that_left_another_config_in_service_is_updated_back(stubbed) -> None:
-    client, stubber = stubbed
-    arn = "arn:aws:sagemaker:eu-west-1:123456789012:endpoint/bincounter"
-    _expect_model_and_config(stubber)
-    stubber.add_response("describe_endpoint", _described("InService", OLD), {"EndpointName": "bincounter"})
-    stubber.add_response("update_endpoint", {"EndpointArn": arn}, EXPECTED["endpoint"])
-    stubber.add_response("describe_endpoint", _described("InService", "bincounter-other", "update failed"),
-                         {"EndpointName": "bincounter"})
-    stubber.add_response("update_endpoint", {"EndpointArn": arn}, {"EndpointName": "bincounter", "EndpointConfigName": OLD})
-    stubber.add_response("describe_endpoint", _described("InService", OLD), {"EndpointName": "bincounter"})
+def test_an_update_that_left_another_config_in_service_is_updated_back(sagemaker_stub) -> None:
+    client, stubber = sagemaker_stub
+    _expect_update_started(stubber)
+    _expect_describe(stubber, "InService", "bincounter-other", "update failed")
+    _expect_update(stubber, OLD)
+    _expect_describe(stubber, "InService", OLD)
 
     with pytest.raises(sm.EndpointUpdateFailed, match=f"rolled back to {OLD}") as failed:
         _deploy_update(client)
     assert failed.value.rolled_back_to == OLD
 
 
-def test_an_update_sagemaker_already_undid_needs_no_further_call(stubbed) -> None:
-    client, stubber = stubbed
-    _expect_model_and_config(stubber)
-    stubber.add_response("describe_endpoint", _described("InService", OLD), {"EndpointName": "bincounter"})
-    stubber.add_response("update_endpoint", {"EndpointArn": "arn:aws:sagemaker:eu-west-1:123456789012:endpoint/bincounter"},
-                         EXPECTED["endpoint"])
-    stubber.add_response("describe_endpoint", _described("InService", OLD, "out of capacity for ml.c5.xlarge"),
-                         {"EndpointName": "bincounter"})
+def test_an_update_sagemaker_already_undid_needs_no_further_call(sagemaker_stub) -> None:
+    client, stubber = sagemaker_stub
+    _expect_update_started(stubber)
+    _expect_describe(stubber, "InService", OLD, "out of capacity for ml.c5.xlarge")
 
     with pytest.raises(sm.EndpointUpdateFailed, match="out of capacity.*rolled back to") as failed:
         _deploy_update(client)
     assert failed.value.rolled_back_to == OLD
 
 
-def test_a_failed_rollback_says_so(stubbed) -> None:
-    client, stubber = stubbed
-    _expect_model_and_config(stubber)
-    stubber.add_response("describe_endpoint", _described("InService", OLD), {"EndpointName": "bincounter"})
-    stubber.add_response("update_endpoint", {"EndpointArn": "arn:aws:sagemaker:eu-west-1:123456789012:endpoint/bincounter"},
-                         EXPECTED["endpoint"])
-    stubber.add_response("describe_endpoint", _described("UpdateRollbackFailed", NAME, "both fleets failed"),
-                         {"EndpointName": "bincounter"})
+def test_a_failed_rollback_says_so(sagemaker_stub) -> None:
+    client, stubber = sagemaker_stub
+    _expect_update_started(stubber)
+    _expect_describe(stubber, "UpdateRollbackFailed", NAME, "both fleets failed")
 
     with pytest.raises(sm.EndpointUpdateFailed, match="did not reach InService either") as failed:
         _deploy_update(client)
     assert failed.value.rolled_back_to is None
 
 
-def test_a_create_that_fails_has_nothing_to_roll_back_to(stubbed) -> None:
-    client, stubber = stubbed
+def test_a_create_that_fails_has_nothing_to_roll_back_to(sagemaker_stub) -> None:
+    client, stubber = sagemaker_stub
     _expect_model_and_config(stubber)
-    stubber.add_client_error("describe_endpoint", service_error_code="ValidationException",
-                             service_message='Could not find endpoint "bincounter".', expected_params={"EndpointName": "bincounter"})
-    stubber.add_response("create_endpoint", {"EndpointArn": "arn:aws:sagemaker:eu-west-1:123456789012:endpoint/bincounter"},
-                         {**EXPECTED["endpoint"], "Tags": EXPECTED_TAGS})
-    stubber.add_response("describe_endpoint", _described("Failed", NAME, "image not found"), {"EndpointName": "bincounter"})
+    _expect_not_found(stubber)
+    _expect_create(stubber)
+    _expect_describe(stubber, "Failed", NAME, "image not found")
 
     with pytest.raises(sm.EndpointUpdateFailed, match="image not found") as failed:
         _deploy_update(client)
     assert failed.value.rolled_back_to is None
 
 
-def test_waiting_gives_up_at_the_timeout(stubbed) -> None:
-    client, stubber = stubbed
-    stubber.add_response("describe_endpoint", _described("Updating", NAME), {"EndpointName": "bincounter"})
-    stubber.add_response("describe_endpoint", _described("Updating", NAME), {"EndpointName": "bincounter"})
+def test_waiting_gives_up_at_the_timeout(sagemaker_stub) -> None:
+    client, stubber = sagemaker_stub
+    _expect_describe(stubber, "Updating", NAME)
+    _expect_describe(stubber, "Updating", NAME)
     with pytest.raises(TimeoutError, match="still Updating after 0 s"):
         sm.wait_for_endpoint(client, "bincounter", timeout=0.04, poll_seconds=0.05, progress=False)
 
 
-def test_sagemaker_core_rolls_a_failed_update_back_through_the_same_path(core, stubbed) -> None:
-    client, stubber = stubbed
+def test_sagemaker_core_rolls_a_failed_update_back_through_the_same_path(core, sagemaker_stub) -> None:
+    client, stubber = sagemaker_stub
     existing = core.resources.Endpoint.get.return_value = core.endpoint_instance()
     existing.endpoint_config_name = OLD
-    arn = "arn:aws:sagemaker:eu-west-1:123456789012:endpoint/bincounter"
-    stubber.add_response("describe_endpoint", _described("InService", "bincounter-other", "update failed"),
-                         {"EndpointName": "bincounter"})
-    stubber.add_response("update_endpoint", {"EndpointArn": arn}, {"EndpointName": "bincounter", "EndpointConfigName": OLD})
-    stubber.add_response("describe_endpoint", _described("InService", OLD), {"EndpointName": "bincounter"})
+    _expect_describe(stubber, "InService", "bincounter-other", "update failed")
+    _expect_update(stubber, OLD)
+    _expect_describe(stubber, "InService", OLD)
 
     with pytest.raises(sm.EndpointUpdateFailed, match=f"rolled back to {OLD}"):
         sm.deploy(cfg(), tracking_uri=MLFLOW, suffix=SUFFIX, client=client, poll_seconds=0.01, progress=False)

@@ -39,9 +39,9 @@ def demo_config(endpoint: str, epochs: int) -> PipelineConfig:
 def run(n_images: int = 600, epochs: int = 4, keep_server: bool = False, show: int = 8) -> list[dict]:
     from bincounter.client import count_images
     from bincounter.deploy import stop
-    from bincounter.s3server import LocalS3
     from bincounter.split import split_of
-    from bincounter.synth import generate
+    from bincounter_demo.s3server import LocalS3
+    from bincounter_demo.synth import generate
     from pipelines.runner import run_local
 
     started = time.perf_counter()
