@@ -63,7 +63,7 @@ def data_dir_without_val(synth_dir, tmp_path_factory) -> Path:
 def data_dir_overflow(tmp_path_factory) -> Path:
     """Synthetic photos of 0-8 items, preprocessed with a censored '6+' class."""
     from bincounter.preprocess import preprocess
-    from bincounter.synth import generate
+    from bincounter_demo.synth import generate
 
     work = tmp_path_factory.mktemp("data-overflow")
     generate(SynthConfig(n_images=240, image_size=64, max_count=8, seed=3), work / "raw")
