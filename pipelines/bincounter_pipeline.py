@@ -63,7 +63,9 @@ def make_pipeline(defaults: Optional[PipelineConfig] = None, cluster: Optional[C
                         experiment=experiment)
         trained = train_op(data=data.outputs["data"], tuned=tuned.outputs["best"], config=train,
                            tracking_uri=tracking_uri, experiment=experiment)
-        scored = evaluate_op(model=trained.outputs["model"], data=data.outputs["data"], config=evaluate,
+        # The original photos too: evaluation scores them as the server answers them.
+        scored = evaluate_op(model=trained.outputs["model"], data=data.outputs["data"],
+                             originals=dsl.Collected(tasks["ingest"].outputs["raw"]), config=evaluate,
                              tracking_uri=tracking_uri, experiment=experiment)
         registered = register_op(model=trained.outputs["model"], results=scored.outputs["results"],
                                  data=data.outputs["data"], config=registry,

@@ -64,12 +64,15 @@ def make_pipeline(defaults: Optional[PipelineConfig] = None):
             "max_wait_seconds": max_wait_seconds, "endpoint_name": endpoint_name,
             "endpoint_instance_type": endpoint_instance_type, "endpoint_instance_count": endpoint_instance_count,
         }
-        data = data_stages(ingest, preprocess, shards)["merge_shards"]
+        stages = data_stages(ingest, preprocess, shards)
+        data = stages["merge_shards"]
         trained = sagemaker_train(data=data.outputs["data"], config={
             "train": train, "sagemaker": account, "tracking_uri": tracking_uri, "experiment": experiment})
         # It only uploads, polls and downloads; the job's instance does the training.
         trained.set_cpu_request("500m").set_memory_request("2G")
-        scored = evaluate_op(model=trained.outputs["model"], data=data.outputs["data"], config=evaluate,
+        # The original photos too: evaluation scores them as the server answers them.
+        scored = evaluate_op(model=trained.outputs["model"], data=data.outputs["data"],
+                             originals=dsl.Collected(stages["ingest"].outputs["raw"]), config=evaluate,
                              tracking_uri=tracking_uri, experiment=experiment)
         registered = register_op(model=trained.outputs["model"], results=scored.outputs["results"],
                                  data=data.outputs["data"], config=registry,
