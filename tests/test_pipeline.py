@@ -48,6 +48,19 @@ def test_image_names_are_compile_options(tmp_path, monkeypatch):
     assert executors["exec-evaluate"]["container"]["image"] == "registry.example/bc:7"
 
 
+def test_evaluation_gets_the_original_photos_of_every_ingest_shard(tmp_path):
+    """The served path needs the photos as uploaded: the ingest outputs, collected over the shards."""
+    spec = _compiled(tmp_path)
+    assert spec["components"]["comp-evaluate"]["inputDefinitions"]["artifacts"]["originals"]["isArtifactList"]
+    originals = spec["root"]["dag"]["tasks"]["evaluate"]["inputs"]["artifacts"]["originals"]["taskOutputArtifact"]
+    loop = spec["root"]["dag"]["tasks"][originals["producerTask"]]
+    collected = loop["componentRef"]["name"]
+    assert spec["components"][collected]["outputDefinitions"]["artifacts"][originals["outputArtifactKey"]] \
+        ["isArtifactList"]
+    assert spec["components"][collected]["dag"]["outputs"]["artifacts"][originals["outputArtifactKey"]] \
+        ["artifactSelectors"] == [{"outputArtifactKey": "raw", "producerSubtask": "ingest"}]
+
+
 def test_pipeline_parameters_are_the_stage_configs(tmp_path):
     """Users of the Kubeflow UI and of the CLI get the same defaults: one struct per stage."""
     spec = _compiled(tmp_path)
@@ -198,6 +211,9 @@ def test_every_stage_field_reaches_its_stage_on_the_local_runner(tmp_path, monke
         assert records[task][0]["kwargs"]["experiment"] == cfg.registry.experiment
         assert records[task][0]["kwargs"]["tracking_uri"] == "sqlite:///spy.db"
     assert records["deploy"][0]["kwargs"]["tracking_uri"] == "sqlite:///spy.db"
+    # Evaluation gets every ingest shard's output: the original photos it scores as served.
+    originals = records["evaluate"][0]["kwargs"]["originals"]
+    assert len(originals) == 2 and len(set(originals)) == 2
 
 
 @pytest.mark.slow
@@ -240,6 +256,8 @@ def test_whole_pipeline_runs_locally_and_serves_the_registered_model(synth_dir, 
             prefixes = {key.split(".")[0] for key in run.data.params}
             assert {"ingest", "preprocess", "train", "evaluate", "register"} <= prefixes
             assert "test_accuracy" in run.data.metrics and "val_accuracy" in run.data.metrics
+            # Scored as served (the ingest shards' original photos), with the shard path beside.
+            assert {"test_shards_accuracy", "test_shards_differ", "test_served_refused"} <= set(run.data.metrics)
             state = json.loads((isolated_home / "deployments" / "bincounter.json").read_text())
             result = count_images(state["url"], [src / "bin-images" / "00001.jpg"])[0]
             assert 0 <= result["count"] <= 5 and len(result["probabilities"]) == 6

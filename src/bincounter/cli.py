@@ -86,12 +86,18 @@ def train(data: str, out: Path, cfg: Annotated[TrainConfig, Flat] = TrainConfig(
 
 
 def evaluate(model: Path, data: Path, out: Path, cfg: Annotated[EvaluateConfig, Flat] = EvaluateConfig(),
-             tracking_uri: str | None = None, run_id: str | None = None) -> None:
-    """Score a trained model on the held-out test split; write metrics, plots and a report."""
+             originals: tuple[Path, ...] = (), tracking_uri: str | None = None, run_id: str | None = None) -> None:
+    """Score a trained model on the held-out test split; write metrics, plots and a report.
+
+    Args:
+        originals: The ingest output folder(s) the data was made from: the test photos are then
+            scored as the model server answers them (the headline figures), the shards beside.
+    """
     from bincounter import launch
 
-    out_ = launch.evaluate(cfg, str(model), str(data), str(out), tracking_uri=tracking_uri, run_id=run_id)
-    _print(out_["summary"])
+    out_ = launch.evaluate(cfg, str(model), str(data), str(out), originals=[str(p) for p in originals],
+                           tracking_uri=tracking_uri, run_id=run_id)
+    _print({**out_["summary"], **out_["comparison"], "path": out_["path"]})
 
 
 def register(model: Path, evaluation: Path, data: Path, cfg: Annotated[RegisterConfig, Flat] = RegisterConfig(),

@@ -1,10 +1,24 @@
-"""Evaluate: held-out metrics, plots, a report, and the model's latency on this machine."""
+"""Evaluate: held-out metrics, plots, a report, and the model's latency on this machine.
+
+The headline figures score what is served: each test photo's original bytes (from the
+ingest output) go through the model server's own code, ``serve.engine_spec`` and
+``serve_worker.load_engine`` (its header-checked decoder, the evaluation transform, and
+the ``model.onnx`` exported as registration exports it). The pre-resized shards training
+reads are scored too, as ``shards_*``, with the number of photos whose count differs
+between the two paths. Without the originals (older runs, unit tests) the shards are the
+only path scored, and the report says so.
+"""
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
 import json
+import math
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,10 +29,17 @@ from bincounter import metrics as M
 from bincounter.config import EVAL_METRICS, EvaluateConfig
 from bincounter.data import make_loader, read_samples, ShardDataset, shard_urls
 from bincounter.fileio import atomic_write
+from bincounter.ids import is_file_stem
 from bincounter.predictor import Predictor
+from bincounter.sources import IMAGES
 from bincounter.train import resolve_device
 
 SUMMARY_KEYS = EVAL_METRICS  # config.EvalMetric owns the names (the promotion gate accepts only these)
+SERVED, SHARDS = "served", "shards"  # metrics["path"]: what the headline figures scored
+SHARDS_PREFIX = "shards_"  # the shard path's figures, beside the served headline
+_COMPARED = SUMMARY_KEYS + ("ece", "n")
+_LISTED_REFUSALS = 20  # in the report; metrics.json lists them all
+_TIMED = 32  # photos timed for latency and throughput (one batch of measure_speed)
 
 
 @dataclass
@@ -28,54 +49,184 @@ class EvaluateResult:
     plots: list[Path]
 
     def summary(self) -> dict[str, float]:
-        """Scalar metrics only (for KFP ``Metrics`` and MLflow)."""
+        """The headline scalars (for KFP ``Metrics``, MLflow and the promotion gate)."""
         return {k: float(self.metrics[k]) for k in SUMMARY_KEYS if k in self.metrics}
 
+    def comparison(self) -> dict[str, float]:
+        """Beside a served headline: the shard path's figures (``shards_*``), the photos whose
+        count differs between the paths (``shards_differ``) and the photos the server refused
+        (``served_refused``). Empty when only the shards were scored."""
+        return {k: float(v) for k, v in self.metrics.items()
+                if (k.startswith(SHARDS_PREFIX) or k == "served_refused") and isinstance(v, (int, float))}
 
-def measure_speed(predictor: Predictor, jpegs: list[bytes], samples: int, batch: int = 32) -> dict[str, float]:
-    """Single-image latency (decode included) and batched throughput."""
-    if not jpegs or samples == 0:
+
+def measure_speed(run: Callable[[list[bytes]], object], images: list[bytes], samples: int,
+                  batch: int = _TIMED) -> dict[str, float]:
+    """Single-image latency (decode included) and batched throughput of ``run`` (a callable
+    taking a list of image bytes)."""
+    if not images or samples == 0:
         return {}
-    predictor.predict_bytes(jpegs[:1])  # warm-up: first call pays for allocations
+    run(images[:1])  # warm-up: first call pays for allocations
     times = []
     for i in range(samples):
         t0 = time.perf_counter()
-        predictor.predict_bytes([jpegs[i % len(jpegs)]])
+        run([images[i % len(images)]])
         times.append((time.perf_counter() - t0) * 1000)
-    chunk = (jpegs * (batch // len(jpegs) + 1))[:batch]
+    chunk = (images * (batch // len(images) + 1))[:batch]
     t0 = time.perf_counter()
-    predictor.predict_bytes(chunk, batch_size=batch)
+    run(chunk)
     elapsed = time.perf_counter() - t0
     times.sort()
-    return {"latency_ms_p50": statistics.median(times), "latency_ms_p95": times[int(0.95 * (len(times) - 1))],
+    # Nearest rank: the smallest time at least 95% of the calls took no longer than.
+    p95 = times[min(len(times), math.ceil(0.95 * len(times))) - 1]
+    return {"latency_ms_p50": statistics.median(times), "latency_ms_p95": p95,
             "throughput_images_per_s": batch / elapsed, "latency_threads": float(torch.get_num_threads())}
 
 
-def evaluate(cfg: EvaluateConfig, model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
-             split: str = "test") -> EvaluateResult:
-    """Score the model of ``model_dir`` on one split of ``data_dir``; write metrics and plots."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    predictor = Predictor.from_dir(model_dir, device)
-    spec = predictor.spec
-    samples = read_samples(shard_urls(data_dir, split))
-    if not samples:
-        raise ValueError(f"{data_dir} has no '{split}' samples to evaluate on")
-    dataset = ShardDataset(samples, predictor.transform)
-    loader = make_loader(dataset, batch_size=cfg.batch_size, shuffle=False, workers=0, pin_memory=False)
-    probs = np.concatenate([predictor.probabilities(x) for x, _ in loader])
-    y = dataset.labels.numpy()
-    names = list(spec.class_names) or [str(int(v)) for v in predictor.values]
-    result = M.evaluate_predictions(y, probs, min_count=spec.min_count, class_names=names)
+def original_paths(data_dir: str | Path, ids: list[str], folders: Sequence[str | Path]) -> list[tuple[Path, str]]:
+    """Where each id's original photo is (``bin-images/<id>.jpg`` in one of the ingest output
+    ``folders``) and the sha256 preprocess recorded for it (``index.jsonl``).
+
+    Raises ValueError when a photo is missing: the folders are not the ingest output(s) this
+    dataset was made from, and scoring a part of the split would not be the test split.
+    """
+    index_path = Path(data_dir) / "index.jsonl"
+    if not index_path.is_file():
+        raise ValueError(f"{data_dir} has no index.jsonl: the originals cannot be matched to the test photos")
+    sha = {r["id"]: r.get("sha256") for r in map(json.loads, index_path.read_text().splitlines())}
+    roots = [Path(f) for f in folders]
+    out, missing = [], []
+    for id_ in ids:
+        if not is_file_stem(id_):  # as preprocess checks it: a shard key never names a path elsewhere
+            raise ValueError(f"test sample key {id_!r} is not a file name")
+        path = next((p for p in (r / IMAGES / f"{id_}.jpg" for r in roots) if p.is_file()), None)
+        if path is None or not sha.get(id_):
+            missing.append(id_)
+        else:
+            out.append((path, sha[id_]))
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(ids)} test photos have no original (or no recorded sha256) in "
+                         f"{', '.join(map(str, roots))} (first: {', '.join(missing[:3])}): give the ingest "
+                         "output(s) this dataset was made from")
+    return out
+
+
+def _read_original(path: Path, sha256: str, id_: str) -> bytes:
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        # Other bytes than preprocess labelled: the label may not be this photo's.
+        raise ValueError(f"{path} is not the photo preprocess packed as {id_} (its sha256 differs): give the "
+                         "ingest output(s) this dataset was made from")
+    return data
+
+
+@dataclass
+class ServedScores:
+    probabilities: list[list[float] | None]  # per photo; None where the server refused it
+    refused: list[dict]  # {"id", "status", "detail"}: what the server would answer instead
+    speed: dict[str, float]
+    backend: str
+
+
+def score_as_served(model_dir: str | Path, ids: list[str], originals: list[tuple[Path, str]], *,
+                    batch_size: int, latency_samples: int) -> ServedScores:
+    """Run the original photos through the model server's own engine.
+
+    The engine is the one ``bincounter serve`` starts for the registered model: the same
+    files (``onnx_export.serving_files``, as registration logs them), the same choice of
+    backend and limits (``serve.engine_spec`` with ``ServeConfig``'s defaults), the same
+    decode-transform-infer code (``serve_worker.NativeEngine``). Only the thread count is this
+    machine's: it changes the speed, not the answers.
+    """
+    from bincounter.config import ServeConfig
+    from bincounter.onnx_export import serving_files
+    from bincounter.serve import engine_spec
+    from bincounter.serve_worker import load_engine
+
+    probs: list[list[float] | None] = [None] * len(ids)
+    refused: list[dict] = []
+    timed: list[bytes] = []  # a few answered originals for the latency figures
+    with serving_files(model_dir) as folder:
+        engine = load_engine(engine_spec(ServeConfig(threads_per_worker=torch.get_num_threads()), folder, folder))
+        for start in range(0, len(ids), batch_size):
+            chunk = [_read_original(path, sha, ids[i])
+                     for i, (path, sha) in enumerate(originals[start:start + batch_size], start)]
+            for i, outcome in enumerate(engine.run(chunk), start):
+                if outcome[0] == "ok":
+                    probs[i] = outcome[1]["probabilities"]
+                    if len(timed) < _TIMED:
+                        timed.append(chunk[i - start])
+                else:
+                    refused.append({"id": ids[i], "status": int(outcome[1]), "detail": str(outcome[2])})
+        speed = measure_speed(engine.run, timed, latency_samples)
+    return ServedScores(probs, refused, speed, engine.info.backend)
+
+
+def _figures(y: np.ndarray, probs: np.ndarray, min_count: int, names: list[str]) -> dict:
+    result = M.evaluate_predictions(y, probs, min_count=min_count, class_names=names)
     rel = M.reliability(y, probs)
     result["ece"] = rel["ece"]
     # The reliability bins themselves, so an audit can say how often a count at a given
     # confidence was right on held-out photos (bincounter.calibration reads them back).
     result["reliability"] = {k: [None if np.isnan(v) else float(v) for v in np.asarray(rel[k], dtype=float)]
                              for k in ("edges", "accuracy", "confidence", "counts")}
+    return result
+
+
+def evaluate(cfg: EvaluateConfig, model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
+             split: str = "test", originals: Sequence[str | Path] | None = None) -> EvaluateResult:
+    """Score the model of ``model_dir`` on one split of ``data_dir``; write metrics and plots.
+
+    ``originals``: the ingest output folder(s) the dataset was made from. With them the
+    headline figures are the served path's (original bytes through the model server's
+    engine) and the shard path's are kept as ``shards_*``; without them the shards are the
+    headline, and ``metrics["path"]`` says which.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predictor = Predictor.from_dir(model_dir, resolve_device(cfg.device))
+    spec = predictor.spec
+    samples = read_samples(shard_urls(data_dir, split))
+    if not samples:
+        raise ValueError(f"{data_dir} has no '{split}' samples to evaluate on")
+    ids = [s[0] for s in samples]
+    # Before any scoring: a wrong folder fails in seconds, not after the shard pass.
+    found = original_paths(data_dir, ids, originals) if originals else None
+    dataset = ShardDataset(samples, predictor.transform)
+    loader = make_loader(dataset, batch_size=cfg.batch_size, shuffle=False, workers=0, pin_memory=False)
+    shard_probs = np.concatenate([predictor.probabilities(x) for x, _ in loader])
+    y = dataset.labels.numpy()
+    names = list(spec.class_names) or [str(int(v)) for v in predictor.values]
+    shards = _figures(y, shard_probs, spec.min_count, names)
+    shards.update(measure_speed(predictor.predict_bytes, [s[1] for s in samples], cfg.latency_samples))
+    del dataset, loader
+
+    columns: dict[str, list] = {}
+    if found is None:
+        result, probs, answered = shards, shard_probs, np.arange(len(ids))
+        result["path"] = SHARDS
+    else:
+        served = score_as_served(model_dir, ids, found, batch_size=cfg.batch_size,
+                                 latency_samples=cfg.latency_samples)
+        answered = np.array([i for i, p in enumerate(served.probabilities) if p is not None], dtype=np.int64)
+        if not len(answered):
+            first = served.refused[0]
+            raise ValueError(f"the model server refuses all {len(ids)} '{split}' photos (first: {first['id']}: "
+                             f"{first['status']} {first['detail']})")
+        probs = np.array([served.probabilities[i] for i in answered], dtype=np.float64)
+        result = _figures(y[answered], probs, spec.min_count, names)
+        result.update(served.speed)
+        result.update({"path": SERVED, "served_backend": served.backend, "served_refused": len(served.refused),
+                       "refused": served.refused})
+        result.update({SHARDS_PREFIX + k: shards[k] for k in _COMPARED if k in shards})
+        result["shards_differ"] = int((shard_probs[answered].argmax(1) != probs.argmax(1)).sum())
+        columns = {"shards_predicted_label": [int(p.argmax()) for p in shard_probs],
+                   "shards_confidence": [f"{p.max():.4f}" for p in shard_probs],
+                   "refused": [""] * len(ids)}
+        position = {id_: i for i, id_ in enumerate(ids)}
+        for r in served.refused:
+            columns["refused"][position[r["id"]]] = f"{r['status']} {r['detail']}"
     result["split"] = split
-    result.update(measure_speed(predictor, [s[1] for s in samples], cfg.latency_samples))
 
     from bincounter import plots
 
@@ -83,29 +234,60 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, data_dir: str | Path, o
     figs = [
         plots.confusion_matrix_plot(np.array(result["confusion_matrix"]), names, plot_dir / "confusion_matrix.png"),
         plots.per_class_plot(result["per_class"], plot_dir / "per_class.png"),
-        plots.reliability_plot(rel, plot_dir / "reliability.png"),
+        plots.reliability_plot(M.reliability(y[answered], probs), plot_dir / "reliability.png"),
     ]
-    _write_predictions(out_dir / "predictions.csv", dataset.ids, y, probs, spec.min_count)
+    _write_predictions(out_dir / "predictions.csv", ids, y, dict(zip(answered.tolist(), probs)), spec.min_count,
+                       columns)
     atomic_write(out_dir / "metrics.json", json.dumps(result, indent=2).encode())
     _write_report(out_dir, result, figs)
     return EvaluateResult(out_dir=out_dir, metrics=result, plots=figs)
 
 
-def _write_predictions(path: Path, ids: list[str], y: np.ndarray, probs: np.ndarray, min_count: int) -> None:
-    lines = ["id,true_label,predicted_label,confidence,expected_count"]
-    values = np.arange(min_count, min_count + probs.shape[1])
-    for id_, t, p in zip(ids, y, probs):
-        lines.append(f"{id_},{t},{int(p.argmax())},{p.max():.4f},{float(p @ values):.3f}")
-    atomic_write(path, ("\n".join(lines) + "\n").encode())
+def _write_predictions(path: Path, ids: list[str], y: np.ndarray, probs: dict[int, np.ndarray], min_count: int,
+                       extra: dict[str, list]) -> None:
+    """One row per photo: the headline path's answer (empty where the server refused the
+    photo), then ``extra`` columns (the shard path's answer, the refusal)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["id", "true_label", "predicted_label", "confidence", "expected_count", *extra])
+    for i, (id_, t) in enumerate(zip(ids, y)):
+        p = probs.get(i)
+        values = np.arange(min_count, min_count + len(p)) if p is not None else None
+        answer = [int(p.argmax()), f"{p.max():.4f}", f"{float(p @ values):.3f}"] if p is not None else ["", "", ""]
+        writer.writerow([id_, int(t), *answer, *(column[i] for column in extra.values())])
+    atomic_write(path, buf.getvalue().encode())
+
+
+def _fmt(value: object) -> object:
+    return f"{value:.4f}" if isinstance(value, float) else value
 
 
 def _write_report(out_dir: Path, m: dict, figs: list[Path]) -> None:
     from bincounter.report import html_page, markdown_table
 
-    rows = [[k, f"{m[k]:.4f}" if isinstance(m[k], float) else m[k]] for k in SUMMARY_KEYS + ("ece", "n") if k in m]
-    lines = [f"Held-out split '{m['split']}': {m['n']} photos. 'range_*' keep true counts 0-5 only "
-             "(comparable with published Amazon Bin Image Dataset results: 55.7% accuracy, RMSE 0.93).",
-             "", *markdown_table(["metric", "value"], rows)]
+    if m["path"] == SERVED:
+        how = [f"Scored as served: each photo's original bytes through the model server's own decoder and engine "
+               f"({m['served_backend']}, on the model.onnx registration exports), so these are the figures users "
+               f"get. Held-out split '{m['split']}': {m['n']} photos answered, {m['served_refused']} refused by the "
+               "server (not scored, listed below)."]
+    else:
+        how = [f"Scored on the preprocessed shards (no original photos were given), not on what the server "
+               f"decodes: users may get other figures. Pass the ingest output (`--originals`) to score the served "
+               f"path. Held-out split '{m['split']}': {m['n']} photos."]
+    rows = [[k, _fmt(m[k])] for k in _COMPARED if k in m]
+    lines = [*how, "'range_*' keep true counts 0-5 only (comparable with published Amazon Bin Image Dataset "
+             "results: 55.7% accuracy, RMSE 0.93).", "", *markdown_table(["metric", "value"], rows)]
+    if m["path"] == SERVED:
+        both = [[k, _fmt(m[k]), _fmt(m[SHARDS_PREFIX + k])] for k in _COMPARED if k in m and SHARDS_PREFIX + k in m]
+        lines += ["", f"Served path against the pre-resized shards training reads: the count differs on "
+                  f"{m['shards_differ']} of {m['n']} photos.", "",
+                  *markdown_table(["metric", "served (headline)", "shards"], both)]
+        if m["refused"]:
+            shown = m["refused"][:_LISTED_REFUSALS]
+            more = f" (the first {len(shown)}; metrics.json lists all)" if len(m["refused"]) > len(shown) else ""
+            lines += ["", f"Photos the server refuses{more}:", "",
+                      *markdown_table(["id", "status", "reason"],
+                                      [[r["id"], r["status"], r["detail"].replace("|", "/")] for r in shown])]
     per = [[n, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", int(v["support"])]
            for n, v in m["per_class"].items()]
     lines += ["", *markdown_table(["count", "precision", "recall", "F1", "support"], per)]

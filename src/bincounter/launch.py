@@ -125,22 +125,30 @@ def _resumable_run_id(model_dir: Path) -> str | None:
     return marker.read_text().strip() if marker.exists() and (model_dir / "checkpoint.pt").exists() else None
 
 
-def evaluate(cfg: EvaluateConfig, model_dir: str, data_dir: str, out_dir: str, *, tracking_uri: str | None = None,
-             experiment: str = "bincounter", run_id: str | None = None, report_html: str | None = None) -> dict:
-    """Evaluate and log metrics and plots into the training run (one run per model)."""
+def evaluate(cfg: EvaluateConfig, model_dir: str, data_dir: str, out_dir: str, *, originals: list[str] | None = None,
+             tracking_uri: str | None = None, experiment: str = "bincounter", run_id: str | None = None,
+             report_html: str | None = None) -> dict:
+    """Evaluate and log metrics and plots into the training run (one run per model).
+
+    ``originals``: the ingest output folder(s) the dataset was made from; with them the
+    headline figures score the served path (see ``bincounter.evaluate``)."""
     from bincounter.evaluate import evaluate as run
 
-    r = run(cfg, model_dir, data_dir, out_dir)
+    r = run(cfg, model_dir, data_dir, out_dir, originals=originals or None)
     if run_id:
         with tracking.stage_run("evaluate", cfg.flat("evaluate."), tracking_uri=tracking_uri, experiment=experiment,
                                 run_id=run_id):
-            tracking.log_metrics({f"test_{k}": v for k, v in r.summary().items()})
+            import mlflow
+
+            # What test_* scored: "served" (original photos, the server's engine) or "shards".
+            mlflow.set_tag("evaluate.path", r.metrics["path"])
+            tracking.log_metrics({f"test_{k}": v for k, v in {**r.summary(), **r.comparison()}.items()})
             tracking.log_artifacts(r.plots, "evaluation")
             tracking.log_artifacts([Path(out_dir) / "report.md", Path(out_dir) / "metrics.json"], "evaluation")
     if report_html:
         shutil.copyfile(Path(out_dir) / "report.html", report_html)
-    return {"summary": r.summary(), "confusion_matrix": r.metrics["confusion_matrix"],
-            "class_names": r.metrics["class_names"]}
+    return {"summary": r.summary(), "comparison": r.comparison(), "path": r.metrics["path"],
+            "confusion_matrix": r.metrics["confusion_matrix"], "class_names": r.metrics["class_names"]}
 
 
 def register(cfg: RegisterConfig, model_dir: str, eval_dir: str, data_dir: str, *, run_id: str | None = None,

@@ -2,14 +2,19 @@
 
 The server runs ONNX Runtime because it measured fastest on CPU (``bench/serve.py`` prints
 the raw figures); the graph is ``TTAProbabilities`` itself, so it returns the same averaged
-probabilities as eager evaluation. Registration writes it next to ``model.pt``.
+probabilities as eager evaluation. Registration writes it next to ``model.pt``
+(:func:`serving_files`), and evaluation scores the very same files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 ONNX_FILE = "model.onnx"
@@ -55,3 +60,21 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+SERVING_FILES = ("model.pt", "model_spec.json")
+
+
+@contextlib.contextmanager
+def serving_files(model_dir: str | Path) -> Iterator[Path]:
+    """A temporary folder holding just what a registered model serves: ``model.pt``,
+    ``model_spec.json`` and the ``model.onnx`` exported from them. Registration logs this
+    folder and evaluation scores it, so both see the same export; it is removed on exit (a
+    leaked copy of the weights per call would fill the disk of a long-lived worker)."""
+    with tempfile.TemporaryDirectory(prefix="bincounter-serving-") as tmp:
+        out = Path(tmp) / "model"
+        out.mkdir()
+        for name in SERVING_FILES:
+            shutil.copy2(Path(model_dir) / name, out / name)
+        export_onnx(out)
+        yield out

@@ -22,7 +22,7 @@ from pathlib import Path
 import bincounter
 from bincounter import tracking
 from bincounter.config import RegisterConfig
-from bincounter.onnx_export import export_onnx
+from bincounter.onnx_export import serving_files
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -69,7 +69,7 @@ def log_pyfunc(model_dir: str | Path, example_images: list[bytes]):
                         ColSpec("double", "expected_count"), ColSpec(Array("double"), "probabilities")]),
     )
     # Only the weights and spec travel as artifacts; checkpoints and plots stay with the run.
-    with _serving_files(Path(model_dir)) as serving_dir:
+    with serving_files(model_dir) as serving_dir:
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=BinCounterModel(),
@@ -82,22 +82,6 @@ def log_pyfunc(model_dir: str | Path, example_images: list[bytes]):
             metadata={k: spec.get(k) for k in ("class_names", "image_size", "mean", "std", "backbone", "tta", "rot90",
                                                "min_count")},
         )
-
-
-@contextlib.contextmanager
-def _serving_files(model_dir: Path) -> Iterator[Path]:
-    """A temporary folder holding just the serving files, removed once MLflow has copied them
-    (a leaked copy of the weights per registration would fill the disk of a long-lived worker)."""
-    import shutil
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="bincounter-serving-") as tmp:
-        out = Path(tmp) / "model"
-        out.mkdir()
-        for name in ("model.pt", "model_spec.json"):
-            shutil.copy2(model_dir / name, out / name)
-        export_onnx(out)  # model.onnx: what the model server runs (bincounter.onnx_export)
-        yield out
 
 
 def _requirements() -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import logging
 import io
 from collections import Counter
@@ -32,7 +33,9 @@ def save_figure(fig, path: Path) -> Path:
 def html_page(title: str, markdown_like: list[str], images: list[Path]) -> str:
     """A self-contained HTML page (images inlined) that KFP's UI can render as an artifact."""
     parts = [f"<html><head><meta charset='utf-8'><title>{title}</title></head><body>", f"<h1>{title}</h1>"]
-    parts += [f"<pre>{line}</pre>" if line.startswith("|") else f"<p>{line}</p>" for line in markdown_like if line]
+    # Escaped: lines may quote input (a refused photo's decoder error, a file name).
+    parts += [f"<pre>{html.escape(line)}</pre>" if line.startswith("|") else f"<p>{html.escape(line)}</p>"
+              for line in markdown_like if line]
     for img in images:
         data = base64.b64encode(img.read_bytes()).decode()
         parts.append(f"<h3>{img.stem}</h3><img src='data:image/png;base64,{data}' style='max-width:100%'>")

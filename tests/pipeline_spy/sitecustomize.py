@@ -18,7 +18,8 @@ _RESULTS = {
     "merge_shards": {},
     "tune": {"tuned": False},
     "train": {"mlflow_run_id": "spy-run"},
-    "evaluate": {"summary": {"accuracy": 0.5}, "class_names": ["0", "1"], "confusion_matrix": [[1, 0], [0, 1]]},
+    "evaluate": {"summary": {"accuracy": 0.5}, "comparison": {"shards_accuracy": 0.5}, "path": "served",
+                 "class_names": ["0", "1"], "confusion_matrix": [[1, 0], [0, 1]]},
     "register": {"champion_uri": "models:/spy@champion"},
     "deploy": {},
 }
@@ -27,7 +28,9 @@ _RESULTS = {
 def _recorder(stage):
     def record(cfg, *args, **kwargs):
         entry = {"stage": stage, "config": cfg.model_dump(mode="json"),
-                 "kwargs": {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))}}
+                 "kwargs": {k: v for k, v in kwargs.items()
+                            if isinstance(v, (str, int, float, bool, type(None)))
+                            or (isinstance(v, list) and all(isinstance(x, str) for x in v))}}
         if stage == "tune":
             entry["train_config"] = args[0].model_dump(mode="json")
         with open(os.path.join(_DIR, f"{stage}-{uuid.uuid4().hex}.json"), "w") as f:
