@@ -218,6 +218,16 @@ def test_censored_photos_and_auxiliary_targets_train_a_model_that_answers_0_to_5
     assert ckpt["model"]["aux.weight"].shape[0] == 4
     probs = Predictor(model, spec).probabilities(torch.rand(2, 3, 64, 64))
     assert probs.shape == (2, 6)
+    # Evaluation on the same data scores the 0-5 photos and counts the censored ones apart.
+    from bincounter.config import EvaluateConfig
+    from bincounter.evaluate import evaluate
+
+    info = json.loads((data_dir_overflow / "dataset.json").read_text())
+    test = info["class_counts"]["test"]
+    scored = evaluate(EvaluateConfig(latency_samples=0), tmp_path / "m", data_dir_overflow, tmp_path / "eval")
+    assert scored.metrics["beyond_answers"] == test["6+"] > 0
+    assert scored.metrics["n"] == sum(test.values()) - test["6+"]
+    assert "censored" in (tmp_path / "eval" / "report.md").read_text()
 
 
 def test_auxiliary_loss_ignores_missing_figures():
