@@ -95,6 +95,42 @@ def test_two_cpu_ranks_train_one_model(data_dir, tmp_path):
         assert abs(WORLD * h["steps"] - single) <= WORLD, (h["steps"], single)
 
 
+def test_a_train_task_with_several_gpus_runs_one_ddp_rank_per_gpu(data_dir, tmp_path, monkeypatch):
+    """``launch.train``, what the pipeline's train component calls, on a machine with several GPUs
+    (``--cluster.gpus N``) starts one DDP rank per GPU under torch.distributed.run; two CPU ranks
+    (gloo) stand in for two GPUs here. Rank 0's MLflow run and result come back to the caller."""
+    import mlflow
+
+    from bincounter import launch
+
+    monkeypatch.setattr(launch, "processes_per_node", lambda cfg: WORLD)
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = TINY_TRAIN.model_copy(update={"epochs": 1})
+    out, curves = tmp_path / "model", tmp_path / "curves.html"
+    meta = launch.train(cfg, str(data_dir), str(out), curves_html=str(curves))
+
+    assert meta["best_epoch"] == 1 and meta["backbone"] == cfg.backbone
+    assert (out / "mlflow_run_id").read_text() == meta["mlflow_run_id"]
+    run = mlflow.get_run(meta["mlflow_run_id"])
+    assert run.data.params["train.epochs"] == "1" and "train_images_per_second" in run.data.metrics
+    assert "best epoch 1" in curves.read_text()
+    # Each rank trained on half the split: the steps of a two-process job, not of one.
+    n_train = json.loads((data_dir / "dataset.json").read_text())["sizes"]["train"]
+    (epoch,) = json.loads((out / "history.json").read_text())
+    assert epoch["steps"] == math.ceil(n_train / WORLD) // cfg.batch_size < n_train // cfg.batch_size
+
+
+def test_a_failing_rank_fails_the_data_parallel_train_task(tmp_path, monkeypatch):
+    from bincounter import launch
+
+    monkeypatch.setattr(launch, "processes_per_node", lambda cfg: WORLD)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(RuntimeError, match=f"{WORLD} processes under torch.distributed.run"):
+        launch.train(TINY_TRAIN, str(tmp_path / "no-dataset-here"), str(tmp_path / "model"))
+
+
 # One rank of a multi-node job, started the way each node's launcher starts it (RANK, WORLD_SIZE,
 # MASTER_*), optionally dying like a preempted pod at the start of the epoch DIE_IN_EPOCH.
 RANK_SCRIPT = """

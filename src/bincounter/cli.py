@@ -72,7 +72,8 @@ def preprocess(input: Path, out: Path, cfg: Annotated[PreprocessConfig, Flat] = 
 def train(data: str, out: Path, cfg: Annotated[TrainConfig, Flat] = TrainConfig(),
           tracking_uri: str | None = None, experiment: str = "bincounter") -> None:
     """Train a counter on preprocessed shards (a folder or s3://...); rerun with the same --out to
-    resume. Works under torchrun."""
+    resume. Works under torchrun; on a machine with several GPUs it starts one DDP process per GPU
+    itself."""
     from bincounter import launch
     from bincounter.train import init_distributed
 

@@ -7,7 +7,11 @@ metadata dict that the component attaches to its output artifact. No kfp import 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 from bincounter import tracking
@@ -73,10 +77,23 @@ def tune(cfg: TuneStageConfig, base: TrainConfig, data_dir: str, out_dir: str, *
                        tracking_uri=tracking_uri, experiment=experiment)
 
 
+def processes_per_node(cfg: TrainConfig) -> int:
+    """Training processes for this machine: one per visible GPU when the device is left to
+    choose ('auto'), else one (CPU, or a device named in the config)."""
+    if cfg.device != "auto":
+        return 1
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
 def train(cfg: TrainConfig, data_dir: str, model_dir: str, *, tracking_uri: str | None = None,
           experiment: str = "bincounter", curves_html: str | None = None, tuned_dir: str | None = None) -> dict:
     """Train inside an MLflow run; the run id travels on as artifact metadata. With ``tuned_dir``
-    (a tune output) the search's best settings replace the ones it varied."""
+    (a tune output) the search's best settings replace the ones it varied.
+
+    On a machine with several GPUs (a pipeline task given ``--cluster.gpus N``) and no launcher
+    around it, the training runs data-parallel: one DDP process per GPU (``train_data_parallel``)."""
     from bincounter.data import materialize
     from bincounter.preprocess import load_dataset_info
     from bincounter.train import train as run
@@ -85,6 +102,10 @@ def train(cfg: TrainConfig, data_dir: str, model_dir: str, *, tracking_uri: str 
         from bincounter.tune import apply_best
 
         cfg = apply_best(cfg, tuned_dir)
+    nproc = processes_per_node(cfg)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:  # not already a rank of torchrun or a PyTorchJob
+        return train_data_parallel(cfg, data_dir, model_dir, nproc, tracking_uri=tracking_uri,
+                                   experiment=experiment, curves_html=curves_html)
     data_dir = str(materialize(data_dir))
     info = load_dataset_info(data_dir)
     params = {**cfg.flat("train."), **_data_params(data_dir, info)}
@@ -106,6 +127,43 @@ def train(cfg: TrainConfig, data_dir: str, model_dir: str, *, tracking_uri: str 
     return {"mlflow_run_id": mlrun.info.run_id, "best_epoch": r.best_epoch,
             "val_accuracy": r.best.get("val_accuracy"), "val_rmse": r.best.get("val_rmse"),
             "backbone": cfg.backbone, "image_size": cfg.image_size, "stopped_early": r.stopped_early}
+
+
+def train_data_parallel(cfg: TrainConfig, data_dir: str, model_dir: str, nproc: int, *,
+                        tracking_uri: str | None = None, experiment: str = "bincounter",
+                        curves_html: str | None = None) -> dict:
+    """``train`` as ``nproc`` DDP processes on this machine under ``torch.distributed.run``.
+
+    Rank 0 runs ``train`` itself (the MLflow run, the curves) and hands its result back through
+    a file; the other ranks train without a run of their own, as ``bincounter train`` does under
+    torchrun. Raises when any rank fails (their tracebacks are in the log above)."""
+    with tempfile.TemporaryDirectory(prefix="bincounter-ddp-") as tmp:
+        job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "data_dir": str(data_dir),
+                                   "model_dir": str(model_dir), "tracking_uri": tracking_uri,
+                                   "experiment": experiment, "curves_html": curves_html, "result": str(result)}))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "--max-restarts=0", "-m", "bincounter.launch", "train-rank", str(job)]
+        code = subprocess.call(cmd)
+        if code != 0 or not result.exists():
+            raise RuntimeError(f"data-parallel training ({nproc} processes under torch.distributed.run) exited "
+                               f"{code}{'' if result.exists() else ' without a result from rank 0'}: see the ranks' "
+                               "tracebacks above")
+        return json.loads(result.read_text())
+
+
+def _train_rank(job_path: str) -> None:
+    """One rank of ``train_data_parallel`` (torchrun sets RANK and WORLD_SIZE)."""
+    job = json.loads(Path(job_path).read_text())
+    cfg = TrainConfig.model_validate(job["config"])
+    if int(os.environ.get("RANK", "0")) == 0:
+        out = train(cfg, job["data_dir"], job["model_dir"], tracking_uri=job["tracking_uri"],
+                    experiment=job["experiment"], curves_html=job["curves_html"])
+        atomic_write(Path(job["result"]), json.dumps(out).encode())
+    else:
+        from bincounter.train import train as run
+
+        run(cfg, job["data_dir"], job["model_dir"])
 
 
 def _data_params(data_dir: str, info: dict) -> dict:
@@ -201,3 +259,9 @@ def audit(cfg: AuditConfig, out_dir: str, *, report_html: str | None = None) -> 
     if report_html:
         shutil.copyfile(out / REPORT_FILE, report_html)
     return asdict(summary)
+
+
+if __name__ == "__main__":  # python -m bincounter.launch train-rank JOB (what train_data_parallel starts)
+    if sys.argv[1:2] != ["train-rank"] or len(sys.argv) != 3:
+        sys.exit("usage: python -m bincounter.launch train-rank JOB.json (started by launch.train_data_parallel)")
+    _train_rank(sys.argv[2])

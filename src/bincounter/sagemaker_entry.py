@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bincounter.config import TrainConfig
+from bincounter.launch import processes_per_node
 
 ROOT_ENV = "BINCOUNTER_SAGEMAKER_ROOT"
 DEFAULT_ROOT = "/opt/ml"
@@ -198,14 +199,9 @@ def read_cluster(layout: Layout) -> Cluster:
     return Cluster(tuple(hosts), current, values.get("network_interface_name") or None)
 
 
-def processes_per_host(cfg: TrainConfig) -> int:
-    """One worker per GPU when the device is left to choose ('auto'); one otherwise (CPU, or a
-    device named in the hyperparameters)."""
-    if cfg.device != "auto":
-        return 1
-    import torch
-
-    return max(1, torch.cuda.device_count())
+# One worker per GPU when the device is left to choose ('auto'); one otherwise (CPU, or a device
+# named in the hyperparameters): the rule a pipeline's train task follows too.
+processes_per_host = processes_per_node
 
 
 def launcher_command(cluster: Cluster, nproc: int, port: int) -> list[str]:
