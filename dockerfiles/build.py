@@ -542,7 +542,33 @@ def test(variant: str, demo: bool) -> None:
                  *[a for e in env for a in ("--env", e)], ctr, "--", *inner])
         finally:
             run(["buildah", "rm", ctr], check=False, capture=True)
+    if variant == "cpu":
+        test_sagemaker_variant(tagged)
     # image_test.py's own closing line ("image-test: N passed, 0 failed") stays the last one.
+
+
+def test_sagemaker_variant(base: str) -> None:
+    """Build Dockerfile.sagemaker on the image just tested (it only sets the user to root, so
+    this takes seconds) and run a SageMaker-layout training in it as its own user."""
+    image = f"{base}-sagemaker"
+    dockerfile = str(REPO / "dockerfiles" / "Dockerfile.sagemaker")
+    inner = ["python", "/src/dockerfiles/image_test.py", "--variant", "sagemaker"]
+    env = ["BINCOUNTER_HOME=/tmp/bincounter-home"]
+    log(f"building {image} (the SageMaker variant: root as the user) on {base}")
+    if engine() == "docker":
+        run(["docker", "build", "--pull=false", "--build-arg", f"BASE_IMAGE={base}", "-f", dockerfile, "-t", image,
+             str(REPO / "dockerfiles")])
+        run(["docker", "run", "--rm", "--tmpfs", "/tmp:exec", "-v", f"{REPO}:/src:ro",
+             *[a for e in env for a in ("-e", e)], image, *inner])
+        return
+    run(["buildah", "bud", "--isolation", "chroot", "--pull-never", "--format", "docker", "--build-arg",
+         f"BASE_IMAGE={base}", "-f", dockerfile, "-t", image, str(REPO / "dockerfiles")])
+    ctr = run(["buildah", "from", "--pull-never", "--quiet", image], capture=True).stdout.strip()
+    try:  # no --user: the image's own (root), as SageMaker runs it
+        run(["buildah", "run", "--isolation", "chroot", "-v", f"{REPO}:/src:ro",
+             *[a for e in env for a in ("--env", e)], ctr, "--", *inner])
+    finally:
+        run(["buildah", "rm", ctr], check=False, capture=True)
 
 
 def main(argv: list[str] | None = None) -> None:

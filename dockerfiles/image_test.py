@@ -239,13 +239,41 @@ def check_sagemaker_train() -> None:
     assert "dockerfiles/Dockerfile.sagemaker" in proc.stderr and "epoch=" not in proc.stdout
 
 
+@step("SageMaker variant (Dockerfile.sagemaker): runs as root and `train` trains on the root-owned /opt/ml")
+def check_sagemaker_variant_trains() -> None:
+    """The job SageMaker would run, at its real paths: a channel in /opt/ml/input/data/training,
+    hyperparameters.json, the model in /opt/ml/model and checkpoints in /opt/ml/checkpoints."""
+    from bincounter.config import PreprocessConfig, SynthConfig, TrainConfig
+    from bincounter.preprocess import preprocess
+    from bincounter.sagemaker_entry import Layout, to_hyperparameters
+    from bincounter_demo.synth import generate
+
+    assert os.getuid() == 0, f"the SageMaker variant runs as uid {os.getuid()}, not root"
+    layout = Layout(Path("/opt/ml"))
+    generate(SynthConfig(n_images=60, image_size=48), WORK / "sm-bucket")
+    preprocess(PreprocessConfig(image_size=32, workers=1), WORK / "sm-bucket", layout.channel(), progress=False)
+    cfg = TrainConfig(backbone="tiny_cnn", pretrained="none", image_size=32, epochs=1, batch_size=8, workers=0,
+                      freeze_early=0, progress=False, tta=False)
+    layout.hyperparameters.parent.mkdir(parents=True, exist_ok=True)
+    layout.hyperparameters.write_text(json.dumps(to_hyperparameters(cfg)))
+    proc = subprocess.run(["train"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    assert (layout.model / "model.pt").is_file() and any(layout.checkpoints.iterdir()), "no model or checkpoint"
+    assert not layout.failure.exists(), layout.failure.read_text()
+    print(f"   {' '.join(line for line in proc.stdout.splitlines() if line.startswith('epoch='))[:160]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--variant", choices=["cpu", "cuda"], required=True)
+    parser.add_argument("--variant", choices=["cpu", "cuda", "sagemaker"], required=True)
     parser.add_argument("--no-demo", action="store_true")
     args = parser.parse_args()
     started = time.perf_counter()
     WORK.mkdir(parents=True, exist_ok=True)
+    if args.variant == "sagemaker":  # the root variant of the CPU image: its own checks only
+        check_sagemaker_variant_trains()
+        print(f"image-test: {len(PASSED)} passed, 0 failed", flush=True)
+        return
     check_user()
     check_imports()
     check_torch(args.variant)
