@@ -333,7 +333,7 @@ DIGEST = re.compile(r"rank (\d+)/(\d+) final model state sha256=([0-9a-f]{64})")
 
 @pytest.mark.slow
 def test_a_failing_worker_becomes_the_hosts_failure_reason(tmp_path: Path, data_dir: Path, monkeypatch) -> None:
-    from bincounter.s3server import free_port
+    from bincounter_demo.s3server import free_port
 
     layout = make_layout(tmp_path, data_dir)
     (layout.channel() / "dataset.json").write_text("not JSON")  # there, so only the worker finds it broken
@@ -348,7 +348,7 @@ def test_a_failing_worker_becomes_the_hosts_failure_reason(tmp_path: Path, data_
 
 @pytest.mark.slow
 def test_two_hosts_train_as_one_world_and_only_the_first_writes(tmp_path: Path, data_dir: Path) -> None:
-    from bincounter.s3server import free_port
+    from bincounter_demo.s3server import free_port
 
     hosts = ["127.0.0.1", "algo-2"]
     cfg = JOB_TRAIN.model_copy(update={"epochs": 2, "batch_size": 32})
