@@ -561,7 +561,7 @@ def test_sagemaker_variant(base: str) -> None:
         run(["docker", "run", "--rm", "--tmpfs", "/tmp:exec", "-v", f"{REPO}:/src:ro",
              *[a for e in env for a in ("-e", e)], image, *inner])
         return
-    run(["buildah", "bud", "--isolation", "chroot", "--pull-never", "--format", "docker", "--build-arg",
+    run(["buildah", "bud", "--isolation", "chroot", "--pull=never", "--format", "docker", "--build-arg",
          f"BASE_IMAGE={base}", "-f", dockerfile, "-t", image, str(REPO / "dockerfiles")])
     ctr = run(["buildah", "from", "--pull-never", "--quiet", image], capture=True).stdout.strip()
     try:  # no --user: the image's own (root), as SageMaker runs it
