@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bincounter.config import STAGES, ClusterConfig, PipelineConfig
+from bincounter.config import STAGES, ClusterConfig, PipelineConfig, SageMakerConfig
 
 
 def arguments(cfg: PipelineConfig, tracking_uri: str) -> dict:
@@ -13,6 +13,15 @@ def arguments(cfg: PipelineConfig, tracking_uri: str) -> dict:
     return {**{stage: getattr(cfg, stage).params() for stage in STAGES}, "shards": cfg.shards,
             "deploy_enabled": cfg.deploy_enabled,
             "tracking_uri": tracking_uri, "experiment": cfg.registry.experiment}
+
+
+def sagemaker_arguments(cfg: PipelineConfig, sagemaker: SageMakerConfig, tracking_uri: str) -> dict:
+    """The SageMaker variant's arguments: the same structs as ``arguments`` where that variant
+    takes them (read off its own signature, so the two cannot drift), plus the account's struct."""
+    from pipelines.sagemaker_pipeline import make_pipeline
+
+    names = make_pipeline(cfg, sagemaker).component_spec.inputs
+    return {**{k: v for k, v in arguments(cfg, tracking_uri).items() if k in names}, "sagemaker": sagemaker.params()}
 
 
 def for_cluster(cfg: PipelineConfig, cluster: ClusterConfig) -> PipelineConfig:
@@ -39,14 +48,16 @@ def compile_pipeline(path: str | Path, cfg: PipelineConfig | None = None,
 
 
 def submit(host: str, cfg: PipelineConfig | None = None, cluster: ClusterConfig | None = None, *,
+           sagemaker: SageMakerConfig | None = None,
            namespace: str | None = None, experiment: str = "bincounter", run_name: str | None = None,
            service_account: str | None = None, wait: bool = False, timeout: float = 7 * 24 * 3600,
            package: str | Path | None = None) -> dict:
     """Compile, upload and start a run on Kubeflow Pipelines at ``host`` through ``kfp.Client``.
 
     The run's arguments are ``cfg``'s stage configs (as on the cluster) and the cluster's
-    tracking URI. With ``wait``, follows the run to its end; the result's ``state`` says how it
-    ended. ``package`` keeps the compiled YAML there (default: a temporary file).
+    tracking URI. With ``sagemaker``, the run is the SageMaker variant (training job and endpoint)
+    with that account's settings. With ``wait``, follows the run to its end; the result's
+    ``state`` says how it ended. ``package`` keeps the compiled YAML there (default: a temporary file).
     """
     import tempfile
 
@@ -55,10 +66,18 @@ def submit(host: str, cfg: PipelineConfig | None = None, cluster: ClusterConfig 
     cluster = cluster or ClusterConfig()
     cfg = for_cluster(cfg or PipelineConfig(), cluster)
     with tempfile.TemporaryDirectory(prefix="bincounter-submit-") as tmp:
-        path = compile_pipeline(package or Path(tmp) / "bincounter.yaml", cfg, cluster)
+        package = package or Path(tmp) / "bincounter.yaml"
+        if sagemaker is None:
+            path = compile_pipeline(package, cfg, cluster)
+            args = arguments(cfg, cluster.tracking_uri)
+        else:
+            from pipelines.sagemaker_pipeline import compile_pipeline as compile_sagemaker
+
+            path = compile_sagemaker(package, cfg, sagemaker)
+            args = sagemaker_arguments(cfg, sagemaker, cluster.tracking_uri)
         client = Client(host=host, namespace=namespace or "kubeflow")
         run = client.create_run_from_pipeline_package(
-            str(path), arguments=arguments(cfg, cluster.tracking_uri), run_name=run_name,
+            str(path), arguments=args, run_name=run_name,
             experiment_name=experiment, namespace=namespace, service_account=service_account)
     out = {"run_id": run.run_id, "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}", "state": None}
     if wait:

@@ -11,9 +11,10 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 import yaml
 
-from bincounter.config import ClusterConfig, PipelineConfig, RegisterConfig, TrainConfig
+from bincounter.config import ClusterConfig, PipelineConfig, RegisterConfig, SageMakerConfig, TrainConfig
 from bincounter.cli import main
-from pipelines.runner import arguments, compile_pipeline, for_cluster
+from pipelines.runner import arguments, compile_pipeline, for_cluster, sagemaker_arguments
+from pipelines.sagemaker_pipeline import compile_pipeline as compile_sagemaker
 
 
 class FakeKFP:
@@ -127,3 +128,33 @@ def test_submit_without_wait_only_starts_the_run(capsys):
     lists = [r for r in kfp_api.requests if (r["method"], r["path"]) == ("GET", "/apis/v2beta1/experiments")]
     assert lists[0]["query"]["namespace"] == ["team-a"]
     assert f"{kfp_api.url}/#/runs/details/run-1" in capsys.readouterr().out
+
+
+def test_submit_sagemaker_uploads_the_sagemaker_variant_with_the_account_as_its_argument(tmp_path):
+    argv = ["pipeline", "submit", "--host", "", "--backend", "sagemaker", "--train.epochs", "5",
+            "--sagemaker.role-arn", "arn:aws:iam::123456789012:role/bincounter-sagemaker",
+            "--sagemaker.bucket", "team-bins", "--sagemaker.instance-count", "2",
+            "--cluster.tracking-uri", "http://mlflow.example:5000"]
+    with FakeKFP() as kfp_api:
+        argv[3] = kfp_api.url
+        main(argv)
+        run = kfp_api.created_run()
+    sm = SageMakerConfig(role_arn="arn:aws:iam::123456789012:role/bincounter-sagemaker", bucket="team-bins",
+                         instance_count=2)
+    cfg = PipelineConfig(train=TrainConfig(epochs=5))
+    params = run["runtime_config"]["parameters"]
+    assert params == json.loads(json.dumps(sagemaker_arguments(cfg, sm, "http://mlflow.example:5000")))
+    assert params["sagemaker"]["bucket"] == "team-bins" and params["sagemaker"]["instance_count"] == 2
+    assert params["train"]["epochs"] == 5 and params["tracking_uri"] == "http://mlflow.example:5000"
+    assert "deploy" not in params  # the endpoint is the variant's deploy; no Kubernetes target
+    expected = yaml.safe_load(compile_sagemaker(tmp_path / "sm.yaml", cfg, sm).read_text())
+    # No kfp-kubernetes platform spec in this variant, so the client sends the spec itself.
+    assert run["pipeline_spec"] == json.loads(json.dumps(expected))
+    assert run["pipeline_spec"]["pipelineInfo"]["name"] == "bincounter-sagemaker"
+
+
+def test_submit_refuses_options_of_the_other_backend():
+    with pytest.raises(SystemExit, match="apply to --backend sagemaker only"):
+        main(["pipeline", "submit", "--host", "http://127.0.0.1:9", "--sagemaker.bucket", "team-bins"])
+    with pytest.raises(SystemExit, match="does not apply to --backend sagemaker"):
+        main(["pipeline", "submit", "--host", "http://127.0.0.1:9", "--backend", "sagemaker", "--cluster.gpus", "1"])

@@ -167,6 +167,19 @@ def pipeline_run(cfg: Annotated[PipelineConfig, Flat] = PipelineConfig(), tracki
     run_local(cfg, tracking_uri or default_tracking_uri(), cfg.pipeline_root or home() / "kfp")
 
 
+def _sagemaker_or_none(backend: str, cluster: ClusterConfig, sagemaker: SageMakerConfig) -> SageMakerConfig | None:
+    """The SageMaker account's settings when --backend sagemaker, else None; refuses options
+    that do not apply to the chosen backend."""
+    if backend == "sagemaker":
+        if cluster.gpus:
+            raise SystemExit("--cluster.gpus does not apply to --backend sagemaker: the training job's instance "
+                             "type brings the GPU (--sagemaker.instance-type)")
+        return sagemaker
+    if sagemaker != SageMakerConfig():
+        raise SystemExit("--sagemaker.* options apply to --backend sagemaker only")
+    return None
+
+
 def pipeline_compile(out: Path = Path("pipeline.yaml"), cfg: Annotated[PipelineConfig, Flat] = PipelineConfig(),
                      cluster: ClusterConfig = ClusterConfig(),
                      backend: Literal["kubeflow", "sagemaker"] = "kubeflow",
@@ -178,16 +191,12 @@ def pipeline_compile(out: Path = Path("pipeline.yaml"), cfg: Annotated[PipelineC
     compiles the variant that trains in a SageMaker training job and hosts on a SageMaker
     endpoint; its --sagemaker.* options (the account, instances, limits) become the default of
     its one 'sagemaker' struct parameter."""
-    if backend == "sagemaker":
+    sm = _sagemaker_or_none(backend, cluster, sagemaker)
+    if sm is not None:
         from pipelines.sagemaker_pipeline import compile_pipeline as compile_sagemaker
 
-        if cluster.gpus:
-            raise SystemExit("--cluster.gpus does not apply to --backend sagemaker: the training job's instance "
-                             "type brings the GPU (--sagemaker.instance-type)")
-        _print({"compiled": str(compile_sagemaker(out, cfg, sagemaker))})
+        _print({"compiled": str(compile_sagemaker(out, cfg, sm))})
         return
-    if sagemaker != SageMakerConfig():
-        raise SystemExit("--sagemaker.* options apply to --backend sagemaker only")
     from pipelines.runner import compile_pipeline
 
     _print({"compiled": str(compile_pipeline(out, cfg, cluster))})
@@ -196,16 +205,20 @@ def pipeline_compile(out: Path = Path("pipeline.yaml"), cfg: Annotated[PipelineC
 def pipeline_submit(host: str, cfg: Annotated[PipelineConfig, Flat] = PipelineConfig(),
                     cluster: ClusterConfig = ClusterConfig(), namespace: str | None = None,
                     experiment: str = "bincounter", run_name: str | None = None,
-                    service_account: str | None = None, wait: bool = False, timeout: float = 7 * 24 * 3600) -> None:
+                    service_account: str | None = None, wait: bool = False, timeout: float = 7 * 24 * 3600,
+                    backend: Literal["kubeflow", "sagemaker"] = "kubeflow",
+                    sagemaker: SageMakerConfig = SageMakerConfig()) -> None:
     """Compile, upload and start a run on Kubeflow Pipelines (kfp.Client) and print its URL.
 
     The stage options are the run's arguments; --cluster.* as for 'pipeline compile'. --namespace
     is the Kubeflow profile namespace (multi-user), --experiment the KFP experiment. With --wait,
-    follows the run to its end and exits non-zero unless it succeeded."""
+    follows the run to its end and exits non-zero unless it succeeded. --backend sagemaker starts
+    the SageMaker variant, its --sagemaker.* options the run's 'sagemaker' argument."""
     from pipelines.runner import submit
 
-    out = submit(host, cfg, cluster, namespace=namespace, experiment=experiment, run_name=run_name,
-                 service_account=service_account, wait=wait, timeout=timeout)
+    out = submit(host, cfg, cluster, sagemaker=_sagemaker_or_none(backend, cluster, sagemaker), namespace=namespace,
+                 experiment=experiment, run_name=run_name, service_account=service_account, wait=wait,
+                 timeout=timeout)
     _print(out)
     if wait and str(out["state"]).upper() != "SUCCEEDED":
         print(f"run {out['run_id']} ended {out['state']}: {out['url']}", file=sys.stderr)
