@@ -519,6 +519,33 @@ def check_no_build_settings(ref: str, needles: list[str]) -> None:
 # --------------------------------------------------------------------------- test
 
 
+@contextlib.contextmanager
+def mounted_sources() -> Iterator[Path]:
+    """A world-readable copy of the in-image test, to mount read-only at /src. The container's
+    user (uid 10001) cannot read a clone in a private folder (``mktemp -d`` makes mode 700)."""
+    with tempfile.TemporaryDirectory(prefix="bincounter-image-test-") as tmp:
+        root = Path(tmp)
+        (root / "dockerfiles").mkdir()
+        shutil.copyfile(REPO / "dockerfiles" / "image_test.py", root / "dockerfiles" / "image_test.py")
+        for path in (root, root / "dockerfiles"):
+            path.chmod(0o755)
+        (root / "dockerfiles" / "image_test.py").chmod(0o644)
+        closed = closed_to_others(root)
+        if closed is not None:
+            raise SystemExit(f"image-test: {closed} is not searchable by other users (mode "
+                             f"{closed.stat().st_mode & 0o777:o}), so the image's user (uid 10001) cannot "
+                             f"read the test mounted from {root}; point TMPDIR at a folder others can enter")
+        yield root
+
+
+def closed_to_others(path: Path) -> Path | None:
+    """The first folder on the way to ``path`` (itself included) that others cannot enter."""
+    for folder in [*reversed(path.parents), path]:
+        if not folder.stat().st_mode & 0o001:
+            return folder
+    return None
+
+
 def test(variant: str, demo: bool) -> None:
     """Build when the image for the current sources is missing, then run image_test.py inside it."""
     args = build_args(variant)
@@ -531,17 +558,18 @@ def test(variant: str, demo: bool) -> None:
     log(f"{image_name(variant)}: {image_size(tagged)}")
     inner = ["python", "/src/dockerfiles/image_test.py", "--variant", variant] + ([] if demo else ["--no-demo"])
     env = ["BINCOUNTER_HOME=/tmp/bincounter-home"]
-    if engine() == "docker":
-        cmd = ["docker", "run", "--rm", "--user", USER, "--read-only", "--tmpfs", "/tmp:exec",
-               "-v", f"{REPO}:/src:ro", *[a for e in env for a in ("-e", e)], tagged, *inner]
-        run(cmd)
-    else:
-        ctr = run(["buildah", "from", "--pull-never", "--quiet", tagged], capture=True).stdout.strip()
-        try:
-            run(["buildah", "run", "--isolation", "chroot", "--user", USER, "-v", f"{REPO}:/src:ro",
-                 *[a for e in env for a in ("--env", e)], ctr, "--", *inner])
-        finally:
-            run(["buildah", "rm", ctr], check=False, capture=True)
+    with mounted_sources() as src:
+        if engine() == "docker":
+            cmd = ["docker", "run", "--rm", "--user", USER, "--read-only", "--tmpfs", "/tmp:exec",
+                   "-v", f"{src}:/src:ro", *[a for e in env for a in ("-e", e)], tagged, *inner]
+            run(cmd)
+        else:
+            ctr = run(["buildah", "from", "--pull-never", "--quiet", tagged], capture=True).stdout.strip()
+            try:
+                run(["buildah", "run", "--isolation", "chroot", "--user", USER, "-v", f"{src}:/src:ro",
+                     *[a for e in env for a in ("--env", e)], ctr, "--", *inner])
+            finally:
+                run(["buildah", "rm", ctr], check=False, capture=True)
     if variant == "cpu":
         test_sagemaker_variant(tagged)
     # image_test.py's own closing line ("image-test: N passed, 0 failed") stays the last one.
@@ -558,15 +586,17 @@ def test_sagemaker_variant(base: str) -> None:
     if engine() == "docker":
         run(["docker", "build", "--pull=false", "--build-arg", f"BASE_IMAGE={base}", "-f", dockerfile, "-t", image,
              str(REPO / "dockerfiles")])
-        run(["docker", "run", "--rm", "--tmpfs", "/tmp:exec", "-v", f"{REPO}:/src:ro",
-             *[a for e in env for a in ("-e", e)], image, *inner])
+        with mounted_sources() as src:
+            run(["docker", "run", "--rm", "--tmpfs", "/tmp:exec", "-v", f"{src}:/src:ro",
+                 *[a for e in env for a in ("-e", e)], image, *inner])
         return
     run(["buildah", "bud", "--isolation", "chroot", "--pull=never", "--format", "docker", "--build-arg",
          f"BASE_IMAGE={base}", "-f", dockerfile, "-t", image, str(REPO / "dockerfiles")])
     ctr = run(["buildah", "from", "--pull-never", "--quiet", image], capture=True).stdout.strip()
     try:  # no --user: the image's own (root), as SageMaker runs it
-        run(["buildah", "run", "--isolation", "chroot", "-v", f"{REPO}:/src:ro",
-             *[a for e in env for a in ("--env", e)], ctr, "--", *inner])
+        with mounted_sources() as src:
+            run(["buildah", "run", "--isolation", "chroot", "-v", f"{src}:/src:ro",
+                 *[a for e in env for a in ("--env", e)], ctr, "--", *inner])
     finally:
         run(["buildah", "rm", ctr], check=False, capture=True)
 

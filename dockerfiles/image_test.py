@@ -1,5 +1,5 @@
-"""Checks that run INSIDE a built image (``make image-test``), as its non-root user, with the
-sources mounted read-only at /src. Everything imported comes from the image's own venv.
+"""Checks that run INSIDE a built image (``make image-test``), as its non-root user, with this
+file mounted read-only at /src. Everything imported comes from the image's own venv.
 
     python /src/dockerfiles/image_test.py --variant cpu [--no-demo]
 

@@ -8,6 +8,7 @@ import importlib.util
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -108,3 +109,37 @@ def test_pip_settings_reach_only_the_build_stages(dockerfile: Path) -> None:
             if line.startswith("RUN") and build.re.search(r"\bpip (install|wheel)\b", line) and "--no-index" not in line:
                 for secret in build.SECRET_IDS:
                     assert f"id={secret}" in line, f"{dockerfile.name}: a pip step lacks the {secret} secret: {line[:80]}"
+
+
+
+@pytest.fixture
+def open_folder():
+    """A folder anyone can enter (pytest's own tmp_path is mode 700)."""
+    folder = Path(tempfile.mkdtemp())
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def test_the_mounted_test_is_readable_by_the_image_user_from_a_private_clone(open_folder: Path) -> None:
+    # A clone in `mktemp -d` (mode 700) is closed to uid 10001: mount a readable copy instead.
+    private = open_folder / "clone"
+    private.mkdir(mode=0o700)
+    assert build.closed_to_others(private) == private
+    assert build.closed_to_others(open_folder) is None
+    with build.mounted_sources() as src:
+        assert build.closed_to_others(src / "dockerfiles") is None
+        mounted = src / "dockerfiles" / "image_test.py"
+        assert mounted.stat().st_mode & 0o004, oct(mounted.stat().st_mode)
+        assert mounted.read_bytes() == (REPO / "dockerfiles" / "image_test.py").read_bytes()
+    assert not src.exists()
+
+
+def test_a_private_temporary_folder_is_refused_with_the_reason(open_folder: Path, monkeypatch) -> None:
+    private = open_folder / "tmp"
+    private.mkdir(mode=0o700)
+    monkeypatch.setattr(build.tempfile, "tempdir", str(private))
+    with pytest.raises(SystemExit, match=r"/tmp is not searchable by other users \(mode 700\).*TMPDIR"):
+        with build.mounted_sources():
+            pass
+    assert list(private.iterdir()) == []
