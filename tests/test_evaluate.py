@@ -145,3 +145,15 @@ def test_a_photo_the_server_refuses_is_reported_not_scored(model_dir, synth_dir,
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "1 refused by the server" in report and f"| {big} | 413 |" in report
     assert sum(map(sum, m["confusion_matrix"])) == m["n"]
+
+
+def test_an_evaluation_compares_with_itself(model_dir, data_dir, tmp_path):
+    # bincounter.compare reads what evaluate writes: same photos, same answers, nothing discordant.
+    from bincounter.compare import compare
+
+    evaluate(EvaluateConfig(latency_samples=0), model_dir, data_dir, tmp_path)
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    c = compare([tmp_path], [tmp_path / "predictions.csv"])
+    assert c.pairs[0].photos == m["n"]
+    assert c.candidate_accuracy == pytest.approx(m["accuracy"]) and c.candidate_rmse == pytest.approx(m["rmse"])
+    assert (c.only_candidate_right, c.only_baseline_right, c.p_value) == (0, 0, 1.0)

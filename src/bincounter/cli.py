@@ -101,6 +101,19 @@ def evaluate(model: Path, data: Path, out: Path, cfg: Annotated[EvaluateConfig, 
     _print({**out_["summary"], **out_["comparison"], "path": out_["path"]})
 
 
+def compare(candidate: tuple[Path, ...], baseline: tuple[Path, ...]) -> None:
+    """Compare two models on the same test photos: accuracy, RMSE, and McNemar's exact test on the
+    photos exactly one of them counted right, pooled over seeds.
+
+    Args:
+        candidate: Evaluation output folders (or predictions.csv) of the model tried, one per seed.
+        baseline: The same for the model it is compared against, in the same seed order.
+    """
+    from bincounter.compare import compare as run
+
+    _print(run(list(candidate), list(baseline)).to_dict())
+
+
 def register(model: Path, evaluation: Path, data: Path, cfg: Annotated[RegisterConfig, Flat] = RegisterConfig(),
              run_id: str | None = None) -> None:
     """Register a model version in MLflow as 'challenger'; promote to 'champion' if it wins."""
@@ -254,8 +267,8 @@ def demo(n_images: int = 600, epochs: int = 4, keep_server: bool = False) -> Non
 
 COMMANDS = {
     "synth": synth, "ingest": ingest, "preprocess": preprocess, "train": train, "evaluate": evaluate,
-    "register": register, "deploy": deploy, "undeploy": undeploy, "serve": serve, "predict": predict,
-    "audit": audit,
+    "compare": compare, "register": register, "deploy": deploy, "undeploy": undeploy, "serve": serve,
+    "predict": predict, "audit": audit,
     "pipeline": {"run": pipeline_run, "compile": pipeline_compile, "submit": pipeline_submit,
                  "compile-audit": pipeline_compile_audit},
     "s3-server": s3_server, "demo": demo,
