@@ -1,5 +1,3 @@
-from typing import List, Optional
-
 from kfp import dsl
 from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
@@ -9,19 +7,18 @@ from components import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate(model: Input[Model], data: Input[Dataset], results: Output[Dataset], metrics: Output[Metrics],
              confusion: Output[ClassificationMetrics], report: Output[HTML], config: dict, tracking_uri: str,
-             experiment: str, originals: Optional[Input[List[Dataset]]] = None):
+             experiment: str):
     """Score the model on the held-out test split: accuracy, RMSE, MAE, within-1, per-class
     F1, the 0-5 figures comparable with published results, calibration and latency.
-    ``config`` is an ``EvaluateConfig``. ``originals`` (the ingest outputs the data was made
-    from) make the headline figures those of the served path, the original photos through
-    the model server's engine; the shard path's are logged beside as ``shards_*``."""
+    ``config`` is an ``EvaluateConfig``. The headline figures are those of the served path:
+    the test photos' originals, which preprocess keeps in ``data``, through the model server's
+    engine; the shard path's are logged beside as ``shards_*``."""
     from bincounter import launch
     from bincounter.config import EvaluateConfig
 
     cfg = EvaluateConfig.model_validate(config)
     results.metadata["config"] = cfg.model_dump(mode="json")
-    out = launch.evaluate(cfg, model.path, data.path, results.path, originals=[o.path for o in originals or []],
-                          tracking_uri=tracking_uri or None, experiment=experiment,
+    out = launch.evaluate(cfg, model.path, data.path, results.path, tracking_uri=tracking_uri or None, experiment=experiment,
                           run_id=model.metadata.get("mlflow_run_id"), report_html=report.path)
     for name, value in {**out["summary"], **out["comparison"]}.items():
         metrics.log_metric(name, value)

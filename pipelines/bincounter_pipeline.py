@@ -35,12 +35,11 @@ def data_stages(ingest: dict, preprocess: dict, shards) -> dict:
     return {"shard_indices": plan, "ingest": raw, "preprocess": part, "merge_shards": merged}
 
 
-def evaluate_and_register(model, data, raw, evaluate: dict, registry: dict, tracking_uri, experiment) -> dict:
+def evaluate_and_register(model, data, evaluate: dict, registry: dict, tracking_uri, experiment) -> dict:
     """Score ``model`` on ``data``'s test split, then register it (promoted only if it beats the
-    champion): the tasks by name. Both pipelines wire these two stages through here. ``raw`` is
-    the ingest task(s)' output: evaluation scores the original photos as the server answers them."""
-    scored = evaluate_op(model=model, data=data, originals=dsl.Collected(raw), config=evaluate,
-                         tracking_uri=tracking_uri, experiment=experiment)
+    champion): the tasks by name. Both pipelines wire these two stages through here. Evaluation
+    scores the test photos' originals, which preprocess keeps in ``data``, as the server answers them."""
+    scored = evaluate_op(model=model, data=data, config=evaluate, tracking_uri=tracking_uri, experiment=experiment)
     registered = register_op(model=model, results=scored.outputs["results"], data=data, config=registry,
                              pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, tracking_uri=tracking_uri)
     # Registering changes the world outside the pipeline: never cache it.
@@ -77,8 +76,8 @@ def make_pipeline(defaults: Optional[PipelineConfig] = None, cluster: Optional[C
         trained = train_op(data=data.outputs["data"], tuned=tuned.outputs["best"], config=train,
                            tracking_uri=tracking_uri, experiment=experiment)
         tasks.update({"tune": tuned, "train": trained})
-        tasks.update(evaluate_and_register(trained.outputs["model"], data.outputs["data"], tasks["ingest"].outputs["raw"],
-                                           evaluate, registry, tracking_uri, experiment))
+        tasks.update(evaluate_and_register(trained.outputs["model"], data.outputs["data"], evaluate, registry,
+                                           tracking_uri, experiment))
         with dsl.If(deploy_enabled == True):  # noqa: E712 - kfp builds a condition from ==
             served = deploy_op(registration=tasks["register"].outputs["registration"], config=deploy,
                                tracking_uri=tracking_uri)

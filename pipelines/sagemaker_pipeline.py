@@ -45,8 +45,8 @@ def make_pipeline(defaults: Optional[PipelineConfig] = None, sagemaker: Optional
                                   tracking_uri=tracking_uri, experiment=experiment)
         # It only uploads, polls and downloads; the job's instances do the training.
         trained.set_cpu_request("500m").set_memory_request("2G")
-        registered = evaluate_and_register(trained.outputs["model"], data.outputs["data"], stages["ingest"].outputs["raw"],
-                                           evaluate, registry, tracking_uri, experiment)["register"]
+        registered = evaluate_and_register(trained.outputs["model"], data.outputs["data"], evaluate, registry,
+                                           tracking_uri, experiment)["register"]
         with dsl.If(deploy_enabled == True):  # noqa: E712 - kfp builds a condition from ==
             served = sagemaker_deploy(registration=registered.outputs["registration"], sagemaker=sagemaker,
                                       model_uri=deploy_model_uri, tracking_uri=tracking_uri)

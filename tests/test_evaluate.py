@@ -32,9 +32,21 @@ def test_evaluate_writes_metrics_plots_and_report(model_dir, data_dir, tmp_path)
     cal = from_metrics(m, "metrics.json")
     assert cal.photos == test_size and 0.0 <= cal.accuracy_at(0.9) <= 1.0
     assert set(result.summary()) == set(EVAL_METRICS)  # the promotion gate accepts exactly these
-    # No originals given: the shards are the only path, and the report says it is not the served one.
+    # No folder given: the test photos' originals the dataset keeps are scored as served.
+    assert m["path"] == "served" and m["served_refused"] == 0 and m["shards_n"] == m["n"]
+    assert "Scored as served" in (tmp_path / "report.md").read_text()
+
+
+def test_a_dataset_without_originals_is_scored_on_its_shards_and_says_so(model_dir, data_dir, tmp_path):
+    from bincounter.preprocess import ORIGINALS
+
+    old = tmp_path / "data"  # as preprocess wrote datasets before it kept the test originals
+    shutil.copytree(data_dir, old, ignore=shutil.ignore_patterns(ORIGINALS))
+    result = evaluate(EvaluateConfig(latency_samples=0), model_dir, old, tmp_path / "eval")
+    m = result.metrics
     assert m["path"] == "shards" and result.comparison() == {} and not any(k.startswith("shards_") for k in m)
-    assert "Scored on the preprocessed shards (no original photos were given)" in (tmp_path / "report.md").read_text()
+    assert "Scored on the preprocessed shards (the dataset keeps no original photos and none were given)" \
+        in (tmp_path / "eval" / "report.md").read_text()
 
 
 def _rows(path):

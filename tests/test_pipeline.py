@@ -48,17 +48,13 @@ def test_image_names_are_compile_options(tmp_path, monkeypatch):
     assert executors["exec-evaluate"]["container"]["image"] == "registry.example/bc:7"
 
 
-def test_evaluation_gets_the_original_photos_of_every_ingest_shard(tmp_path):
-    """The served path needs the photos as uploaded: the ingest outputs, collected over the shards."""
+def test_evaluation_reads_the_merged_dataset_not_every_ingest_output(tmp_path):
+    """The served path's original photos travel in the dataset (preprocess keeps the test split's):
+    evaluation downloads a tenth of the photos, not every ingest shard's output."""
     spec = _compiled(tmp_path)
-    assert spec["components"]["comp-evaluate"]["inputDefinitions"]["artifacts"]["originals"]["isArtifactList"]
-    originals = spec["root"]["dag"]["tasks"]["evaluate"]["inputs"]["artifacts"]["originals"]["taskOutputArtifact"]
-    loop = spec["root"]["dag"]["tasks"][originals["producerTask"]]
-    collected = loop["componentRef"]["name"]
-    assert spec["components"][collected]["outputDefinitions"]["artifacts"][originals["outputArtifactKey"]] \
-        ["isArtifactList"]
-    assert spec["components"][collected]["dag"]["outputs"]["artifacts"][originals["outputArtifactKey"]] \
-        ["artifactSelectors"] == [{"outputArtifactKey": "raw", "producerSubtask": "ingest"}]
+    inputs = spec["root"]["dag"]["tasks"]["evaluate"]["inputs"]["artifacts"]
+    assert set(inputs) == {"model", "data"}
+    assert inputs["data"]["taskOutputArtifact"] == {"outputArtifactKey": "data", "producerTask": "merge-shards"}
 
 
 def test_pipeline_parameters_are_the_stage_configs(tmp_path):
@@ -211,9 +207,8 @@ def test_every_stage_field_reaches_its_stage_on_the_local_runner(tmp_path, monke
         assert records[task][0]["kwargs"]["experiment"] == cfg.registry.experiment
         assert records[task][0]["kwargs"]["tracking_uri"] == "sqlite:///spy.db"
     assert records["deploy"][0]["kwargs"]["tracking_uri"] == "sqlite:///spy.db"
-    # Evaluation gets every ingest shard's output: the original photos it scores as served.
-    originals = records["evaluate"][0]["kwargs"]["originals"]
-    assert len(originals) == 2 and len(set(originals)) == 2
+    # Evaluation scores the originals the merged dataset keeps: it is given no ingest output.
+    assert not records["evaluate"][0]["kwargs"].get("originals")
 
 
 @pytest.mark.slow
@@ -256,7 +251,7 @@ def test_whole_pipeline_runs_locally_and_serves_the_registered_model(synth_dir, 
             prefixes = {key.split(".")[0] for key in run.data.params}
             assert {"ingest", "preprocess", "train", "evaluate", "register"} <= prefixes
             assert "test_accuracy" in run.data.metrics and "val_accuracy" in run.data.metrics
-            # Scored as served (the ingest shards' original photos), with the shard path beside.
+            # Scored as served (the test originals both preprocess shards kept), with the shard path beside.
             assert {"test_shards_accuracy", "test_shards_differ", "test_served_refused"} <= set(run.data.metrics)
             state = json.loads((isolated_home / "deployments" / "bincounter.json").read_text())
             result = count_images(state["url"], [src / "bin-images" / "00001.jpg"])[0]

@@ -183,6 +183,18 @@ def test_shards_hold_exactly_the_index_with_correct_labels(messy, result, cfg):
     assert index["ok-big"]["width"] == 300 and index["ok-big"]["height"] == 200
 
 
+def test_the_test_photos_originals_are_kept_byte_for_byte(messy, result):
+    """Evaluation scores the served path on these: the test split's photos as ingest fetched them,
+    and no other split's (the dataset grows by a tenth of the originals, not all of them)."""
+    from bincounter.preprocess import ORIGINALS
+
+    index = {r["id"]: r for r in _jsonl(result / "index.jsonl")}
+    kept = {p.stem: p for p in (result / ORIGINALS / "bin-images").iterdir()}
+    assert sorted(kept) == sorted(i for i, r in index.items() if r["split"] == "test") and kept
+    for id_, path in kept.items():
+        assert path.read_bytes() == (messy / "bin-images" / f"{id_}.jpg").read_bytes()
+
+
 def test_report_files(result):
     report = result / "report"
     for name in ("report.md", "report.html", "class_histogram.png", "image_sizes.png",

@@ -140,9 +140,8 @@ def test_the_cli_compiles_the_sagemaker_backend_with_the_options_as_defaults(tmp
     assert not (tmp_path / "k.yaml").exists()
 
 
-def test_evaluation_gets_the_original_photos_of_every_ingest_shard(spec: dict) -> None:
-    """As in the main pipeline: the served path is scored on the ingest outputs, collected over the shards."""
-    originals = _tasks(spec)["evaluate"]["inputs"]["artifacts"]["originals"]["taskOutputArtifact"]
-    loop = spec["components"][spec["root"]["dag"]["tasks"][originals["producerTask"]]["componentRef"]["name"]]
-    assert loop["dag"]["outputs"]["artifacts"][originals["outputArtifactKey"]]["artifactSelectors"] == \
-        [{"outputArtifactKey": "raw", "producerSubtask": "ingest"}]
+def test_evaluation_reads_the_merged_dataset_not_every_ingest_output(spec: dict) -> None:
+    """As in the main pipeline: the served path is scored on the test originals the dataset keeps."""
+    inputs = _tasks(spec)["evaluate"]["inputs"]["artifacts"]
+    assert set(inputs) == {"model", "data"}
+    assert inputs["data"]["taskOutputArtifact"]["producerTask"] == "merge-shards"

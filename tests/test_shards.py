@@ -82,6 +82,9 @@ def test_three_shards_on_the_local_runner_make_the_dataset_of_one(bucket, tmp_pa
     for split, names in info1["shards"].items():
         for name in names:
             assert (one / name).read_bytes() == (three / name).read_bytes(), name
+    # And the test photos' originals evaluation scores as served, gathered from the shards.
+    kept = [sorted((p.name, p.read_bytes()) for p in (d / "originals" / "bin-images").iterdir()) for d in (one, three)]
+    assert kept[0] == kept[1] and len(kept[0]) == info1["sizes"]["test"]
     quarantine = [json.loads(l) for l in (three / "quarantine.jsonl").read_text().splitlines()]
     duplicates = {q["id"]: q["detail"] for q in quarantine if q["reason"] == "duplicate_image"}
     assert len(duplicates) == 5  # four photos alike and three alike: one of each is kept

@@ -31,6 +31,7 @@ from bincounter.data import make_loader, read_samples, ShardDataset, shard_urls
 from bincounter.fileio import atomic_write
 from bincounter.ids import is_file_stem
 from bincounter.predictor import Predictor
+from bincounter.preprocess import ORIGINALS
 from bincounter.sources import IMAGES
 from bincounter.train import resolve_device
 
@@ -177,13 +178,16 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, data_dir: str | Path, o
              split: str = "test", originals: Sequence[str | Path] | None = None) -> EvaluateResult:
     """Score the model of ``model_dir`` on one split of ``data_dir``; write metrics and plots.
 
-    ``originals``: the ingest output folder(s) the dataset was made from. With them the
-    headline figures are the served path's (original bytes through the model server's
-    engine) and the shard path's are kept as ``shards_*``; without them the shards are the
-    headline, and ``metrics["path"]`` says which.
+    ``originals``: the ingest output folder(s) the dataset was made from; by default the test
+    originals preprocess keeps in the dataset itself (``originals/``). With them the headline
+    figures are the served path's (original bytes through the model server's engine) and the
+    shard path's are kept as ``shards_*``; a dataset made before preprocess kept them and no
+    folder given leaves the shards as the headline, and ``metrics["path"]`` says which.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not originals and (Path(data_dir) / ORIGINALS).is_dir():
+        originals = [Path(data_dir) / ORIGINALS]
     predictor = Predictor.from_dir(model_dir, resolve_device(cfg.device))
     spec = predictor.spec
     samples = read_samples(shard_urls(data_dir, split))
@@ -278,9 +282,9 @@ def _write_report(out_dir: Path, m: dict, figs: list[Path]) -> None:
                f"get. Held-out split '{m['split']}': {m['n']} photos answered, {m['served_refused']} refused by the "
                "server (not scored, listed below)."]
     else:
-        how = [f"Scored on the preprocessed shards (no original photos were given), not on what the server "
-               f"decodes: users may get other figures. Pass the ingest output (`--originals`) to score the served "
-               f"path. Held-out split '{m['split']}': {m['n']} photos."]
+        how = [f"Scored on the preprocessed shards (the dataset keeps no original photos and none were given), not "
+               f"on what the server decodes: users may get other figures. Pass the ingest output (`--originals`) "
+               f"to score the served path. Held-out split '{m['split']}': {m['n']} photos."]
     if m.get("beyond_answers"):
         how.append(f"{m['beyond_answers']} more photos hold more items than this model answers (it was trained on "
                    "them as a censored 'K+1 or more' class and answers over 0..K): they are not scored.")

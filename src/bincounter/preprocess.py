@@ -5,6 +5,8 @@ Output folder:
     train/ val/ test/   shard-000000.tar ... (``<id>.jpg`` resized, ``<id>.cls`` label, ``<id>.json``)
     index.jsonl         one line per kept sample: id, count, label, split, original size, sha256
     input_manifest.jsonl  the ingest manifest this was made from (shards merge into the whole's)
+    originals/bin-images/  the test photos' original bytes, as ingest fetched them: evaluation
+                        scores them as the model server would, with no need for the ingest output
     quarantine.jsonl    one line per rejected sample: id, reason, detail
     dataset.json        classes, image size, sizes per split, shards, hash of the input manifest
     report/             PNG plots and report.md (see bincounter.report)
@@ -43,6 +45,8 @@ from bincounter.split import SPLITS, label_of, split_of, unit_hash
 
 DATASET_JSON = "dataset.json"
 INPUT_MANIFEST = "input_manifest.jsonl"
+ORIGINALS = "originals"  # the test split's original photos, in the bucket's layout (ORIGINALS/IMAGES/<id>.jpg)
+ORIGINALS_OF = ("test",)
 _DUPLICATE = "same bytes as "
 
 
@@ -140,8 +144,9 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-def _process_image(path: str, size: int, max_pixels: int, quality: int) -> dict:
-    """Check and resize one photo: ``jpg``/``width``/``height``/``sha256``, or ``reason``/``detail``."""
+def _process_image(path: str, size: int, max_pixels: int, quality: int, keep_original: bool = False) -> dict:
+    """Check and resize one photo: ``jpg``/``width``/``height``/``sha256`` (and with
+    ``keep_original`` the bytes read, as ``original``), or ``reason``/``detail``."""
     try:
         data = _read(path)
     except FileNotFoundError:
@@ -154,7 +159,10 @@ def _process_image(path: str, size: int, max_pixels: int, quality: int) -> dict:
         jpg = _encode(img, data, size, quality)
     except v.Invalid as exc:
         return {"reason": exc.reason, "detail": exc.detail[:300]}
-    return {"jpg": jpg, "width": width, "height": height, "sha256": hashlib.sha256(data).hexdigest()}
+    out = {"jpg": jpg, "width": width, "height": height, "sha256": hashlib.sha256(data).hexdigest()}
+    if keep_original:
+        out["original"] = data
+    return out
 
 
 def _read_json(path: Path) -> dict | None:
@@ -210,14 +218,15 @@ def _process_sample(id_: str) -> tuple[str, dict]:
 
     Returns (id, result): ``result["records"]`` holds its quarantine records; a sample to
     keep also has ``jpg``, ``width``, ``height``, ``sha256``, ``count``, ``consistent``
-    and ``null_dims``. Metadata is checked here, not up front, so it is spread over the
+    and ``null_dims`` (and ``original``, the bytes read, for a test photo). Metadata is checked here, not up front, so it is spread over the
     workers and overlaps with decoding instead of running alone before it.
     """
     cfg = _JOB["cfg"]
     info, records = check_sample_metadata(id_, _JOB["metadata"] + id_ + ".json", cfg)
     if info is None:
         return id_, {"records": records}
-    image = _process_image(_JOB["images"] + id_ + ".jpg", cfg.image_size, cfg.max_pixels, cfg.jpeg_quality)
+    image = _process_image(_JOB["images"] + id_ + ".jpg", cfg.image_size, cfg.max_pixels, cfg.jpeg_quality,
+                           keep_original=split_of(id_, cfg) in ORIGINALS_OF)
     if "reason" in image:
         return id_, {"records": records + [{"id": id_, **image}]}
     return id_, {"records": records, **image, "count": info.count, "consistent": info.consistent,
@@ -339,6 +348,8 @@ def preprocess(cfg: PreprocessConfig, in_dir: str | Path, out_dir: str | Path,
     # copy of a duplicated photo is kept.
     order = sorted(ids, key=lambda i: order_key(i, cfg))
     writers = {s: _ShardWriter(tmp_dir / s, cfg.shard_size) for s in SPLITS}
+    originals = tmp_dir / ORIGINALS / IMAGES
+    originals.mkdir(parents=True)
     examples: dict[str, list[tuple[Sample, bytes]]] = {s: [] for s in SPLITS}
     per_label: Counter[int] = Counter()
     index: list[dict] = []
@@ -363,6 +374,8 @@ def preprocess(cfg: PreprocessConfig, in_dir: str | Path, out_dir: str | Path,
                                               "json": json.dumps({"id": id_, "count": sample.count,
                                                                   **res["items"]}).encode()})
             index.append(dict(vars(sample)))  # flat: asdict's deep copy cost more than the write
+            if "original" in res:
+                (originals / f"{id_}.jpg").write_bytes(res["original"])
             null_dims += bool(res["null_dims"])
             if per_label[sample.label] < cfg.samples_per_class_in_report:  # only these stay in memory
                 per_label[sample.label] += 1

@@ -19,8 +19,11 @@ from pathlib import Path
 from bincounter import validate as v
 from bincounter.config import PreprocessConfig
 from bincounter.fileio import atomic_write
-from bincounter.preprocess import (DATASET_JSON, INPUT_MANIFEST, PreprocessResult, Sample, _dataset_info, _ShardWriter,
-                                   _write_jsonl, duplicate_detail, duplicate_of, load_dataset_info, order_key)
+from bincounter.ids import is_file_stem
+from bincounter.preprocess import (DATASET_JSON, INPUT_MANIFEST, ORIGINALS, ORIGINALS_OF, PreprocessResult, Sample,
+                                   _dataset_info, _ShardWriter, _write_jsonl, duplicate_detail, duplicate_of,
+                                   load_dataset_info, order_key)
+from bincounter.sources import IMAGES
 from bincounter.report import write_data_report
 from bincounter.split import SPLITS
 
@@ -65,7 +68,12 @@ def merge(cfg: PreprocessConfig, parts: list[str | Path], out_dir: str | Path) -
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
 
-    rows = [row for p in parts for row in _jsonl(p / "index.jsonl")]
+    rows: list[dict] = []
+    part_of: dict[str, Path] = {}  # the shard that packed each photo
+    for p in parts:
+        for row in _jsonl(p / "index.jsonl"):
+            rows.append(row)
+            part_of[row["id"]] = p
     rows.sort(key=lambda r: order_key(r["id"], cfg))
     quarantine: list[dict] = []
     sha_of = {r["id"]: r["sha256"] for r in rows}
@@ -105,6 +113,7 @@ def merge(cfg: PreprocessConfig, parts: list[str | Path], out_dir: str | Path) -
                 examples[split].append((Sample(**by_id[key]), members["jpg"]))
         shards[split] = writer.close()
 
+    _copy_originals(kept, part_of, tmp_dir / ORIGINALS / IMAGES)
     index = sorted(kept, key=lambda r: r["id"])
     _write_jsonl(tmp_dir / "index.jsonl", index)
     quarantine.sort(key=lambda q: (q["id"], q["reason"]))
@@ -120,6 +129,18 @@ def merge(cfg: PreprocessConfig, parts: list[str | Path], out_dir: str | Path) -
     os.replace(tmp_dir, out_dir)
     return PreprocessResult(out_dir=out_dir, sizes=dataset["sizes"], quarantined=dataset["quarantined"],
                             classes=cfg.class_names(), shards=shards)
+
+
+def _copy_originals(kept: list[dict], part_of: dict[str, Path], folder: Path) -> None:
+    """The kept test photos' originals, from the shard that packed each (a shard made before
+    preprocess kept them has none: evaluation then needs the ingest output)."""
+    folder.mkdir(parents=True)
+    for row in kept:
+        if row["split"] not in ORIGINALS_OF or not is_file_stem(row["id"]):
+            continue
+        source = part_of[row["id"]] / ORIGINALS / IMAGES / f"{row['id']}.jpg"
+        if source.is_file():
+            shutil.copyfile(source, folder / source.name)
 
 
 def _merged_manifest(parts: list[Path]) -> bytes:
