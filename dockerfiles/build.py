@@ -492,7 +492,7 @@ def check_no_build_settings(ref: str, needles: list[str]) -> None:
     text = json.dumps(image_config(ref))
     leaks = [n for n in needles + ([cert] if cert else []) if n in text]
     if engine() == "buildah":
-        ctr = run(["buildah", "from", "--pull-never", "--quiet", ref], capture=True).stdout.strip()
+        ctr = run(["buildah", "from", "--pull=never", "--quiet", ref], capture=True).stdout.strip()
         try:
             mnt = Path(run(["buildah", "mount", ctr], capture=True).stdout.strip())
             leaks += [str(p.relative_to(mnt)) for p in mnt.glob("etc/**/pip.conf")]
@@ -564,7 +564,7 @@ def test(variant: str, demo: bool) -> None:
                    "-v", f"{src}:/src:ro", *[a for e in env for a in ("-e", e)], tagged, *inner]
             run(cmd)
         else:
-            ctr = run(["buildah", "from", "--pull-never", "--quiet", tagged], capture=True).stdout.strip()
+            ctr = run(["buildah", "from", "--pull=never", "--quiet", tagged], capture=True).stdout.strip()
             try:
                 run(["buildah", "run", "--isolation", "chroot", "--user", USER, "-v", f"{src}:/src:ro",
                      *[a for e in env for a in ("--env", e)], ctr, "--", *inner])
@@ -592,7 +592,7 @@ def test_sagemaker_variant(base: str) -> None:
         return
     run(["buildah", "bud", "--isolation", "chroot", "--pull=never", "--format", "docker", "--build-arg",
          f"BASE_IMAGE={base}", "-f", dockerfile, "-t", image, str(REPO / "dockerfiles")])
-    ctr = run(["buildah", "from", "--pull-never", "--quiet", image], capture=True).stdout.strip()
+    ctr = run(["buildah", "from", "--pull=never", "--quiet", image], capture=True).stdout.strip()
     try:  # no --user: the image's own (root), as SageMaker runs it
         with mounted_sources() as src:
             run(["buildah", "run", "--isolation", "chroot", "-v", f"{src}:/src:ro",
