@@ -18,8 +18,8 @@ def evaluate(model: Input[Model], data: Input[Dataset], results: Output[Dataset]
 
     cfg = EvaluateConfig.model_validate(config)
     results.metadata["config"] = cfg.model_dump(mode="json")
-    out = launch.evaluate(cfg, model.path, data.path, results.path, tracking_uri=tracking_uri or None, experiment=experiment,
-                          run_id=model.metadata.get("mlflow_run_id"), report_html=report.path)
+    out = launch.evaluate(cfg, model.path, data.path, results.path, tracking_uri=tracking_uri or None,
+                          experiment=experiment, run_id=model.metadata.get("mlflow_run_id"), report_html=report.path)
     for name, value in {**out["summary"], **out["comparison"]}.items():
         metrics.log_metric(name, value)
     confusion.log_confusion_matrix(out["class_names"], out["confusion_matrix"])

@@ -169,3 +169,9 @@ def test_an_evaluation_compares_with_itself(model_dir, data_dir, tmp_path):
     assert c.pairs[0].photos == m["n"]
     assert c.candidate_accuracy == pytest.approx(m["accuracy"]) and c.candidate_rmse == pytest.approx(m["rmse"])
     assert (c.only_candidate_right, c.only_baseline_right, c.p_value) == (0, 0, 1.0)
+
+
+def test_a_split_without_kept_originals_is_scored_on_its_shards(model_dir, data_dir, tmp_path):
+    # Preprocess keeps the test split's originals only: validation is scored on its shards, not refused.
+    result = evaluate(EvaluateConfig(latency_samples=0), model_dir, data_dir, tmp_path, split="val")
+    assert result.metrics["path"] == "shards" and result.metrics["split"] == "val"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -117,17 +118,12 @@ def compare(candidates: list[str | Path], baselines: list[str | Path]) -> Compar
     only_b = sum(p.only_baseline_right for p in pairs)
     return Comparison(
         pairs=pairs,
-        candidate_accuracy=_mean(p.candidate_accuracy for p in pairs),
-        baseline_accuracy=_mean(p.baseline_accuracy for p in pairs),
-        candidate_rmse=_mean(p.candidate_rmse for p in pairs),
-        baseline_rmse=_mean(p.baseline_rmse for p in pairs),
+        candidate_accuracy=statistics.fmean(p.candidate_accuracy for p in pairs),
+        baseline_accuracy=statistics.fmean(p.baseline_accuracy for p in pairs),
+        candidate_rmse=statistics.fmean(p.candidate_rmse for p in pairs),
+        baseline_rmse=statistics.fmean(p.baseline_rmse for p in pairs),
         only_candidate_right=only_a, only_baseline_right=only_b, p_value=mcnemar_p(only_a, only_b))
 
 
 def _rmse(predicted: list[int], truth: list[int]) -> float:
     return math.sqrt(sum((p - t) ** 2 for p, t in zip(predicted, truth)) / len(truth))
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)

@@ -31,7 +31,7 @@ from bincounter.data import make_loader, read_samples, ShardDataset, shard_urls
 from bincounter.fileio import atomic_write
 from bincounter.ids import is_file_stem
 from bincounter.predictor import Predictor
-from bincounter.preprocess import ORIGINALS
+from bincounter.preprocess import ORIGINALS, ORIGINALS_OF
 from bincounter.sources import IMAGES
 from bincounter.train import resolve_device
 
@@ -186,7 +186,7 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, data_dir: str | Path, o
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not originals and (Path(data_dir) / ORIGINALS).is_dir():
+    if not originals and split in ORIGINALS_OF and (Path(data_dir) / ORIGINALS).is_dir():
         originals = [Path(data_dir) / ORIGINALS]
     predictor = Predictor.from_dir(model_dir, resolve_device(cfg.device))
     spec = predictor.spec

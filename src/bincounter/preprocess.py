@@ -218,8 +218,9 @@ def _process_sample(id_: str) -> tuple[str, dict]:
 
     Returns (id, result): ``result["records"]`` holds its quarantine records; a sample to
     keep also has ``jpg``, ``width``, ``height``, ``sha256``, ``count``, ``consistent``
-    and ``null_dims`` (and ``original``, the bytes read, for a test photo). Metadata is checked here, not up front, so it is spread over the
-    workers and overlaps with decoding instead of running alone before it.
+    and ``null_dims`` (and ``original``, the bytes read, for a test photo). Metadata is
+    checked here, not up front, so it is spread over the workers and overlaps with decoding
+    instead of running alone before it.
     """
     cfg = _JOB["cfg"]
     info, records = check_sample_metadata(id_, _JOB["metadata"] + id_ + ".json", cfg)
