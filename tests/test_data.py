@@ -130,3 +130,15 @@ def test_a_dataset_regenerated_at_the_same_uri_replaces_the_cached_copy_whole(da
         before = {p: p.stat().st_mtime_ns for p in local.rglob("*.tar")}
         materialize("s3://regen/ds", cache=tmp_path)
         assert before == {p: p.stat().st_mtime_ns for p in local.rglob("*.tar")}
+
+
+def test_extra_targets_travel_with_their_samples_and_must_cover_each(data_dir):
+    import numpy as np
+
+    samples = read_samples(shard_urls(data_dir, "val"))
+    rows = np.arange(len(samples) * 2, dtype=np.float32).reshape(-1, 2)
+    ds = ShardDataset(samples, EvalTransform(size=32, mean=(0.5,) * 3, std=(0.5,) * 3), extras={"teacher": rows})
+    _, y, extra = ds[3]
+    assert int(y) == samples[3][2] and extra["teacher"].tolist() == [6.0, 7.0]
+    with pytest.raises(ValueError, match="rows for"):
+        ds.add_extra("aux", rows[:-1])

@@ -175,6 +175,15 @@ class TrainConfig(_Config):
         "trains on those photos as censored labels but answers over 0..K (probabilities conditioned on a count "
         "of at most K), 'class' also answers 'K+1 or more'."
     )
+    teachers: tuple[str, ...] = Field(
+        (), description="Trained models to distil into this one (training output folders, or s3://, runs:/ or "
+        "models:/ URIs of one): their averaged probabilities on each training photo, with their own test-time "
+        "views, become a soft target beside the label. They must answer over the classes this model trains on."
+    )
+    distill_weight: float = Field(0.5, ge=0.0, le=1.0, description="Share of the teachers' soft targets in the "
+                                  "classification loss (the label has the rest); used only with teachers.")
+    distill_temperature: float = Field(2.0, gt=0.0, description="Softens student and teacher alike, so the "
+                                       "teachers' doubts between neighbouring counts carry weight.")
     class_weighting: Literal["none", "sqrt_inverse", "inverse"] = Field(
         "none", description="Weight the loss towards rare counts (sqrt of or plain inverse frequency)."
     )

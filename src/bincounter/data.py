@@ -124,11 +124,14 @@ class ShardDataset(Dataset):
     """A split held in memory: decoded once when it fits, else as JPEG bytes."""
 
     def __init__(self, samples: list[tuple], transform: Callable[[torch.Tensor], torch.Tensor],
-                 cache_bytes: int = DECODED_CACHE_BYTES, targets: np.ndarray | None = None):
+                 cache_bytes: int = DECODED_CACHE_BYTES, extras: dict[str, np.ndarray] | None = None):
         self.ids = [s[0] for s in samples]
         self.labels = torch.tensor([s[2] for s in samples], dtype=torch.long)
-        # Auxiliary targets (one row per sample): when given, items are (image, label, targets).
-        self.targets = None if targets is None else torch.as_tensor(targets, dtype=torch.float32)
+        # Per-sample training targets beside the label, one row per sample ("aux": the metadata's
+        # figures, "teacher": a teacher's probabilities); when any, items are (image, label, {name: row}).
+        self.extras: dict[str, torch.Tensor] = {}
+        for name, rows in (extras or {}).items():
+            self.add_extra(name, rows)
         self.transform = transform
         self._decoded: list[torch.Tensor] | None = None
         self._jpegs = [s[1] for s in samples]
@@ -144,8 +147,16 @@ class ShardDataset(Dataset):
     def image(self, i: int) -> torch.Tensor:
         return self._decoded[i] if self._decoded is not None else decode_bytes(self._jpegs[i])
 
-    def _item(self, x: torch.Tensor, i: int) -> tuple[torch.Tensor, ...]:
-        return (x, self.labels[i]) if self.targets is None else (x, self.labels[i], self.targets[i])
+    def add_extra(self, name: str, rows: np.ndarray | torch.Tensor) -> None:
+        rows = torch.as_tensor(rows, dtype=torch.float32)
+        if len(rows) != len(self.labels):
+            raise ValueError(f"{name}: {len(rows)} rows for {len(self.labels)} samples")
+        self.extras[name] = rows
+
+    def _item(self, x: torch.Tensor, i: int) -> tuple:
+        if not self.extras:
+            return x, self.labels[i]
+        return x, self.labels[i], {name: rows[i] for name, rows in self.extras.items()}
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         return self._item(self.transform(self.image(i)), i)
@@ -163,10 +174,10 @@ class ShardDataset(Dataset):
 
 
 def load_split(data_dir: str | Path, split: str, transform: Callable, with_targets: bool = False) -> ShardDataset:
-    """One split as a dataset; ``with_targets`` adds the auxiliary targets (``aux_targets``)."""
+    """One split as a dataset; ``with_targets`` adds the auxiliary targets (``aux_targets``) as extra "aux"."""
     samples = read_samples(shard_urls(data_dir, split), with_meta=with_targets)
-    targets = aux_targets([s[3] for s in samples]) if with_targets else None
-    return ShardDataset(samples, transform, targets=targets)
+    extras = {"aux": aux_targets([s[3] for s in samples])} if with_targets else None
+    return ShardDataset(samples, transform, extras=extras)
 
 
 def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, workers: int, pin_memory: bool,

@@ -30,6 +30,7 @@ from bincounter import tracking
 from bincounter.checkpoints import CheckpointMirror
 from bincounter.config import TrainConfig
 from bincounter.data import AUX_TARGETS, load_split, make_loader, materialize
+from bincounter.distill import cached_teacher_probabilities, distill_loss
 from bincounter.metrics import evaluate_predictions
 from bincounter.models import BEST_WEIGHTS, ModelSpec, build_model, normalization_for, served_state
 from bincounter.preprocess import load_dataset_info
@@ -120,8 +121,8 @@ def aux_loss(pred: torch.Tensor, target: torch.Tensor, mean: torch.Tensor, std: 
 
 class CountLoss(nn.Module):
     """Cross-entropy over the count classes (a censored 'K+1 or more' photo is simply its own
-    class: its likelihood is the probability of any count above K), optionally with an
-    earth-mover term and auxiliary regression targets."""
+    class: its likelihood is the probability of any count above K), optionally shared with
+    teachers' soft targets, with an earth-mover term and auxiliary regression targets."""
 
     def __init__(self, cfg: TrainConfig, weights: torch.Tensor | None,
                  aux_stats: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -130,14 +131,20 @@ class CountLoss(nn.Module):
         self.smoothing = cfg.label_smoothing
         self.emd_weight = cfg.emd_weight if cfg.loss == "ce+emd" else 0.0
         self.aux_weight = cfg.aux_weight if aux_stats is not None else 0.0
+        self.distill_weight = cfg.distill_weight if cfg.teachers else 0.0
+        self.temperature = cfg.distill_temperature
         mean, std = aux_stats if aux_stats is not None else (torch.tensor([]), torch.tensor([]))
         self.register_buffer("aux_mean", mean)
         self.register_buffer("aux_std", std)
 
-    def forward(self, output, target: torch.Tensor, aux_target: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, output, target: torch.Tensor, aux_target: torch.Tensor | None = None,
+                teacher: torch.Tensor | None = None) -> torch.Tensor:
         logits, aux = output if isinstance(output, tuple) else (output, None)
         weight = self.weights if self.weights.numel() else None
         loss = F.cross_entropy(logits.float(), target, weight=weight, label_smoothing=self.smoothing)
+        if self.distill_weight and teacher is not None:
+            loss = (1 - self.distill_weight) * loss + self.distill_weight * distill_loss(logits, teacher,
+                                                                                        self.temperature)
         if self.emd_weight:
             loss = loss + self.emd_weight * emd_loss(logits, target)
         if self.aux_weight and aux is not None and aux_target is not None:
@@ -257,15 +264,15 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, epoch:
     total_loss, correct, seen = 0.0, 0, 0
     grad_norms: list[float] = []
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not show, leave=False)
-    for i, (images, target, *aux_target) in enumerate(bar):
+    for i, (images, target, *extra) in enumerate(bar):
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
-        aux_target = aux_target[0].to(device, non_blocking=True) if aux_target else None
+        extra = {k: v.to(device, non_blocking=True) for k, v in (extra[0] if extra else {}).items()}
         if cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type in ("cuda", "cpu")):
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             output = model(images)
-            loss = loss_fn(output, target, aux_target)
+            loss = loss_fn(output, target, extra.get("aux"), extra.get("teacher"))
         logits = output[0] if isinstance(output, tuple) else output
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -380,7 +387,9 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
     if cfg.channels_last != "off":
         model = model.to(memory_format=torch.channels_last)
     hist = [info["class_counts"]["train"][c] for c in classes]
-    aux_stats = aux_statistics(train_ds.targets) if train_ds.targets is not None else None
+    aux_stats = aux_statistics(train_ds.extras["aux"]) if "aux" in train_ds.extras else None
+    if cfg.teachers:
+        train_ds.add_extra("teacher", _teacher_targets(cfg, train_ds, classes, out_dir, device, is_main, world))
     loss_fn = CountLoss(cfg, class_weights(hist, cfg.class_weighting), aux_stats).to(device)
 
     sampler = None
@@ -513,6 +522,21 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
         dist.destroy_process_group()
     return TrainResult(out_dir=out_dir, spec=spec, best_epoch=best_epoch + 1, best=best or {}, history=history,
                        stopped_early=stopped_early)
+
+
+def _teacher_targets(cfg: TrainConfig, train_ds, classes: list[str], out_dir: Path, device: torch.device,
+                     is_main: bool, world: int) -> np.ndarray:
+    """The teachers' probabilities on the training photos: rank 0 computes (or reads back) them
+    and every other rank receives its copy, so all ranks learn from the same targets."""
+    probs = None
+    if is_main:
+        probs = cached_teacher_probabilities(out_dir, cfg.teachers, train_ds, classes, batch_size=cfg.batch_size * 2,
+                                             device=device, progress=cfg.progress)
+    if world > 1:
+        box = [probs]
+        dist.broadcast_object_list(box, src=0)
+        probs = box[0]
+    return probs
 
 
 def _start_profiler(out_dir: Path):
