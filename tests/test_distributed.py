@@ -151,7 +151,7 @@ RESUMED = re.compile(r"rank (\d+)/(\d+) resumed at epoch (\d+), weights sha256=(
 
 
 def _run_ranks(data_dir: Path, outs: list[Path], shared: Path, cwd: Path, die_in_epoch: int | None = None,
-               timeout: float = 240) -> list[tuple[int, str, str]]:
+               timeout: float = 240, extra: tuple[str, ...] = ()) -> list[tuple[int, str, str]]:
     """Both ranks of a 2-node job, each with its own output folder; (exit code, stdout, stderr) per rank."""
     from bincounter_demo.s3server import free_port
 
@@ -167,7 +167,7 @@ def _run_ranks(data_dir: Path, outs: list[Path], shared: Path, cwd: Path, die_in
                "--backbone", cfg.backbone, "--pretrained", cfg.pretrained, "--image-size", str(cfg.image_size),
                "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr),
                "--workers", "0", "--freeze-early", "0", "--no-tta", "--no-progress", "--device", "cpu",
-               "--checkpoint-uri", str(shared)]
+               "--checkpoint-uri", str(shared), *extra]
         procs.append(subprocess.Popen(cmd, cwd=cwd, env={**env, "RANK": str(rank), "LOCAL_RANK": "0"},
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = []
@@ -212,3 +212,16 @@ def test_a_multi_node_job_resumes_every_rank_from_the_shared_checkpoint(data_dir
     stdout = second[0][1]
     result = json.loads(stdout[stdout.rindex("\n{") + 1:])  # the CLI's result, after the epoch lines
     assert (outs[0] / "mlflow_run_id").read_text() == result["mlflow_run_id"] != first_run_id
+
+
+def test_every_rank_learns_from_the_teachers_targets_rank_0_computed(data_dir, model_dir, tmp_path):
+    """Distillation under DDP: rank 0 runs the teachers once and hands the targets to the
+    other ranks, which never load a teacher themselves; the replicas end bit-identical."""
+    from bincounter.distill import CACHE
+
+    outs = [tmp_path / "node-0", tmp_path / "node-1"]
+    results = _run_ranks(data_dir, outs, tmp_path / "shared", tmp_path, extra=("--teachers", str(model_dir)))
+    assert [code for code, _, _ in results] == [0, 0], [err[-3000:] for _, _, err in results]
+    digests = [DIGEST.findall(err) for _, _, err in results]
+    assert len(digests[0]) == len(digests[1]) == 1 and digests[0][0][2] == digests[1][0][2]
+    assert (outs[0] / CACHE).is_file() and not (outs[1] / CACHE).exists()
