@@ -113,7 +113,7 @@ def _other_value(path: str, field):
         value = 3 if default is None else default + 1
         return value - 2 if "Le" in bounds and value > bounds["Le"].le else value
     if kind is float:
-        top = bounds["Lt"].lt if "Lt" in bounds else (default or 0) + 2
+        top = bounds["Lt"].lt if "Lt" in bounds else bounds["Le"].le if "Le" in bounds else (default or 0) + 2
         return ((default or 0) + top) / 2
     if kind is str:
         return f"{default or 'x'}-changed"

@@ -80,7 +80,7 @@ def test_the_best_trial_has_the_highest_val_accuracy(search):
     assert search.meta["best_trial"] == best["trial"]
     assert search.meta["val_accuracy"] == best["val_accuracy"]
     saved = json.loads((search.out / BEST_FILE).read_text())
-    assert saved == {**BASE.model_dump(), **best["params"]}
+    assert saved == {**BASE.model_dump(mode="json"), **best["params"]}
     parent = search.client.get_run(search.meta["mlflow_run_id"])
     assert parent.data.tags["tune.best_trial"] == str(best["trial"])
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(best["val_accuracy"])

@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 import traceback
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +143,14 @@ def parse_hyperparameters(values: dict[str, object]) -> TrainConfig:
         raise ValueError(f"hyperparameters.json must hold a JSON object, not {type(values).__name__}")
     if "checkpoint_uri" in values:
         raise ValueError("checkpoint_uri is not a hyperparameter: a SageMaker job checkpoints to its checkpoint folder")
+    values = dict(values)
+    for key, value in values.items():  # lists travel as JSON text (to_hyperparameters)
+        field = TrainConfig.model_fields.get(key)
+        if field is not None and isinstance(value, str) and typing.get_origin(field.annotation) in (tuple, list):
+            try:
+                values[key] = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"hyperparameter {key} must be a JSON list, not {value[:80]!r}") from exc
     return TrainConfig.model_validate(values)
 
 
