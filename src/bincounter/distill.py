@@ -9,8 +9,8 @@ what it learned while the student keeps the serving cost of one small model.
 from __future__ import annotations
 
 import copy
+import io
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,20 +20,20 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from bincounter.data import ShardDataset, make_loader
-from bincounter.models import BEST_WEIGHTS
+from bincounter.fileio import atomic_write
+from bincounter.models import BEST_WEIGHTS, REMOTE_URIS
 from bincounter.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
 CACHE = "teacher_probs.npz"  # in the student's output folder: a resumed run does not recompute it
-REMOTE = ("s3://", "runs:/", "models:/", "mlflow-artifacts:/")
 
 
 def teacher_folder(uri: str) -> Path:
     """The local folder holding a teacher's ``model.pt``: a training output folder as it is, or
     a downloaded copy of a remote one (an s3:// prefix, an MLflow run's or registered model's
     artifacts, which must hold exactly one ``model.pt``)."""
-    if uri.startswith(REMOTE):
+    if uri.startswith(REMOTE_URIS):
         import mlflow
 
         root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
@@ -82,12 +82,9 @@ def cached_teacher_probabilities(out_dir: Path, teachers: Sequence[str], dataset
                 return kept["probs"]
         log.info("%s was made for other teachers or photos: computing it again", path)
     probs = teacher_probabilities(teachers, dataset, class_names, **kwargs)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, teachers=key[0], ids=key[1], probs=probs)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.savez(buf, teachers=key[0], ids=key[1], probs=probs)
+    atomic_write(path, buf.getvalue())
     return probs
 
 

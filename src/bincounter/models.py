@@ -158,9 +158,13 @@ def _load_state(net: nn.Module, path: str | Path, drop_prefix: str | None = None
         raise WeightsUnavailable(f"{path} does not fit this backbone: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
+# Where a weights file or a trained model may live besides a local path (fetched through MLflow).
+REMOTE_URIS = ("s3://", "runs:/", "models:/", "mlflow-artifacts:/")
+
+
 def _fetch(uri: str) -> str:
     """A local path for a weights file given as a path, s3:// URI or MLflow artifact URI."""
-    if uri.startswith(("s3://", "runs:/", "models:/", "mlflow-artifacts:/")):
+    if uri.startswith(REMOTE_URIS):
         import mlflow
 
         return mlflow.artifacts.download_artifacts(artifact_uri=uri)

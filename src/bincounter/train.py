@@ -244,6 +244,13 @@ def sync_buffers(model: nn.Module) -> None:
         dist.broadcast(buf.data, src=0)
 
 
+def from_rank0(obj: object) -> object:
+    """Rank 0's ``obj`` on every rank (any picklable object)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def check_replicas_agree(model: nn.Module, rank: int, world: int) -> str:
     """All ranks must finish with bit-identical weights; raises (on every rank) if they do not."""
     digest = state_digest(model)
@@ -424,9 +431,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
     if world > 1:
         # Every rank resumes from rank 0's checkpoint, whatever its own folder holds (a worker's is
         # an emptyDir, or keeps an older epoch): else ranks would train different epochs and weights.
-        box = [ckpt]
-        dist.broadcast_object_list(box, src=0)
-        ckpt = box[0]
+        ckpt = from_rank0(ckpt)
     if ckpt is not None:
         if ckpt["args"] != cfg.model_dump():
             raise ValueError(f"{ckpt_path} was written with other settings; use a new output folder "
@@ -473,9 +478,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
             y, p = answer_probs(*predict_probs(served, val_loader, device, amp_dtype=amp_dtype), len(answers))
             val = evaluate_predictions(y, p, min_count=info["min_count"], class_names=answers) if len(y) else {}
         if world > 1:  # one verdict for all ranks, so best/stale/early stopping never diverge
-            box = [val]
-            dist.broadcast_object_list(box, src=0)
-            val = box[0]
+            val = from_rank0(val)
         t_end = time.perf_counter()
         # Training throughput counts the training steps alone: validation time is its own metric.
         train_seconds = t_train - t0
@@ -532,11 +535,7 @@ def _teacher_targets(cfg: TrainConfig, train_ds, classes: list[str], out_dir: Pa
     if is_main:
         probs = cached_teacher_probabilities(out_dir, cfg.teachers, train_ds, classes, batch_size=cfg.batch_size * 2,
                                              device=device, progress=cfg.progress)
-    if world > 1:
-        box = [probs]
-        dist.broadcast_object_list(box, src=0)
-        probs = box[0]
-    return probs
+    return from_rank0(probs) if world > 1 else probs
 
 
 def _start_profiler(out_dir: Path):
