@@ -296,3 +296,20 @@ def test_serves_a_registered_model_by_alias_with_its_onnx_export(tmp_path, isola
     lines = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
     access = [line for line in lines if line.get("endpoint") == "/readyz"]
     assert access and {"ts", "method", "path", "status", "ms", "client"} <= set(access[-1])
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_a_folder_mixing_two_models_files_is_refused_when_it_loads(tmp_path, backend) -> None:
+    """model_spec.json (which sets the transform) from one model, model.pt / model.onnx from
+    another: refused by name at load, not a runtime error on every request."""
+    from bincounter.onnx_export import export_onnx
+    from bincounter.serve_worker import EngineSpec, load_engine
+
+    model_dir = make_model_dir(tmp_path / "model")
+    onnx = str(export_onnx(model_dir, tmp_path / "model.onnx"))
+    engine = load_engine(EngineSpec(backend, str(model_dir), onnx_path=onnx))  # consistent: loads and answers
+    assert engine.run([payloads.jpeg(random.Random(0), 64, 64)])[0][0] == "ok"
+    spec = json.loads((model_dir / "model_spec.json").read_text())
+    (model_dir / "model_spec.json").write_text(json.dumps({**spec, "image_size": 96}))
+    with pytest.raises(ValueError, match="the files come from two different models"):
+        load_engine(EngineSpec(backend, str(model_dir), onnx_path=onnx))

@@ -84,12 +84,19 @@ class NativeEngine:
             options.intra_op_num_threads = spec.threads
             options.inter_op_num_threads = 1
             session = ort.InferenceSession(spec.onnx_path, options, providers=["CPUExecutionProvider"])
+            size = self.model_spec.image_size
+            if session.get_inputs()[0].shape[1:] != [3, size, size]:
+                raise ValueError(f"{spec.onnx_path} takes images of shape {session.get_inputs()[0].shape[1:]}, but "
+                                 f"{folder / SPEC_FILE} says {size} px: the files come from two different models")
             self._probabilities = lambda x: session.run(None, {"image": x.numpy()})[0]
         else:
             from bincounter.models import load_trained
             from bincounter.predictor import TTAProbabilities
 
-            model, _ = load_trained(folder)
+            model, stored = load_trained(folder)
+            if stored != self.model_spec:
+                raise ValueError(f"{folder / SPEC_FILE} does not describe the model in model.pt ({stored}): "
+                                 "the files come from two different models")
             module = TTAProbabilities(model, self.model_spec).eval()
 
             def run(x):
