@@ -84,9 +84,9 @@ class NativeEngine:
             options.intra_op_num_threads = spec.threads
             options.inter_op_num_threads = 1
             session = ort.InferenceSession(spec.onnx_path, options, providers=["CPUExecutionProvider"])
-            size = self.model_spec.image_size
-            if session.get_inputs()[0].shape[1:] != [3, size, size]:
-                raise ValueError(f"{spec.onnx_path} takes images of shape {session.get_inputs()[0].shape[1:]}, but "
+            size, takes = self.model_spec.image_size, session.get_inputs()[0].shape[1:]
+            if takes != [3, size, size]:
+                raise ValueError(f"{spec.onnx_path} takes images of shape {takes}, but "
                                  f"{folder / SPEC_FILE} says {size} px: the files come from two different models")
             self._probabilities = lambda x: session.run(None, {"image": x.numpy()})[0]
         else:
