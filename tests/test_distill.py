@@ -105,3 +105,11 @@ def test_a_resumed_student_reads_its_teachers_targets_back(model_dir, data_dir, 
     calls["n"] = 10
     result = train(cfg, data_dir, tmp_path / "student")
     assert [h["epoch"] for h in result.history] == [1, 2]
+
+
+def test_a_share_of_the_photos_is_scored_in_the_order_asked(model_dir, data_dir):
+    ds = _train_split(data_dir)
+    whole = teacher_probabilities([str(model_dir)], ds, CLASSES, progress=False)
+    rows = [5, 0, 3]
+    np.testing.assert_allclose(teacher_probabilities([str(model_dir)], ds, CLASSES, rows=rows, progress=False),
+                               whole[rows], atol=1e-6)

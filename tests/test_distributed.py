@@ -214,10 +214,15 @@ def test_a_multi_node_job_resumes_every_rank_from_the_shared_checkpoint(data_dir
     assert (outs[0] / "mlflow_run_id").read_text() == result["mlflow_run_id"] != first_run_id
 
 
-def test_every_rank_learns_from_the_teachers_targets_rank_0_computed(data_dir, model_dir, tmp_path):
-    """Distillation under DDP: rank 0 runs the teachers once and hands the targets to the
-    other ranks, which never load a teacher themselves; the replicas end bit-identical."""
-    from bincounter.distill import CACHE
+def test_the_ranks_share_the_teachers_pass_and_all_learn_from_every_photos_targets(data_dir, model_dir, tmp_path):
+    """Distillation under DDP: each rank scores every other training photo with the teachers, the
+    shares are gathered in photo order (rank 0 keeps them: the same as one process scoring the
+    whole split), and the replicas end bit-identical."""
+    import numpy as np
+
+    from bincounter.data import load_split
+    from bincounter.distill import CACHE, teacher_probabilities
+    from bincounter.transforms import EvalTransform
 
     outs = [tmp_path / "node-0", tmp_path / "node-1"]
     results = _run_ranks(data_dir, outs, tmp_path / "shared", tmp_path, extra=("--teachers", str(model_dir)))
@@ -225,3 +230,13 @@ def test_every_rank_learns_from_the_teachers_targets_rank_0_computed(data_dir, m
     digests = [DIGEST.findall(err) for _, _, err in results]
     assert len(digests[0]) == len(digests[1]) == 1 and digests[0][0][2] == digests[1][0][2]
     assert (outs[0] / CACHE).is_file() and not (outs[1] / CACHE).exists()
+
+    train_ds = load_split(data_dir, "train", EvalTransform(size=32, mean=(0.5,) * 3, std=(0.5,) * 3))
+    n = len(train_ds)
+    for rank, (_, _, err) in enumerate(results):
+        assert f"rank {rank}/{WORLD} scored {len(range(rank, n, WORLD))} of the {n} training photos" in err
+    with np.load(outs[0] / CACHE) as kept:
+        assert list(kept["ids"]) == train_ds.ids
+        whole = teacher_probabilities([str(model_dir)], train_ds, list(json.loads(
+            (data_dir / "dataset.json").read_text())["classes"]), progress=False)
+        np.testing.assert_allclose(kept["probs"], whole, atol=1e-5)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 from bincounter.data import ShardDataset, make_loader
@@ -48,13 +49,15 @@ def teacher_folder(uri: str) -> Path:
 
 
 def teacher_probabilities(teachers: Sequence[str], dataset: ShardDataset, class_names: Sequence[str], *,
-                          batch_size: int = 64, device: str | torch.device = "cpu",
-                          progress: bool = True) -> np.ndarray:
-    """(N, classes) probabilities on ``dataset``'s photos, averaged over the teachers. Each
-    teacher must answer over exactly ``class_names``, the classes the student trains on."""
+                          rows: Sequence[int] | None = None, batch_size: int = 64,
+                          device: str | torch.device = "cpu", progress: bool = True) -> np.ndarray:
+    """(N, classes) probabilities on ``dataset``'s photos (only those at ``rows``, in that order,
+    when given), averaged over the teachers. Each teacher must answer over exactly
+    ``class_names``, the classes the student trains on."""
     if not teachers:
         raise ValueError("no teachers given")
-    total = np.zeros((len(dataset), len(class_names)), dtype=np.float64)
+    rows = range(len(dataset)) if rows is None else rows
+    total = np.zeros((len(rows), len(class_names)), dtype=np.float64)
     for uri in teachers:
         predictor = Predictor.from_dir(teacher_folder(uri), device)
         answers = tuple(predictor.spec.class_names)
@@ -63,28 +66,40 @@ def teacher_probabilities(teachers: Sequence[str], dataset: ShardDataset, class_
                              f"{list(class_names)}: distil a teacher trained on data with the same classes")
         view = copy.copy(dataset)  # shares the decoded photos; the teacher's own transform, no extras
         view.transform, view.extras = predictor.transform, {}
-        loader = make_loader(view, batch_size=batch_size, shuffle=False, workers=0, pin_memory=False)
+        loader = make_loader(Subset(view, rows), batch_size=batch_size, shuffle=False, workers=0, pin_memory=False)
         batches = tqdm(loader, desc=f"teacher {Path(uri).name or uri}", unit="batch", disable=not progress,
                        leave=False)
         total += np.concatenate([predictor.probabilities(x) for x, _ in batches])
     return (total / len(teachers)).astype(np.float32)
 
 
+def read_cached(out_dir: Path, teachers: Sequence[str], dataset: ShardDataset) -> np.ndarray | None:
+    """The probabilities kept in ``out_dir/teacher_probs.npz``, if they were made by the same
+    teachers on the same photos."""
+    path = out_dir / CACHE
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as kept:
+        if np.array_equal(kept["teachers"], np.array(list(teachers))) and np.array_equal(kept["ids"], np.array(dataset.ids)):
+            return kept["probs"]
+    log.info("%s was made for other teachers or photos: computing it again", path)
+    return None
+
+
+def write_cache(out_dir: Path, teachers: Sequence[str], dataset: ShardDataset, probs: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, teachers=np.array(list(teachers)), ids=np.array(dataset.ids), probs=probs)
+    atomic_write(out_dir / CACHE, buf.getvalue())
+
+
 def cached_teacher_probabilities(out_dir: Path, teachers: Sequence[str], dataset: ShardDataset,
                                  class_names: Sequence[str], **kwargs) -> np.ndarray:
     """``teacher_probabilities``, kept in ``out_dir/teacher_probs.npz`` for the same teachers and
     photos (a resumed run reads it back instead of running the teachers again)."""
-    path = out_dir / CACHE
-    key = np.array(list(teachers)), np.array(dataset.ids)
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as kept:
-            if np.array_equal(kept["teachers"], key[0]) and np.array_equal(kept["ids"], key[1]):
-                return kept["probs"]
-        log.info("%s was made for other teachers or photos: computing it again", path)
-    probs = teacher_probabilities(teachers, dataset, class_names, **kwargs)
-    buf = io.BytesIO()
-    np.savez(buf, teachers=key[0], ids=key[1], probs=probs)
-    atomic_write(path, buf.getvalue())
+    probs = read_cached(out_dir, teachers, dataset)
+    if probs is None:
+        probs = teacher_probabilities(teachers, dataset, class_names, **kwargs)
+        write_cache(out_dir, teachers, dataset, probs)
     return probs
 
 

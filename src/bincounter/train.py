@@ -30,7 +30,8 @@ from bincounter import tracking
 from bincounter.checkpoints import CheckpointMirror
 from bincounter.config import TrainConfig
 from bincounter.data import AUX_TARGETS, load_split, make_loader, materialize
-from bincounter.distill import cached_teacher_probabilities, distill_loss
+from bincounter.distill import (cached_teacher_probabilities, distill_loss, read_cached, teacher_probabilities,
+                                write_cache)
 from bincounter.metrics import evaluate_predictions
 from bincounter.models import BEST_WEIGHTS, ModelSpec, build_model, normalization_for, served_state
 from bincounter.preprocess import load_dataset_info
@@ -396,7 +397,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
     hist = [info["class_counts"]["train"][c] for c in classes]
     aux_stats = aux_statistics(train_ds.extras["aux"]) if "aux" in train_ds.extras else None
     if cfg.teachers:
-        train_ds.add_extra("teacher", _teacher_targets(cfg, train_ds, classes, out_dir, device, is_main, world))
+        train_ds.add_extra("teacher", _teacher_targets(cfg, train_ds, classes, out_dir, device, rank, world))
     loss_fn = CountLoss(cfg, class_weights(hist, cfg.class_weighting), aux_stats).to(device)
 
     sampler = None
@@ -528,14 +529,27 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
 
 
 def _teacher_targets(cfg: TrainConfig, train_ds, classes: list[str], out_dir: Path, device: torch.device,
-                     is_main: bool, world: int) -> np.ndarray:
-    """The teachers' probabilities on the training photos: rank 0 computes (or reads back) them
-    and every other rank receives its copy, so all ranks learn from the same targets."""
-    probs = None
-    if is_main:
-        probs = cached_teacher_probabilities(out_dir, cfg.teachers, train_ds, classes, batch_size=cfg.batch_size * 2,
-                                             device=device, progress=cfg.progress)
-    return from_rank0(probs) if world > 1 else probs
+                     rank: int, world: int) -> np.ndarray:
+    """The teachers' probabilities on the training photos, the same on every rank. Under DDP
+    each rank scores every world-th photo and the shares are gathered: the pass takes 1/world of
+    the time, and no rank sits in a collective while another scores the whole split (which
+    outlasts NCCL's timeout at full scale). Rank 0 keeps them for a resumed run."""
+    kwargs = dict(batch_size=cfg.batch_size * 2, device=device, progress=cfg.progress and rank == 0)
+    if world == 1:
+        return cached_teacher_probabilities(out_dir, cfg.teachers, train_ds, classes, **kwargs)
+    kept = from_rank0(read_cached(out_dir, cfg.teachers, train_ds) if rank == 0 else None)
+    if kept is not None:
+        return kept
+    share = teacher_probabilities(cfg.teachers, train_ds, classes, rows=range(rank, len(train_ds), world), **kwargs)
+    log.info("rank %d/%d scored %d of the %d training photos with the teachers", rank, world, len(share), len(train_ds))
+    shares: list[np.ndarray | None] = [None] * world
+    dist.all_gather_object(shares, share)
+    probs = np.empty((len(train_ds), len(classes)), dtype=np.float32)
+    for r, part in enumerate(shares):
+        probs[r::world] = part
+    if rank == 0:
+        write_cache(out_dir, cfg.teachers, train_ds, probs)
+    return probs
 
 
 def _start_profiler(out_dir: Path):
