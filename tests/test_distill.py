@@ -113,3 +113,4 @@ def test_a_share_of_the_photos_is_scored_in_the_order_asked(model_dir, data_dir)
     rows = [5, 0, 3]
     np.testing.assert_allclose(teacher_probabilities([str(model_dir)], ds, CLASSES, rows=rows, progress=False),
                                whole[rows], atol=1e-6)
+    assert teacher_probabilities([str(model_dir)], ds, CLASSES, rows=[], progress=False).shape == (0, 6)

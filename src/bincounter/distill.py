@@ -69,7 +69,9 @@ def teacher_probabilities(teachers: Sequence[str], dataset: ShardDataset, class_
         loader = make_loader(Subset(view, rows), batch_size=batch_size, shuffle=False, workers=0, pin_memory=False)
         batches = tqdm(loader, desc=f"teacher {Path(uri).name or uri}", unit="batch", disable=not progress,
                        leave=False)
-        total += np.concatenate([predictor.probabilities(x) for x, _ in batches])
+        scored = [predictor.probabilities(x) for x, _ in batches]
+        if scored:  # a rank's share is empty when there are fewer photos than ranks
+            total += np.concatenate(scored)
     return (total / len(teachers)).astype(np.float32)
 
 
