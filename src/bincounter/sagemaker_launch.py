@@ -97,6 +97,20 @@ def deploy_config(cfg: SageMakerHostingConfig, champion_uri: str) -> DeployConfi
                         replicas=sm.endpoint_instance_count)
 
 
+def endpoint_network_and_secrets(sm) -> dict:
+    """The endpoint's VPC config and the ARN of its MLflow credentials, from ``SageMakerConfig``
+    (``bincounter.deploy.sagemaker.deploy``'s keyword arguments)."""
+    from bincounter.mlflow_secret import ARN_VARIABLE
+
+    kwargs: dict = {}
+    if sm.endpoint_subnets:
+        kwargs["vpc_config"] = {"Subnets": list(sm.endpoint_subnets),
+                                "SecurityGroupIds": list(sm.endpoint_security_groups)}
+    if sm.mlflow_secret_arn:
+        kwargs["environment"] = {ARN_VARIABLE: sm.mlflow_secret_arn}
+    return kwargs
+
+
 def deploy(cfg: SageMakerHostingConfig, champion_uri: str, *, session: Any = None, progress: bool = True) -> dict:
     """Create or update ``cfg.sagemaker.endpoint_name`` with the model ``cfg.model_uri`` (default
     ``champion_uri``); raises EndpointUpdateFailed after rolling a failed update back."""
@@ -107,5 +121,6 @@ def deploy(cfg: SageMakerHostingConfig, champion_uri: str, *, session: Any = Non
     sagemaker, _ = clients(sm, session)
     result = target.deploy(deploy_config(cfg, champion_uri), endpoint_name=sm.endpoint_name,
                            tracking_uri=cfg.tracking_uri, region=sm.region, backend="boto3", client=sagemaker,
-                           timeout=cfg.timeout_seconds, poll_seconds=sm.poll_seconds, progress=progress)
+                           timeout=cfg.timeout_seconds, poll_seconds=sm.poll_seconds, progress=progress,
+                           **endpoint_network_and_secrets(sm))
     return {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool))}

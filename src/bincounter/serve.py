@@ -131,6 +131,9 @@ def _configure_tracking(model_uri: str) -> None:
     finds the model it registered."""
     import mlflow
 
+    from bincounter.mlflow_secret import export_mlflow_credentials
+
+    export_mlflow_credentials()  # a SageMaker endpoint's credentials, from Secrets Manager
     if model_uri.startswith(("models:/", "runs:/")) and not os.environ.get("MLFLOW_TRACKING_URI"):
         from bincounter import paths
 

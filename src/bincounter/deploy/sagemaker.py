@@ -425,6 +425,14 @@ def settle(client: Any, name: str, new_config: str, previous: str | None, *, tag
 # --------------------------------------------------------------------------- deploy
 
 
+def check(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
+    """The endpoint's requests can be built: a role ARN, an ECR image, a tracking server the
+    endpoint can reach, valid names (what ``deploy`` checks before calling AWS)."""
+    result = deploy(cfg.model_copy(update={"dry_run": True}), **kwargs)
+    return {"target": "sagemaker", "endpoint_name": result["endpoint_name"], "image": cfg.image,
+            "region": result["region"]}
+
+
 def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
     """Deploy ``cfg.model_uri`` in ``cfg.image`` to a SageMaker real-time endpoint.
 
