@@ -7,18 +7,19 @@ from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def preprocess(raw: Input[Dataset], data: Output[Dataset], config: dict):
+def preprocess(raw: Input[Dataset], data: Output[Dataset], report: Output[HTML], config: dict):
     """Validate, clean, split by id hash, resize once and pack one ingest shard.
 
     ``config`` is a ``PreprocessConfig``. Rejected photos are listed with their reason in
-    ``quarantine.jsonl``; ``merge_shards`` joins the shards into the training dataset.
+    ``quarantine.jsonl``; ``merge_shards`` joins the shards into the training dataset (on a
+    backend without ``dsl.Collected`` the one shard is the dataset). ``report`` is the shard's.
     """
     from bincounter import launch
     from bincounter.config import PreprocessConfig
 
     cfg = PreprocessConfig.model_validate(config)
     data.metadata["config"] = cfg.model_dump(mode="json")
-    data.metadata.update(launch.preprocess(cfg, raw.path, data.path))
+    data.metadata.update(launch.preprocess(cfg, raw.path, data.path, report_html=report.path))
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

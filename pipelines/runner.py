@@ -1,63 +1,145 @@
-"""Compile the pipeline for Kubeflow, or run it here on kfp's local SubprocessRunner."""
+"""Compile the pipelines for Kubeflow, submit them, or run the main one on kfp's local runner.
+
+Every variant (main, SageMaker, audit) is compiled through :func:`compile_for`, which writes
+the YAML the way ``ClusterConfig.kfp_backend`` can read it; ``submit`` asks the server its
+release first and refuses one older than the YAML needs.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 
-from bincounter.config import STAGES, ClusterConfig, PipelineConfig, SageMakerConfig
+import yaml
+
+from bincounter.config import (ClusterConfig, DeployConfig, PipelineConfig, SageMakerConfig, check_tracking_server,
+                               version_tuple)
+
+log = logging.getLogger(__name__)
+
+# DeployConfig fields whose value on a cluster comes from ClusterConfig (their one source there).
+CLUSTER_DEPLOY_FIELDS = {"image": "serving-image", "namespace": "serving-namespace",
+                         "mlflow_secret": "mlflow-secret", "aws_secret": "aws-secret"}
 
 
-def arguments(cfg: PipelineConfig, tracking_uri: str) -> dict:
-    """Pipeline arguments from the typed config: one struct per stage, plus the run's settings."""
-    return {**{stage: getattr(cfg, stage).params() for stage in STAGES}, "shards": cfg.shards,
-            "deploy_enabled": cfg.deploy_enabled,
-            "tracking_uri": tracking_uri, "experiment": cfg.registry.experiment}
+def arguments(cfg: PipelineConfig, tracking_uri: str, cluster: ClusterConfig | None = None) -> dict:
+    """The run's arguments: exactly the pipeline's parameters (``bincounter_pipeline.parameters``)."""
+    from pipelines.bincounter_pipeline import NEWEST, parameters
+
+    return parameters(cfg, tracking_uri, backend=cluster.kfp_backend if cluster else NEWEST)
 
 
-def sagemaker_arguments(cfg: PipelineConfig, sagemaker: SageMakerConfig, tracking_uri: str) -> dict:
-    """The SageMaker variant's arguments: the same structs as ``arguments`` where that variant
-    takes them (read off its own signature, so the two cannot drift), plus the account's struct."""
-    from pipelines.sagemaker_pipeline import make_pipeline
+def sagemaker_arguments(cfg: PipelineConfig, sagemaker: SageMakerConfig, cluster: ClusterConfig) -> dict:
+    """The SageMaker variant's arguments: its own parameters (``sagemaker_pipeline.parameters``)."""
+    from pipelines.sagemaker_pipeline import parameters
 
-    names = make_pipeline(cfg, sagemaker).component_spec.inputs
-    return {**{k: v for k, v in arguments(cfg, tracking_uri).items() if k in names}, "sagemaker": sagemaker.params()}
+    return parameters(cfg, sagemaker, cluster)
+
+
+def deploy_on_cluster(deploy: DeployConfig, cluster: ClusterConfig) -> DeployConfig:
+    """``deploy`` as the cluster runs it: its image, namespace and secrets are the cluster's, and
+    a local target (a server dying with its pod) becomes the cluster's. A deploy value set apart
+    from the cluster's is refused: one setting, one place."""
+    ours = {"image": cluster.image_of("serving"), "namespace": cluster.serving_namespace,
+            "mlflow_secret": cluster.mlflow_secret, "aws_secret": cluster.aws_secret}
+    defaults = DeployConfig()
+    for field, option in CLUSTER_DEPLOY_FIELDS.items():
+        own = getattr(deploy, field)
+        if own != getattr(defaults, field) and own != ours[field]:
+            raise ValueError(f"--deploy.{field.replace('_', '-')} {own!r} differs from the cluster's {ours[field]!r}: "
+                             f"on a cluster set it once, with --cluster.{option}")
+    values = {**deploy.model_dump(), **ours}
+    if deploy.target == "local":
+        values["target"] = cluster.deploy_target
+    return DeployConfig.model_validate(values)
 
 
 def for_cluster(cfg: PipelineConfig, cluster: ClusterConfig) -> PipelineConfig:
-    """``cfg`` as it runs on a cluster: a local deploy target (a server dying with its pod) becomes
-    the cluster's, and a registry store of its own must be a server, as the cluster's must."""
+    """``cfg`` as it runs on a cluster: the deploy stage takes the cluster's image, namespace,
+    secrets and target, and a registry store of its own must be a server, as the cluster's must."""
     if cfg.registry.tracking_uri:
-        cluster.model_validate({**cluster.model_dump(), "tracking_uri": cfg.registry.tracking_uri})
-    if cfg.deploy.target == "local":
-        cfg = cfg.model_copy(update={"deploy": cfg.deploy.model_copy(update={"target": cluster.deploy_target})})
-    return cfg
+        check_tracking_server(cfg.registry.tracking_uri, "--registry.tracking-uri")
+    return cfg.model_copy(update={"deploy": deploy_on_cluster(cfg.deploy, cluster)})
+
+
+def for_backend(path: Path, cluster: ClusterConfig) -> Path:
+    """Rewrite the compiled YAML at ``path`` for ``cluster.kfp_backend``: backends before 2.15
+    reject (2.14) or drop (2.5) ``optional`` on a secret's env, so it is left out there and the
+    secrets' keys become required (README "On Kubeflow")."""
+    if cluster.backend_at_least("2.15"):
+        return path
+    docs = list(yaml.safe_load_all(path.read_text()))
+    for doc in docs[1:]:
+        for executor in doc.get("platforms", {}).get("kubernetes", {}).get("deploymentSpec", {}).get(
+                "executors", {}).values():
+            for secret in executor.get("secretAsEnv", []):
+                secret.pop("optional", None)
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    return path
+
+
+def compile_for(pipeline, path: str | Path, cluster: ClusterConfig) -> Path:
+    """Compile any of the pipelines to ``path`` for ``cluster``'s KFP backend."""
+    from kfp import compiler
+
+    compiler.Compiler().compile(pipeline, str(path))
+    return for_backend(Path(path), cluster)
 
 
 def compile_pipeline(path: str | Path, cfg: PipelineConfig | None = None,
                      cluster: ClusterConfig | None = None) -> Path:
-    """Compile for a Kubeflow Pipelines 2.x cluster, ``cfg`` giving the parameters' defaults."""
-    from kfp import compiler
-
+    """Compile for a Kubeflow Pipelines cluster, ``cfg`` giving the parameters' defaults."""
     from pipelines.bincounter_pipeline import make_pipeline
 
     cluster = cluster or ClusterConfig()
     cfg = for_cluster(cfg or PipelineConfig(), cluster)
-    compiler.Compiler().compile(make_pipeline(cfg, cluster, tracking_uri=cluster.tracking_uri), str(path))
-    return Path(path)
+    return compile_for(make_pipeline(cfg, cluster, tracking_uri=cluster.tracking_uri), path, cluster)
+
+
+class BackendTooOld(RuntimeError):
+    """The KFP server is older than the release the YAML is compiled for."""
+
+
+def server_release(client) -> str | None:
+    """The KFP API server's release (its healthz ``tag_name``), or None when it does not say.
+
+    kfp.Client's own healthz model keeps only ``multi_user``; the raw answer has the tag."""
+    try:
+        answer = client._healthz_api.healthz_service_get_healthz(_preload_content=False)
+        tag = json.loads(answer.data or b"{}").get("tag_name")
+    except Exception as exc:  # noqa: BLE001 - an older or proxied server: the version is unknown
+        log.warning("could not read the KFP server's release from its healthz: %s", exc)
+        return None
+    return tag if tag and tag != "unknown" and version_tuple(tag) else None
+
+
+def check_backend(client, cluster: ClusterConfig) -> str | None:
+    """Refuse a server older than ``cluster.kfp_backend``; returns its release (None: unknown)."""
+    release = server_release(client)
+    if release is None:
+        log.warning("the KFP server does not report its release (healthz tag_name); the YAML is compiled for "
+                    "backends %s and newer: compile with --cluster.kfp-backend for an older one", cluster.kfp_backend)
+    elif version_tuple(release)[:2] < version_tuple(cluster.kfp_backend)[:2]:
+        raise BackendTooOld(
+            f"the Kubeflow Pipelines server runs {release}, older than the {cluster.kfp_backend} this pipeline is "
+            f"compiled for. Compile for it with --cluster.kfp-backend (2.14: secrets must hold every key; 2.5: "
+            "also no --shards), or upgrade the backend (README, 'On Kubeflow').")
+    return release
 
 
 def submit(host: str, cfg: PipelineConfig | None = None, cluster: ClusterConfig | None = None, *,
-           sagemaker: SageMakerConfig | None = None,
-           namespace: str | None = None, experiment: str = "bincounter", run_name: str | None = None,
-           service_account: str | None = None, wait: bool = False, timeout: float = 7 * 24 * 3600,
-           package: str | Path | None = None) -> dict:
+           sagemaker: SageMakerConfig | None = None, experiment: str = "bincounter", run_name: str | None = None,
+           wait: bool = False, timeout: float = 7 * 24 * 3600, package: str | Path | None = None) -> dict:
     """Compile, upload and start a run on Kubeflow Pipelines at ``host`` through ``kfp.Client``.
 
-    The run's arguments are ``cfg``'s stage configs (as on the cluster) and the cluster's
-    tracking URI. With ``sagemaker``, the run is the SageMaker variant (training job and endpoint)
-    with that account's settings. With ``wait``, follows the run to its end; the result's
-    ``state`` says how it ended. ``package`` keeps the compiled YAML there (default: a temporary file).
+    The run goes to ``cluster.namespace`` as ``cluster.service_account``; its arguments are
+    ``cfg``'s stage configs (as on the cluster) and the cluster's tracking URI. With
+    ``sagemaker``, the run is the SageMaker variant (training job and endpoint) with that
+    account's settings. The server's release is checked against ``cluster.kfp_backend`` before
+    anything is uploaded. With ``wait``, follows the run to its end; the result's ``state`` says
+    how it ended. ``package`` keeps the compiled YAML there (default: a temporary file).
     """
     import tempfile
 
@@ -65,21 +147,23 @@ def submit(host: str, cfg: PipelineConfig | None = None, cluster: ClusterConfig 
 
     cluster = cluster or ClusterConfig()
     cfg = for_cluster(cfg or PipelineConfig(), cluster)
+    client = Client(host=host, namespace=cluster.namespace)
+    release = check_backend(client, cluster)
     with tempfile.TemporaryDirectory(prefix="bincounter-submit-") as tmp:
         package = package or Path(tmp) / "bincounter.yaml"
         if sagemaker is None:
             path = compile_pipeline(package, cfg, cluster)
-            args = arguments(cfg, cluster.tracking_uri)
+            args = arguments(cfg, cluster.tracking_uri, cluster)
         else:
             from pipelines.sagemaker_pipeline import compile_pipeline as compile_sagemaker
 
-            path = compile_sagemaker(package, cfg, sagemaker)
-            args = sagemaker_arguments(cfg, sagemaker, cluster.tracking_uri)
-        client = Client(host=host, namespace=namespace or "kubeflow")
+            path = compile_sagemaker(package, cfg, sagemaker, cluster)
+            args = sagemaker_arguments(cfg, sagemaker, cluster)
         run = client.create_run_from_pipeline_package(
-            str(path), arguments=args, run_name=run_name,
-            experiment_name=experiment, namespace=namespace, service_account=service_account)
-    out = {"run_id": run.run_id, "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}", "state": None}
+            str(path), arguments=args, run_name=run_name, experiment_name=experiment, namespace=cluster.namespace,
+            service_account=cluster.service_account)
+    out = {"run_id": run.run_id, "url": f"{host.rstrip('/')}/#/runs/details/{run.run_id}", "state": None,
+           "server_release": release}
     if wait:
         out["state"] = client.wait_for_run_completion(run.run_id, timeout=timeout).state
     return out

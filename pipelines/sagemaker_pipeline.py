@@ -3,65 +3,83 @@ evaluate -> register on the job's model artifact, hosting on a SageMaker endpoin
 
 Wiring only, shared with the main pipeline where the stages are the same (``data_stages``,
 ``evaluate_and_register``). The pipeline's own pods request no GPU: the training job brings its
-instances. Like every stage, the account's settings travel as ONE struct parameter,
-``sagemaker`` (``SageMakerConfig.params()``), validated by ``SageMakerConfig`` inside the two
-SageMaker components; the training settings are ``train`` (``TrainConfig``).
+instances; they run the cluster's CPU image with its secrets, retries and resources
+(``pipelines.cluster``), and log to the cluster's tracking server. Like every stage, the
+account's settings travel as ONE struct parameter, ``sagemaker`` (``SageMakerConfig.params()``),
+validated by ``SageMakerConfig`` inside the SageMaker components; the training settings are
+``train`` (``TrainConfig``).
 """
 
-from typing import Optional
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
 
 from kfp import dsl
 
-from bincounter.config import PipelineConfig, SageMakerConfig
+from bincounter.config import ClusterConfig, PipelineConfig, SageMakerConfig
+from components.check import sagemaker_check
 from components.sagemaker_deploy import sagemaker_deploy
 from components.sagemaker_train import sagemaker_train
-from pipelines.bincounter_pipeline import data_stages, evaluate_and_register
+from pipelines.bincounter_pipeline import data_stages, evaluate_and_register, shards_supported, with_signature
+
+# The stages this variant takes from PipelineConfig: SageMaker does the training's search-free
+# job and the hosting, so neither tune nor deploy is among them.
+STAGES = ("ingest", "preprocess", "train", "evaluate", "registry")
 
 
-def make_pipeline(defaults: Optional[PipelineConfig] = None, sagemaker: Optional[SageMakerConfig] = None):
-    """Build the SageMaker variant of the bincounter pipeline; the stages' struct parameters
-    default to ``defaults`` (as in the main pipeline), the ``sagemaker`` one to ``sagemaker``."""
-    d = defaults or PipelineConfig()
-    sm = sagemaker or SageMakerConfig()
+def parameters(cfg: PipelineConfig, sagemaker: SageMakerConfig, cluster: ClusterConfig) -> dict[str, Any]:
+    """The variant's parameters with their defaults, in signature order."""
+    params: dict[str, Any] = {"sagemaker": sagemaker.params(),
+                              **{stage: getattr(cfg, stage).params() for stage in STAGES}}
+    if shards_supported(cluster.kfp_backend):
+        params["shards"] = cfg.shards
+    elif cfg.shards > 1:
+        raise ValueError(f"--shards {cfg.shards} needs a KFP backend of 2.14 or newer (dsl.Collected)")
+    params.update(deploy_enabled=cfg.deploy_enabled, deploy_model_uri="", tracking_uri=cluster.tracking_uri,
+                  experiment=cfg.registry.experiment)
+    return params
 
-    @dsl.pipeline(name="bincounter-sagemaker",
-                  description="Count items in warehouse bin photos; training and hosting on Amazon SageMaker.")
-    def bincounter_sagemaker_pipeline(
-        sagemaker: dict = sm.params(),
-        ingest: dict = d.ingest.params(),
-        preprocess: dict = d.preprocess.params(),
-        train: dict = d.train.params(),
-        evaluate: dict = d.evaluate.params(),
-        registry: dict = d.registry.params(),
-        shards: int = d.shards,
-        deploy_enabled: bool = d.deploy_enabled,
-        deploy_model_uri: str = "",
-        tracking_uri: str = "",
-        experiment: str = d.registry.experiment,
-    ):
-        stages = data_stages(ingest, preprocess, shards)
-        data = stages["merge_shards"]
-        trained = sagemaker_train(data=data.outputs["data"], config=train, sagemaker=sagemaker,
-                                  tracking_uri=tracking_uri, experiment=experiment)
-        # It only uploads, polls and downloads; the job's instances do the training.
-        trained.set_cpu_request("500m").set_memory_request("2G")
-        registered = evaluate_and_register(trained.outputs["model"], data.outputs["data"], evaluate, registry,
-                                           tracking_uri, experiment)["register"]
-        with dsl.If(deploy_enabled == True):  # noqa: E712 - kfp builds a condition from ==
-            served = sagemaker_deploy(registration=registered.outputs["registration"], sagemaker=sagemaker,
-                                      model_uri=deploy_model_uri, tracking_uri=tracking_uri)
+
+def make_pipeline(defaults: Optional[PipelineConfig] = None, sagemaker: Optional[SageMakerConfig] = None,
+                  cluster: Optional[ClusterConfig] = None):
+    """Build the SageMaker variant; the stages' struct parameters default to ``defaults`` (as in the
+    main pipeline), the ``sagemaker`` one to ``sagemaker``; every task gets ``cluster``'s settings."""
+    cluster = cluster or ClusterConfig()
+    params = parameters(defaults or PipelineConfig(), sagemaker or SageMakerConfig(), cluster)
+
+    def body(p: dict) -> None:
+        checked = sagemaker_check(sagemaker=p["sagemaker"], deploy_enabled=p["deploy_enabled"],
+                                  tracking_uri=p["tracking_uri"])
+        checked.set_caching_options(False)
+        tasks, data = data_stages(p["ingest"], p["preprocess"], p.get("shards"))
+        tasks["check"] = checked
+        trained = sagemaker_train(data=data, config=p["train"], sagemaker=p["sagemaker"],
+                                  tracking_uri=p["tracking_uri"], experiment=p["experiment"]).after(checked)
+        tasks["sagemaker_train"] = trained
+        tasks.update(evaluate_and_register(trained.outputs["model"], data, p["evaluate"], p["registry"],
+                                           p["tracking_uri"], p["experiment"]))
+        with dsl.If(p["deploy_enabled"] == True):  # noqa: E712 - kfp builds a condition from ==
+            served = sagemaker_deploy(registration=tasks["register"].outputs["registration"],
+                                      sagemaker=p["sagemaker"], model_uri=p["deploy_model_uri"],
+                                      tracking_uri=p["tracking_uri"])
             # Deploying changes the world outside the pipeline: never cache it.
             served.set_caching_options(False)
+            tasks["sagemaker_deploy"] = served
+        from pipelines.cluster import configure
 
-    return bincounter_sagemaker_pipeline
+        configure(tasks.values(), cluster)
+
+    return dsl.pipeline(name="bincounter-sagemaker", description="Count items in warehouse bin photos; training and "
+                        "hosting on Amazon SageMaker.")(with_signature(body, params))
 
 
-def compile_pipeline(path, cfg: Optional[PipelineConfig] = None, sagemaker: Optional[SageMakerConfig] = None):
-    """Compile the SageMaker variant to ``path`` (YAML), ``cfg`` and ``sagemaker`` giving the
-    parameters' defaults."""
-    from pathlib import Path
+def compile_pipeline(path, cfg: Optional[PipelineConfig] = None, sagemaker: Optional[SageMakerConfig] = None,
+                     cluster: Optional[ClusterConfig] = None) -> Path:
+    """Compile the SageMaker variant to ``path`` (YAML), ``cfg``, ``sagemaker`` and ``cluster`` giving
+    the parameters' defaults and the tasks' settings."""
+    from pipelines.runner import compile_for, for_cluster
 
-    from kfp import compiler
-
-    compiler.Compiler().compile(make_pipeline(cfg, sagemaker), str(path))
-    return Path(path)
+    cluster = cluster or ClusterConfig()
+    cfg = for_cluster(cfg or PipelineConfig(), cluster)
+    return compile_for(make_pipeline(cfg, sagemaker, cluster), path, cluster)

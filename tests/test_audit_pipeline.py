@@ -3,21 +3,27 @@
 import pytest
 import yaml
 
-from bincounter.config import AuditConfig
+from bincounter.config import AuditConfig, ClusterConfig
 from pipelines.audit_pipeline import compile_audit_pipeline
 
 
 def test_audit_pipeline_compiles_with_the_typed_config_as_its_default(tmp_path):
-    spec = yaml.safe_load(compile_audit_pipeline(tmp_path / "audit.yaml").read_text())
+    spec, platform = yaml.safe_load_all(compile_audit_pipeline(tmp_path / "audit.yaml").read_text())
     assert spec["pipelineInfo"]["name"] == "bincounter-audit"
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert set(params) == {"config"} and params["config"]["parameterType"] == "STRUCT"
-    # KFP stores numbers as floats and cannot hold None: the default must still validate to AuditConfig().
-    assert AuditConfig.model_validate(params["config"]["defaultValue"]) == AuditConfig()
+    # KFP stores numbers as floats and cannot hold None: the default must still validate to AuditConfig(),
+    # logging to the cluster's tracking server (a store in the pod would be lost with it).
+    assert AuditConfig.model_validate(params["config"]["defaultValue"]) == AuditConfig(
+        tracking_uri=ClusterConfig().tracking_uri)
     task = spec["root"]["dag"]["tasks"]["audit"]
     assert task["cachingOptions"] == {}  # caching off: a recurring run counts the photos as they are now
     executor = spec["deploymentSpec"]["executors"]["exec-audit"]["container"]
     assert executor["image"] == "ghcr.io/bincounter/bincounter:0.1.0"
+    secrets = {s["secretName"] for s in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+               ["exec-audit"]["secretAsEnv"]}
+    assert secrets == {"aws-credentials", "mlflow-credentials"}
+    assert task["retryPolicy"]["maxRetryCount"] == 3
     outputs = spec["components"]["comp-audit"]["outputDefinitions"]["artifacts"]
     assert outputs["metrics"]["artifactType"]["schemaTitle"] == "system.Metrics"
     assert outputs["report"]["artifactType"]["schemaTitle"] == "system.HTML"

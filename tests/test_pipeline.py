@@ -9,10 +9,12 @@ import yaml
 from pydantic import BaseModel
 
 from bincounter.config import (STAGES, ClusterConfig, DeployConfig, EvaluateConfig, IngestConfig, PipelineConfig,
-                               PreprocessConfig, SourceConfig, SynthConfig, TrainConfig)  # noqa: F401
+                               PreprocessConfig, SourceConfig, SynthConfig, TrainConfig,  # noqa: F401
+                               TuneStageConfig)
 from pipelines.runner import arguments, compile_pipeline
 
-TASKS = {"ingest", "preprocess", "tune", "train", "evaluate", "register", "deploy"}
+TASKS = {"check", "ingest", "preprocess", "tune", "train", "evaluate", "register", "deploy"}
+SEARCH = PipelineConfig(tune=TuneStageConfig(trials=2))
 SPY = Path(__file__).parent / "pipeline_spy"
 
 
@@ -24,7 +26,7 @@ def _compiled(tmp_path, **kwargs) -> dict:
 
 @pytest.mark.parametrize("gpus", [0, 2])
 def test_pipeline_compiles_with_every_stage_on_the_project_images(tmp_path, gpus):
-    spec = _compiled(tmp_path, cluster=ClusterConfig(gpus=gpus))
+    spec = _compiled(tmp_path, cfg=SEARCH, cluster=ClusterConfig(gpus=gpus))
     executors = spec["deploymentSpec"]["executors"]
     assert {name.removeprefix("exec-") for name in executors} >= TASKS
     for name, executor in executors.items():
@@ -58,13 +60,14 @@ def test_evaluation_reads_the_merged_dataset_not_every_ingest_output(tmp_path):
 
 
 def test_pipeline_parameters_are_the_stage_configs(tmp_path):
-    """Users of the Kubeflow UI and of the CLI get the same defaults: one struct per stage."""
-    spec = _compiled(tmp_path)
-    params = spec["root"]["inputDefinitions"]["parameters"]
-    assert set(params) == {*STAGES, "shards", "deploy_enabled", "tracking_uri", "experiment"}
-    assert set(arguments(PipelineConfig(), "")) == set(params)
-    for stage in STAGES:
-        assert params[stage]["parameterType"] == "STRUCT"
+    """Users of the Kubeflow UI and of the CLI get the same defaults: one struct per stage (tune only
+    when the pipeline searches), and the run's arguments are exactly its parameters."""
+    for cfg, stages in ((SEARCH, set(STAGES)), (PipelineConfig(), set(STAGES) - {"tune"})):
+        params = _compiled(tmp_path, cfg=cfg)["root"]["inputDefinitions"]["parameters"]
+        assert set(params) == {*stages, "shards", "deploy_enabled", "tracking_uri", "experiment"}
+        assert set(arguments(cfg, "")) == set(params)
+        for stage in stages:
+            assert params[stage]["parameterType"] == "STRUCT"
 
 
 # --- every field reaches its stage ---------------------------------------------------------------
@@ -146,9 +149,15 @@ def everything_changed() -> PipelineConfig:
     return cfg
 
 
+def cluster_for(deploy: DeployConfig) -> ClusterConfig:
+    """The cluster whose settings ``deploy``'s cluster-owned fields (image, namespace, secrets) are."""
+    return ClusterConfig(serving_image=deploy.image, serving_namespace=deploy.namespace,
+                         mlflow_secret=deploy.mlflow_secret, aws_secret=deploy.aws_secret)
+
+
 def test_every_stage_field_reaches_the_compiled_pipeline(tmp_path):
     cfg = everything_changed().model_copy(update={"deploy_enabled": False, "shards": 4})
-    params = _compiled(tmp_path, cfg=cfg)["root"]["inputDefinitions"]["parameters"]
+    params = _compiled(tmp_path, cfg=cfg, cluster=cluster_for(cfg.deploy))["root"]["inputDefinitions"]["parameters"]
     for stage in STAGES:
         assert type(getattr(cfg, stage)).model_validate(params[stage]["defaultValue"]) == getattr(cfg, stage), stage
     assert params["deploy_enabled"]["defaultValue"] is False
@@ -193,9 +202,8 @@ def test_every_stage_field_reaches_its_stage_on_the_local_runner(tmp_path, monke
     for path in spy.glob("*.json"):
         entry = json.loads(path.read_text())
         records.setdefault(entry["stage"], []).append(entry)
-    stage_of = {"ingest": "ingest", "preprocess": "preprocess", "merge_shards": "preprocess", "tune": "tune",
-                "train": "train",
-                "evaluate": "evaluate", "register": "registry", "deploy": "deploy"}
+    stage_of = {"check": "deploy", "ingest": "ingest", "preprocess": "preprocess", "merge_shards": "preprocess",
+                "tune": "tune", "train": "train", "evaluate": "evaluate", "register": "registry", "deploy": "deploy"}
     assert set(records) == set(stage_of)
     for task, stage in stage_of.items():
         for entry in records[task]:
@@ -207,6 +215,7 @@ def test_every_stage_field_reaches_its_stage_on_the_local_runner(tmp_path, monke
         assert records[task][0]["kwargs"]["experiment"] == cfg.registry.experiment
         assert records[task][0]["kwargs"]["tracking_uri"] == "sqlite:///spy.db"
     assert records["deploy"][0]["kwargs"]["tracking_uri"] == "sqlite:///spy.db"
+    assert records["check"][0]["kwargs"]["tracking_uri"] == "sqlite:///spy.db"
     # Evaluation scores the originals the merged dataset keeps: it is given no ingest output.
     assert not records["evaluate"][0]["kwargs"].get("originals")
 

@@ -12,7 +12,8 @@ from bincounter.config import PipelineConfig, SageMakerConfig, TrainConfig
 from pipelines.bincounter_pipeline import make_pipeline as make_main_pipeline
 from pipelines.sagemaker_pipeline import compile_pipeline, make_pipeline
 
-STEPS = {"shard-indices", "ingest", "preprocess", "merge-shards", "sagemaker-train", "evaluate", "register", "sagemaker-deploy"}
+STEPS = {"sagemaker-check", "shard-indices", "ingest", "preprocess", "merge-shards", "sagemaker-train", "evaluate",
+         "register", "sagemaker-deploy"}
 PARAMETERS = {"sagemaker", "ingest", "preprocess", "train", "evaluate", "registry", "shards", "deploy_enabled",
               "deploy_model_uri", "tracking_uri", "experiment"}
 
@@ -20,7 +21,12 @@ PARAMETERS = {"sagemaker", "ingest", "preprocess", "train", "evaluate", "registr
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory) -> dict:
     path = compile_pipeline(tmp_path_factory.mktemp("pipeline") / "sagemaker.yaml")
-    return yaml.safe_load(path.read_text())
+    return first_document(path)
+
+
+def first_document(path) -> dict:
+    """The pipeline spec (the second YAML document is its kfp-kubernetes platform spec)."""
+    return next(yaml.safe_load_all(path.read_text()))
 
 
 def _tasks(spec: dict) -> dict:
@@ -39,6 +45,7 @@ def _source(inputs: dict, name: str) -> str:
 def test_the_steps_are_the_stages_with_sagemaker_training_and_hosting(spec: dict) -> None:
     executors = spec["deploymentSpec"]["executors"]
     assert {name.removeprefix("exec-") for name in executors} == STEPS  # no in-cluster train, tune or deploy
+    assert set(spec["root"]["dag"]["tasks"]["sagemaker-train"]["dependentTasks"]) >= {"sagemaker-check"}
     for executor in executors.values():
         assert executor["container"]["image"] == "ghcr.io/bincounter/bincounter:0.1.0"
 
@@ -63,7 +70,7 @@ def test_compile_time_account_settings_become_the_structs_default(tmp_path) -> N
     sm = SageMakerConfig(region="eu-west-1", bucket="b", role_arn="arn:aws:iam::123456789012:role/sm",
                          instance_count=3, spot=False)
     path = compile_pipeline(tmp_path / "sm.yaml", PipelineConfig(train=TrainConfig(epochs=3)), sm)
-    params = yaml.safe_load(path.read_text())["root"]["inputDefinitions"]["parameters"]
+    params = first_document(path)["root"]["inputDefinitions"]["parameters"]
     assert SageMakerConfig.model_validate(params["sagemaker"]["defaultValue"]) == sm
     assert params["train"]["defaultValue"]["epochs"] == 3
 
@@ -106,7 +113,7 @@ def test_evaluate_and_register_are_wired_as_in_the_main_pipeline(spec: dict, tmp
     from kfp import compiler
 
     compiler.Compiler().compile(make_main_pipeline(), str(tmp_path / "main.yaml"))
-    main = yaml.safe_load((tmp_path / "main.yaml").read_text())
+    main = first_document(tmp_path / "main.yaml")
     for name in ("evaluate", "register"):
         assert _wiring(spec, name, "sagemaker-train") == _wiring(main, name, "train"), name
 
@@ -127,7 +134,7 @@ def test_the_cli_compiles_the_sagemaker_backend_with_the_options_as_defaults(tmp
     subprocess.run([sys.executable, "-m", "bincounter.cli", "pipeline", "compile", "--backend", "sagemaker",
                     "--out", str(out), "--train.epochs", "3", "--sagemaker.region", "eu-west-1",
                     "--sagemaker.instance-count", "2"], check=True, capture_output=True, timeout=300)
-    spec = yaml.safe_load(out.read_text())
+    spec = first_document(out)
     assert "exec-sagemaker-train" in spec["deploymentSpec"]["executors"]
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["train"]["defaultValue"]["epochs"] == 3

@@ -20,9 +20,11 @@ from pipelines.sagemaker_pipeline import compile_pipeline as compile_sagemaker
 class FakeKFP:
     """The KFP API server's side of a submit: what the client sent, and canned answers."""
 
-    def __init__(self, final_state: str = "SUCCEEDED"):
+    def __init__(self, final_state: str = "SUCCEEDED", release: str | None = "2.16.1"):
         self.requests: list[dict] = []
         self.final_state = final_state
+        # What KFP's API server answers on healthz: its release as tag_name ("unknown" when built without one).
+        self.healthz = {"commit_sha": "0" * 40, "tag_name": release, "multi_user": False}
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -44,7 +46,7 @@ class FakeKFP:
                 fake.requests.append({"method": method, "path": url.path, "query": parse_qs(url.query), "body": body})
                 route = (method, url.path)
                 if route == ("GET", "/apis/v2beta1/healthz"):
-                    self._answer(200, {"multi_user": False})
+                    self._answer(200, {k: v for k, v in fake.healthz.items() if v is not None})
                 elif route == ("GET", "/apis/v2beta1/experiments"):
                     self._answer(200, {})  # none yet: the client creates it
                 elif route == ("POST", "/apis/v2beta1/experiments"):
@@ -98,7 +100,7 @@ def test_submit_uploads_the_compiled_pipeline_with_the_given_arguments(tmp_path,
 
     cfg = PipelineConfig(train=TrainConfig(epochs=3, backbone="resnet18"), registry=RegisterConfig(metric="rmse"))
     cluster = ClusterConfig(tracking_uri="http://mlflow.example:5000")
-    expected_args = arguments(for_cluster(cfg, cluster), cluster.tracking_uri)
+    expected_args = arguments(for_cluster(cfg, cluster), cluster.tracking_uri, cluster)
     assert run["runtime_config"]["parameters"] == json.loads(json.dumps(expected_args))
     assert run["runtime_config"]["parameters"]["train"]["epochs"] == 3
     assert run["runtime_config"]["parameters"]["deploy"]["target"] == "kubernetes"  # not a server in the pod
@@ -122,7 +124,7 @@ def test_submit_prints_the_run_url_and_a_failed_run_exits_non_zero(capsys):
 
 def test_submit_without_wait_only_starts_the_run(capsys):
     with FakeKFP() as kfp_api:
-        main(["pipeline", "submit", "--host", kfp_api.url, "--namespace", "team-a"])
+        main(["pipeline", "submit", "--host", kfp_api.url, "--cluster.namespace", "team-a"])
     paths = [(r["method"], r["path"]) for r in kfp_api.requests]
     assert ("POST", "/apis/v2beta1/runs") in paths and ("GET", "/apis/v2beta1/runs/run-1") not in paths
     lists = [r for r in kfp_api.requests if (r["method"], r["path"]) == ("GET", "/apis/v2beta1/experiments")]
@@ -142,15 +144,17 @@ def test_submit_sagemaker_uploads_the_sagemaker_variant_with_the_account_as_its_
     sm = SageMakerConfig(role_arn="arn:aws:iam::123456789012:role/bincounter-sagemaker", bucket="team-bins",
                          instance_count=2)
     cfg = PipelineConfig(train=TrainConfig(epochs=5))
+    cluster = ClusterConfig(tracking_uri="http://mlflow.example:5000")
     params = run["runtime_config"]["parameters"]
-    assert params == json.loads(json.dumps(sagemaker_arguments(cfg, sm, "http://mlflow.example:5000")))
+    assert params == json.loads(json.dumps(sagemaker_arguments(cfg, sm, cluster)))
     assert params["sagemaker"]["bucket"] == "team-bins" and params["sagemaker"]["instance_count"] == 2
     assert params["train"]["epochs"] == 5 and params["tracking_uri"] == "http://mlflow.example:5000"
     assert "deploy" not in params  # the endpoint is the variant's deploy; no Kubernetes target
-    expected = yaml.safe_load(compile_sagemaker(tmp_path / "sm.yaml", cfg, sm).read_text())
-    # No kfp-kubernetes platform spec in this variant, so the client sends the spec itself.
-    assert run["pipeline_spec"] == json.loads(json.dumps(expected))
-    assert run["pipeline_spec"]["pipelineInfo"]["name"] == "bincounter-sagemaker"
+    spec, platform = yaml.safe_load_all(compile_sagemaker(tmp_path / "sm.yaml", cfg, sm, cluster).read_text())
+    # Its pods run with the cluster's settings: the spec travels with its kfp-kubernetes platform spec.
+    assert run["pipeline_spec"]["pipeline_spec"] == json.loads(json.dumps(spec))
+    assert run["pipeline_spec"]["platform_spec"] == json.loads(json.dumps(platform))
+    assert run["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "bincounter-sagemaker"
 
 
 def test_submit_refuses_options_of_the_other_backend():
@@ -158,3 +162,26 @@ def test_submit_refuses_options_of_the_other_backend():
         main(["pipeline", "submit", "--host", "http://127.0.0.1:9", "--sagemaker.bucket", "team-bins"])
     with pytest.raises(SystemExit, match="does not apply to --backend sagemaker"):
         main(["pipeline", "submit", "--host", "http://127.0.0.1:9", "--backend", "sagemaker", "--cluster.gpus", "1"])
+
+
+def test_submit_refuses_a_server_older_than_the_backend_the_yaml_is_compiled_for():
+    with FakeKFP(release="2.14.1") as kfp_api:
+        with pytest.raises(SystemExit, match="runs 2.14.1, older than the 2.15 this pipeline is compiled for"):
+            main(["pipeline", "submit", "--host", kfp_api.url])
+    assert not [r for r in kfp_api.requests if r["method"] == "POST"]  # nothing uploaded, nothing started
+
+
+def test_compiled_for_the_servers_backend_it_submits_without_what_that_backend_rejects():
+    with FakeKFP(release="2.14.1") as kfp_api:
+        main(["pipeline", "submit", "--host", kfp_api.url, "--cluster.kfp-backend", "2.14"])
+        run = kfp_api.created_run()
+    executors = run["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    secrets = [s for e in executors.values() for s in e["secretAsEnv"]]
+    assert secrets and all("optional" not in s for s in secrets)  # 2.14 refuses the field
+
+
+def test_a_server_that_does_not_say_its_release_is_submitted_to_with_a_warning(caplog):
+    with FakeKFP(release="unknown") as kfp_api:
+        main(["pipeline", "submit", "--host", kfp_api.url])
+        kfp_api.created_run()
+    assert "does not report its release" in caplog.text

@@ -8,6 +8,7 @@ Unknown fields are rejected rather than silently ignored.
 from __future__ import annotations
 
 import os
+import re
 from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -39,6 +40,10 @@ class _Config(BaseModel):
 
 PUBLIC_BUCKET = "s3://aft-vbi-pds"
 IMAGE_REPOSITORY = "ghcr.io/bincounter/bincounter"
+# Kubernetes names: a namespace is an RFC 1123 label, most other objects (secrets, service
+# accounts) an RFC 1123 subdomain.
+_RFC1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_RFC1123_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 class SynthConfig(_Config):
@@ -264,9 +269,23 @@ class DeployConfig(_Config):
     image: str = Field(f"{IMAGE_REPOSITORY}:{__version__}", description="Serving image (Kubernetes, KServe, SageMaker).")
     namespace: str = "bincounter"
     replicas: int = Field(1, ge=1)
+    mlflow_secret: str | None = Field(None, description="Kubernetes and KServe: secret in the serving namespace whose "
+                                      "MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN keys become the server's env "
+                                      "(optional keys).")
+    aws_secret: str | None = Field(None, description="Kubernetes and KServe: secret in the serving namespace whose "
+                                   "AWS_* keys become the server's env (model artifacts in S3; optional keys).")
     dry_run: bool = Field(False, description="Render and validate, do not apply/create.")
     sagemaker_role_arn: str | None = None
     sagemaker_instance_type: str = "ml.m5.large"
+
+    @field_validator("mlflow_secret", "aws_secret", mode="before")
+    @classmethod
+    def _secret_name(cls, value: object) -> object:
+        if value in ("", None):
+            return None
+        if not isinstance(value, str) or not _RFC1123_SUBDOMAIN.match(value):
+            raise ValueError(f"{value!r} is not a Kubernetes secret name")
+        return value
 
 
 class TuneStageConfig(_Config):
@@ -450,11 +469,20 @@ class SageMakerConfig(_Config):
     endpoint_instance_type: str = Field("ml.m5.xlarge", description="Hosting instance (4 vCPUs, 16 GiB; CPU serving).")
     endpoint_instance_count: int = Field(1, ge=1)
     poll_seconds: float = Field(30.0, gt=0, description="How often to ask SageMaker about a job or an endpoint.")
+    endpoint_subnets: tuple[str, ...] = Field(
+        (), description="VPC subnets of the endpoint's instances (with endpoint_security_groups), so it reaches a "
+                        "private MLflow server; empty: SageMaker's own network.")
+    endpoint_security_groups: tuple[str, ...] = Field((), description="VPC security groups of the endpoint's instances.")
+    mlflow_secret_arn: str | None = Field(
+        None, description="Secrets Manager secret (ARN) holding the endpoint's MLflow credentials as JSON "
+                          "(MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN keys); the server reads it at start with "
+                          "the execution role (secretsmanager:GetSecretValue). The values never enter the model's "
+                          "environment, which DescribeModel shows.")
     sagemaker_endpoint_url: str | None = Field(None, description="SageMaker API endpoint override (VPC endpoint, moto).")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint override (VPC endpoint, moto).")
 
     @field_validator("role_arn", "bucket", "training_image", "serving_image", "sagemaker_endpoint_url",
-                     "s3_endpoint_url", mode="before")
+                     "s3_endpoint_url", "mlflow_secret_arn", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # KFP pipeline parameters cannot be None: "" stands for "not set".
@@ -464,6 +492,16 @@ class SageMakerConfig(_Config):
     def _check(self) -> "SageMakerConfig":
         if self.spot and self.max_wait_seconds < self.max_run_seconds:
             raise ValueError("max_wait_seconds must be at least max_run_seconds for managed spot training")
+        if bool(self.endpoint_subnets) != bool(self.endpoint_security_groups):
+            raise ValueError("endpoint_subnets and endpoint_security_groups go together: a SageMaker VpcConfig needs "
+                             "both (the subnets the endpoint runs in, the security groups that may reach MLflow)")
+        for name, prefix in (("endpoint_subnets", "subnet-"), ("endpoint_security_groups", "sg-")):
+            bad = [v for v in getattr(self, name) if not re.fullmatch(prefix + r"[0-9a-f]{8,17}", v)]
+            if bad:
+                raise ValueError(f"{name}: {bad} are not {prefix}... ids")
+        if self.mlflow_secret_arn is not None and not re.fullmatch(
+                r"arn:aws[a-z0-9-]*:secretsmanager:[a-z0-9-]+:\d{12}:secret:[\w/+=.@-]+", self.mlflow_secret_arn):
+            raise ValueError(f"mlflow_secret_arn {self.mlflow_secret_arn!r} is not a Secrets Manager secret ARN")
         for name in ("data_prefix", "output_prefix", "checkpoint_prefix"):
             if getattr(self, name).startswith("/") or "//" in getattr(self, name) or ".." in getattr(self, name).split("/"):
                 raise ValueError(f"{name} must be a relative S3 key prefix like 'bincounter/data'")
@@ -508,36 +546,89 @@ class Resources(_Config):
     memory_limit: str = "4G"
 
 
-def _image_default(variable: str, suffix: str = "") -> str:
-    return os.environ.get(variable) or f"{IMAGE_REPOSITORY}:{__version__}{suffix}"
+IMAGE_NAME = "bincounter"
+# The project's images in a registry: the CPU image (every stage, the server), its CUDA build
+# (GPU training) and the serving image; each tag is the package version plus this suffix.
+IMAGE_SUFFIXES = {"cpu": "", "cuda": "-cuda", "serving": ""}
+ImageKind = Literal["cpu", "cuda", "serving"]
+
+# KFP backend releases the compiled YAML can be made for, oldest first, and what each newer one
+# adds that the pipeline uses (README "On Kubeflow", "Backend versions").
+KFP_BACKENDS = ("2.5", "2.14", "2.15")
+KfpBackend = Literal["2.5", "2.14", "2.15"]
+
+
+def version_tuple(release: str) -> tuple[int, ...]:
+    """'2.15.0' -> (2, 15, 0): release numbers compare as numbers, not as text."""
+    return tuple(int(part) for part in re.findall(r"\d+", release))
+
+
+def _env(variable: str) -> str | None:
+    return os.environ.get(variable) or None
 
 
 _LOCAL_STORES = ("sqlite:", "file:", "./", "/", "~")
 
 
-class ClusterConfig(_Config):
-    """How the compiled pipeline runs on a Kubeflow Pipelines 2.x cluster (kfp-kubernetes).
+def check_tracking_server(uri: str | None, option: str = "--cluster.tracking-uri") -> str:
+    """``uri`` if it names a tracking server; else a ValueError saying why a pod needs one."""
+    value = (uri or "").strip()
+    if not value or value.startswith(_LOCAL_STORES) or "://" not in value:
+        raise ValueError(
+            f"tracking_uri {uri!r} is not a tracking server: on a cluster every task runs in its own pod, so a "
+            f"local store is lost with the pod. Set {option} to your MLflow server, e.g. "
+            "http://mlflow.mlflow.svc.cluster.local:5000 (kubectl apply -k manifests/mlflow deploys one).")
+    return value
 
-    Compile-time only: task images, secrets, resources, retries, GPU placement and caching.
+
+# The keys the two credential secrets may hold; each becomes the env variable of its name.
+AWS_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION")
+MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+class ClusterConfig(_Config):
+    """Everything a cluster run needs from its cluster, in one place: images, registry, tracking
+    server, secrets, namespaces, service account, retries, resources and the KFP backend.
+
+    Compile- and submit-time only. Every pipeline variant (main, sharded, GPU, SageMaker, audit)
+    and every manifest the deploy step applies takes these values from here (``pipelines.cluster``,
+    ``pipelines.runner.for_cluster``).
     """
 
-    image: str = Field(default_factory=lambda: _image_default("BINCOUNTER_IMAGE"),
-                       description="Image of the CPU tasks (default $BINCOUNTER_IMAGE, else the project's, tagged "
-                                   "with this version).")
-    cuda_image: str = Field(default_factory=lambda: _image_default("BINCOUNTER_CUDA_IMAGE", "-cuda"),
-                            description="Image of the GPU tasks (default $BINCOUNTER_CUDA_IMAGE, else the "
-                                        "project's '-cuda' tag).")
+    registry: str = Field(
+        default_factory=lambda: _env("BINCOUNTER_REGISTRY") or "ghcr.io/bincounter",
+        description="Registry (and path) of the project's images (default $BINCOUNTER_REGISTRY, else "
+                    "ghcr.io/bincounter): <registry>/bincounter:<version>, ...-cuda.")
+    image: str | None = Field(default_factory=lambda: _env("BINCOUNTER_IMAGE"),
+                              description="Image of the CPU tasks (default $BINCOUNTER_IMAGE, else "
+                                          "<registry>/bincounter:<version>).")
+    cuda_image: str | None = Field(default_factory=lambda: _env("BINCOUNTER_CUDA_IMAGE"),
+                                   description="Image of the GPU tasks (default $BINCOUNTER_CUDA_IMAGE, else "
+                                               "<registry>/bincounter:<version>-cuda).")
+    serving_image: str | None = Field(default_factory=lambda: _env("BINCOUNTER_SERVING_IMAGE"),
+                                      description="Image the deploy step serves the model with (Deployment, "
+                                                  "InferenceService; default $BINCOUNTER_SERVING_IMAGE, else "
+                                                  "<registry>/bincounter:<version>).")
     tracking_uri: str = Field(
         "http://mlflow.mlflow.svc.cluster.local:5000",
-        description="MLflow tracking server every task shares (default: manifests/mlflow's). Pods share "
-                    "nothing else, so a local store (SQLite, a folder) is refused.")
+        description="MLflow tracking server every task and the served model share (default: manifests/mlflow's). "
+                    "Pods share nothing else, so a local store (SQLite, a folder) is refused.")
     mlflow_secret: str | None = Field(
         "mlflow-credentials", description="Secret whose MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN keys become "
-                                          "env of the tasks that talk to MLflow (optional keys; none: not used).")
+                                          "env of the tasks that talk to MLflow and of the model server ('' or "
+                                          "none: not used).")
     aws_secret: str | None = Field(
         "aws-credentials", description="Secret whose AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN "
-                                       "/ AWS_DEFAULT_REGION keys become env of every task (optional keys; none: "
-                                       "not used, e.g. with IRSA).")
+                                       "/ AWS_DEFAULT_REGION keys become env of every task and of the model server "
+                                       "('' or none: not used, e.g. with IRSA).")
+    namespace: str = Field("kubeflow", description="Namespace (Kubeflow profile) the runs go to.")
+    service_account: str | None = Field(
+        None, description="Service account of the runs' pods (default: the KFP installation's; "
+                          "'bincounter-pipeline' from 'bincounter pipeline rbac').")
+    serving_namespace: str = Field("bincounter", description="Namespace the deploy step serves the model in.")
+    kfp_backend: KfpBackend = Field(
+        "2.15", description="Oldest Kubeflow Pipelines backend the compiled YAML must run on: 2.15 (everything), "
+                            "2.14 (secret keys become required), 2.5 (also no --shards).")
     gpus: int = Field(0, ge=0, description="GPUs for each of the tune and train tasks (0: CPU only).")
     gpu_resource: str = Field("nvidia.com/gpu", description="The GPU's extended resource name.")
     gpu_node_label: str = Field("nvidia.com/gpu.present=true",
@@ -545,7 +636,8 @@ class ClusterConfig(_Config):
     gpu_toleration: str = Field("nvidia.com/gpu", description="Taint key the GPU tasks tolerate (operator Exists, "
                                                               "effect NoSchedule; '' for none).")
     shm_size: str = Field("8Gi", description="Memory-backed /dev/shm on tune and train (DataLoader workers).")
-    retries: int = Field(3, ge=0, description="Retries of the tasks that touch S3 or the registry.")
+    retries: int = Field(3, ge=0, description="Retries of the tasks that touch S3 or the registry (never of the "
+                                              "checks, nor of deploy, which retries what a retry can fix itself).")
     retry_backoff: str = Field("30s", description="Wait before the first retry; doubles each time.")
     retry_backoff_max: str = Field("3600s", description="Longest time spent retrying.")
     cache_data: bool = Field(True, description="Cache ingest and preprocess (keyed by their inputs); register and "
@@ -557,14 +649,34 @@ class ClusterConfig(_Config):
     train_resources: Resources = Resources(cpu_request="4", cpu_limit="8", memory_request="16G", memory_limit="32G")
     light_resources: Resources = Resources(cpu_request="1", cpu_limit="2", memory_request="2G", memory_limit="4G")
 
+    @field_validator("mlflow_secret", "aws_secret", "image", "cuda_image", "serving_image", "service_account",
+                     mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    def backend_at_least(self, release: str) -> bool:
+        """Whether the oldest backend the YAML is compiled for is ``release`` or newer."""
+        return version_tuple(self.kfp_backend) >= version_tuple(release)
+
+    def image_of(self, kind: ImageKind) -> str:
+        """The image of ``kind``: its own setting, else the project's in ``registry``."""
+        own = {"cpu": self.image, "cuda": self.cuda_image, "serving": self.serving_image}[kind]
+        return own or f"{self.registry.rstrip('/')}/{IMAGE_NAME}:{__version__}{IMAGE_SUFFIXES[kind]}"
+
     @model_validator(mode="after")
     def _check(self) -> "ClusterConfig":
-        uri = self.tracking_uri.strip()
-        if not uri or uri.startswith(_LOCAL_STORES) or "://" not in uri:
-            raise ValueError(
-                f"tracking_uri {self.tracking_uri!r} is not a tracking server: on a cluster every task runs in its "
-                "own pod, so a local store is lost with the pod. Set --cluster.tracking-uri to your MLflow server, "
-                "e.g. http://mlflow.mlflow.svc.cluster.local:5000 (kubectl apply -k manifests/mlflow deploys one).")
+        check_tracking_server(self.tracking_uri)
         if self.gpu_node_label and "=" not in self.gpu_node_label:
             raise ValueError("gpu_node_label is key=value, e.g. nvidia.com/gpu.present=true")
+        for name in ("namespace", "serving_namespace"):
+            if not _RFC1123_LABEL.match(getattr(self, name)):
+                raise ValueError(f"{name} {getattr(self, name)!r} is not a Kubernetes namespace name (RFC 1123 label)")
+        if self.service_account is not None and not _RFC1123_SUBDOMAIN.match(self.service_account):
+            raise ValueError(f"service_account {self.service_account!r} is not a Kubernetes name")
+        for name in ("mlflow_secret", "aws_secret"):
+            if getattr(self, name) is not None and not _RFC1123_SUBDOMAIN.match(getattr(self, name)):
+                raise ValueError(f"{name} {getattr(self, name)!r} is not a Kubernetes secret name")
+        if not self.registry.strip() or any(c.isspace() for c in self.registry) or "://" in self.registry:
+            raise ValueError(f"registry {self.registry!r} is not a registry path like registry.example.com/team")
         return self

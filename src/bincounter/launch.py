@@ -23,6 +23,7 @@ from bincounter.config import (
     IngestConfig,
     PreprocessConfig,
     RegisterConfig,
+    SageMakerConfig,
     TrainConfig,
     TuneStageConfig,
 )
@@ -238,6 +239,39 @@ def deploy(cfg: DeployConfig, name: str = "bincounter", tracking_uri: str | None
         kwargs["tracking_uri"] = tracking_uri
     result = run(cfg, **kwargs)
     return {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool))}
+
+
+def check(deploy: DeployConfig | None, *, tracking_uri: str | None = None) -> dict:
+    """The pipeline's first task: fail in seconds on what would fail hours later. The tracking
+    server answers; with ``deploy`` (None: deploy disabled) its target's prerequisites hold
+    (``bincounter.deploy.check``). Returns what was checked."""
+    from bincounter.deploy import check as check_deploy
+
+    out: dict = {"tracking_uri": tracking.check_server(tracking_uri)}
+    if deploy is not None:
+        kwargs = {"tracking_uri": tracking_uri} if deploy.target in ("kubernetes", "kserve") and tracking_uri else {}
+        out.update({f"deploy_{k}": v for k, v in check_deploy(deploy, **kwargs).items()})
+    return out
+
+
+def check_sagemaker(sm: SageMakerConfig, *, deploy_enabled: bool, tracking_uri: str | None = None) -> dict:
+    """The SageMaker variant's first task: the tracking server answers, and the account's settings
+    make a valid training job (and, with ``deploy_enabled``, a valid endpoint)."""
+    from bincounter.sagemaker_jobs import training_job_request
+
+    out: dict = {"tracking_uri": tracking.check_server(tracking_uri)}
+    training_job_request(TrainConfig(), sm, name="bincounter-check", data_uri=sm.s3_uri(sm.data_prefix, "check"))
+    out["training_image"] = sm.training_image
+    if deploy_enabled:
+        from bincounter.config import SageMakerHostingConfig
+        from bincounter.deploy.sagemaker import build_requests
+        from bincounter.sagemaker_launch import deploy_config, endpoint_network_and_secrets
+
+        hosting = SageMakerHostingConfig(sagemaker=sm, tracking_uri=tracking_uri)
+        build_requests(deploy_config(hosting, "models:/check/1"), endpoint_name=sm.endpoint_name,
+                       tracking_uri=tracking_uri, **endpoint_network_and_secrets(sm))
+        out["serving_image"] = sm.serving_image
+    return out
 
 
 def audit(cfg: AuditConfig, out_dir: str, *, report_html: str | None = None) -> dict:

@@ -25,6 +25,28 @@ def configure(tracking_uri: str | None = None, experiment: str = "bincounter") -
     return uri
 
 
+class TrackingServerError(RuntimeError):
+    """The tracking store does not answer, or refuses these credentials."""
+
+
+def check_server(tracking_uri: str | None = None) -> str:
+    """Ask the store one cheap question (an experiment search) and return its URI; raise
+    :class:`TrackingServerError` naming the URI, the credentials variables and the cause."""
+    import os
+
+    from mlflow import MlflowClient
+
+    uri = tracking_uri or default_tracking_uri()
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:  # MlflowException, requests' errors: the message says which
+        auth = [k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_TOKEN") if os.environ.get(k)]
+        raise TrackingServerError(
+            f"the MLflow tracking store {uri} does not answer a search with this task's credentials "
+            f"({', '.join(auth) or 'no MLFLOW_TRACKING_* credentials'} set): {str(exc)[:500]}") from exc
+    return uri
+
+
 def local_artifact_root(uri: str) -> str | None:
     """Artifacts of a SQLite store live beside the database file, not in whatever folder the
     process happened to start in (MLflow's default, ./mlruns)."""

@@ -163,6 +163,7 @@ def test_missing_crd_is_explained(kubectl: str) -> None:
 
 def test_missing_kubectl_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(k8s.sysconfig, "get_path", lambda name: str(tmp_path))  # nor beside this Python
     with mock.patch.object(k8s.subprocess, "run", autospec=True) as run:
         with pytest.raises(k8s.KubectlNotFoundError, match="kubectl not found on PATH"):
             kserve.deploy(cfg(dry_run=True))

@@ -207,18 +207,58 @@ def test_wait_checks_the_rollout(kubectl: str) -> None:
     )
 
 
-def test_unreachable_cluster_error_carries_stderr(kubectl: str) -> None:
+def test_unreachable_cluster_error_carries_stderr(kubectl: str, monkeypatch: pytest.MonkeyPatch) -> None:
     stderr = "The connection to the server localhost:8080 was refused - did you specify the right host or port?"
-    with mock.patch.object(k8s.subprocess, "run", autospec=True, side_effect=fake_kubectl_apply(returncode=1, stderr=stderr)):
+    waits: list[float] = []
+    monkeypatch.setattr(k8s, "pause", waits.append)
+    with mock.patch.object(k8s.subprocess, "run", autospec=True,
+                           side_effect=fake_kubectl_apply(returncode=1, stderr=stderr)) as run:
         with pytest.raises(k8s.KubectlError) as err:
             k8s.deploy(cfg(), kubectl=kubectl, wait=False)
     assert "cannot reach the Kubernetes cluster" in str(err.value)
     assert stderr in str(err.value) and err.value.stderr == stderr
     assert err.value.returncode == 1 and err.value.cmd[1:] == list(k8s.APPLY_ARGS)
+    # An unreachable API server may come back: the apply was tried 4 times, 5 s apart and doubling.
+    assert [c.args[0][1] for c in run.call_args_list].count("apply") == 4 and waits == [5.0, 10.0, 20.0]
+
+
+@pytest.mark.parametrize(("stderr", "error"), [
+    ('Error from server (Forbidden): deployments.apps "bincounter" is forbidden: User '
+     '"system:serviceaccount:kubeflow:pipeline-runner" cannot patch resource "deployments"', k8s.ForbiddenError),
+    ("error: error validating data: unknown field \"replicaz\"", k8s.KubectlError),
+])
+def test_what_a_retry_cannot_fix_fails_at_once(kubectl: str, monkeypatch: pytest.MonkeyPatch, stderr: str,
+                                                error: type) -> None:
+    monkeypatch.setattr(k8s, "pause", lambda s: pytest.fail("waited for a retry that cannot help"))
+    with mock.patch.object(k8s.subprocess, "run", autospec=True,
+                           side_effect=fake_kubectl_apply(returncode=1, stderr=stderr)) as run:
+        with pytest.raises(error) as err:
+            k8s.deploy(cfg(), kubectl=kubectl, wait=False)
+    assert [c.args[0][1] for c in run.call_args_list].count("apply") == 1
+    if error is k8s.ForbiddenError:
+        assert "bincounter pipeline rbac" in str(err.value)
+
+
+def test_a_conflict_is_retried_and_then_applies(kubectl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(k8s, "pause", lambda s: None)
+    answers = iter([(1, "Operation cannot be fulfilled on deployments.apps \"bincounter\": the object has been "
+                        "modified; please apply your changes to the latest version and try again"), (0, "")])
+
+    def run(cmd, *args, **kwargs):
+        if cmd[1] == "kustomize":
+            return REAL_RUN(cmd, *args, **kwargs)
+        code, err = next(answers)
+        return subprocess.CompletedProcess(cmd, code, stdout="deployment.apps/bincounter serverside-applied\n",
+                                           stderr=err)
+
+    with mock.patch.object(k8s.subprocess, "run", autospec=True, side_effect=run):
+        result = k8s.deploy(cfg(), kubectl=kubectl, wait=False)
+    assert result["applied"] and "serverside-applied" in result["kubectl_output"]
 
 
 def test_missing_kubectl_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no kubectl anywhere
+    monkeypatch.setattr(k8s.sysconfig, "get_path", lambda name: str(tmp_path))  # nor beside this Python
     with mock.patch.object(k8s.subprocess, "run", autospec=True) as run:
         with pytest.raises(k8s.KubectlNotFoundError, match="kubectl not found on PATH"):
             k8s.deploy(cfg(dry_run=True))

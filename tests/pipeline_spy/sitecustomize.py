@@ -13,6 +13,7 @@ import uuid
 _DIR = os.environ.get("BINCOUNTER_SPY_DIR")
 
 _RESULTS = {
+    "check": {},
     "ingest": {},
     "preprocess": {},
     "merge_shards": {},
@@ -27,7 +28,7 @@ _RESULTS = {
 
 def _recorder(stage):
     def record(cfg, *args, **kwargs):
-        entry = {"stage": stage, "config": cfg.model_dump(mode="json"),
+        entry = {"stage": stage, "config": cfg.model_dump(mode="json") if cfg is not None else None,
                  "kwargs": {k: v for k, v in kwargs.items()
                             if isinstance(v, (str, int, float, bool, type(None)))
                             or (isinstance(v, list) and all(isinstance(x, str) for x in v))}}

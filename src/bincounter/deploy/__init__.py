@@ -1,7 +1,8 @@
 """Deployment targets: local process, Kubernetes, KServe, SageMaker.
 
 Each target is a module ``bincounter.deploy.<target>`` with ``deploy(cfg, **kwargs) -> dict``
-(and optionally ``stop`` and ``status``). They are imported on demand, so the local target
+and ``check(cfg, **kwargs) -> dict`` (what ``deploy`` needs, checked before a pipeline does any
+work), and optionally ``stop`` and ``status``. They are imported on demand, so the local target
 works without the Kubernetes or AWS clients installed.
 """
 
@@ -25,6 +26,11 @@ def _target(target: str) -> ModuleType:
 def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
     """Deploy ``cfg.model_uri`` to ``cfg.target``; keyword arguments go to the target's ``deploy``."""
     return _target(cfg.target).deploy(cfg, **kwargs)
+
+
+def check(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
+    """Whether ``deploy(cfg, **kwargs)`` can do its work, without doing it: raises with the reason."""
+    return _target(cfg.target).check(cfg, **kwargs)
 
 
 def stop(target: str = "local", name: str = "bincounter", **kwargs: Any) -> bool:

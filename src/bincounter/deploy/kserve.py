@@ -19,9 +19,13 @@ from bincounter.config import DeployConfig
 from bincounter.deploy.kubernetes import (
     base_documents,
     canonical_image,
+    check_deployable,
     check_inputs,
     check_namespace,
+    check_secret_env,
+    container_index,
     DEFAULT_K8S_VERSION,
+    env_patch,
     find_kubectl,
     find_object,
     image_override,
@@ -31,8 +35,9 @@ from bincounter.deploy.kubernetes import (
     render_and_apply,
     render_overlay,
     restart_stamp,
-    run_kubectl,
+    run_kubectl_retrying,
     schema_errors,
+    secret_env,
 )
 
 API_VERSION = "serving.kserve.io/v1beta1"
@@ -80,6 +85,10 @@ def overlay(
             ops.append({"op": "add", "path": "/spec/predictor/annotations/" + RESTART_ANNOTATION.replace("/", "~1"), "value": restart_stamp()})
         else:
             ops.append({"op": "add", "path": "/spec/predictor/annotations", "value": {RESTART_ANNOTATION: restart_stamp()}})
+    secrets = secret_env(cfg)
+    if secrets:
+        index = container_index(predictor, CONTAINER)
+        ops += env_patch(f"/spec/predictor/containers/{index}", secrets)
     return {
         "namespace": cfg.namespace,
         "images": [image_override(cfg.image)],
@@ -169,6 +178,7 @@ def validate(
                 problems.append(f"MODEL_URI {env.get('MODEL_URI')!r} != {cfg.model_uri!r}")
             if tracking_uri and env.get("MLFLOW_TRACKING_URI") != tracking_uri:
                 problems.append(f"MLFLOW_TRACKING_URI {env.get('MLFLOW_TRACKING_URI')!r} != {tracking_uri!r}")
+            problems += check_secret_env(container, cfg)
             if env.get("PROTOCOL", "v1") != "v1":
                 problems.append(f"PROTOCOL {env.get('PROTOCOL')!r} is not the v1 protocol the server speaks")
             ports = [p.get("containerPort") for p in container.get("ports", [])]
@@ -178,6 +188,12 @@ def validate(
     if problems:
         raise ManifestError("rendered InferenceService manifest is wrong:\n- " + "\n- ".join(problems))
     return docs
+
+
+def check(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
+    """Whether ``deploy(cfg, **kwargs)`` can do its work: kubectl, the InferenceService renders for
+    ``cfg``, and the identity kubectl uses may apply it (``kubernetes.check_deployable``)."""
+    return check_deployable(cfg, kwargs, render_fn=render, validate_fn=validate, target="kserve")
 
 
 def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
@@ -197,12 +213,12 @@ def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
     if not result["applied"]:
         return result
     if kwargs.get("wait", True):
-        run_kubectl(
+        run_kubectl_retrying(
             kubectl,
             [*flags, "wait", "--for=condition=Ready", f"inferenceservice/{ISVC_NAME}", "-n", cfg.namespace, f"--timeout={int(timeout)}s"],
             timeout=timeout + 30,
         )
-        url = run_kubectl(
+        url = run_kubectl_retrying(
             kubectl,
             [*flags, "get", f"inferenceservice/{ISVC_NAME}", "-n", cfg.namespace, "-o", "jsonpath={.status.url}"],
             timeout=60,

