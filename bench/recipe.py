@@ -40,9 +40,9 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from bincounter.config import PreprocessConfig, TrainConfig
-from bincounter.models import ModelSpec, build_model, normalization_for
+from bincounter.model.networks import ModelSpec, build_model, normalization_for
 from bincounter.preprocess import _encode
-from bincounter.transforms import TrainTransform, decode_bytes
+from bincounter.model.transforms import TrainTransform, decode_bytes
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "abid-dev" / "bin-images"
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")

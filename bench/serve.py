@@ -68,7 +68,7 @@ def register_model(work: Path) -> str:
     import torch
 
     from bincounter.config import RegisterConfig
-    from bincounter.models import ModelSpec, build_model, normalization_for
+    from bincounter.model.networks import ModelSpec, build_model, normalization_for
     from bincounter.register import register
 
     mean, std = normalization_for("efficientnet_lite0")
@@ -174,8 +174,8 @@ def raw_limits(model_uri: str, images: list[bytes], seconds: float = 10.0) -> di
     import onnxruntime as ort
     import torch
 
-    from bincounter.models import load_trained
-    from bincounter.predictor import Predictor, TTAProbabilities
+    from bincounter.model.networks import load_trained
+    from bincounter.model.predictor import Predictor, TTAProbabilities
 
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
     folder = next(local.rglob("model_spec.json")).parent

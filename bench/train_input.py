@@ -43,8 +43,8 @@ from torchvision import transforms as TV
 
 from bincounter.config import IngestConfig, PreprocessConfig, SourceConfig, SynthConfig
 from bincounter.data import ShardDataset, make_loader, read_samples, shard_urls
-from bincounter.models import IMAGENET_MEAN, IMAGENET_STD
-from bincounter.transforms import TrainTransform
+from bincounter.model.networks import IMAGENET_MEAN, IMAGENET_STD
+from bincounter.model.transforms import TrainTransform
 
 
 def build_dataset(root: Path, n_images: int, prep_size: int) -> Path:

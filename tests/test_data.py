@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from bincounter.data import ShardDataset, materialize, read_samples, shard_urls
-from bincounter.transforms import EvalTransform, TrainTransform
+from bincounter.model.transforms import EvalTransform, TrainTransform
 
 
 def test_shards_hold_images_with_labels(data_dir):

@@ -5,9 +5,9 @@ import torch
 from bincounter import train as train_module
 from bincounter.data import load_split
 from bincounter.distill import CACHE, distill_loss, teacher_folder, teacher_probabilities
-from bincounter.predictor import Predictor
+from bincounter.model.predictor import Predictor
 from bincounter.train import train
-from bincounter.transforms import EvalTransform
+from bincounter.model.transforms import EvalTransform
 from tests.conftest import TINY_TRAIN
 from tests.test_train import interrupt_second_epoch
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bincounter.models import BEST_WEIGHTS as BEST
+from bincounter.model.networks import BEST_WEIGHTS as BEST
 from bincounter.train import CHECKPOINT, state_digest, train
 from tests.conftest import TINY_TRAIN
 
@@ -222,7 +222,7 @@ def test_the_ranks_share_the_teachers_pass_and_all_learn_from_every_photos_targe
 
     from bincounter.data import load_split
     from bincounter.distill import CACHE, teacher_probabilities
-    from bincounter.transforms import EvalTransform
+    from bincounter.model.transforms import EvalTransform
 
     outs = [tmp_path / "node-0", tmp_path / "node-1"]
     results = _run_ranks(data_dir, outs, tmp_path / "shared", tmp_path, extra=("--teachers", str(model_dir)))

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from bincounter.config import Backbone
-from bincounter.models import ModelSpec, WeightsUnavailable, build_model, served_state
-from bincounter.predictor import Predictor
-from bincounter.transforms import decode_bytes
+from bincounter.model.networks import ModelSpec, WeightsUnavailable, build_model, served_state
+from bincounter.model.predictor import Predictor
+from bincounter.model.transforms import decode_bytes
 
 BACKBONES = list(Backbone.__args__)
 
@@ -81,7 +81,7 @@ def test_auto_never_downloads_torchvision_weights_and_says_so(monkeypatch, caplo
     """'auto' means packaged offline weights where they exist, else none: a torchvision backbone
     starts from random weights offline, with a log line saying so; only 'torchvision' downloads."""
     asked = no_downloads(monkeypatch)
-    with caplog.at_level("INFO", logger="bincounter.models"):
+    with caplog.at_level("INFO", logger="bincounter.model.networks"):
         model = build_model(ModelSpec(backbone="resnet18", num_classes=6), pretrained="auto")
     assert asked == [None] and model.backbone.fc.__class__.__name__ == "Identity"
     assert "resnet18" in caplog.text and "random weights" in caplog.text and "torchvision" in caplog.text

@@ -264,7 +264,7 @@ def test_killed_mid_epoch_the_job_resumes_from_its_checkpoint_folder(tmp_path: P
     assert _checkpoint_epoch(layout) == 3
 
     # The model folder is what evaluate and register read.
-    from bincounter.predictor import Predictor
+    from bincounter.model.predictor import Predictor
 
     assert sorted(p.name for p in layout.model.iterdir()) == sorted([*entry.MODEL_FILES, "train_config.json"])
     predictor = Predictor.from_dir(layout.model)

@@ -520,7 +520,7 @@ def test_model_files_are_loaded_without_running_their_code(tmp_path, monkeypatch
 
     import torch
 
-    from bincounter.models import load_trained
+    from bincounter.model.networks import load_trained
 
     monkeypatch.chdir(tmp_path)
     torch.save({"model": {}, "spec": {}, "epoch": 0, "payload": _Tampered()}, tmp_path / "model.pt")
@@ -533,7 +533,7 @@ def test_serving_never_imports_training() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, bincounter.serve, bincounter.serve_worker, bincounter.predictor, bincounter.pyfunc; "
+    code = ("import sys, bincounter.serve, bincounter.serve_worker, bincounter.model.predictor, bincounter.pyfunc; "
             "print('bincounter.train' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "False", out.stderr[-2000:]

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import bincounter
-from bincounter.models import ModelSpec, build_model
+from bincounter.model.networks import ModelSpec, build_model
 from tests import serve_payloads as payloads
 
 pytestmark = pytest.mark.slow
@@ -115,7 +115,7 @@ def server(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(model_dir):
-    from bincounter.predictor import Predictor
+    from bincounter.model.predictor import Predictor
 
     predictor = Predictor.from_dir(model_dir)
     return lambda data: predictor.predict_bytes([data])[0]
@@ -156,7 +156,7 @@ def check_good(probe: payloads.Probe, body: dict | list, reference) -> None:
 
 def test_the_native_crash_is_reproduced_in_torchvision_and_refused_by_our_decoder(tmp_path):
     """The issue's killer request: torchvision's decoder dies on it; ours refuses it from the header."""
-    from bincounter.transforms import ImageTooLarge, decode_untrusted
+    from bincounter.model.transforms import ImageTooLarge, decode_untrusted
 
     data = payloads.huge_png()
     assert len(data) < 1024
@@ -302,7 +302,7 @@ def test_serves_a_registered_model_by_alias_with_its_onnx_export(tmp_path, isola
 def test_a_folder_mixing_two_models_files_is_refused_when_it_loads(tmp_path, backend) -> None:
     """model_spec.json (which sets the transform) from one model, model.pt / model.onnx from
     another: refused by name at load, not a runtime error on every request."""
-    from bincounter.onnx_export import export_onnx
+    from bincounter.model.onnx_export import export_onnx
     from bincounter.serve_worker import EngineSpec, load_engine
 
     model_dir = make_model_dir(tmp_path / "model")

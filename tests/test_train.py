@@ -201,8 +201,8 @@ def test_a_restart_on_a_new_machine_is_a_new_run_and_register_reads_its_id(data_
 def test_censored_photos_and_auxiliary_targets_train_a_model_that_answers_0_to_5(data_dir_overflow, tmp_path):
     """Photos with more than 5 items train as a censored '6+' class with the metadata's item
     figures as auxiliary targets; the saved model answers over 0..5 and loads like any other."""
-    from bincounter.models import BEST_WEIGHTS, load_trained
-    from bincounter.predictor import Predictor
+    from bincounter.model.networks import BEST_WEIGHTS, load_trained
+    from bincounter.model.predictor import Predictor
 
     cfg = TINY_TRAIN.model_copy(update={"epochs": 2, "aux_weight": 0.5})
     result = train(cfg, data_dir_overflow, tmp_path / "m")

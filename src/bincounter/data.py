@@ -11,7 +11,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset
 
-from bincounter.transforms import decode_bytes
+from bincounter.model.transforms import decode_bytes
 
 # Decoded photos are cached as uint8 tensors while they fit in this many bytes; beyond it,
 # JPEG bytes are kept and decoded per sample (in DataLoader workers).

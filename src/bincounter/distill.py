@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from bincounter.data import ShardDataset, make_loader
 from bincounter.fileio import atomic_write
-from bincounter.models import BEST_WEIGHTS, REMOTE_URIS
-from bincounter.predictor import Predictor
+from bincounter.model.networks import BEST_WEIGHTS, REMOTE_URIS
+from bincounter.model.predictor import Predictor
 
 log = logging.getLogger(__name__)
 

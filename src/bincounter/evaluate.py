@@ -30,10 +30,10 @@ from bincounter.config import EVAL_METRICS, EvaluateConfig
 from bincounter.data import make_loader, read_samples, ShardDataset, shard_urls
 from bincounter.fileio import atomic_write
 from bincounter.ids import is_file_stem
-from bincounter.predictor import Predictor
+from bincounter.model.predictor import Predictor
 from bincounter.preprocess import ORIGINALS, ORIGINALS_OF
 from bincounter.sources import IMAGES
-from bincounter.train import resolve_device
+from bincounter.model.device import resolve_device
 
 SUMMARY_KEYS = EVAL_METRICS  # config.EvalMetric owns the names (the promotion gate accepts only these)
 SERVED, SHARDS = "served", "shards"  # metrics["path"]: what the headline figures scored
@@ -140,7 +140,7 @@ def score_as_served(model_dir: str | Path, ids: list[str], originals: list[tuple
     machine's: it changes the speed, not the answers.
     """
     from bincounter.config import ServeConfig
-    from bincounter.onnx_export import serving_files
+    from bincounter.model.onnx_export import serving_files
     from bincounter.serve import engine_spec
     from bincounter.serve_worker import load_engine
 

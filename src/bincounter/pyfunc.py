@@ -1,7 +1,7 @@
 """The MLflow pyfunc that serves everywhere: raw image bytes in, counts out.
 
 It carries the trained weights and ``model_spec.json`` as artifacts and this package as code,
-and does its own decoding and preprocessing through ``bincounter.predictor.Predictor``.
+and does its own decoding and preprocessing through ``bincounter.model.predictor.Predictor``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ class BinCounterModel(mlflow.pyfunc.PythonModel):
     """``predict(DataFrame({"image": [bytes, ...]}))`` -> one row per image."""
 
     def load_context(self, context) -> None:
-        from bincounter.predictor import Predictor
+        from bincounter.model.predictor import Predictor
 
         self.predictor = Predictor.from_dir(context.artifacts["model_dir"])
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import bincounter
 from bincounter import tracking
 from bincounter.config import RegisterConfig
-from bincounter.onnx_export import serving_files
+from bincounter.model.onnx_export import serving_files
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"

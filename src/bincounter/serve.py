@@ -195,7 +195,7 @@ def engine_spec(cfg: ServeConfig, model_path: Path, workdir: Path) -> EngineSpec
         raise ValueError(f"backend {backend!r} needs a bincounter model ({SPEC_FILE}); {model_path} has none")
     if backend == "torch":
         return EngineSpec("torch", str(native), **common)
-    from bincounter.onnx_export import ONNX_FILE, export_onnx
+    from bincounter.model.onnx_export import ONNX_FILE, export_onnx
 
     onnx = native / ONNX_FILE
     if not onnx.is_file():

@@ -67,8 +67,8 @@ class NativeEngine:
     def __init__(self, spec: EngineSpec):
         import torch
 
-        from bincounter.models import ModelSpec
-        from bincounter.transforms import EvalTransform
+        from bincounter.model.networks import ModelSpec
+        from bincounter.model.transforms import EvalTransform
 
         torch.set_num_threads(spec.threads)
         folder = Path(spec.model_path)
@@ -90,8 +90,8 @@ class NativeEngine:
                                  f"{folder / SPEC_FILE} says {size} px: the files come from two different models")
             self._probabilities = lambda x: session.run(None, {"image": x.numpy()})[0]
         else:
-            from bincounter.models import load_trained
-            from bincounter.predictor import TTAProbabilities
+            from bincounter.model.networks import load_trained
+            from bincounter.model.predictor import TTAProbabilities
 
             model, stored = load_trained(folder)
             if stored != self.model_spec:
@@ -108,8 +108,8 @@ class NativeEngine:
     def run(self, images: list[bytes]) -> list[Outcome]:
         import torch
 
-        from bincounter.predictor import describe
-        from bincounter.transforms import ImageRejected, decode_untrusted
+        from bincounter.model.predictor import describe
+        from bincounter.model.transforms import ImageRejected, decode_untrusted
 
         outcomes: list[Outcome | None] = [None] * len(images)
         tensors, where = [], []
@@ -155,7 +155,7 @@ class PyfuncEngine:
         ]
 
     def run(self, images: list[bytes]) -> list[Outcome]:
-        from bincounter.transforms import ImageRejected, read_header
+        from bincounter.model.transforms import ImageRejected, read_header
 
         outcomes: list[Outcome | None] = [None] * len(images)
         good = []

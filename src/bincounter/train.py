@@ -33,9 +33,10 @@ from bincounter.data import AUX_TARGETS, load_split, make_loader, materialize
 from bincounter.distill import (cached_teacher_probabilities, distill_loss, read_cached, teacher_probabilities,
                                 write_cache)
 from bincounter.metrics import evaluate_predictions
-from bincounter.models import BEST_WEIGHTS, ModelSpec, build_model, normalization_for, served_state
+from bincounter.model.device import resolve_device
+from bincounter.model.networks import BEST_WEIGHTS, ModelSpec, build_model, normalization_for, served_state
 from bincounter.preprocess import load_dataset_info
-from bincounter.transforms import EvalTransform, TrainTransform
+from bincounter.model.transforms import EvalTransform, TrainTransform
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +55,6 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------- engine set-up
-
-def resolve_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """bf16 where the GPU has it, else fp16; off on CPU (no gain without AMX/AVX512-BF16)."""

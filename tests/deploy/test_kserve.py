@@ -130,11 +130,11 @@ def test_validate_requires_the_v1_protocol(kubectl: str) -> None:
 
 
 def test_apply_and_wait_call_kubectl_with_exact_arguments(kubectl: str) -> None:
-    outputs = {"get": (0, "http://bincounter.models.example.com", "")}
+    outputs = {"get": (0, "http://bincounter.model.networks.example.com", "")}
     with mock.patch.object(k8s.subprocess, "run", autospec=True, side_effect=fake_kubectl(outputs)) as run:
         result = kserve.deploy(cfg(), kubectl=kubectl, context="prod", wait=True, timeout=200)
     assert result["applied"] is True and result["ready"] is True
-    assert result["url"] == "http://bincounter.models.example.com"
+    assert result["url"] == "http://bincounter.model.networks.example.com"
     common = dict(capture_output=True, text=True, check=False)
     assert run.call_args_list[1:] == [
         mock.call([kubectl, "--context", "prod", *k8s.APPLY_ARGS], input=result["manifest"], timeout=200.0, **common),

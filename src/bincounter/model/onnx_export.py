@@ -35,8 +35,8 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None) -> Path:
     import onnxruntime as ort
     import torch
 
-    from bincounter.models import load_trained
-    from bincounter.predictor import TTAProbabilities
+    from bincounter.model.networks import load_trained
+    from bincounter.model.predictor import TTAProbabilities
 
     model, spec = load_trained(model_dir)
     module = TTAProbabilities(model, spec).eval()

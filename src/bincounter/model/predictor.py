@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bincounter.models import ModelSpec, load_trained
-from bincounter.transforms import DEFAULT_MAX_PIXELS, EvalTransform, decode_untrusted, tta_views
+from bincounter.model.networks import ModelSpec, load_trained
+from bincounter.model.transforms import DEFAULT_MAX_PIXELS, EvalTransform, decode_untrusted, tta_views
 
 
 class TTAProbabilities(nn.Module):
