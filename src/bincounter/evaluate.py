@@ -274,7 +274,7 @@ def _fmt(value: object) -> object:
 
 
 def _write_report(out_dir: Path, m: dict, figs: list[Path]) -> None:
-    from bincounter.report import html_page, markdown_table
+    from bincounter.reporting import html_page, markdown_table
 
     if m["path"] == SERVED:
         how = [f"Scored as served: each photo's original bytes through the model server's own decoder and engine "

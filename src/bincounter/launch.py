@@ -118,7 +118,7 @@ def train(cfg: TrainConfig, data_dir: str, model_dir: str, *, tracking_uri: str 
         r = run(cfg, data_dir, model_dir)
         tracking.log_artifacts([Path(data_dir) / "report"], "data_report")
     if curves_html:
-        from bincounter.report import html_page
+        from bincounter.reporting import html_page
 
         pngs = sorted((Path(model_dir) / "plots").glob("*.png"))
         verdict = (f"best epoch {r.best_epoch}: val accuracy {r.best['val_accuracy']:.4f}, "

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bincounter.report import plt, save_figure
+from bincounter.reporting import plt, save_figure
 
 
 def training_curves(history: list[dict], out_dir: Path) -> list[Path]:

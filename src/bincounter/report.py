@@ -1,52 +1,18 @@
-"""Plots and summaries people look at: the data report, and helpers shared by other reports."""
+"""The data report people look at after preprocessing: class histogram per split, image sizes,
+quarantine reasons and sample photos per count (HTML and PNG)."""
 
 from __future__ import annotations
 
-import base64
-import html
-import logging
 import io
 from collections import Counter
 from concurrent.futures import Executor
 from pathlib import Path
 
-import matplotlib
+from PIL import Image
 
-matplotlib.use("Agg")  # no display on servers and in containers
-logging.getLogger("matplotlib.category").setLevel(logging.WARNING)  # chatty about string tick labels
-import matplotlib.pyplot as plt  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from bincounter.config import PreprocessConfig  # noqa: E402
-from bincounter.split import SPLITS  # noqa: E402
-
-
-def save_figure(fig, path: Path) -> Path:
-    """Save a figure as PNG and free it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def html_page(title: str, markdown_like: list[str], images: list[Path]) -> str:
-    """A self-contained HTML page (images inlined) that KFP's UI can render as an artifact."""
-    parts = [f"<html><head><meta charset='utf-8'><title>{title}</title></head><body>", f"<h1>{title}</h1>"]
-    # Escaped: lines may quote input (a refused photo's decoder error, a file name).
-    parts += [f"<pre>{html.escape(line)}</pre>" if line.startswith("|") else f"<p>{html.escape(line)}</p>"
-              for line in markdown_like if line]
-    for img in images:
-        data = base64.b64encode(img.read_bytes()).decode()
-        parts.append(f"<h3>{img.stem}</h3><img src='data:image/png;base64,{data}' style='max-width:100%'>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
-def markdown_table(header: list[str], rows: list[list[object]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return lines
+from bincounter.config import PreprocessConfig
+from bincounter.reporting import html_page, markdown_table, plt, save_figure
+from bincounter.split import SPLITS
 
 
 def _class_histogram(per_split: dict[str, Counter], names: list[str], path: Path) -> Path:

@@ -73,7 +73,7 @@ def train(cfg: SageMakerTrainingConfig, data_dir: str | Path, model_dir: str | P
         (model_dir / "mlflow_run_id").write_text(run.info.run_id)
     best = max(history, key=lambda r: (r["val_accuracy"], -r["val_rmse"])) if history else {}
     if curves_html:
-        from bincounter.report import html_page
+        from bincounter.reporting import html_page
 
         pngs = sorted((model_dir / "plots").glob("*.png"))
         Path(curves_html).write_text(html_page("Training on SageMaker", [

@@ -309,7 +309,7 @@ def _log_best(best: dict, records: list[dict], tcfg: TuneConfig, out_dir: Path) 
 
 def trials_plot(records: list[dict], metric: str, path: Path) -> Path:
     """Each finished trial's metric against its learning rate, one colour per backbone."""
-    from bincounter.report import plt, save_figure
+    from bincounter.reporting import plt, save_figure
 
     ok = [r for r in records if r["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(6, 4))
