@@ -1,4 +1,4 @@
-"""Ingest speed: objects/s of ``bincounter.ingest`` vs the seed notebooks' sequential boto3 loop.
+"""Ingest speed: objects/s of ``bincounter.data.ingest`` vs the seed notebooks' sequential boto3 loop.
 
 Both download the same 1,000 objects (500 synthetic photos at 64 px and their metadata)
 from the same local S3 server: moto, serving S3 only, in its own process (so its CPU does
@@ -24,7 +24,7 @@ from botocore import UNSIGNED
 from botocore.config import Config
 
 from bincounter.config import IngestConfig, SourceConfig, SynthConfig
-from bincounter.ingest import ingest
+from bincounter.data.ingest import ingest
 from bincounter_demo.s3server import free_port
 from bincounter_demo.synth import generate
 

@@ -1,4 +1,4 @@
-"""Preprocess speed: images/s of ``bincounter.preprocess`` vs a naive per-image PIL loop.
+"""Preprocess speed: images/s of ``bincounter.data.preprocess`` vs a naive per-image PIL loop.
 
 Input: all 7,106 real photos of ../shared/abid-dev (about 11% originals, the rest 224 px
 copies), copied with a local-folder ingest; without that folder, 1,500 synthetic 224 px
@@ -25,10 +25,10 @@ from pathlib import Path
 
 from PIL import Image
 
-import bincounter.report  # noqa: F401  # imported before timing, like PIL for the loop
+import bincounter.data.report  # noqa: F401  # imported before timing, like PIL for the loop
 from bincounter.config import IngestConfig, PreprocessConfig, SourceConfig, SynthConfig
-from bincounter.ingest import ingest
-from bincounter.preprocess import preprocess
+from bincounter.data.ingest import ingest
+from bincounter.data.preprocess import preprocess
 from bincounter_demo.synth import generate
 
 N_SYNTHETIC = 1500

@@ -5,7 +5,7 @@ rather than wall time: each figure is per core, and other work on a shared machi
 run (run it under ``nice``) without changing its figures much. Per image, at ``--size`` px:
 
 * preprocess: an original photo decoded (draft mode), resized whole and re-encoded as JPEG, as
-  ``bincounter.preprocess`` stores it; also the stored JPEG's size (it sets training's memory);
+  ``bincounter.data.preprocess`` stores it; also the stored JPEG's size (it sets training's memory);
 * input: a stored JPEG decoded and augmented with ``TrainTransform`` in batches, what one
   DataLoader worker does;
 * model: one training step (forward, backward, AdamW; channels_last; ``freeze_early`` at
@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bincounter.config import PreprocessConfig, TrainConfig
 from bincounter.model.networks import ModelSpec, build_model, normalization_for
-from bincounter.preprocess import _encode
+from bincounter.data.preprocess import _encode
 from bincounter.model.transforms import TrainTransform, decode_bytes
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "abid-dev" / "bin-images"

@@ -42,14 +42,14 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as TV
 
 from bincounter.config import IngestConfig, PreprocessConfig, SourceConfig, SynthConfig
-from bincounter.data import ShardDataset, make_loader, read_samples, shard_urls
+from bincounter.data.dataset import ShardDataset, make_loader, read_samples, shard_urls
 from bincounter.model.networks import IMAGENET_MEAN, IMAGENET_STD
 from bincounter.model.transforms import TrainTransform
 
 
 def build_dataset(root: Path, n_images: int, prep_size: int) -> Path:
-    from bincounter.ingest import ingest
-    from bincounter.preprocess import preprocess
+    from bincounter.data.ingest import ingest
+    from bincounter.data.preprocess import preprocess
     from bincounter_demo.synth import generate
 
     generate(SynthConfig(n_images=n_images, seed=3), root / "synth")

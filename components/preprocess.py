@@ -38,6 +38,6 @@ def merge_shards(parts: Input[List[Dataset]], data: Output[Dataset], report: Out
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def shard_indices(shards: int) -> List[int]:
     """The shard numbers 0..shards-1 the data stages fan out over."""
-    from bincounter.shards import shard_indices as indices
+    from bincounter.data.shards import shard_indices as indices
 
     return indices(shards)

@@ -276,7 +276,7 @@ def check_sagemaker_variant_trains() -> None:
     """The job SageMaker would run, at its real paths: a channel in /opt/ml/input/data/training,
     hyperparameters.json, the model in /opt/ml/model and checkpoints in /opt/ml/checkpoints."""
     from bincounter.config import PreprocessConfig, SynthConfig, TrainConfig
-    from bincounter.preprocess import preprocess
+    from bincounter.data.preprocess import preprocess
     from bincounter.sagemaker_entry import Layout, to_hyperparameters
     from bincounter_demo.synth import generate
 

@@ -40,8 +40,8 @@ def synth_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def data_dir(synth_dir, tmp_path_factory) -> Path:
     """The synthetic photos ingested from a folder and preprocessed at 64 px."""
-    from bincounter.ingest import ingest
-    from bincounter.preprocess import preprocess
+    from bincounter.data.ingest import ingest
+    from bincounter.data.preprocess import preprocess
 
     work = tmp_path_factory.mktemp("data")
     ingest(IngestConfig(source=SourceConfig(uri=str(synth_dir)), progress=False), work / "raw")
@@ -52,7 +52,7 @@ def data_dir(synth_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def data_dir_without_val(synth_dir, tmp_path_factory) -> Path:
     """The synthetic photos preprocessed with val_fraction=0: no validation split."""
-    from bincounter.preprocess import preprocess
+    from bincounter.data.preprocess import preprocess
 
     out = tmp_path_factory.mktemp("data-no-val") / "data"
     preprocess(PreprocessConfig(image_size=64, workers=1, val_fraction=0.0), synth_dir, out, progress=False)
@@ -62,7 +62,7 @@ def data_dir_without_val(synth_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def data_dir_overflow(tmp_path_factory) -> Path:
     """Synthetic photos of 0-8 items, preprocessed with a censored '6+' class."""
-    from bincounter.preprocess import preprocess
+    from bincounter.data.preprocess import preprocess
     from bincounter_demo.synth import generate
 
     work = tmp_path_factory.mktemp("data-overflow")

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from bincounter.data import ShardDataset, materialize, read_samples, shard_urls
+from bincounter.data.dataset import ShardDataset, materialize, read_samples, shard_urls
 from bincounter.model.transforms import EvalTransform, TrainTransform
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bincounter import train as train_module
-from bincounter.data import load_split
+from bincounter.data.dataset import load_split
 from bincounter.distill import CACHE, distill_loss, teacher_folder, teacher_probabilities
 from bincounter.model.predictor import Predictor
 from bincounter.train import train

@@ -220,7 +220,7 @@ def test_the_ranks_share_the_teachers_pass_and_all_learn_from_every_photos_targe
     whole split), and the replicas end bit-identical."""
     import numpy as np
 
-    from bincounter.data import load_split
+    from bincounter.data.dataset import load_split
     from bincounter.distill import CACHE, teacher_probabilities
     from bincounter.model.transforms import EvalTransform
 

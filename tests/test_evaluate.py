@@ -38,7 +38,7 @@ def test_evaluate_writes_metrics_plots_and_report(model_dir, data_dir, tmp_path)
 
 
 def test_a_dataset_without_originals_is_scored_on_its_shards_and_says_so(model_dir, data_dir, tmp_path):
-    from bincounter.preprocess import ORIGINALS
+    from bincounter.data.preprocess import ORIGINALS
 
     old = tmp_path / "data"  # as preprocess wrote datasets before it kept the test originals
     shutil.copytree(data_dir, old, ignore=shutil.ignore_patterns(ORIGINALS))
@@ -61,7 +61,7 @@ def test_the_headline_is_the_served_path_and_the_shards_are_reported_beside(mode
     import mlflow
 
     from bincounter import launch, tracking
-    from bincounter.data import load_split
+    from bincounter.data.dataset import load_split
     from bincounter.model.predictor import Predictor
     from bincounter.serve_worker import EngineSpec, load_engine
 
@@ -134,8 +134,8 @@ def test_a_photo_the_server_refuses_is_reported_not_scored(model_dir, synth_dir,
     megapixels. Such a test photo is counted and listed, and the rest is scored."""
     from PIL import Image
 
-    from bincounter.preprocess import preprocess
-    from bincounter.split import split_of
+    from bincounter.data.preprocess import preprocess
+    from bincounter.data.split import split_of
 
     raw = tmp_path / "raw"
     shutil.copytree(synth_dir, raw)

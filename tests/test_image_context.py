@@ -82,7 +82,7 @@ def test_package_installs_from_exactly_the_context(tmp_path: Path, context: list
         ("**/*.egg-info", "src/bincounter.egg-info/PKG-INFO", True),
         ("*.egg-info", "src/bincounter.egg-info/PKG-INFO", False),  # '*' does not cross '/'
         ("tests", "src/tests/x.py", False),  # rooted at the context, as in Docker
-        ("data", "src/bincounter/data.py", False),
+        ("data", "src/bincounter/data/dataset.py", False),
     ],
 )
 def test_dockerignore_matching(pattern: str, path: str, excluded: bool) -> None:

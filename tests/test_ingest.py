@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from bincounter import ingest as ingest_mod
+from bincounter.data import ingest as ingest_mod
 from bincounter.config import IngestConfig, SourceConfig, SynthConfig
-from bincounter.ingest import ERRORS, MANIFEST, ingest, load_manifest
+from bincounter.data.ingest import ERRORS, MANIFEST, ingest, load_manifest
 from bincounter.ids import InvalidId
-from bincounter.sources import LocalSource, S3Source, SourceError
+from bincounter.data.sources import LocalSource, S3Source, SourceError
 from bincounter_demo.s3server import LocalS3, S3Proxy, free_port
 from bincounter_demo.synth import generate
 
@@ -358,7 +358,7 @@ def test_interrupted_ingest_resumes_without_downloading_twice(dataset, tmp_path,
 _KILLABLE = textwrap.dedent("""
     import sys
     from bincounter.config import IngestConfig, SourceConfig
-    from bincounter.ingest import ingest
+    from bincounter.data.ingest import ingest
     ingest(IngestConfig(source=SourceConfig(uri=sys.argv[1], endpoint_url=sys.argv[2]), workers=4,
                         progress=False), sys.argv[3])
 """)
@@ -442,7 +442,7 @@ def test_listed_names_that_are_not_dataset_ids_are_skipped_with_a_warning(s3, pr
         client.put_object(Bucket=BUCKET, Key=f"hostile/{key}", Body=(dataset / key).read_bytes())
     for key in hostile:
         client.put_object(Bucket=BUCKET, Key=f"hostile/{key}", Body=(dataset / "metadata/00002.json").read_bytes())
-    with caplog.at_level("WARNING", logger="bincounter.sources"):
+    with caplog.at_level("WARNING", logger="bincounter.data.sources"):
         result = ingest(_cfg(proxy.endpoint, uri=f"s3://{BUCKET}/hostile"), tmp_path / "s3")
     assert (result.downloaded, result.failed) == (1, 0)
     assert sorted(load_manifest(tmp_path / "s3" / MANIFEST)) == ["00001"]

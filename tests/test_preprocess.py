@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bincounter import validate as v
+from bincounter.data import validate as v
 from bincounter.config import PreprocessConfig, SynthConfig
-from bincounter.data import read_samples, shard_urls
-from bincounter.preprocess import _process_image, list_ids, load_dataset_info, preprocess
-from bincounter.split import SPLITS
+from bincounter.data.dataset import read_samples, shard_urls
+from bincounter.data.preprocess import _process_image, list_ids, load_dataset_info, preprocess
+from bincounter.data.split import SPLITS
 from bincounter_demo.synth import generate
 
 N_GOOD = 36
@@ -186,7 +186,7 @@ def test_shards_hold_exactly_the_index_with_correct_labels(messy, result, cfg):
 def test_the_test_photos_originals_are_kept_byte_for_byte(messy, result):
     """Evaluation scores the served path on these: the test split's photos as ingest fetched them,
     and no other split's (the dataset grows by a tenth of the originals, not all of them)."""
-    from bincounter.preprocess import ORIGINALS
+    from bincounter.data.preprocess import ORIGINALS
 
     index = {r["id"]: r for r in _jsonl(result / "index.jsonl")}
     kept = {p.stem: p for p in (result / ORIGINALS / "bin-images").iterdir()}
@@ -297,7 +297,8 @@ def test_a_manifest_id_that_is_not_a_file_name_is_quarantined_and_never_read(tmp
 # delete) once the new dataset is complete: the moments at which it replaces the old dataset.
 KILL_AFTER_OP = """
 import os, shutil, signal, sys
-from bincounter import fileio, preprocess as pp
+from bincounter import fileio
+from bincounter.data import preprocess as pp
 from bincounter.config import PreprocessConfig
 
 in_dir, out_dir, size, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -377,7 +378,7 @@ def test_a_preprocess_killed_while_replacing_its_output_leaves_a_whole_dataset(t
 def test_each_sample_carries_its_items_figures_for_auxiliary_targets(tmp_path):
     """The json member holds the count and what the items add up to; a figure that cannot be
     trusted (missing, another unit, negative) is null, never guessed."""
-    from bincounter.data import AUX_TARGETS, aux_targets
+    from bincounter.data.dataset import AUX_TARGETS, aux_targets
 
     root = tmp_path / "in"
     for sub in ("bin-images", "metadata"):

@@ -1,4 +1,4 @@
-"""Scale-out: ingest and preprocess over N shards give the dataset of one (bincounter.shards)."""
+"""Scale-out: ingest and preprocess over N shards give the dataset of one (bincounter.data.shards)."""
 
 import json
 import shutil
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from bincounter.config import IngestConfig, PipelineConfig, PreprocessConfig, SourceConfig, SynthConfig
-from bincounter.shards import shard_indices
-from bincounter.split import shard_of
+from bincounter.data.shards import shard_indices
+from bincounter.data.split import shard_of
 
 
 def test_shards_split_the_id_space_evenly():
@@ -39,7 +39,7 @@ def bucket(tmp_path_factory) -> Path:
 
 
 def test_sharded_ingest_holds_exactly_the_unsharded_selection(bucket, tmp_path):
-    from bincounter.ingest import ingest
+    from bincounter.data.ingest import ingest
 
     cfg = IngestConfig(source=SourceConfig(uri=str(bucket)), limit=60, progress=False)
     whole = ingest(cfg, tmp_path / "whole")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from bincounter import validate as v
+from bincounter.data import validate as v
 from bincounter.config import IngestConfig, PreprocessConfig, SourceConfig
-from bincounter.ingest import ERRORS, MANIFEST, ingest, load_manifest
-from bincounter.preprocess import load_dataset_info, preprocess
+from bincounter.data.ingest import ERRORS, MANIFEST, ingest, load_manifest
+from bincounter.data.preprocess import load_dataset_info, preprocess
 from bincounter_demo.s3server import LocalS3
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "abid-dev"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from bincounter.config import PreprocessConfig, SynthConfig
-from bincounter.preprocess import preprocess
-from bincounter.split import label_of, split_of, unit_hash
+from bincounter.data.preprocess import preprocess
+from bincounter.data.split import label_of, split_of, unit_hash
 from bincounter_demo.synth import generate
 
 

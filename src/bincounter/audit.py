@@ -39,7 +39,7 @@ from bincounter.audit_outputs import (  # noqa: F401 - the audit's public names 
 )
 from bincounter.config import AuditConfig
 from bincounter.ids import check_id
-from bincounter.sources import IMAGES, METADATA, LocalSource, ObjectMissing, open_source
+from bincounter.data.sources import IMAGES, METADATA, LocalSource, ObjectMissing, open_source
 from bincounter.verdict import first_count, probability_of, verdict
 
 JOURNAL = "audit_journal.sqlite"
@@ -138,7 +138,7 @@ class Journal:
 def _csv_lines(uri: str, cfg: AuditConfig) -> Iterator[str]:
     """The expected-counts CSV, line by line, from a local path or s3://bucket/key."""
     if uri.startswith("s3://"):
-        from bincounter.sources import S3Source
+        from bincounter.data.sources import S3Source
 
         bucket, _, key = uri[len("s3://"):].partition("/")
         source = S3Source(cfg.source.model_copy(update={"uri": f"s3://{bucket}"}), retries=cfg.retries)
@@ -209,7 +209,7 @@ def _todo(cfg: AuditConfig, source, journal: Journal) -> Iterator[tuple[str, int
 
 def _fetch(source, id_: str, expected: int | None) -> _Photo | _Failed:
     """One bin's photo (and metadata when the expected count comes from it)."""
-    from bincounter.ingest import parse_count
+    from bincounter.data.ingest import parse_count
 
     try:
         if expected is None:
@@ -418,7 +418,7 @@ def audit(cfg: AuditConfig, out_dir: str | Path) -> AuditSummary:
 
     from bincounter import calibration
     from bincounter.paths import default_tracking_uri
-    from bincounter.sources import SourceError
+    from bincounter.data.sources import SourceError
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

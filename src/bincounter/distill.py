@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from bincounter.data import ShardDataset, make_loader
+from bincounter.data.dataset import ShardDataset, make_loader
 from bincounter.fileio import atomic_write
 from bincounter.model.networks import BEST_WEIGHTS, REMOTE_URIS
 from bincounter.model.predictor import Predictor

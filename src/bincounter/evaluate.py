@@ -27,12 +27,12 @@ import torch
 
 from bincounter import metrics as M
 from bincounter.config import EVAL_METRICS, EvaluateConfig
-from bincounter.data import make_loader, read_samples, ShardDataset, shard_urls
+from bincounter.data.dataset import make_loader, read_samples, ShardDataset, shard_urls
 from bincounter.fileio import atomic_write
 from bincounter.ids import is_file_stem
 from bincounter.model.predictor import Predictor
-from bincounter.preprocess import ORIGINALS, ORIGINALS_OF
-from bincounter.sources import IMAGES
+from bincounter.data.preprocess import ORIGINALS, ORIGINALS_OF
+from bincounter.data.sources import IMAGES
 from bincounter.model.device import resolve_device
 
 SUMMARY_KEYS = EVAL_METRICS  # config.EvalMetric owns the names (the promotion gate accepts only these)

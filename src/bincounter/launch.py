@@ -30,7 +30,7 @@ from bincounter.config import (
 
 
 def ingest(cfg: IngestConfig, out_dir: str, *, shard: int = 0, shards: int = 1) -> dict:
-    from bincounter.ingest import ingest as run
+    from bincounter.data.ingest import ingest as run
 
     r = run(cfg, out_dir, shard=shard, shards=shards)
     atomic_write(Path(out_dir) / "ingest_config.json", json.dumps(cfg.model_dump(), indent=2).encode())
@@ -39,9 +39,9 @@ def ingest(cfg: IngestConfig, out_dir: str, *, shard: int = 0, shards: int = 1) 
 
 
 def merge_shards(cfg: PreprocessConfig, parts: list[str], out_dir: str, report_html: str | None = None) -> dict:
-    """Join preprocessed shards into the training dataset (``bincounter.shards.merge``)."""
-    from bincounter.preprocess import load_dataset_info
-    from bincounter.shards import merge
+    """Join preprocessed shards into the training dataset (``bincounter.data.shards.merge``)."""
+    from bincounter.data.preprocess import load_dataset_info
+    from bincounter.data.shards import merge
 
     r = merge(cfg, parts, out_dir)
     if report_html:
@@ -52,8 +52,8 @@ def merge_shards(cfg: PreprocessConfig, parts: list[str], out_dir: str, report_h
 
 
 def preprocess(cfg: PreprocessConfig, raw_dir: str, out_dir: str, report_html: str | None = None) -> dict:
-    from bincounter.preprocess import load_dataset_info
-    from bincounter.preprocess import preprocess as run
+    from bincounter.data.preprocess import load_dataset_info
+    from bincounter.data.preprocess import preprocess as run
 
     r = run(cfg, raw_dir, out_dir)
     if report_html:
@@ -95,8 +95,8 @@ def train(cfg: TrainConfig, data_dir: str, model_dir: str, *, tracking_uri: str 
 
     On a machine with several GPUs (a pipeline task given ``--cluster.gpus N``) and no launcher
     around it, the training runs data-parallel: one DDP process per GPU (``train_data_parallel``)."""
-    from bincounter.data import materialize
-    from bincounter.preprocess import load_dataset_info
+    from bincounter.data.dataset import materialize
+    from bincounter.data.preprocess import dataset_params, load_dataset_info
     from bincounter.train import train as run
 
     if tuned_dir is not None:
@@ -109,7 +109,7 @@ def train(cfg: TrainConfig, data_dir: str, model_dir: str, *, tracking_uri: str 
                                    experiment=experiment, curves_html=curves_html)
     data_dir = str(materialize(data_dir))
     info = load_dataset_info(data_dir)
-    params = {**cfg.flat("train."), **_data_params(data_dir, info)}
+    params = {**cfg.flat("train."), **dataset_params(info)}
     run_id = _resumable_run_id(Path(model_dir))
     with tracking.stage_run("train", params, tracking_uri=tracking_uri, experiment=experiment, run_id=run_id,
                             system_metrics=True) as mlrun:
@@ -167,17 +167,6 @@ def _train_rank(job_path: str) -> None:
         run(cfg, job["data_dir"], job["model_dir"])
 
 
-def _data_params(data_dir: str, info: dict) -> dict:
-    """The ingest and preprocess settings behind a dataset, for the training run's params."""
-    from bincounter.config import IngestConfig
-
-    params = {f"preprocess.{k}": v for k, v in PreprocessConfig(**info["config"]).flat().items()}
-    if info.get("ingest_config"):
-        params.update({f"ingest.{k}": v for k, v in IngestConfig(**info["ingest_config"]).flat().items()})
-    params.update({"data.sizes": info["sizes"], "data.input_manifest_sha256": info["input_manifest_sha256"]})
-    return params
-
-
 def _resumable_run_id(model_dir: Path) -> str | None:
     """A restarted training (same output folder, checkpoint present) continues its MLflow run."""
     marker = model_dir / "mlflow_run_id"
@@ -212,9 +201,9 @@ def evaluate(cfg: EvaluateConfig, model_dir: str, data_dir: str, out_dir: str, *
 
 def register(cfg: RegisterConfig, model_dir: str, eval_dir: str, data_dir: str, *, run_id: str | None = None,
              pipeline_run_id: str | None = None) -> dict:
-    from bincounter.data import read_samples, shard_urls
+    from bincounter.data.dataset import read_samples, shard_urls
     from bincounter.config import EVAL_METRICS
-    from bincounter.preprocess import load_dataset_info
+    from bincounter.data.preprocess import load_dataset_info
     from bincounter.register import register as run
 
     metrics = json.loads((Path(eval_dir) / "metrics.json").read_text())

@@ -24,8 +24,7 @@ def train(cfg: SageMakerTrainingConfig, data_dir: str | Path, model_dir: str | P
           curves_html: str | None = None, progress: bool = True) -> dict:
     """Train ``cfg.train`` as a SageMaker job on the preprocess output ``data_dir``; the model
     lands in ``model_dir``. Returns the artifact metadata (scalars only)."""
-    from bincounter.launch import _data_params
-    from bincounter.preprocess import load_dataset_info
+    from bincounter.data.preprocess import dataset_params, load_dataset_info
     from bincounter.sagemaker_jobs import (
         billing, clients, dataset_digest, describe_training_job, download_model, final_metrics, job_name,
         training_job_request, upload_dataset, wait_for_training_job,
@@ -43,7 +42,7 @@ def train(cfg: SageMakerTrainingConfig, data_dir: str | Path, model_dir: str | P
     request = training_job_request(cfg.train, sm, name=name, data_uri=data_uri)
     upload_dataset(data_dir, data_uri, s3)
     params = {**cfg.train.flat("train."), **sm.flat("sagemaker."),
-              **_data_params(str(data_dir), load_dataset_info(data_dir)), "sagemaker.training_job_name": name,
+              **dataset_params(load_dataset_info(data_dir)), "sagemaker.training_job_name": name,
               "sagemaker.data_uri": data_uri}
     with tracking.stage_run("train", params, tracking_uri=cfg.tracking_uri, experiment=cfg.experiment) as run:
         import mlflow

@@ -29,13 +29,13 @@ from tqdm import tqdm
 from bincounter import tracking
 from bincounter.checkpoints import CheckpointMirror
 from bincounter.config import TrainConfig
-from bincounter.data import AUX_TARGETS, load_split, make_loader, materialize
+from bincounter.data.dataset import AUX_TARGETS, load_split, make_loader, materialize
 from bincounter.distill import (cached_teacher_probabilities, distill_loss, read_cached, teacher_probabilities,
                                 write_cache)
 from bincounter.metrics import evaluate_predictions
 from bincounter.model.device import resolve_device
 from bincounter.model.networks import BEST_WEIGHTS, ModelSpec, build_model, normalization_for, served_state
-from bincounter.preprocess import load_dataset_info
+from bincounter.data.preprocess import load_dataset_info
 from bincounter.model.transforms import EvalTransform, TrainTransform
 
 log = logging.getLogger(__name__)

@@ -271,8 +271,8 @@ def tune(base: TrainConfig, space: SearchSpace, data_dir: str | Path, out_dir: s
 def _require_validation(data_dir: str | Path) -> None:
     """A search ranks trials by validation metrics: without a validation split every trial would
     fail, so say so once, up front."""
-    from bincounter.data import materialize
-    from bincounter.preprocess import load_dataset_info
+    from bincounter.data.dataset import materialize
+    from bincounter.data.preprocess import load_dataset_info
 
     if not load_dataset_info(materialize(data_dir))["sizes"]["val"]:
         raise ValueError(f"{data_dir} has no validation split (preprocess val_fraction=0): a search needs one "
@@ -357,8 +357,8 @@ def launch_tune(base: TrainConfig, space: SearchSpace, tcfg: TuneConfig | None, 
     ``tcfg=None`` switches tuning off: an empty folder, which ``apply_best`` ignores. (kfp's local
     runner cannot merge artifacts of two ``dsl.If`` branches, so the pipeline always runs this task.)
     """
-    from bincounter.data import materialize
-    from bincounter.preprocess import load_dataset_info
+    from bincounter.data.dataset import materialize
+    from bincounter.data.preprocess import load_dataset_info
 
     if tcfg is None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)

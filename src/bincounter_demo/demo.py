@@ -39,7 +39,7 @@ def demo_config(endpoint: str, epochs: int) -> PipelineConfig:
 def run(n_images: int = 600, epochs: int = 4, keep_server: bool = False, show: int = 8) -> list[dict]:
     from bincounter.client import count_images
     from bincounter.deploy import stop
-    from bincounter.split import split_of
+    from bincounter.data.split import split_of
     from bincounter_demo.s3server import LocalS3
     from bincounter_demo.synth import generate
     from pipelines.runner import run_local

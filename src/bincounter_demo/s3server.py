@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from bincounter.sources import IMAGES, METADATA
+from bincounter.data.sources import IMAGES, METADATA
 
 
 def free_port(host: str = "127.0.0.1") -> int:

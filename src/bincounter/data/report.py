@@ -12,7 +12,7 @@ from PIL import Image
 
 from bincounter.config import PreprocessConfig
 from bincounter.reporting import html_page, markdown_table, plt, save_figure
-from bincounter.split import SPLITS
+from bincounter.data.split import SPLITS
 
 
 def _class_histogram(per_split: dict[str, Counter], names: list[str], path: Path) -> Path:

@@ -26,8 +26,8 @@ from tqdm import tqdm
 from bincounter.config import IngestConfig
 from bincounter.fileio import atomic_write
 from bincounter.ids import check_id, is_dataset_id
-from bincounter.sources import IMAGES, METADATA, ObjectMissing, Source, SourceError, open_source
-from bincounter.split import shard_of
+from bincounter.data.sources import IMAGES, METADATA, ObjectMissing, Source, SourceError, open_source
+from bincounter.data.split import shard_of
 
 MANIFEST = "manifest.jsonl"
 ERRORS = "ingest_errors.jsonl"

@@ -9,7 +9,7 @@ Output folder:
                         scores them as the model server would, with no need for the ingest output
     quarantine.jsonl    one line per rejected sample: id, reason, detail
     dataset.json        classes, image size, sizes per split, shards, hash of the input manifest
-    report/             PNG plots and report.md (see bincounter.report)
+    report/             PNG plots and report.md (see bincounter.data.report)
 Nothing from the input is modified or lost: a rejected sample is listed with its reason.
 
 Photos are streamed: workers check and resize them in a fixed pseudo-random order (a hash of
@@ -34,14 +34,14 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from bincounter import validate as v
+from bincounter.data import validate as v
 from bincounter.config import PreprocessConfig
 from bincounter.fileio import atomic_write, recover_dir, replace_dir
 from bincounter.ids import is_file_stem
-from bincounter.ingest import MANIFEST
-from bincounter.report import write_data_report  # at the top: forked workers inherit matplotlib
-from bincounter.sources import IMAGES, METADATA
-from bincounter.split import SPLITS, label_of, split_of, unit_hash
+from bincounter.data.ingest import MANIFEST
+from bincounter.data.report import write_data_report  # at the top: forked workers inherit matplotlib
+from bincounter.data.sources import IMAGES, METADATA
+from bincounter.data.split import SPLITS, label_of, split_of, unit_hash
 
 DATASET_JSON = "dataset.json"
 INPUT_MANIFEST = "input_manifest.jsonl"
@@ -438,3 +438,15 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def load_dataset_info(data_dir: str | Path) -> dict:
     """``dataset.json`` of a preprocessed folder."""
     return json.loads((Path(data_dir) / DATASET_JSON).read_text())
+
+
+def dataset_params(info: dict) -> dict:
+    """The ingest and preprocess settings behind a dataset (its ``dataset.json``), as the dotted
+    params a training run logs."""
+    from bincounter.config import IngestConfig
+
+    params = {f"preprocess.{k}": v for k, v in PreprocessConfig(**info["config"]).flat().items()}
+    if info.get("ingest_config"):
+        params.update({f"ingest.{k}": v for k, v in IngestConfig(**info["ingest_config"]).flat().items()})
+    params.update({"data.sizes": info["sizes"], "data.input_manifest_sha256": info["input_manifest_sha256"]})
+    return params

@@ -16,16 +16,16 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from bincounter import validate as v
+from bincounter.data import validate as v
 from bincounter.config import PreprocessConfig
 from bincounter.fileio import atomic_write
 from bincounter.ids import is_file_stem
-from bincounter.preprocess import (DATASET_JSON, INPUT_MANIFEST, ORIGINALS, ORIGINALS_OF, PreprocessResult, Sample,
+from bincounter.data.preprocess import (DATASET_JSON, INPUT_MANIFEST, ORIGINALS, ORIGINALS_OF, PreprocessResult, Sample,
                                    _dataset_info, _ShardWriter, _write_jsonl, duplicate_detail, duplicate_of,
                                    load_dataset_info, order_key)
-from bincounter.sources import IMAGES
-from bincounter.report import write_data_report
-from bincounter.split import SPLITS
+from bincounter.data.sources import IMAGES
+from bincounter.data.report import write_data_report
+from bincounter.data.split import SPLITS
 
 
 def shard_indices(shards: int) -> list[int]:
