@@ -2,7 +2,7 @@
 
 Both serve the same registered model: EfficientNet-Lite0 at 224 px with 4-flip test-time
 augmentation (ImageNet weights from the offline package, untrained head: speed does not
-depend on the head's training), registered with ``bincounter.register`` in a throw-away
+depend on the head's training), registered with ``bincounter.registry.register`` in a throw-away
 MLflow store. Both get the same real photos (../shared/abid-dev/bin-images, a fixed sample;
 synthetic photos when that folder is absent), one photo per request, from N client threads
 with keep-alive connections, at concurrency 1 and 8, for a fixed time after a warm-up.
@@ -69,7 +69,7 @@ def register_model(work: Path) -> str:
 
     from bincounter.config import RegisterConfig
     from bincounter.model.networks import ModelSpec, build_model, normalization_for
-    from bincounter.register import register
+    from bincounter.registry.register import register
 
     mean, std = normalization_for("efficientnet_lite0")
     spec = ModelSpec(backbone="efficientnet_lite0", num_classes=6, image_size=224, mean=mean, std=std,

@@ -41,7 +41,7 @@ def test_console_script_runs():
 
 def test_predict_counts_local_images(model_dir, synth_dir, capsys):
     from bincounter.config import RegisterConfig
-    from bincounter.register import register
+    from bincounter.registry.register import register
 
     register(RegisterConfig(), model_dir, {"accuracy": 0.5})
     main(["predict", str(synth_dir / "bin-images" / "00001.jpg"), str(synth_dir / "bin-images" / "00002.jpg")])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bincounter.config import RegisterConfig
-from bincounter.register import CHAMPION, PromotionError, decide, promote
+from bincounter.registry.register import CHAMPION, PromotionError, decide, promote
 
 pytestmark = pytest.mark.slow
 NAME = "race"
@@ -136,7 +136,7 @@ def test_a_stale_lock_of_a_killed_process_is_broken(mlflow_server, monkeypatch):
     from mlflow import MlflowClient
 
     NAME = "stale-lock"  # noqa: N806
-    from bincounter import register as reg
+    from bincounter.registry import register as reg
 
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
     client.create_registered_model(NAME)

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from bincounter.config import RegisterConfig
-from bincounter.register import decide, register
+from bincounter.registry.register import decide, register
 
 pytestmark = pytest.mark.slow
 

@@ -533,7 +533,7 @@ def test_serving_never_imports_training() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, bincounter.serve, bincounter.serve_worker, bincounter.model.predictor, bincounter.pyfunc; "
+    code = ("import sys, bincounter.serve, bincounter.serve_worker, bincounter.model.predictor, bincounter.registry.pyfunc; "
             "print('bincounter.train' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "False", out.stderr[-2000:]

@@ -280,7 +280,7 @@ def test_a_worker_killed_during_a_request_is_replaced_and_service_goes_on(server
 
 def test_serves_a_registered_model_by_alias_with_its_onnx_export(tmp_path, isolated_home) -> None:
     from bincounter.config import RegisterConfig
-    from bincounter.register import register
+    from bincounter.registry.register import register
 
     model_dir = make_model_dir(tmp_path / "model")
     register(RegisterConfig(model_name="served"), model_dir, {"accuracy": 0.5})

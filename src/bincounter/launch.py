@@ -204,7 +204,7 @@ def register(cfg: RegisterConfig, model_dir: str, eval_dir: str, data_dir: str, 
     from bincounter.data.dataset import read_samples, shard_urls
     from bincounter.config import EVAL_METRICS
     from bincounter.data.preprocess import load_dataset_info
-    from bincounter.register import register as run
+    from bincounter.registry.register import register as run
 
     metrics = json.loads((Path(eval_dir) / "metrics.json").read_text())
     summary = {k: float(metrics[k]) for k in EVAL_METRICS if k in metrics}

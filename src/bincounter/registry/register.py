@@ -60,7 +60,7 @@ def log_pyfunc(model_dir: str | Path, example_images: list[bytes]):
     from mlflow.types import ColSpec, Schema
     from mlflow.types.schema import Array
 
-    from bincounter.pyfunc import BinCounterModel
+    from bincounter.registry.pyfunc import BinCounterModel
 
     spec = json.loads((Path(model_dir) / "model_spec.json").read_text())
     signature = ModelSignature(
