@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from bincounter import calibration
-from bincounter.metrics import reliability
+from bincounter.evaluation import calibration
+from bincounter.evaluation.metrics import reliability
 
 
 def _metrics(y, probs) -> dict:

@@ -1,4 +1,4 @@
-"""bincounter.compare: paired accuracy, RMSE and McNemar's exact test between two evaluations."""
+"""bincounter.evaluation.compare: paired accuracy, RMSE and McNemar's exact test between two evaluations."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bincounter import cli
-from bincounter.compare import compare, compare_pair, mcnemar_p
+from bincounter.evaluation.compare import compare, compare_pair, mcnemar_p
 
 
 def write_predictions(folder: Path, truth: list[int], predicted: list[int | None]) -> Path:

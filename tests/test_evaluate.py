@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bincounter.config import EVAL_METRICS, EvaluateConfig, PreprocessConfig
-from bincounter.evaluate import evaluate
+from bincounter.evaluation.evaluate import evaluate
 
 
 def test_evaluate_writes_metrics_plots_and_report(model_dir, data_dir, tmp_path):
@@ -26,7 +26,7 @@ def test_evaluate_writes_metrics_plots_and_report(model_dir, data_dir, tmp_path)
     assert len(lines) == test_size + 1
     assert set(result.summary()) <= set(m)
     # The reliability bins travel in metrics.json, so an audit can estimate its flags' precision.
-    from bincounter.calibration import from_metrics
+    from bincounter.evaluation.calibration import from_metrics
 
     assert sum(m["reliability"]["counts"]) == test_size
     cal = from_metrics(m, "metrics.json")
@@ -160,8 +160,8 @@ def test_a_photo_the_server_refuses_is_reported_not_scored(model_dir, synth_dir,
 
 
 def test_an_evaluation_compares_with_itself(model_dir, data_dir, tmp_path):
-    # bincounter.compare reads what evaluate writes: same photos, same answers, nothing discordant.
-    from bincounter.compare import compare
+    # bincounter.evaluation.compare reads what evaluate writes: same photos, same answers, nothing discordant.
+    from bincounter.evaluation.compare import compare
 
     evaluate(EvaluateConfig(latency_samples=0), model_dir, data_dir, tmp_path)
     m = json.loads((tmp_path / "metrics.json").read_text())

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from bincounter.metrics import evaluate_predictions, reliability
+from bincounter.evaluation.metrics import evaluate_predictions, reliability
 
 
 def one_hot(pred, k):

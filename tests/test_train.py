@@ -220,7 +220,7 @@ def test_censored_photos_and_auxiliary_targets_train_a_model_that_answers_0_to_5
     assert probs.shape == (2, 6)
     # Evaluation on the same data scores the 0-5 photos and counts the censored ones apart.
     from bincounter.config import EvaluateConfig
-    from bincounter.evaluate import evaluate
+    from bincounter.evaluation.evaluate import evaluate
 
     info = json.loads((data_dir_overflow / "dataset.json").read_text())
     test = info["class_counts"]["test"]

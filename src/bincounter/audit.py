@@ -235,7 +235,7 @@ class LocalCounter:
     def __init__(self, model_uri: str):
         import mlflow.pyfunc
 
-        from bincounter.calibration import model_run_id
+        from bincounter.evaluation.calibration import model_run_id
 
         run_id, pinned = model_run_id(model_uri)
         # An alias moves; counting and calibration must both use the version it points to now.
@@ -416,7 +416,7 @@ def audit(cfg: AuditConfig, out_dir: str | Path) -> AuditSummary:
     import mlflow
     from filelock import FileLock, Timeout
 
-    from bincounter import calibration
+    from bincounter.evaluation import calibration
     from bincounter.paths import default_tracking_uri
     from bincounter.data.sources import SourceError
 

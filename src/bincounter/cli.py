@@ -109,7 +109,7 @@ def compare(candidate: tuple[Path, ...], baseline: tuple[Path, ...]) -> None:
         candidate: Evaluation output folders (or predictions.csv) of the model tried, one per seed.
         baseline: The same for the model it is compared against, in the same seed order.
     """
-    from bincounter.compare import compare as run
+    from bincounter.evaluation.compare import compare as run
 
     _print(run(list(candidate), list(baseline)).to_dict())
 

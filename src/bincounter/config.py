@@ -232,7 +232,7 @@ class TrainConfig(_Config):
 
 
 # The scalar figures the evaluate stage reports (its KFP Metrics, its MLflow test_* metrics),
-# and the only names the promotion gate accepts. bincounter.evaluate derives its summary from this.
+# and the only names the promotion gate accepts. bincounter.evaluation.evaluate derives its summary from this.
 EvalMetric = Literal["accuracy", "rmse", "mae", "within_1", "macro_f1", "range_accuracy", "range_rmse",
                      "range_mae", "range_within_1", "latency_ms_p50", "latency_ms_p95", "throughput_images_per_s"]
 EVAL_METRICS: tuple[str, ...] = get_args(EvalMetric)

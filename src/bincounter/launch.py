@@ -179,8 +179,8 @@ def evaluate(cfg: EvaluateConfig, model_dir: str, data_dir: str, out_dir: str, *
     """Evaluate and log metrics and plots into the training run (one run per model).
 
     ``originals``: the ingest output folder(s) the dataset was made from; with them the
-    headline figures score the served path (see ``bincounter.evaluate``)."""
-    from bincounter.evaluate import evaluate as run
+    headline figures score the served path (see ``bincounter.evaluation.evaluate``)."""
+    from bincounter.evaluation.evaluate import evaluate as run
 
     r = run(cfg, model_dir, data_dir, out_dir, originals=originals or None)
     if run_id:

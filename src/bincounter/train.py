@@ -32,7 +32,7 @@ from bincounter.config import TrainConfig
 from bincounter.data.dataset import AUX_TARGETS, load_split, make_loader, materialize
 from bincounter.distill import (cached_teacher_probabilities, distill_loss, read_cached, teacher_probabilities,
                                 write_cache)
-from bincounter.metrics import evaluate_predictions
+from bincounter.evaluation.metrics import evaluate_predictions
 from bincounter.model.device import resolve_device
 from bincounter.model.networks import BEST_WEIGHTS, ModelSpec, build_model, normalization_for, served_state
 from bincounter.data.preprocess import load_dataset_info
@@ -505,7 +505,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
     if is_main:
         (out_dir / SPEC).write_text(json.dumps(spec.to_dict(), indent=2))
         (out_dir / "history.json").write_text(json.dumps(history, indent=2))
-        from bincounter.plots import training_curves
+        from bincounter.evaluation.plots import training_curves
 
         curves = training_curves(history, out_dir / "plots")
         tracking.log_artifacts(curves, "plots")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bincounter import metrics as M
+from bincounter.evaluation import metrics as M
 from bincounter.config import EVAL_METRICS, EvaluateConfig
 from bincounter.data.dataset import make_loader, read_samples, ShardDataset, shard_urls
 from bincounter.fileio import atomic_write
@@ -168,7 +168,7 @@ def _figures(y: np.ndarray, probs: np.ndarray, min_count: int, names: list[str])
     rel = M.reliability(y, probs)
     result["ece"] = rel["ece"]
     # The reliability bins themselves, so an audit can say how often a count at a given
-    # confidence was right on held-out photos (bincounter.calibration reads them back).
+    # confidence was right on held-out photos (bincounter.evaluation.calibration reads them back).
     result["reliability"] = {k: [None if np.isnan(v) else float(v) for v in np.asarray(rel[k], dtype=float)]
                              for k in ("edges", "accuracy", "confidence", "counts")}
     return result
@@ -239,7 +239,7 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, data_dir: str | Path, o
     result["split"] = split
     result["beyond_answers"] = beyond
 
-    from bincounter import plots
+    from bincounter.evaluation import plots
 
     plot_dir = out_dir / "plots"
     figs = [
