@@ -83,7 +83,7 @@ TINY_TRAIN = TrainConfig(backbone="tiny_cnn", pretrained="none", image_size=64, 
 @pytest.fixture(scope="session")
 def model_dir(data_dir, tmp_path_factory) -> Path:
     """A tiny CNN trained for a few epochs on the synthetic data."""
-    from bincounter.train import train
+    from bincounter.training.train import train
 
     out = tmp_path_factory.mktemp("model")
     train(TINY_TRAIN, data_dir, out)

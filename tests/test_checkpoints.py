@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bincounter.checkpoints import RESTORING, CheckpointMirror
+from bincounter.training.checkpoints import RESTORING, CheckpointMirror
 
 
 @pytest.fixture

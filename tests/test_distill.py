@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from bincounter import train as train_module
+from bincounter.training import train as train_module
 from bincounter.data.dataset import load_split
-from bincounter.distill import CACHE, distill_loss, teacher_folder, teacher_probabilities
+from bincounter.training.distill import CACHE, distill_loss, teacher_folder, teacher_probabilities
 from bincounter.model.predictor import Predictor
-from bincounter.train import train
+from bincounter.training.train import train
 from bincounter.model.transforms import EvalTransform
 from tests.conftest import TINY_TRAIN
 from tests.test_train import interrupt_second_epoch
@@ -89,7 +89,7 @@ def test_the_soft_targets_reach_the_loss_beside_their_own_photos(data_dir_withou
 
 
 def test_a_resumed_student_reads_its_teachers_targets_back(model_dir, data_dir, tmp_path, monkeypatch):
-    from bincounter import distill
+    from bincounter.training import distill
 
     cfg = TINY_TRAIN.model_copy(update={"epochs": 2, "teachers": (str(model_dir),)})
     calls = interrupt_second_epoch(monkeypatch)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from bincounter.model.networks import BEST_WEIGHTS as BEST
-from bincounter.train import CHECKPOINT, state_digest, train
+from bincounter.training.train import CHECKPOINT, state_digest, train
 from tests.conftest import TINY_TRAIN
 
 pytestmark = pytest.mark.slow
@@ -102,8 +102,9 @@ def test_a_train_task_with_several_gpus_runs_one_ddp_rank_per_gpu(data_dir, tmp_
     import mlflow
 
     from bincounter import launch
+    from bincounter.training import train as training
 
-    monkeypatch.setattr(launch, "processes_per_node", lambda cfg: WORLD)
+    monkeypatch.setattr(training, "processes_per_node", lambda cfg: WORLD)
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -124,8 +125,9 @@ def test_a_train_task_with_several_gpus_runs_one_ddp_rank_per_gpu(data_dir, tmp_
 
 def test_a_failing_rank_fails_the_data_parallel_train_task(tmp_path, monkeypatch):
     from bincounter import launch
+    from bincounter.training import train as training
 
-    monkeypatch.setattr(launch, "processes_per_node", lambda cfg: WORLD)
+    monkeypatch.setattr(training, "processes_per_node", lambda cfg: WORLD)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(RuntimeError, match=f"{WORLD} processes under torch.distributed.run"):
         launch.train(TINY_TRAIN, str(tmp_path / "no-dataset-here"), str(tmp_path / "model"))
@@ -135,7 +137,7 @@ def test_a_failing_rank_fails_the_data_parallel_train_task(tmp_path, monkeypatch
 # MASTER_*), optionally dying like a preempted pod at the start of the epoch DIE_IN_EPOCH.
 RANK_SCRIPT = """
 import os, sys
-from bincounter import train as training
+from bincounter.training import train as training
 if os.environ.get("DIE_IN_EPOCH"):
     real, calls = training.train_one_epoch, [0]
     def dies(*args, **kwargs):
@@ -221,7 +223,7 @@ def test_the_ranks_share_the_teachers_pass_and_all_learn_from_every_photos_targe
     import numpy as np
 
     from bincounter.data.dataset import load_split
-    from bincounter.distill import CACHE, teacher_probabilities
+    from bincounter.training.distill import CACHE, teacher_probabilities
     from bincounter.model.transforms import EvalTransform
 
     outs = [tmp_path / "node-0", tmp_path / "node-1"]

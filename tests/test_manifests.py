@@ -298,7 +298,7 @@ def test_katib_experiment(kubectl: str) -> None:
     params = {p["name"]: p for p in spec["parameters"]}
     assert set(params) == {"lr", "batch_size", "epochs", "weight_decay", "image_size", "backbone"}
     assert params["backbone"]["parameterType"] == "categorical"
-    from bincounter.tune import SearchSpace
+    from bincounter.training.tune import SearchSpace
 
     assert params["backbone"]["feasibleSpace"]["list"] == list(SearchSpace().backbone)  # the tuner's offline-safe space
     for p in params.values():

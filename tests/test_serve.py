@@ -534,6 +534,6 @@ def test_serving_never_imports_training() -> None:
     import sys
 
     code = ("import sys, bincounter.serve, bincounter.serve_worker, bincounter.model.predictor, bincounter.registry.pyfunc; "
-            "print('bincounter.train' in sys.modules)")
+            "print('bincounter.training.train' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "False", out.stderr[-2000:]

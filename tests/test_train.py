@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from bincounter import train as train_module
-from bincounter.train import CHECKPOINT, class_weights, emd_loss, make_ema, train
+from bincounter.training import train as train_module
+from bincounter.training.train import CHECKPOINT, class_weights, emd_loss, make_ema, train
 from tests.conftest import TINY_TRAIN
 
 pytestmark = pytest.mark.slow
@@ -120,7 +120,7 @@ def test_a_new_machine_resumes_from_the_checkpoint_mirrored_to_s3(data_dir, tmp_
 
 
 def test_gradient_warnings(caplog):
-    from bincounter.train import _check_gradients
+    from bincounter.training.train import _check_gradients
 
     with caplog.at_level("WARNING"):
         _check_gradients([1.0, float("nan")], epoch=0)
@@ -231,7 +231,7 @@ def test_censored_photos_and_auxiliary_targets_train_a_model_that_answers_0_to_5
 
 
 def test_auxiliary_loss_ignores_missing_figures():
-    from bincounter.train import aux_loss, aux_statistics
+    from bincounter.training.train import aux_loss, aux_statistics
 
     targets = torch.tensor([[1.0, float("nan")], [3.0, 2.0], [5.0, float("nan")]])
     mean, std = aux_statistics(targets)

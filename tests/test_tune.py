@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 from mlflow import MlflowClient
 
-from bincounter import train as train_module
-from bincounter.tune import (BEST_FILE, PLOT_FILE, SearchSpace, TuneConfig, apply_best, launch_tune, read_trials,
+from bincounter.training import train as train_module
+from bincounter.training.tune import (BEST_FILE, PLOT_FILE, SearchSpace, TuneConfig, apply_best, launch_tune, read_trials,
                              run_trial, sample, tune)
 from tests.conftest import TINY_TRAIN
 

@@ -75,13 +75,13 @@ def train(data: str, out: Path, cfg: Annotated[TrainConfig, Flat] = TrainConfig(
     resume. Works under torchrun; on a machine with several GPUs it starts one DDP process per GPU
     itself."""
     from bincounter import launch
-    from bincounter.train import init_distributed
+    from bincounter.training.train import init_distributed
 
     rank, _ = init_distributed()
     if rank == 0:
         _print(launch.train(cfg, data, str(out), tracking_uri=tracking_uri, experiment=experiment))
     else:  # other ranks train without an MLflow run of their own
-        from bincounter.train import train as run
+        from bincounter.training.train import train as run
 
         run(cfg, data, out)
 

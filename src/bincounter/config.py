@@ -289,7 +289,7 @@ class DeployConfig(_Config):
 
 
 class TuneStageConfig(_Config):
-    """The pipeline's hyperparameter search before training (``bincounter.tune``)."""
+    """The pipeline's hyperparameter search before training (``bincounter.training.tune``)."""
 
     trials: int = Field(0, ge=0, description="Trials before training (0: no search).")
     epochs: int = Field(4, ge=0, description="Epochs per trial (0: searched too).")

@@ -66,7 +66,7 @@ def preprocess(cfg: PreprocessConfig, raw_dir: str, out_dir: str, report_html: s
 def tune(cfg: TuneStageConfig, base: TrainConfig, data_dir: str, out_dir: str, *, tracking_uri: str | None = None,
          experiment: str = "bincounter") -> dict:
     """The pipeline's search before training: trials start from ``base``; 0 trials switch it off."""
-    from bincounter.tune import SearchSpace, TuneConfig, launch_tune
+    from bincounter.training.tune import SearchSpace, TuneConfig, launch_tune
 
     fixed: dict = {}
     if cfg.epochs > 0:
@@ -78,16 +78,6 @@ def tune(cfg: TuneStageConfig, base: TrainConfig, data_dir: str, out_dir: str, *
                        tracking_uri=tracking_uri, experiment=experiment)
 
 
-def processes_per_node(cfg: TrainConfig) -> int:
-    """Training processes for this machine: one per visible GPU when the device is left to
-    choose ('auto'), else one (CPU, or a device named in the config)."""
-    if cfg.device != "auto":
-        return 1
-    import torch
-
-    return max(1, torch.cuda.device_count())
-
-
 def train(cfg: TrainConfig, data_dir: str, model_dir: str, *, tracking_uri: str | None = None,
           experiment: str = "bincounter", curves_html: str | None = None, tuned_dir: str | None = None) -> dict:
     """Train inside an MLflow run; the run id travels on as artifact metadata. With ``tuned_dir``
@@ -97,13 +87,13 @@ def train(cfg: TrainConfig, data_dir: str, model_dir: str, *, tracking_uri: str 
     around it, the training runs data-parallel: one DDP process per GPU (``train_data_parallel``)."""
     from bincounter.data.dataset import materialize
     from bincounter.data.preprocess import dataset_params, load_dataset_info
-    from bincounter.train import train as run
+    from bincounter.training import train as training
 
     if tuned_dir is not None:
-        from bincounter.tune import apply_best
+        from bincounter.training.tune import apply_best
 
         cfg = apply_best(cfg, tuned_dir)
-    nproc = processes_per_node(cfg)
+    nproc = training.processes_per_node(cfg)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:  # not already a rank of torchrun or a PyTorchJob
         return train_data_parallel(cfg, data_dir, model_dir, nproc, tracking_uri=tracking_uri,
                                    experiment=experiment, curves_html=curves_html)
@@ -115,7 +105,7 @@ def train(cfg: TrainConfig, data_dir: str, model_dir: str, *, tracking_uri: str 
                             system_metrics=True) as mlrun:
         (Path(model_dir) / "mlflow_run_id").parent.mkdir(parents=True, exist_ok=True)
         (Path(model_dir) / "mlflow_run_id").write_text(mlrun.info.run_id)
-        r = run(cfg, data_dir, model_dir)
+        r = training.train(cfg, data_dir, model_dir)
         tracking.log_artifacts([Path(data_dir) / "report"], "data_report")
     if curves_html:
         from bincounter.reporting import html_page
@@ -162,7 +152,7 @@ def _train_rank(job_path: str) -> None:
                     experiment=job["experiment"], curves_html=job["curves_html"])
         atomic_write(Path(job["result"]), json.dumps(out).encode())
     else:
-        from bincounter.train import train as run
+        from bincounter.training.train import train as run
 
         run(cfg, job["data_dir"], job["model_dir"])
 

@@ -25,7 +25,7 @@ exactly like a local training output. Metrics are printed as ``name=value`` line
 
 With several instances (or several GPUs) the training runs data-parallel: each host starts
 ``torch.distributed.run`` with its node rank (its place in ``hosts``), the first host as the
-rendezvous address and one worker per GPU (one on CPU), and ``bincounter.train`` runs as DDP.
+rendezvous address and one worker per GPU (one on CPU), and ``bincounter.training.train`` runs as DDP.
 Only rank 0, on the first host, writes checkpoints and the model: every instance syncs its
 ``checkpoints/`` to the same S3 prefix, and SageMaker tars every instance's ``model/`` into one
 archive, so any other writer would overwrite or clash. On a restart every rank resumes from the
@@ -51,7 +51,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bincounter.config import TrainConfig
-from bincounter.launch import processes_per_node
 
 ROOT_ENV = "BINCOUNTER_SAGEMAKER_ROOT"
 DEFAULT_ROOT = "/opt/ml"
@@ -208,9 +207,12 @@ def read_cluster(layout: Layout) -> Cluster:
     return Cluster(tuple(hosts), current, values.get("network_interface_name") or None)
 
 
-# One worker per GPU when the device is left to choose ('auto'); one otherwise (CPU, or a device
-# named in the hyperparameters): the rule a pipeline's train task follows too.
-processes_per_host = processes_per_node
+def processes_per_host(cfg: TrainConfig) -> int:
+    """One worker per GPU when the device is left to choose ('auto'); one otherwise (CPU, or a
+    device named in the hyperparameters): the rule a pipeline's train task follows too."""
+    from bincounter.training.train import processes_per_node  # torch loads on the training host only
+
+    return processes_per_node(cfg)
 
 
 def launcher_command(cluster: Cluster, nproc: int, port: int) -> list[str]:
@@ -284,7 +286,7 @@ def _publish_model(work: Path, model_dir: Path, cfg: TrainConfig) -> None:
 def _train_and_publish(layout: Layout, cfg: TrainConfig, publish: bool) -> None:
     """Train on the channel in a fresh scratch folder; with ``publish``, copy the model out and
     print the summary line."""
-    from bincounter.train import train
+    from bincounter.training.train import train
 
     # A fresh scratch folder each start, like the new instance a spot restart lands on: the
     # only way back into an interrupted run is the checkpoint folder.

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import os
-import re
 import shutil
 import subprocess
 import sysconfig

@@ -27,10 +27,10 @@ from torch import nn
 from tqdm import tqdm
 
 from bincounter import tracking
-from bincounter.checkpoints import CheckpointMirror
+from bincounter.training.checkpoints import CheckpointMirror
 from bincounter.config import TrainConfig
 from bincounter.data.dataset import AUX_TARGETS, load_split, make_loader, materialize
-from bincounter.distill import (cached_teacher_probabilities, distill_loss, read_cached, teacher_probabilities,
+from bincounter.training.distill import (cached_teacher_probabilities, distill_loss, read_cached, teacher_probabilities,
                                 write_cache)
 from bincounter.evaluation.metrics import evaluate_predictions
 from bincounter.model.device import resolve_device
@@ -65,6 +65,14 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     if cfg.amp == "fp16" or (cfg.amp == "auto" and not torch.cuda.is_bf16_supported()):
         return torch.float16
     return torch.bfloat16
+
+
+def processes_per_node(cfg: TrainConfig) -> int:
+    """Training processes for this machine: one per visible GPU when the device is left to
+    choose ('auto'), else one (CPU, or a device named in the config)."""
+    if cfg.device != "auto":
+        return 1
+    return max(1, torch.cuda.device_count())
 
 
 def init_distributed() -> tuple[int, int]:

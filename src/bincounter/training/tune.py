@@ -188,7 +188,7 @@ def run_trial(index: int, params: dict, base: TrainConfig, data_dir: str | Path,
     """Train one trial inside a nested MLflow run; a crash becomes a "failed" record."""
     import mlflow
 
-    from bincounter import train as training  # torch loads only when a trial runs
+    from bincounter.training import train as training  # torch loads only when a trial runs
 
     record = {"trial": index, "params": _normalized(params), "config": None, "status": "failed",
               "run_id": None, "error": None, "best_epoch": None, **{k: None for k in VAL_METRICS}}
