@@ -1,4 +1,4 @@
-"""Serving speed: photos/s and latency of ``bincounter.serve`` vs ``mlflow models serve``.
+"""Serving speed: photos/s and latency of ``bincounter.serving`` vs ``mlflow models serve``.
 
 Both serve the same registered model: EfficientNet-Lite0 at 224 px with 4-flip test-time
 augmentation (ImageNet weights from the offline package, untrained head: speed does not
@@ -232,7 +232,7 @@ def main() -> None:
         os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
         port = free_port()
-        ours = start([sys.executable, "-m", "bincounter.serve", "--model-uri", model_uri, "--port", str(port),
+        ours = start([sys.executable, "-m", "bincounter.serving", "--model-uri", model_uri, "--port", str(port),
                       "--no-access-log"], port, "/readyz", work / "ours.log")
         try:
             measure("ours", port, [("/v1/count", b, {"Content-Type": "image/jpeg"}) for b in images], results)

@@ -171,7 +171,7 @@ def test_an_unreachable_source_is_a_clear_error(tmp_path, pod):
 def test_audit_through_a_deployed_servers_batch_endpoint(pod, tmp_path):
     import mlflow.pyfunc
 
-    from bincounter import serve
+    from bincounter.serving import app as serve
     from bincounter.config import ServeConfig
 
     model = mlflow.pyfunc.load_model("models:/bincounter@champion")
@@ -274,7 +274,7 @@ def test_a_model_that_cannot_be_loaded_is_named(tmp_path):
 def test_the_batch_client_waits_out_a_busy_server_and_refuses_a_foreign_one(pod, tmp_path):
     from fastapi.responses import JSONResponse
 
-    from bincounter.client import count_batch
+    from bincounter.serving.client import count_batch
 
     app = FastAPI()
     seen = []

@@ -15,7 +15,7 @@ from moto import mock_aws
 
 from bincounter import launch, tracking
 from bincounter.config import SageMakerConfig
-from bincounter.mlflow_secret import ARN_VARIABLE, SecretError, export_mlflow_credentials
+from bincounter.serving.credentials import ARN_VARIABLE, SecretError, export_mlflow_credentials
 
 ECR = "123456789012.dkr.ecr.us-east-1.amazonaws.com/bincounter"
 SM = SageMakerConfig(role_arn="arn:aws:iam::123456789012:role/bc", bucket="bins", training_image=f"{ECR}:1-cuda",
@@ -112,7 +112,7 @@ def test_a_secret_the_role_cannot_read_names_the_permission(secrets) -> None:
 
 
 def test_the_server_exports_the_credentials_before_it_resolves_a_registry_uri(secrets, monkeypatch) -> None:
-    from bincounter import serve
+    from bincounter.serving import app as serve
 
     arn = secrets.create_secret(Name="token", SecretString=json.dumps({"MLFLOW_TRACKING_TOKEN": "t0ken"}))["ARN"]
     monkeypatch.setenv(ARN_VARIABLE, arn)

@@ -63,7 +63,7 @@ def test_the_headline_is_the_served_path_and_the_shards_are_reported_beside(mode
     from bincounter import launch, tracking
     from bincounter.data.dataset import load_split
     from bincounter.model.predictor import Predictor
-    from bincounter.serve_worker import EngineSpec, load_engine
+    from bincounter.serving.worker import EngineSpec, load_engine
 
     tracking.configure()
     with mlflow.start_run() as run:  # the training run evaluation logs into

@@ -207,7 +207,7 @@ def test_serving_deployment(kubectl: str) -> None:
     pod = deployment["spec"]["template"]["spec"]
     (server,) = pod["containers"]
     assert server["image"] == f"{PROJECT_IMAGE}:0.1.0"
-    assert server["command"][:3] == ["python", "-m", "bincounter.serve"]
+    assert server["command"][:3] == ["python", "-m", "bincounter.serving"]
     assert {"name": "http", "containerPort": 8080, "protocol": "TCP"} in server["ports"]
     assert server["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert server["readinessProbe"]["httpGet"]["path"] == "/readyz"

@@ -13,7 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from bincounter import page, serve
+from bincounter.serving import page
+from bincounter.serving import app as serve
 from bincounter.config import ServeConfig, VerdictConfig
 from tests.live_server import serving
 from tests.width_model import WidthModel
@@ -54,7 +55,7 @@ def test_the_page_and_its_assets_are_served_with_a_strict_policy():
 
 def test_the_page_needs_nothing_from_the_network():
     for name in ("index.html", "app.js", "style.css"):
-        text = (files("bincounter") / "static" / name).read_text()
+        text = (files("bincounter.serving") / "static" / name).read_text()
         assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I), f"{name} refers to another host"
 
 

@@ -225,7 +225,7 @@ def test_whole_pipeline_runs_locally_and_serves_the_registered_model(synth_dir, 
     """Integration: moto S3 -> kfp local runner -> MLflow registry -> local model server."""
     from mlflow import MlflowClient
 
-    from bincounter.client import count_images
+    from bincounter.serving.client import count_images
     from bincounter.deploy import stop
     from bincounter_demo.s3server import LocalS3
     from bincounter_demo.synth import generate

@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from bincounter import serve
+from bincounter.serving import app as serve
 from bincounter.config import ServeConfig
 from tests.live_server import serving
 from tests.width_model import NUM_CLASSES, WidthModel
@@ -384,7 +384,7 @@ def test_expected_in_the_batch_form(client: TestClient) -> None:
 
 
 def test_inventory_check_with_a_pooled_last_class() -> None:
-    from bincounter.serve_worker import ModelInfo
+    from bincounter.serving.worker import ModelInfo
 
     info = ModelInfo("onnx", min_count=1, class_names=("1", "2", "3", "4+"))
     row = {"count": 4, "probabilities": [0.1, 0.2, 0.3, 0.4]}
@@ -533,7 +533,7 @@ def test_serving_never_imports_training() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, bincounter.serve, bincounter.serve_worker, bincounter.model.predictor, bincounter.registry.pyfunc; "
+    code = ("import sys, bincounter.serving.app, bincounter.serving.worker, bincounter.model.predictor, bincounter.registry.pyfunc; "
             "print('bincounter.training.train' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "False", out.stderr[-2000:]

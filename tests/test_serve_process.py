@@ -1,4 +1,4 @@
-"""The model server as users meet it: a real ``python -m bincounter.serve`` process on loopback,
+"""The model server as users meet it: a real ``python -m bincounter.serving`` process on loopback,
 worker processes, ONNX Runtime, and a fuzz of hostile requests between good ones."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def make_model_dir(out: Path) -> Path:
 
 
 class Server:
-    """``python -m bincounter.serve`` in its own process group, stopped by ``close``."""
+    """``python -m bincounter.serving`` in its own process group, stopped by ``close``."""
 
     def __init__(self, tmp: Path, model_uri: str, *extra: str, env: dict | None = None):
         sock = __import__("socket").socket()
@@ -58,7 +58,7 @@ class Server:
                                                     os.environ.get("PYTHONPATH", "")])}
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bincounter.serve", "--model-uri", model_uri, "--port", str(self.port),
+            [sys.executable, "-m", "bincounter.serving", "--model-uri", model_uri, "--port", str(self.port),
              "--max-body-bytes", str(MAX_BODY), "--max-images", str(MAX_IMAGES), "--max-pixels", str(MAX_PIXELS),
              *extra],
             stdout=self.log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True)
@@ -303,7 +303,7 @@ def test_a_folder_mixing_two_models_files_is_refused_when_it_loads(tmp_path, bac
     """model_spec.json (which sets the transform) from one model, model.pt / model.onnx from
     another: refused by name at load, not a runtime error on every request."""
     from bincounter.model.onnx_export import export_onnx
-    from bincounter.serve_worker import EngineSpec, load_engine
+    from bincounter.serving.worker import EngineSpec, load_engine
 
     model_dir = make_model_dir(tmp_path / "model")
     onnx = str(export_onnx(model_dir, tmp_path / "model.onnx"))

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from bincounter.config import AuditConfig, VerdictConfig
-from bincounter.verdict import first_count, probability_of, verdict
+from bincounter.serving.verdict import first_count, probability_of, verdict
 
 CFG = VerdictConfig(flag_threshold=0.05, match_threshold=0.5)
 

@@ -40,7 +40,7 @@ from bincounter.audit_outputs import (  # noqa: F401 - the audit's public names 
 from bincounter.config import AuditConfig
 from bincounter.ids import check_id
 from bincounter.data.sources import IMAGES, METADATA, LocalSource, ObjectMissing, open_source
-from bincounter.verdict import first_count, probability_of, verdict
+from bincounter.serving.verdict import first_count, probability_of, verdict
 
 JOURNAL = "audit_journal.sqlite"
 MAX_EXPECTED = 1000  # the server's bound for ?expected=
@@ -273,7 +273,7 @@ class RemoteCounter:
         self.model_uri: str | None = None  # as the server reports it
 
     def count(self, images: list[bytes], ids: list[str] | None = None) -> list[dict | str]:
-        from bincounter.client import ImageRefused, count_batch
+        from bincounter.serving.client import ImageRefused, count_batch
 
         ids = ids or [str(i) for i in range(len(images))]
         try:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bincounter.config import AuditConfig
-from bincounter.verdict import VERDICTS, verdict
+from bincounter.serving.verdict import VERDICTS, verdict
 
 CSV_FILE = "audit.csv"
 PARQUET_FILE = "audit.parquet"

@@ -140,8 +140,8 @@ def undeploy(name: str = "bincounter") -> None:
 
 def serve(cfg: Annotated[ServeConfig, Flat] = ServeConfig()) -> None:
     """Serve a model in the foreground (the container runs the same server as
-    ``python -m bincounter.serve``, which also reads $MODEL_URI, $PORT and $BINCOUNTER_SERVE_*)."""
-    from bincounter.serve import run
+    ``python -m bincounter.serving``, which also reads $MODEL_URI, $PORT and $BINCOUNTER_SERVE_*)."""
+    from bincounter.serving.app import run
 
     sys.exit(run(cfg))
 

@@ -304,7 +304,7 @@ class VerdictConfig(_Config):
 
     With p the probability the model gives the expected count: "mismatch" when p is at most
     ``flag_threshold`` (the model is confident the bin is wrong), "match" when p is at least
-    ``match_threshold``, otherwise "unsure" (a person looks). ``bincounter.verdict`` applies
+    ``match_threshold``, otherwise "unsure" (a person looks). ``bincounter.serving.verdict`` applies
     them for the audit; the one-bin page gets them from the server that includes it.
     """
 
@@ -325,7 +325,7 @@ class VerdictConfig(_Config):
 
 
 class ServeConfig(_Config):
-    """The model server (``python -m bincounter.serve``, ``bincounter serve``, the containers).
+    """The model server (``python -m bincounter.serving``, ``bincounter serve``, the containers).
 
     Every field is also read from ``$BINCOUNTER_SERVE_<FIELD>`` (upper case), and the
     container conventions ``$MODEL_URI``, ``$MODEL_NAME``, ``$PORT`` and ``$LOG_LEVEL``

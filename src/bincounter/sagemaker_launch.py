@@ -99,7 +99,7 @@ def deploy_config(cfg: SageMakerHostingConfig, champion_uri: str) -> DeployConfi
 def endpoint_network_and_secrets(sm) -> dict:
     """The endpoint's VPC config and the ARN of its MLflow credentials, from ``SageMakerConfig``
     (``bincounter.deploy.sagemaker.deploy``'s keyword arguments)."""
-    from bincounter.mlflow_secret import ARN_VARIABLE
+    from bincounter.serving.credentials import ARN_VARIABLE
 
     kwargs: dict = {}
     if sm.endpoint_subnets:

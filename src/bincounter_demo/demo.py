@@ -37,7 +37,7 @@ def demo_config(endpoint: str, epochs: int) -> PipelineConfig:
 
 
 def run(n_images: int = 600, epochs: int = 4, keep_server: bool = False, show: int = 8) -> list[dict]:
-    from bincounter.client import count_images
+    from bincounter.serving.client import count_images
     from bincounter.deploy import stop
     from bincounter.data.split import split_of
     from bincounter_demo.s3server import LocalS3

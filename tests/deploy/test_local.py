@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bincounter import client, paths
+from bincounter import paths
+from bincounter.serving import client
 from bincounter.config import DeployConfig
 from bincounter.deploy import local
 from tests import width_model

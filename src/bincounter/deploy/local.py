@@ -1,6 +1,6 @@
 """The "local" deployment target: the model server as a detached process on this machine.
 
-``deploy`` starts ``python -m bincounter.serve`` in its own session (so it outlives the
+``deploy`` starts ``python -m bincounter.serving`` in its own session (so it outlives the
 caller and a Ctrl-C in the caller's terminal does not reach it), waits until ``/readyz``
 answers 200, and records the process in ``<deployments_dir>/<name>.json``. ``stop`` and
 ``status`` find it again through that file. POSIX only (process groups).
@@ -70,7 +70,7 @@ def deploy(
     folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / f"{name}.log"
     cmd = [
-        sys.executable, "-m", "bincounter.serve",
+        sys.executable, "-m", "bincounter.serving",
         "--model-uri", cfg.model_uri,
         "--host", cfg.host,
         "--port", str(port),
@@ -232,15 +232,15 @@ def _alive(pid: int) -> bool:
 
 
 def _is_our_server(pid: int) -> bool:
-    """The pid is alive and still runs bincounter.serve (pids get reused after a reboot)."""
+    """The pid is alive and still runs bincounter.serving (pids get reused after a reboot)."""
     if not _alive(pid):
         return False
     cmdline = Path(f"/proc/{pid}/cmdline")
     try:
         if cmdline.exists():
-            return b"bincounter.serve" in cmdline.read_bytes()
+            return b"bincounter.serving" in cmdline.read_bytes()
         out = subprocess.run(["ps", "-p", str(pid), "-o", "command="], capture_output=True, timeout=5)
-        return b"bincounter.serve" in out.stdout
+        return b"bincounter.serving" in out.stdout
     except (OSError, subprocess.SubprocessError):
         return True  # cannot tell; trust the state file
 

@@ -141,8 +141,8 @@ def score_as_served(model_dir: str | Path, ids: list[str], originals: list[tuple
     """
     from bincounter.config import ServeConfig
     from bincounter.model.onnx_export import serving_files
-    from bincounter.serve import engine_spec
-    from bincounter.serve_worker import load_engine
+    from bincounter.serving.app import engine_spec
+    from bincounter.serving.worker import load_engine
 
     probs: list[list[float] | None] = [None] * len(ids)
     refused: list[dict] = []

@@ -24,9 +24,9 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from bincounter.serve_worker import EngineSpec, ModelInfo, Outcome, PyfuncEngine, WorkerProcess
+from bincounter.serving.worker import EngineSpec, ModelInfo, Outcome, PyfuncEngine, WorkerProcess
 
-log = logging.getLogger("bincounter.serve")
+log = logging.getLogger("bincounter.serving")
 
 CRASHED = "the image could not be processed: it crashed the decoder twice (the worker was replaced)"
 

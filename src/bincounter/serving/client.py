@@ -1,4 +1,4 @@
-"""A small HTTP client for the model server (``bincounter.serve``)."""
+"""A small HTTP client for the model server (``bincounter.serving``)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("bincounter.serve")
+log = logging.getLogger("bincounter.serving")
 
 Outcome = tuple  # ("ok", row) | ("error", status, message)
 SPEC_FILE = "model_spec.json"

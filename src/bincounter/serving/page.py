@@ -2,7 +2,7 @@
 
 A person picks or drops a bin photo, optionally types the expected count, and sees the
 photo, the predicted count, the probability of each count and the verdict. The page is
-static HTML, CSS and a little JS shipped as package data (``bincounter/static``): no build
+static HTML, CSS and a little JS shipped as package data (``bincounter/serving/static``): no build
 step, nothing fetched from elsewhere, so it works offline. It posts the photo's raw bytes
 to ``v1/count?expected=N`` (relative, so it also works behind a path prefix) and takes the
 verdict thresholds from ``ui/config.json``.
@@ -32,7 +32,7 @@ _HEADERS = {
 
 @lru_cache(maxsize=None)
 def _static(name: str) -> bytes:
-    return (files("bincounter") / "static" / name).read_bytes()
+    return (files("bincounter.serving") / "static" / name).read_bytes()
 
 
 def make_router(verdict: VerdictConfig = VerdictConfig()) -> APIRouter:

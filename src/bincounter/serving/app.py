@@ -20,7 +20,7 @@ crashing one can stall or kill the server. Error statuses: 400 undecodable or ma
 input, 413 body, image count or pixel count over a limit, 415 wrong content type or image
 format, 422 bad parameters, 503 not ready or queue full (with ``Retry-After``).
 
-Run it with ``python -m bincounter.serve --model-uri models:/bincounter@champion``; the
+Run it with ``python -m bincounter.serving --model-uri models:/bincounter@champion``; the
 settings are :class:`bincounter.config.ServeConfig`.
 """
 
@@ -53,13 +53,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from bincounter.config import ServeConfig, VerdictConfig
-from bincounter.page import make_router
-from bincounter.serve_batching import Batcher, InlineRunner, ProcessRunner, QueueFull
-from bincounter.serve_metrics import ObservabilityMiddleware, ServerMetrics
-from bincounter.serve_worker import SPEC_FILE, EngineSpec, ModelInfo
-from bincounter.verdict import probability_of, verdict
+from bincounter.serving.page import make_router
+from bincounter.serving.batching import Batcher, InlineRunner, ProcessRunner, QueueFull
+from bincounter.serving.metrics import ObservabilityMiddleware, ServerMetrics
+from bincounter.serving.worker import SPEC_FILE, EngineSpec, ModelInfo
+from bincounter.serving.verdict import probability_of, verdict
 
-log = logging.getLogger("bincounter.serve")
+log = logging.getLogger("bincounter.serving")
 
 DEFAULT_MODEL_URI = ServeConfig().model_uri
 EXPECTED_MAX = 1000
@@ -131,7 +131,7 @@ def _configure_tracking(model_uri: str) -> None:
     finds the model it registered."""
     import mlflow
 
-    from bincounter.mlflow_secret import export_mlflow_credentials
+    from bincounter.serving.credentials import export_mlflow_credentials
 
     export_mlflow_credentials()  # a SageMaker endpoint's credentials, from Secrets Manager
     if model_uri.startswith(("models:/", "runs:/")) and not os.environ.get("MLFLOW_TRACKING_URI"):
@@ -705,7 +705,7 @@ def _version() -> str:
 
 def configure_logging(level: str) -> None:
     """JSON lines on stderr for the server's own log and the access log."""
-    from bincounter.serve_metrics import JsonFormatter
+    from bincounter.serving.metrics import JsonFormatter
 
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
@@ -744,11 +744,11 @@ def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None =
     import tyro
 
     return tyro.cli(ServeConfig, default=ServeConfig.from_env(environ), args=argv,
-                    prog="python -m bincounter.serve", description="Serve the bin counting model over HTTP.")
+                    prog="python -m bincounter.serving", description="Serve the bin counting model over HTTP.")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line entry point: ``python -m bincounter.serve --model-uri URI [--host H] [--port P] ...``."""
+    """Command line entry point: ``python -m bincounter.serving --model-uri URI [--host H] [--port P] ...``."""
     return run(parse_config(argv))
 
 
