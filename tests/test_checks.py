@@ -112,10 +112,10 @@ def test_a_secret_the_role_cannot_read_names_the_permission(secrets) -> None:
 
 
 def test_the_server_exports_the_credentials_before_it_resolves_a_registry_uri(secrets, monkeypatch) -> None:
-    from bincounter.serving import app as serve
+    from bincounter.serving import loading
 
     arn = secrets.create_secret(Name="token", SecretString=json.dumps({"MLFLOW_TRACKING_TOKEN": "t0ken"}))["ARN"]
     monkeypatch.setenv(ARN_VARIABLE, arn)
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "")  # unset, and restored as it was after the test
-    serve._configure_tracking("models:/bincounter@champion")
+    loading.configure_tracking("models:/bincounter@champion")
     assert os.environ["MLFLOW_TRACKING_TOKEN"] == "t0ken"

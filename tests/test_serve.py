@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from bincounter.serving import app as serve
+from bincounter.serving.counting import inventory_check
 from bincounter.config import ServeConfig
 from tests.live_server import serving
 from tests.width_model import NUM_CLASSES, WidthModel
@@ -388,12 +389,12 @@ def test_inventory_check_with_a_pooled_last_class() -> None:
 
     info = ModelInfo("onnx", min_count=1, class_names=("1", "2", "3", "4+"))
     row = {"count": 4, "probabilities": [0.1, 0.2, 0.3, 0.4]}
-    assert serve.inventory_check(row, 7, info) == {"expected": 7, "match": True, "probability_of_expected": 0.4,
+    assert inventory_check(row, 7, info) == {"expected": 7, "match": True, "probability_of_expected": 0.4,
                                                    "verdict": "unsure"}
     # Below the model's first count it cannot judge: no probability, a person decides.
-    assert serve.inventory_check(row, 0, info) == {"expected": 0, "match": False, "probability_of_expected": None,
+    assert inventory_check(row, 0, info) == {"expected": 0, "match": False, "probability_of_expected": None,
                                                    "verdict": "unsure"}
-    assert serve.inventory_check(row, 2, info)["probability_of_expected"] == 0.2
+    assert inventory_check(row, 2, info)["probability_of_expected"] == 0.2
 
 
 # -- limits, load shedding, metrics ------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Evaluate: held-out metrics, plots, a report, and the model's latency on this machine.
 
 The headline figures score what is served: each test photo's original bytes (from the
-ingest output) go through the model server's own code, ``serve.engine_spec`` and
+ingest output) go through the model server's own code, ``serving.loading.engine_spec`` and
 ``serve_worker.load_engine`` (its header-checked decoder, the evaluation transform, and
 the ``model.onnx`` exported as registration exports it). The pre-resized shards training
 reads are scored too, as ``shards_*``, with the number of photos whose count differs
@@ -135,13 +135,13 @@ def score_as_served(model_dir: str | Path, ids: list[str], originals: list[tuple
 
     The engine is the one ``bincounter serve`` starts for the registered model: the same
     files (``onnx_export.serving_files``, as registration logs them), the same choice of
-    backend and limits (``serve.engine_spec`` with ``ServeConfig``'s defaults), the same
+    backend and limits (``serving.loading.engine_spec`` with ``ServeConfig``'s defaults), the same
     decode-transform-infer code (``serve_worker.NativeEngine``). Only the thread count is this
     machine's: it changes the speed, not the answers.
     """
     from bincounter.config import ServeConfig
     from bincounter.model.onnx_export import serving_files
-    from bincounter.serving.app import engine_spec
+    from bincounter.serving.loading import engine_spec
     from bincounter.serving.worker import load_engine
 
     probs: list[list[float] | None] = [None] * len(ids)

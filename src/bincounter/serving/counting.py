@@ -1,0 +1,105 @@
+"""Counting the images of a request: through the micro-batching queue to the workers, each
+outcome made the answer every endpoint returns (``CountResult``), with the inventory check when
+an expected count was given."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import HTTPException, Request
+from pydantic import BaseModel
+
+from bincounter.config import ServeConfig, VerdictConfig
+from bincounter.serving.batching import Batcher, QueueFull
+from bincounter.serving.loading import ModelState
+from bincounter.serving.metrics import ServerMetrics
+from bincounter.serving.requests import check_image_type, read_body
+from bincounter.serving.verdict import probability_of, verdict
+from bincounter.serving.worker import ModelInfo
+
+
+class CountResult(BaseModel):
+    """One image's prediction, as every endpoint returns it."""
+
+    count: int
+    confidence: float
+    expected_count: float
+    probabilities: list[float]
+    model_uri: str
+    expected: int | None = None
+    match: bool | None = None
+    probability_of_expected: float | None = None
+    verdict: str | None = None
+
+
+class KServeResponse(BaseModel):
+    predictions: list[CountResult]
+
+
+def inventory_check(row: dict, expected: int, info: ModelInfo, rule: VerdictConfig = VerdictConfig()) -> dict:
+    """``expected``, ``match``, ``probability_of_expected`` and ``verdict`` for one answer.
+
+    Class i of the model is the count ``min_count + i``; a pooled last class ("K+") stands
+    for every count from K up, so for those its probability is P(count >= K), an upper bound.
+    A count the model has no class for gets probability null and verdict "unsure".
+    """
+    overflow = info.overflow_from
+    probability = probability_of(expected, row["probabilities"], info.min_count, open_ended=overflow is not None)
+    match = row["count"] == expected or (overflow is not None and expected >= overflow and row["count"] == overflow)
+    return {"expected": expected, "match": bool(match), "probability_of_expected": probability,
+            "verdict": verdict(probability, rule)}
+
+
+def truncate(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Counter:
+    """What the counting endpoints share: the model's state, the queue, the metrics."""
+
+    def __init__(self, cfg: ServeConfig, state: ModelState, metrics: ServerMetrics):
+        self.cfg, self.state, self.metrics = cfg, state, metrics
+        self.batcher: Batcher | None = None  # made in the app's lifespan, on its event loop
+
+    def require_ready(self) -> None:
+        state = self.state
+        if not state.ready:
+            detail = f"model {state.model_uri} is not loaded ({state.status})"
+            if state.error:
+                detail += f": {state.error}"
+            raise HTTPException(503, detail=detail, headers={"Retry-After": "5"})
+
+    async def count(self, images: list[bytes], expected: list[int | None],
+                    labels: list[str] | None = None) -> list[dict]:
+        """One answer per image, in order; the first image a worker refuses fails the request."""
+        self.require_ready()
+        metrics = self.metrics
+        started = time.perf_counter()
+        try:
+            outcomes = await self.batcher.submit(images)
+        except QueueFull as exc:
+            metrics.rejected.inc()
+            raise HTTPException(503, detail=f"server busy: {exc}; retry shortly", headers={"Retry-After": "1"}) from None
+        waited = time.perf_counter() - started
+        answers = []
+        for i, outcome in enumerate(outcomes):
+            metrics.images.labels("200" if outcome[0] == "ok" else str(outcome[1])).inc()
+            metrics.queue_wait.observe(waited)
+            if outcome[0] != "ok":
+                where = f" ({labels[i] if labels else f'instance {i}'})" if len(images) > 1 else ""
+                raise HTTPException(outcome[1], detail=f"{truncate(outcome[2])}{where}")
+            row = outcome[1]
+            metrics.predicted_count.observe(row["count"])
+            answer = {**row, "model_uri": self.state.model_uri}
+            if expected[i] is not None:
+                answer.update(inventory_check(row, expected[i], self.state.info, self.cfg.verdict))
+            answers.append(answer)
+        return answers
+
+    async def count_raw(self, request: Request, expected: int | None) -> dict:
+        """One image sent as the raw request body."""
+        check_image_type(request)
+        body = await read_body(request, self.cfg.max_body_bytes)
+        if not body:
+            raise HTTPException(400, detail="empty body: send the image bytes (JPEG or PNG) as the request body")
+        return (await self.count([body], [expected]))[0]
