@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from fastapi import FastAPI, Request  # module level: the test app's annotations resolve here
 
-from bincounter.audit import COLUMNS, CSV_FILE, ERRORS_FILE, JOURNAL, PARQUET_FILE, REPORT_FILE, AuditError, audit
+from bincounter.audit.pod import COLUMNS, CSV_FILE, ERRORS_FILE, JOURNAL, PARQUET_FILE, REPORT_FILE, AuditError, audit
 from bincounter.config import AuditConfig, SourceConfig, SynthConfig, VerdictConfig
 from tests.fake_counter import register_fake
 from tests.live_server import serving
@@ -228,7 +228,7 @@ def test_a_folder_holding_another_models_audit_is_refused(pod, tmp_path):
 
 _KILLABLE = """
 import sys
-from bincounter.audit import audit
+from bincounter.audit.pod import audit
 from bincounter.config import AuditConfig
 audit(AuditConfig.model_validate_json(sys.argv[1]), sys.argv[2])
 """

@@ -257,8 +257,8 @@ def audit(cfg: AuditConfig, out_dir: str, *, report_html: str | None = None) -> 
     """Audit a pod; log the summary and report to MLflow (``cfg.track``). Returns the summary."""
     from dataclasses import asdict
 
-    from bincounter.audit_outputs import ERRORS_FILE, PARQUET_FILE, REPORT_FILE, SUMMARY_FILE
-    from bincounter.audit import audit as run
+    from bincounter.audit.outputs import ERRORS_FILE, PARQUET_FILE, REPORT_FILE, SUMMARY_FILE
+    from bincounter.audit.pod import audit as run
 
     summary = run(cfg, out_dir)
     out = Path(out_dir)

@@ -8,7 +8,7 @@ one is recorded: a killed audit rerun with the same ``out_dir`` recounts nothing
 counted. Verdicts are not journaled but derived from the stored probabilities when the
 outputs are written, so a rerun with other thresholds recounts nothing either.
 
-The output files are ``bincounter.audit_outputs``'s: ``audit.csv`` and ``audit.parquet`` (one
+The output files are ``bincounter.audit.outputs``'s: ``audit.csv`` and ``audit.parquet`` (one
 row per bin), ``audit_errors.csv`` (bins that could not be checked, and why), ``summary.json``
 and ``report.html``.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bincounter.audit_outputs import (  # noqa: F401 - the audit's public names live here too
+from bincounter.audit.outputs import (  # noqa: F401 - the audit's public names live here too
     COLUMNS,
     CSV_FILE,
     ERRORS_FILE,

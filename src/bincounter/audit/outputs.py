@@ -60,7 +60,7 @@ def write_outputs(journal, out: Path, cfg: AuditConfig, cal, origin: str, counte
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from bincounter.audit_report import render
+    from bincounter.audit.report import render
 
     schema = pa.schema([("id", pa.string()), ("expected", pa.int64()), ("predicted", pa.int64()),
                         ("probability_of_expected", pa.float64()), ("confidence", pa.float64()),
