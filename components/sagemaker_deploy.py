@@ -12,9 +12,9 @@ def sagemaker_deploy(registration: Input[Artifact], endpoint: Output[Artifact], 
     previous endpoint config and fails this step. ``sagemaker`` is a ``SageMakerConfig``; the
     endpoint loads the model from ``tracking_uri``, the run's MLflow server.
     """
-    from bincounter import sagemaker_launch
+    from bincounter.sagemaker import steps
     from bincounter.config import SageMakerConfig, SageMakerHostingConfig
 
     cfg = SageMakerHostingConfig(sagemaker=SageMakerConfig.model_validate(sagemaker), model_uri=model_uri,
                                  tracking_uri=tracking_uri or None)
-    endpoint.metadata.update(sagemaker_launch.deploy(cfg, registration.metadata["champion_uri"]))
+    endpoint.metadata.update(steps.deploy(cfg, registration.metadata["champion_uri"]))

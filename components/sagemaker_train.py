@@ -12,11 +12,11 @@ def sagemaker_train(data: Input[Dataset], model: Output[Model], curves: Output[H
     model.tar.gz as this step's model. ``config`` is a ``TrainConfig``, ``sagemaker`` a
     ``SageMakerConfig`` (the account, instances and limits).
     """
-    from bincounter import sagemaker_launch
+    from bincounter.sagemaker import steps
     from bincounter.config import SageMakerConfig, SageMakerTrainingConfig, TrainConfig
 
     cfg = SageMakerTrainingConfig(train=TrainConfig.model_validate(config),
                                   sagemaker=SageMakerConfig.model_validate(sagemaker),
                                   tracking_uri=tracking_uri or None, experiment=experiment)
     model.metadata["config"] = cfg.train.model_dump(mode="json")
-    model.metadata.update(sagemaker_launch.train(cfg, data.path, model.path, curves_html=curves.path))
+    model.metadata.update(steps.train(cfg, data.path, model.path, curves_html=curves.path))

@@ -277,7 +277,7 @@ def check_sagemaker_variant_trains() -> None:
     hyperparameters.json, the model in /opt/ml/model and checkpoints in /opt/ml/checkpoints."""
     from bincounter.config import PreprocessConfig, SynthConfig, TrainConfig
     from bincounter.data.preprocess import preprocess
-    from bincounter.sagemaker_entry import Layout, to_hyperparameters
+    from bincounter.sagemaker.entry import Layout, to_hyperparameters
     from bincounter_demo.synth import generate
 
     assert os.getuid() == 0, f"the SageMaker variant runs as uid {os.getuid()}, not root"

@@ -432,7 +432,7 @@ def test_the_sagemaker_variant_only_makes_the_projects_image_run_as_root() -> No
     """SageMaker mounts /opt/ml for root; the variant changes the user and nothing else, and it is
     the file the training entry point names when it cannot write there."""
     from bincounter import __version__
-    from bincounter.sagemaker_entry import ROOT_IMAGE_HINT
+    from bincounter.sagemaker.entry import ROOT_IMAGE_HINT
 
     lines = [line for line in SAGEMAKER_DOCKERFILE.read_text().splitlines() if line and not line.startswith("#")]
     assert lines == [f"ARG BASE_IMAGE=ghcr.io/bincounter/bincounter:{__version__}-cuda", "FROM ${BASE_IMAGE}",

@@ -1,4 +1,4 @@
-"""bincounter.sagemaker_entry: SageMaker's training contract on a temporary /opt/ml.
+"""bincounter.sagemaker.entry: SageMaker's training contract on a temporary /opt/ml.
 
 The resume test runs the entry point as SageMaker does (a process of its own), kills it with
 SIGKILL in the middle of an epoch, starts it again on a fresh scratch folder and checks that it
@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bincounter import sagemaker_entry as entry
+from bincounter.sagemaker import entry
 from bincounter.config import TrainConfig
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -131,7 +131,7 @@ def test_the_launcher_command_is_what_torch_distributed_run_parses() -> None:
     args = get_args_parser().parse_args(cmd[3:])
     assert (args.nnodes, args.node_rank, args.nproc_per_node) == ("2", 1, "4")
     assert (args.rdzv_backend, args.master_addr, args.master_port, args.max_restarts) == ("static", "algo-1", 7777, 0)
-    assert args.module and args.training_script == "bincounter.sagemaker_entry"
+    assert args.module and args.training_script == "bincounter.sagemaker.entry"
     assert args.training_script_args == ["worker"]
 
 
@@ -215,7 +215,7 @@ def _start(layout: entry.Layout, scratch: Path, extra_env: dict[str, str] | None
     env = {**os.environ, entry.ROOT_ENV: str(layout.root), "TMPDIR": str(scratch), "PYTHONPATH": str(SRC),
            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     env.pop("MLFLOW_TRACKING_URI", None)  # the container has no MLflow: the component logs the metrics
-    return subprocess.Popen([sys.executable, "-m", "bincounter.sagemaker_entry", "train"], env=env,
+    return subprocess.Popen([sys.executable, "-m", "bincounter.sagemaker.entry", "train"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -313,7 +313,7 @@ def test_an_unwritable_model_folder_fails_at_once_naming_the_uid_and_the_fix(tmp
     prefix, uid, gid = _as_a_user_who_cannot_write(layout)
     env = {**os.environ, entry.ROOT_ENV: str(layout.root), "PYTHONPATH": str(SRC)}
     t0 = time.monotonic()
-    proc = subprocess.run([*prefix, sys.executable, "-m", "bincounter.sagemaker_entry", "train"], env=env,
+    proc = subprocess.run([*prefix, sys.executable, "-m", "bincounter.sagemaker.entry", "train"], env=env,
                           capture_output=True, text=True, timeout=120)
     seconds = time.monotonic() - t0
     assert proc.returncode == 1, proc.stderr[-2000:]

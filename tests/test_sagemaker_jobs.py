@@ -26,9 +26,9 @@ import botocore.session
 import pytest
 from botocore.validate import ParamValidator
 
-from bincounter import sagemaker_entry as entry
-from bincounter import sagemaker_jobs as jobs
-from bincounter import sagemaker_launch
+from bincounter.sagemaker import entry
+from bincounter.sagemaker import jobs
+from bincounter.sagemaker import steps
 from bincounter.config import SageMakerConfig, SageMakerHostingConfig, SageMakerTrainingConfig, TrainConfig
 from bincounter.deploy.sagemaker import SageMakerConfigError
 
@@ -249,7 +249,7 @@ class FakeSageMakerRuntime:
             self.s3.download_file(bucket, obj["Key"], str(dest))
         env = {**os.environ, entry.ROOT_ENV: str(layout.root), "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
         env.pop("MLFLOW_TRACKING_URI")  # the container has no MLflow of its own
-        proc = subprocess.run([sys.executable, "-m", "bincounter.sagemaker_entry", *request["AlgorithmSpecification"]
+        proc = subprocess.run([sys.executable, "-m", "bincounter.sagemaker.entry", *request["AlgorithmSpecification"]
                                ["ContainerArguments"]], env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr + (layout.failure.read_text() if layout.failure.exists() else "")
         self.ran.append(proc.stdout)
@@ -277,7 +277,7 @@ def test_the_pipeline_steps_run_against_sagemaker_on_moto(moto_url: str, data_di
     # Training: shards up to S3, the job created and polled to completion, its model unpacked.
     cfg = SageMakerTrainingConfig(train=TINY, sagemaker=sm, experiment="sagemaker-test")
     model_dir = tmp_path / "model"
-    meta = sagemaker_launch.train(cfg, data_dir, model_dir, session=session, curves_html=str(tmp_path / "c.html"),
+    meta = steps.train(cfg, data_dir, model_dir, session=session, curves_html=str(tmp_path / "c.html"),
                                   progress=False)
 
     assert len(runtime.ran) == 1
@@ -293,7 +293,7 @@ def test_the_pipeline_steps_run_against_sagemaker_on_moto(moto_url: str, data_di
     assert "Training on SageMaker" in (tmp_path / "c.html").read_text()
 
     # A retried step (same output folder, settings and data) follows the job it started: no second job.
-    again = sagemaker_launch.train(cfg, data_dir, model_dir, session=session, progress=False)
+    again = steps.train(cfg, data_dir, model_dir, session=session, progress=False)
     assert again["training_job_name"] == name and len(runtime.ran) == 1
     assert [op for op, _ in runtime.sent].count("CreateTrainingJob") == 1
 
@@ -322,7 +322,7 @@ def test_the_pipeline_steps_run_against_sagemaker_on_moto(moto_url: str, data_di
 
     # Hosting: model, endpoint config and endpoint created, waited for until InService.
     hosting = SageMakerHostingConfig(sagemaker=sm, tracking_uri="https://mlflow.example.com")
-    served = sagemaker_launch.deploy(hosting, registered["champion_uri"], session=session, progress=False)
+    served = steps.deploy(hosting, registered["champion_uri"], session=session, progress=False)
     assert (served["operation"], served["status"], served["backend"]) == ("create", "InService", "boto3")
     api = session.client("sagemaker", region_name="us-east-1", endpoint_url=moto_url)
     endpoint = api.describe_endpoint(EndpointName="bincounter")
@@ -342,7 +342,7 @@ def test_the_pipeline_steps_run_against_sagemaker_on_moto(moto_url: str, data_di
 
 def test_hosting_needs_a_serving_image() -> None:
     with pytest.raises(SageMakerConfigError, match="serving_image"):
-        sagemaker_launch.deploy_config(SageMakerHostingConfig(sagemaker=sm_config(serving_image="")), "models:/m@champion")
+        steps.deploy_config(SageMakerHostingConfig(sagemaker=sm_config(serving_image="")), "models:/m@champion")
 
 
 def test_describe_tells_a_missing_job_from_other_errors(sagemaker_stub) -> None:

@@ -236,7 +236,7 @@ def check(deploy: DeployConfig | None, *, tracking_uri: str | None = None) -> di
 def check_sagemaker(sm: SageMakerConfig, *, deploy_enabled: bool, tracking_uri: str | None = None) -> dict:
     """The SageMaker variant's first task: the tracking server answers, and the account's settings
     make a valid training job (and, with ``deploy_enabled``, a valid endpoint)."""
-    from bincounter.sagemaker_jobs import training_job_request
+    from bincounter.sagemaker.jobs import training_job_request
 
     out: dict = {"tracking_uri": tracking.check_server(tracking_uri)}
     training_job_request(TrainConfig(), sm, name="bincounter-check", data_uri=sm.s3_uri(sm.data_prefix, "check"))
@@ -244,7 +244,7 @@ def check_sagemaker(sm: SageMakerConfig, *, deploy_enabled: bool, tracking_uri: 
     if deploy_enabled:
         from bincounter.config import SageMakerHostingConfig
         from bincounter.deploy.sagemaker import build_requests
-        from bincounter.sagemaker_launch import deploy_config, endpoint_network_and_secrets
+        from bincounter.sagemaker.steps import deploy_config, endpoint_network_and_secrets
 
         hosting = SageMakerHostingConfig(sagemaker=sm, tracking_uri=tracking_uri)
         build_requests(deploy_config(hosting, "models:/check/1"), endpoint_name=sm.endpoint_name,

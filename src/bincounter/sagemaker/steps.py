@@ -25,7 +25,7 @@ def train(cfg: SageMakerTrainingConfig, data_dir: str | Path, model_dir: str | P
     """Train ``cfg.train`` as a SageMaker job on the preprocess output ``data_dir``; the model
     lands in ``model_dir``. Returns the artifact metadata (scalars only)."""
     from bincounter.data.preprocess import dataset_params, load_dataset_info
-    from bincounter.sagemaker_jobs import (
+    from bincounter.sagemaker.jobs import (
         billing, clients, dataset_digest, describe_training_job, download_model, final_metrics, job_name,
         training_job_request, upload_dataset, wait_for_training_job,
     )
@@ -114,7 +114,7 @@ def deploy(cfg: SageMakerHostingConfig, champion_uri: str, *, session: Any = Non
     """Create or update ``cfg.sagemaker.endpoint_name`` with the model ``cfg.model_uri`` (default
     ``champion_uri``); raises EndpointUpdateFailed after rolling a failed update back."""
     from bincounter.deploy import sagemaker as target
-    from bincounter.sagemaker_jobs import clients
+    from bincounter.sagemaker.jobs import clients
 
     sm = cfg.sagemaker
     sagemaker, _ = clients(sm, session)

@@ -31,7 +31,7 @@ Only rank 0, on the first host, writes checkpoints and the model: every instance
 archive, so any other writer would overwrite or clash. On a restart every rank resumes from the
 checkpoint rank 0 finds. Each host writes its own failure reason.
 
-Run as ``python -m bincounter.sagemaker_entry train``.
+Run as ``python -m bincounter.sagemaker.entry train``.
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def launcher_command(cluster: Cluster, nproc: int, port: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={cluster.nnodes}",
             f"--node-rank={cluster.node_rank}", f"--nproc-per-node={nproc}", "--rdzv-backend=static",
             f"--master-addr={cluster.master}", f"--master-port={port}", "--max-restarts=0",
-            "-m", "bincounter.sagemaker_entry", "worker"]
+            "-m", "bincounter.sagemaker.entry", "worker"]
 
 
 def wait_for_host(name: str, timeout: float = RESOLVE_SECONDS, poll: float = 2.0) -> None:
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     ``worker`` is what the launcher starts under torch.distributed.run."""
     args = sys.argv[1:] if argv is None else argv
     if args not in ([], ["train"], ["worker"]):
-        print(f"usage: python -m bincounter.sagemaker_entry [train]  (got {' '.join(args)!r})", file=sys.stderr)
+        print(f"usage: python -m bincounter.sagemaker.entry [train]  (got {' '.join(args)!r})", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return (run_worker if args == ["worker"] else run)(Layout.from_env())

@@ -2,7 +2,7 @@
 
 ``training_job_request`` turns TrainConfig (as hyperparameters) and SageMakerConfig into a
 CreateTrainingJob request for our own image, whose ``train`` entry point
-(``bincounter.sagemaker_entry``) honours SageMaker's training contract. ``wait_for_training_job``
+(``bincounter.sagemaker.entry``) honours SageMaker's training contract. ``wait_for_training_job``
 polls DescribeTrainingJob with a progress bar; ``final_metrics`` reads the metrics SageMaker
 parsed from the job's log with ``METRIC_DEFINITIONS`` (FinalMetricDataList, no CloudWatch
 needed); ``download_model`` unpacks model.tar.gz into a folder that evaluate and register
@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from bincounter.config import SageMakerConfig, TrainConfig
-from bincounter.sagemaker_entry import DATA_CHANNEL, METRIC_DEFINITIONS, to_hyperparameters
+from bincounter.sagemaker.entry import DATA_CHANNEL, METRIC_DEFINITIONS, to_hyperparameters
 
 CONTAINER_CHECKPOINTS = "/opt/ml/checkpoints"
 # The image's own entry point, spelled out so the job does not depend on the image's CMD.
-CONTAINER_ENTRYPOINT = ("python", "-m", "bincounter.sagemaker_entry")
+CONTAINER_ENTRYPOINT = ("python", "-m", "bincounter.sagemaker.entry")
 DONE = ("Completed", "Failed", "Stopped")
 
 
