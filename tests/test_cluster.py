@@ -4,10 +4,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from bincounter.config import ClusterConfig, PipelineConfig, TuneStageConfig
+from bincounter.config import ClusterConfig, PipelineConfig, TuneConfig
 from pipelines.runner import compile_pipeline
 
-SEARCH = PipelineConfig(tune=TuneStageConfig(trials=2))  # a pipeline with a tune task
+SEARCH = PipelineConfig(tune=TuneConfig(trials=2))  # a pipeline with a tune task
 
 
 def _compile(tmp_path, cluster: ClusterConfig, cfg: PipelineConfig | None = None):

@@ -298,7 +298,7 @@ def test_katib_experiment(kubectl: str) -> None:
     params = {p["name"]: p for p in spec["parameters"]}
     assert set(params) == {"lr", "batch_size", "epochs", "weight_decay", "image_size", "backbone"}
     assert params["backbone"]["parameterType"] == "categorical"
-    from bincounter.training.tune import SearchSpace
+    from bincounter.config import SearchSpace
 
     assert params["backbone"]["feasibleSpace"]["list"] == list(SearchSpace().backbone)  # the tuner's offline-safe space
     for p in params.values():
@@ -420,7 +420,7 @@ def test_dockerfile_conventions(dockerfile: Path) -> None:
     assert re.search(r"^USER 10001", text, re.M), "does not drop root"
     assert re.search(r"^EXPOSE 8080$", text, re.M)
     assert re.search(r"^HEALTHCHECK .*", text, re.M) and "/healthz" in text
-    assert re.search(r'^CMD \["python", "-m", "bincounter\.serve"', text, re.M)
+    assert re.search(r'^CMD \["python", "-m", "bincounter\.serving"', text, re.M)
     assert "--no-cache-dir" in text
     assert "/usr/local/bin/serve" in text  # SageMaker runs `docker run <image> serve`
     index = re.search(r"^ARG TORCH_INDEX_URL=(\S+)", text, re.M).group(1)

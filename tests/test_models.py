@@ -93,7 +93,7 @@ def test_auto_never_downloads_torchvision_weights_and_says_so(monkeypatch, caplo
 def test_the_tuners_default_backbones_get_pretrained_weights_offline(monkeypatch):
     """The default search space must run on a machine without network, and compare backbones
     that all start from pretrained weights (a random-init one would lose for the wrong reason)."""
-    from bincounter.training.tune import SearchSpace
+    from bincounter.config import SearchSpace
 
     no_downloads(monkeypatch)
     for backbone in SearchSpace().backbone:

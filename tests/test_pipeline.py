@@ -10,11 +10,11 @@ from pydantic import BaseModel
 
 from bincounter.config import (STAGES, ClusterConfig, DeployConfig, EvaluateConfig, IngestConfig, PipelineConfig,
                                PreprocessConfig, SourceConfig, SynthConfig, TrainConfig,  # noqa: F401
-                               TuneStageConfig)
+                               TuneConfig)
 from pipelines.runner import arguments, compile_pipeline
 
 TASKS = {"check", "ingest", "preprocess", "tune", "train", "evaluate", "register", "deploy"}
-SEARCH = PipelineConfig(tune=TuneStageConfig(trials=2))
+SEARCH = PipelineConfig(tune=TuneConfig(trials=2))
 SPY = Path(__file__).parent / "pipeline_spy"
 
 
@@ -108,8 +108,15 @@ def _other_value(path: str, field):
     if typing.get_origin(kind) is typing.Literal:
         return next(c for c in typing.get_args(kind) if c != default)
     if typing.get_origin(kind) is tuple:
-        item = typing.get_args(kind)[0]
-        return (typing.get_args(item)[1],) if typing.get_origin(item) is typing.Literal else ("00042",)
+        args = typing.get_args(kind)
+        item = args[0]
+        if typing.get_origin(item) is typing.Literal:
+            return (typing.get_args(item)[1],)
+        if len(args) == 2 and args[1] is not Ellipsis:  # a (low, high) range
+            return (default[0], (default[0] + default[1]) / 2)
+        if item is int:
+            return tuple(v + 1 for v in default)
+        return ("00042",)
     if kind is bool:
         return not default
     if kind is int:

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from bincounter.config import (AWS_SECRET_KEYS, MLFLOW_SECRET_KEYS, AuditConfig, ClusterConfig, DeployConfig,
-                               PipelineConfig, SageMakerConfig, TuneStageConfig)
+                               PipelineConfig, SageMakerConfig, TuneConfig)
 from pipelines.audit_pipeline import compile_audit_pipeline
 from pipelines.cluster import TASKS
 from pipelines.runner import compile_pipeline
@@ -42,7 +42,7 @@ SM = SageMakerConfig(role_arn="arn:aws:iam::123456789012:role/bc", bucket="team-
                      endpoint_security_groups=("sg-0a1b2c3d",),
                      mlflow_secret_arn="arn:aws:secretsmanager:us-east-1:123456789012:secret:team-mlflow-AbCdEf",
                      poll_seconds=0.01)
-SEARCH = TuneStageConfig(trials=2)
+SEARCH = TuneConfig(trials=2)
 
 
 def cluster(**overrides) -> ClusterConfig:
@@ -61,7 +61,7 @@ def compile_variant(variant: str, tmp: Path, **deploy) -> tuple[Compiled, Cluste
     c = {"main": cluster(), "sharded": cluster(), "gpu": cluster(gpus=1), "kserve": cluster(deploy_target="kserve"),
          "kfp-2.14": cluster(kfp_backend="2.14"), "kfp-2.5": cluster(kfp_backend="2.5")}[variant]
     cfg = cfg.model_copy(update={"shards": 4 if variant == "sharded" else 1,
-                                 "tune": SEARCH if variant == "gpu" else TuneStageConfig()})
+                                 "tune": SEARCH if variant == "gpu" else TuneConfig()})
     return Compiled(compile_pipeline(tmp / f"{variant}.yaml", cfg, c)), c
 
 

@@ -11,7 +11,8 @@ import pytest
 from mlflow import MlflowClient
 
 from bincounter.training import train as train_module
-from bincounter.training.tune import (BEST_FILE, PLOT_FILE, SearchSpace, TuneConfig, apply_best, launch_tune, read_trials,
+from bincounter.config import SearchSpace, TuneConfig
+from bincounter.training.tune import (BEST_FILE, PLOT_FILE, apply_best, launch_tune, read_trials,
                              run_trial, sample, tune)
 from tests.conftest import TINY_TRAIN
 
@@ -37,10 +38,10 @@ def search(data_dir, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_module, "train", crashes_once)
-        first = tune(BASE, SPACE, data_dir, out, TuneConfig(trials=2, seed=SEED), tracking_uri=uri)
+        first = tune(BASE, TuneConfig(trials=2, seed=SEED, space=SPACE), data_dir, out, tracking_uri=uri)
         first_records = read_trials(out)
         calls_first = len(calls)
-        meta = launch_tune(BASE, SPACE, TuneConfig(trials=3, seed=SEED), str(data_dir), str(out), tracking_uri=uri)
+        meta = launch_tune(BASE, TuneConfig(trials=3, seed=SEED, space=SPACE), str(data_dir), str(out), tracking_uri=uri)
     return SimpleNamespace(first=first, first_records=first_records, calls_first=calls_first,
                            rerun_calls=calls[calls_first:], meta=meta, out=out, uri=uri,
                            records=read_trials(out), client=MlflowClient(uri))
@@ -106,7 +107,7 @@ def test_a_rerun_runs_only_the_new_trials_under_the_same_parent(search, data_dir
     assert search.meta["mlflow_run_id"] == search.first.mlflow_run_id
     # Another seed would mix two searches in one folder: refused before any training.
     with pytest.raises(ValueError, match="other settings"):
-        tune(BASE, SPACE, data_dir, search.out, TuneConfig(trials=3, seed=SEED + 1), tracking_uri=search.uri)
+        tune(BASE, TuneConfig(trials=3, seed=SEED + 1, space=SPACE), data_dir, search.out, tracking_uri=search.uri)
 
 
 @pytest.mark.slow
@@ -133,14 +134,19 @@ def test_sampling_is_seeded_in_range_and_per_dimension():
         assert p["batch_size"] in (16, 32, 64) and p["image_size"] in (160, 192, 224)
     # Fixing one setting leaves every other draw as it was.
     assert sample(SearchSpace(lr=1e-3), 3, 0) == {**sample(space, 3, 0), "lr": 1e-3}
+    # Short trials of fixed length by default (the pipeline's search); epochs is searched when given choices.
     assert SearchSpace(lr=1e-3, backbone="resnet18").searched() == [
-        "batch_size", "epochs", "momentum", "weight_decay", "image_size"]
+        "batch_size", "momentum", "weight_decay", "image_size"]
+    assert SearchSpace(epochs=(4, 8)).searched()[:2] == ["lr", "batch_size"] and "epochs" in SearchSpace(
+        epochs=(4, 8)).searched()
     with pytest.raises(ValueError):
         SearchSpace(backbone=("not_a_net",))
     with pytest.raises(ValueError):
         SearchSpace(lr=(1e-2, 1e-3))
     with pytest.raises(ValueError):
         TuneConfig(trials=3, budget=10)
+    with pytest.raises(ValueError, match="at least one trial"):
+        tune(BASE, TuneConfig(trials=0, space=SPACE), "unused", "unused")
 
 
 def test_the_component_compiles_on_the_project_image(tmp_path):
@@ -154,13 +160,12 @@ def test_the_component_compiles_on_the_project_image(tmp_path):
 
 
 def test_tuning_off_leaves_the_training_config_alone(tmp_path):
-    """trials=0 in the pipeline: an empty artifact that the train task can take unconditionally."""
-    assert launch_tune(BASE, SPACE, None, "unused", str(tmp_path / "best")) == {"tuned": False}
+    """trials=0: an empty artifact that a train task can take unconditionally, and no search run at all."""
+    assert launch_tune(BASE, TuneConfig(trials=0, space=SPACE), "unused", str(tmp_path / "best")) == {"tuned": False}
     assert apply_best(BASE, tmp_path / "best") == BASE
     from bincounter import launch
-    from bincounter.config import TuneStageConfig
 
-    assert launch.tune(TuneStageConfig(trials=0), BASE, "unused", str(tmp_path / "off")) == {"tuned": False}
+    assert launch.tune(TuneConfig(trials=0), BASE, "unused", str(tmp_path / "off")) == {"tuned": False}
 
 
 @pytest.mark.slow
@@ -176,5 +181,5 @@ def test_a_trial_without_validation_metrics_fails_and_a_search_without_a_split_i
     assert record["status"] == "failed" and "no validation metrics" in record["error"], record
     assert record["val_accuracy"] is None
     with pytest.raises(ValueError, match="no validation split"):
-        tune(BASE, SPACE, data_dir_without_val, tmp_path / "search", TuneConfig(trials=1, seed=SEED))
+        tune(BASE, TuneConfig(trials=1, seed=SEED, space=SPACE), data_dir_without_val, tmp_path / "search")
     assert not (tmp_path / "search" / "trials.jsonl").exists()

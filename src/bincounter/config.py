@@ -288,15 +288,69 @@ class DeployConfig(_Config):
         return value
 
 
-class TuneStageConfig(_Config):
-    """The pipeline's hyperparameter search before training (``bincounter.training.tune``)."""
+# Search ranges sampled on a log scale (their useful values span orders of magnitude); the rest of
+# SearchSpace's fields are choices.
+LOG_SCALE = frozenset({"lr", "weight_decay"})
+RANGES = frozenset({"lr", "momentum", "weight_decay"})
+TuneMetric = Literal["val_accuracy", "val_macro_f1", "val_within_1", "val_rmse"]
 
-    trials: int = Field(0, ge=0, description="Trials before training (0: no search).")
-    epochs: int = Field(4, ge=0, description="Epochs per trial (0: searched too).")
-    backbones: tuple[Backbone, ...] = Field((), description="Backbones the search may pick (default: its own list).")
+
+class SearchSpace(_Config):
+    """What each trial may vary. Ranges are ``(low, high)``, choices are tuples; a single value
+    (or ``low == high``, or a one-element tuple) fixes that setting for every trial."""
+
+    lr: tuple[float, float] = Field((1e-4, 3e-3), description="Peak learning rate, log-uniform.")
+    batch_size: tuple[int, ...] = Field((16, 32, 64), description="Images per step, one of these.")
+    epochs: tuple[int, ...] = Field((4,), description="Epochs of each trial, one of these: a few short epochs rank "
+                                    "settings well enough at a fraction of the cost (the final training keeps its own "
+                                    "unless this is searched).")
+    momentum: tuple[float, float] = Field((0.8, 0.95), description="SGD momentum / Adam beta1, uniform.")
+    weight_decay: tuple[float, float] = Field((1e-5, 1e-3), description="Weight decay, log-uniform.")
+    image_size: tuple[int, ...] = Field((160, 192, 224), description="Training input size, one of these.")
+    backbone: tuple[Backbone, ...] = Field(
+        ("efficientnet_lite0",), description="Backbone, one of these. The default is the one with packaged "
+        "offline weights: torchvision backbones start from random weights unless the base config asks for "
+        "pretrained='torchvision' (a download), which would make the comparison unfair and the search need a network.")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _scalar_fixes(cls, value, info):
+        """A bare value fixes the dimension: ``lr=1e-3`` means ``(1e-3, 1e-3)``."""
+        if isinstance(value, (list, tuple)):
+            return value
+        return (value, value) if info.field_name in RANGES else (value,)
+
+    @field_validator("*")
+    @classmethod
+    def _check(cls, value, info):
+        if not value:
+            raise ValueError("needs at least one value")
+        if info.field_name in RANGES:
+            low, high = value
+            if low > high:
+                raise ValueError(f"low {low} is above high {high}")
+            if info.field_name in LOG_SCALE and low <= 0:
+                raise ValueError("a log-uniform range must be positive")
+        return value
+
+    def searched(self) -> list[str]:
+        """The dimensions that actually vary (more than one value)."""
+        return [name for name, value in self if len(set(value)) > 1]
+
+
+class TuneConfig(_Config):
+    """The hyperparameter search before training (``bincounter.training.tune``): how many trials,
+    which seed, what "best" means, and what each trial may vary."""
+
+    trials: int = Field(0, ge=0, description="Trials before training (0: no search, and a pipeline compiled with 0 "
+                                             "has no tune task); trials already recorded are skipped.")
     seed: int = Field(0, ge=0, description="Same seed, same trial settings.")
-    metric: Literal["val_accuracy", "val_macro_f1", "val_within_1", "val_rmse"] = Field(
-        "val_accuracy", description="Best-epoch validation metric the search optimises (val_rmse is minimised).")
+    metric: TuneMetric = Field(
+        "val_accuracy", description="Best-epoch validation metric to optimise; val_rmse is minimised, the rest "
+        "maximised. Ties go to the lower val_rmse (or, for val_rmse, the higher val_accuracy).")
+    keep_weights: bool = Field(False, description="Keep each trial's model.pt and checkpoint.pt; the final "
+                                                  "training retrains anyway, so by default they are deleted.")
+    space: SearchSpace = Field(SearchSpace(), description="What each trial may vary.")
 
 
 class VerdictConfig(_Config):
@@ -392,7 +446,7 @@ class PipelineConfig(_Config):
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegisterConfig = RegisterConfig()
     deploy: DeployConfig = DeployConfig()
-    tune: TuneStageConfig = TuneStageConfig()
+    tune: TuneConfig = TuneConfig()
     shards: int = Field(1, ge=1, description="Ingest and preprocess fan out over this many shards of the id space "
                                             "(one pod each on a cluster); the dataset is the same for any number.")
     deploy_enabled: bool = Field(True, description="Run the deploy stage after registration.")

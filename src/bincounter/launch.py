@@ -25,7 +25,7 @@ from bincounter.config import (
     RegisterConfig,
     SageMakerConfig,
     TrainConfig,
-    TuneStageConfig,
+    TuneConfig,
 )
 
 
@@ -63,18 +63,12 @@ def preprocess(cfg: PreprocessConfig, raw_dir: str, out_dir: str, report_html: s
             "input_manifest_sha256": info["input_manifest_sha256"]}
 
 
-def tune(cfg: TuneStageConfig, base: TrainConfig, data_dir: str, out_dir: str, *, tracking_uri: str | None = None,
+def tune(cfg: TuneConfig, base: TrainConfig, data_dir: str, out_dir: str, *, tracking_uri: str | None = None,
          experiment: str = "bincounter") -> dict:
     """The pipeline's search before training: trials start from ``base``; 0 trials switch it off."""
-    from bincounter.training.tune import SearchSpace, TuneConfig, launch_tune
+    from bincounter.training.tune import launch_tune
 
-    fixed: dict = {}
-    if cfg.epochs > 0:
-        fixed["epochs"] = (cfg.epochs,)
-    if cfg.backbones:
-        fixed["backbone"] = cfg.backbones
-    search = TuneConfig(trials=cfg.trials, seed=cfg.seed, metric=cfg.metric) if cfg.trials > 0 else None
-    return launch_tune(base.model_copy(update={"progress": False}), SearchSpace(**fixed), search, data_dir, out_dir,
+    return launch_tune(base.model_copy(update={"progress": False}), cfg, data_dir, out_dir,
                        tracking_uri=tracking_uri, experiment=experiment)
 
 

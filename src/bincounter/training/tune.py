@@ -20,13 +20,10 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import Field, field_validator
-
 from bincounter import tracking
-from bincounter.config import Backbone, TrainConfig, _Config
+from bincounter.config import LOG_SCALE, RANGES, SearchSpace, TrainConfig, TuneConfig
 from bincounter.fileio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -37,65 +34,8 @@ SEARCH_FILE = "search.json"
 PLOT_FILE = "tune_trials.png"
 PARENT_RUN_FILE = "mlflow_run_id"
 
-# Ranges sampled on a log scale (their useful values span orders of magnitude).
-LOG_SCALE = frozenset({"lr", "weight_decay"})
-RANGES = frozenset({"lr", "momentum", "weight_decay"})
 MINIMIZE = frozenset({"val_rmse"})
 VAL_METRICS = ("val_accuracy", "val_rmse", "val_macro_f1", "val_within_1")
-
-
-class SearchSpace(_Config):
-    """What each trial may vary. Ranges are ``(low, high)``, choices are tuples; a single value
-    (or ``low == high``, or a one-element tuple) fixes that setting for every trial."""
-
-    lr: tuple[float, float] = Field((1e-4, 3e-3), description="Peak learning rate, log-uniform.")
-    batch_size: tuple[int, ...] = Field((16, 32, 64), description="Images per step, one of these.")
-    epochs: tuple[int, ...] = Field((6, 10, 14), description="Training epochs, one of these.")
-    momentum: tuple[float, float] = Field((0.8, 0.95), description="SGD momentum / Adam beta1, uniform.")
-    weight_decay: tuple[float, float] = Field((1e-5, 1e-3), description="Weight decay, log-uniform.")
-    image_size: tuple[int, ...] = Field((160, 192, 224), description="Training input size, one of these.")
-    backbone: tuple[Backbone, ...] = Field(
-        ("efficientnet_lite0",), description="Backbone, one of these. The default is the one with packaged "
-        "offline weights: torchvision backbones start from random weights unless the base config asks for "
-        "pretrained='torchvision' (a download), which would make the comparison unfair and the search need a network.")
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _scalar_fixes(cls, value, info):
-        """A bare value fixes the dimension: ``lr=1e-3`` means ``(1e-3, 1e-3)``."""
-        if isinstance(value, (list, tuple)):
-            return value
-        return (value, value) if info.field_name in RANGES else (value,)
-
-    @field_validator("*")
-    @classmethod
-    def _check(cls, value, info):
-        if not value:
-            raise ValueError("needs at least one value")
-        if info.field_name in RANGES:
-            low, high = value
-            if low > high:
-                raise ValueError(f"low {low} is above high {high}")
-            if info.field_name in LOG_SCALE and low <= 0:
-                raise ValueError("a log-uniform range must be positive")
-        return value
-
-    def searched(self) -> list[str]:
-        """The dimensions that actually vary (more than one value)."""
-        return [name for name, value in self if len(set(value)) > 1]
-
-
-class TuneConfig(_Config):
-    """How many trials, which seed, and what "best" means."""
-
-    trials: int = Field(12, ge=1, description="Trials to run (already recorded ones are skipped).")
-    seed: int = Field(0, ge=0, description="Same seed, same trial settings.")
-    metric: Literal["val_accuracy", "val_macro_f1", "val_within_1", "val_rmse"] = Field(
-        "val_accuracy", description="Best-epoch validation metric to optimise; val_rmse is minimised, the rest "
-        "maximised. Ties go to the lower val_rmse (or, for val_rmse, the higher val_accuracy)."
-    )
-    keep_weights: bool = Field(False, description="Keep each trial's model.pt and checkpoint.pt; the final "
-                                                  "training retrains anyway, so by default they are deleted.")
 
 
 @dataclass
@@ -225,13 +165,16 @@ def _drop_weights(trial_dir: Path) -> None:
 
 # ---------------------------------------------------------------- the search
 
-def tune(base: TrainConfig, space: SearchSpace, data_dir: str | Path, out_dir: str | Path,
-         tcfg: TuneConfig = TuneConfig(), *, tracking_uri: str | None = None,
-         experiment: str = "bincounter") -> TuneResult:
-    """Run ``tcfg.trials`` trials in sequence under one parent MLflow run; resumes from ``out_dir``.
+def tune(base: TrainConfig, tcfg: TuneConfig, data_dir: str | Path, out_dir: str | Path, *,
+         tracking_uri: str | None = None, experiment: str = "bincounter") -> TuneResult:
+    """Run ``tcfg.trials`` trials of ``tcfg.space`` in sequence under one parent MLflow run; resumes
+    from ``out_dir``.
 
     ``base`` supplies every setting the space does not vary. Returns the best trial's config.
     """
+    if tcfg.trials < 1:
+        raise ValueError("a search needs at least one trial (TuneConfig.trials)")
+    space = tcfg.space
     _require_validation(data_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -242,7 +185,7 @@ def tune(base: TrainConfig, space: SearchSpace, data_dir: str | Path, out_dir: s
                                                     "base": base.model_dump()}, indent=2).encode())
 
     parent_id = _resumable_parent(out_dir, tracking_uri, experiment)
-    params = None if parent_id else {**tcfg.flat("tune."), **space.flat("space.")}
+    params = None if parent_id else tcfg.flat("tune.")
     with tracking.stage_run("tune", params, tracking_uri=tracking_uri, experiment=experiment,
                             run_id=parent_id) as parent:
         atomic_write(out_dir / PARENT_RUN_FILE, parent.info.run_id.encode())
@@ -350,22 +293,22 @@ def apply_best(cfg: TrainConfig, tune_dir: str | Path) -> TrainConfig:
     return trial_config(cfg, best_params(tune_dir))
 
 
-def launch_tune(base: TrainConfig, space: SearchSpace, tcfg: TuneConfig | None, data_dir: str, out_dir: str, *,
+def launch_tune(base: TrainConfig, tcfg: TuneConfig, data_dir: str, out_dir: str, *,
                 tracking_uri: str | None = None, experiment: str = "bincounter") -> dict:
     """The KFP component's entry point: search, then return the metadata for the ``best`` artifact.
 
-    ``tcfg=None`` switches tuning off: an empty folder, which ``apply_best`` ignores. (kfp's local
-    runner cannot merge artifacts of two ``dsl.If`` branches, so the pipeline always runs this task.)
+    No trials switches tuning off: an empty folder, which ``apply_best`` ignores.
     """
     from bincounter.data.dataset import materialize
     from bincounter.data.preprocess import load_dataset_info
 
-    if tcfg is None:
+    if tcfg.trials == 0:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         return {"tuned": False}
     data_dir = str(materialize(data_dir))
-    space = fit_to_data(space, load_dataset_info(data_dir)["config"]["image_size"])
-    r = tune(base, space, data_dir, out_dir, tcfg, tracking_uri=tracking_uri, experiment=experiment)
+    space = fit_to_data(tcfg.space, load_dataset_info(data_dir)["config"]["image_size"])
+    tcfg = tcfg.model_copy(update={"space": space})
+    r = tune(base, tcfg, data_dir, out_dir, tracking_uri=tracking_uri, experiment=experiment)
     failed = sum(t["status"] != "ok" for t in r.trials)
     return {"tuned": True, "mlflow_run_id": r.mlflow_run_id, "best_trial": r.best_trial["trial"],
             "best_run_id": r.best_trial["run_id"], "metric": tcfg.metric,
