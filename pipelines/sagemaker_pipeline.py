@@ -17,15 +17,16 @@ from typing import Any, Optional
 
 from kfp import dsl
 
+from bincounter import config
 from bincounter.config import ClusterConfig, PipelineConfig, SageMakerConfig
 from components.check import sagemaker_check
 from components.sagemaker_deploy import sagemaker_deploy
 from components.sagemaker_train import sagemaker_train
 from pipelines.bincounter_pipeline import data_stages, evaluate_and_register, shards_supported, with_signature
 
-# The stages this variant takes from PipelineConfig: SageMaker does the training's search-free
-# job and the hosting, so neither tune nor deploy is among them.
-STAGES = ("ingest", "preprocess", "train", "evaluate", "registry")
+# The stages this variant takes from PipelineConfig: the training job has no search before it, and
+# the endpoint is its deploy (its settings are the ``sagemaker`` struct's).
+STAGES = tuple(stage for stage in config.STAGES if stage not in ("tune", "deploy"))
 
 
 def parameters(cfg: PipelineConfig, sagemaker: SageMakerConfig, cluster: ClusterConfig) -> dict[str, Any]:

@@ -436,17 +436,18 @@ class ServeConfig(_Config):
 class PipelineConfig(_Config):
     """The whole pipeline: every stage's settings plus where the run keeps its files.
 
-    Each stage field travels as one KFP struct parameter (``params()``) and is validated by the
-    stage's own model inside its component; ``STAGES`` names them for the pipeline and runner.
+    Each stage field (in the pipeline's order) travels as one KFP struct parameter (``params()``) and
+    is validated by the stage's own model inside its component; ``STAGES``, derived from these
+    fields, names them for the pipeline and runner.
     """
 
     ingest: IngestConfig = IngestConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
+    tune: TuneConfig = TuneConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegisterConfig = RegisterConfig()
     deploy: DeployConfig = DeployConfig()
-    tune: TuneConfig = TuneConfig()
     shards: int = Field(1, ge=1, description="Ingest and preprocess fan out over this many shards of the id space "
                                             "(one pod each on a cluster); the dataset is the same for any number.")
     deploy_enabled: bool = Field(True, description="Run the deploy stage after registration.")
@@ -587,8 +588,9 @@ class SageMakerHostingConfig(_Config):
     timeout_seconds: int = Field(3600, ge=1, description="How long to wait for InService (and for a rollback).")
 
 
-# PipelineConfig fields that are one stage's config each (one struct parameter each).
-STAGES = ("ingest", "preprocess", "tune", "train", "evaluate", "registry", "deploy")
+# PipelineConfig's fields that are one stage's config each (one struct parameter each), in order.
+STAGES = tuple(name for name, field in PipelineConfig.model_fields.items()
+               if isinstance(field.annotation, type) and issubclass(field.annotation, _Config))
 
 
 class Resources(_Config):
