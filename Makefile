@@ -4,15 +4,16 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # The venv is reinstalled only when pyproject.toml changes (CI reuses it otherwise).
-STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml demo/pyproject.toml | cksum | cut -d' ' -f1)
 export BINCOUNTER_HOME ?= $(CURDIR)/.bincounter
 UI_PORT ?= 5000
 
-.PHONY: help venv browser demo test test-fast ui compile bench lint clean image image-cuda image-test image-test-cuda
+.PHONY: help venv browser demo test test-fast imports docs ui compile bench lint clean image image-cuda image-test image-test-cuda
 
 help:
 	@echo "make demo      whole pipeline end to end, offline (synthetic data, local S3, MLflow, model server)"
-	@echo "make test      unit and integration tests"
+	@echo "make test      the import rules, the docs site (strict), unit and integration tests"
+	@echo "make docs      the documentation site in site/ (MkDocs, strict)"
 	@echo "make ui        MLflow UI on http://127.0.0.1:$(UI_PORT) over $(BINCOUNTER_HOME)/mlflow.db"
 	@echo "make compile   pipeline.yaml for Kubeflow Pipelines"
 	@echo "make bench     speed benchmarks (bench/)"
@@ -20,10 +21,10 @@ help:
 	@echo "make image-test        builds the CPU image if the sources changed, then tests it from inside (incl. the demo)"
 	@echo "make image-test-cuda   the same for the CUDA image (torch is a CUDA build, every module imports)"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml demo/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,sagemaker]'
+	$(PY) -m pip install --quiet -e '.[dev,sagemaker]' -e ./demo
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -39,7 +40,15 @@ browser:
 		&& { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "chromium is not installed: tests/test_page.py's browser test will skip"; }
 
-test: venv browser
+# The architecture's import rules (pyproject.toml, [tool.importlinter]; docs/architecture.md).
+imports: venv
+	$(VENV)/bin/lint-imports
+
+# Strict: a broken link, a missing page or an API page whose module moved fails the build.
+docs: venv
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+
+test: venv browser imports docs
 	$(PY) -m pytest
 
 test-fast: venv
@@ -76,4 +85,4 @@ image-test-cuda:
 	$(PYTHON) dockerfiles/build.py test cuda
 
 clean:
-	rm -rf $(BINCOUNTER_HOME) pipeline.yaml .pytest_cache
+	rm -rf $(BINCOUNTER_HOME) pipeline.yaml .pytest_cache site

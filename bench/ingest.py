@@ -23,10 +23,10 @@ import boto3
 from botocore import UNSIGNED
 from botocore.config import Config
 
-from bincounter.config import IngestConfig, SourceConfig, SynthConfig
+from bincounter.config import IngestConfig, SourceConfig
 from bincounter.data.ingest import ingest
 from bincounter_demo.s3server import free_port
-from bincounter_demo.synth import generate
+from bincounter_demo.synth import SynthConfig, generate
 
 N_IMAGES = 500  # 1,000 objects
 LATENCY = 0.030

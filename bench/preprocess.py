@@ -26,10 +26,10 @@ from pathlib import Path
 from PIL import Image
 
 import bincounter.data.report  # noqa: F401  # imported before timing, like PIL for the loop
-from bincounter.config import IngestConfig, PreprocessConfig, SourceConfig, SynthConfig
+from bincounter.config import IngestConfig, PreprocessConfig, SourceConfig
 from bincounter.data.ingest import ingest
 from bincounter.data.preprocess import preprocess
-from bincounter_demo.synth import generate
+from bincounter_demo.synth import SynthConfig, generate
 
 N_SYNTHETIC = 1500
 SIZE = 224

@@ -55,8 +55,7 @@ def photos(work: Path) -> tuple[list[bytes], str]:
         files = sorted(folder.glob("*.jpg"))
         sample = random.Random(0).sample(files, min(N_PHOTOS, len(files)))
         return [p.read_bytes() for p in sample], f"{len(sample)} real photos from {folder}"
-    from bincounter.config import SynthConfig
-    from bincounter_demo.synth import generate
+    from bincounter_demo.synth import SynthConfig, generate
 
     generate(SynthConfig(n_images=N_PHOTOS, image_size=224, seed=0), work / "synth")
     files = sorted((work / "synth" / "bin-images").glob("*.jpg"))

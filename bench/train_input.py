@@ -41,7 +41,8 @@ import torchvision
 from torch.utils.data import DataLoader
 from torchvision import transforms as TV
 
-from bincounter.config import IngestConfig, PreprocessConfig, SourceConfig, SynthConfig
+from bincounter.config import IngestConfig, PreprocessConfig, SourceConfig
+from bincounter_demo.synth import SynthConfig
 from bincounter.data.dataset import ShardDataset, make_loader, read_samples, shard_urls
 from bincounter.model.networks import IMAGENET_MEAN, IMAGENET_STD
 from bincounter.model.transforms import TrainTransform

@@ -146,8 +146,8 @@ def run_component(component, cfg, inputs: dict[str, dict], out: Path, **params) 
 
 @step("KFP executor (python -m kfp.dsl.executor_main) runs the ingest and preprocess components")
 def check_kfp_executor() -> None:
-    from bincounter.config import IngestConfig, PreprocessConfig, SourceConfig, SynthConfig
-    from bincounter_demo.synth import generate
+    from bincounter.config import IngestConfig, PreprocessConfig, SourceConfig
+    from bincounter_demo.synth import SynthConfig, generate
     from components.ingest import ingest
     from components.preprocess import preprocess
 
@@ -275,10 +275,10 @@ def check_sagemaker_train() -> None:
 def check_sagemaker_variant_trains() -> None:
     """The job SageMaker would run, at its real paths: a channel in /opt/ml/input/data/training,
     hyperparameters.json, the model in /opt/ml/model and checkpoints in /opt/ml/checkpoints."""
-    from bincounter.config import PreprocessConfig, SynthConfig, TrainConfig
+    from bincounter.config import PreprocessConfig, TrainConfig
     from bincounter.data.preprocess import preprocess
     from bincounter.sagemaker.entry import Layout, to_hyperparameters
-    from bincounter_demo.synth import generate
+    from bincounter_demo.synth import SynthConfig, generate
 
     assert os.getuid() == 0, f"the SageMaker variant runs as uid {os.getuid()}, not root"
     layout = Layout(Path("/opt/ml"))

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bincounter.config import IngestConfig, PreprocessConfig, SourceConfig, SynthConfig, TrainConfig
+from bincounter.config import IngestConfig, PreprocessConfig, SourceConfig, TrainConfig
+from bincounter_demo.synth import SynthConfig
 from tests.width_model import WidthModel
 
 

@@ -15,7 +15,8 @@ import pytest
 from fastapi import FastAPI, Request  # module level: the test app's annotations resolve here
 
 from bincounter.audit.pod import COLUMNS, CSV_FILE, ERRORS_FILE, JOURNAL, PARQUET_FILE, REPORT_FILE, AuditError, audit
-from bincounter.config import AuditConfig, SourceConfig, SynthConfig, VerdictConfig
+from bincounter.config import AuditConfig, SourceConfig, VerdictConfig
+from bincounter_demo.synth import SynthConfig
 from tests.fake_counter import register_fake
 from tests.live_server import serving
 

@@ -44,8 +44,8 @@ def test_audit_pipeline_runs_on_kfp_local_and_shows_metrics_and_report(tmp_path,
 
     from kfp import local
 
-    from bincounter.config import SourceConfig, SynthConfig, VerdictConfig
-    from bincounter_demo.synth import generate
+    from bincounter.config import SourceConfig, VerdictConfig
+    from bincounter_demo.synth import SynthConfig, generate
     from components.audit import audit
     from tests.fake_counter import register_fake
 

@@ -1,6 +1,6 @@
 """The image builds from what its build context holds: every path the Dockerfiles COPY is
-there, and the package (bincounter, bincounter_demo, components, pipelines) installs from
-exactly those files."""
+there, and the package (bincounter, components, pipelines) and the demo's (bincounter_demo,
+apart) install from exactly those files."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ _spec = importlib.util.spec_from_file_location("image_build", REPO / "dockerfile
 build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
 
-PACKAGES = ("src/bincounter", "src/bincounter_demo", "components", "pipelines")
+# Each distribution's folder and the packages its wheel holds.
+WHEELS = {"": ("src/bincounter", "components", "pipelines"), "demo": ("demo/bincounter_demo",)}
+PACKAGES = tuple(package for packages in WHEELS.values() for package in packages)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def context() -> list[str]:
 @pytest.mark.parametrize("dockerfile", sorted(build.DOCKERFILES.values()), ids=lambda p: p.name)
 def test_every_copied_path_is_in_the_context(dockerfile: Path, context: list[str]) -> None:
     sources = build.dockerfile_copy_sources(dockerfile)
-    assert {"pyproject.toml", "README.md", "src", "components", "pipelines", "manifests"} <= set(sources)
+    assert {"pyproject.toml", "README.md", "src", "components", "pipelines", "demo", "manifests"} <= set(sources)
     for source in sources:
         assert any(f == source or f.startswith(source.rstrip("/") + "/") for f in context), (
             f"{dockerfile.name} copies {source!r}, which the build context (after .dockerignore) lacks")
@@ -52,25 +54,30 @@ def test_package_installs_from_exactly_the_context(tmp_path: Path, context: list
     for rel in context:
         (copy / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, copy / rel)
-    # No build isolation: the test must not reach an index; the venv has setuptools.
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-         "--wheel-dir", str(tmp_path / "dist"), str(copy)],
-        capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    (wheel,) = (tmp_path / "dist").glob("bincounter-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    for top in ("bincounter", "bincounter_demo", "components", "pipelines"):
-        assert f"{top}/__init__.py" in names, f"the wheel lacks {top}"
-    # Every module in the sources ships (a subpackage missing from pyproject would not).
-    for package in PACKAGES:
-        for path in (REPO / package).rglob("*.py"):
-            if "__pycache__" in path.parts:
-                continue
-            rel = path.relative_to(REPO / package).as_posix()
-            assert f"{Path(package).name}/{rel}" in names, f"{package}/{rel} is not in the wheel"
-    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "bincounter = bincounter.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    for root, packages in WHEELS.items():
+        # No build isolation: the test must not reach an index; the venv has setuptools.
+        dist = tmp_path / "dist" / (root or "bincounter")
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+             "--wheel-dir", str(dist), str(copy / root)],
+            capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        (wheel,) = dist.glob("*.whl")
+        names = set(zipfile.ZipFile(wheel).namelist())
+        tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+        assert tops == {Path(package).name for package in packages}, f"{wheel.name} holds {tops}"
+        # Every module in the sources ships (a subpackage missing from pyproject would not).
+        for package in packages:
+            for path in (REPO / package).rglob("*.py"):
+                if "__pycache__" in path.parts:
+                    continue
+                rel = path.relative_to(REPO / package).as_posix()
+                assert f"{Path(package).name}/{rel}" in names, f"{package}/{rel} is not in {wheel.name}"
+        entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/entry_points.txt")))
+        assert ("bincounter = bincounter.cli:main" if not root else "demo = bincounter_demo.commands:COMMANDS") in (
+            entry_points.decode())
+    assert "bincounter/serving/static/index.html" in set(zipfile.ZipFile(next(
+        (tmp_path / "dist" / "bincounter").glob("*.whl"))).namelist())
 
 
 @pytest.mark.parametrize(

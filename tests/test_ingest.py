@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 
 from bincounter.data import ingest as ingest_mod
-from bincounter.config import IngestConfig, SourceConfig, SynthConfig
+from bincounter.config import IngestConfig, SourceConfig
 from bincounter.data.ingest import ERRORS, MANIFEST, ingest, load_manifest
 from bincounter.ids import InvalidId
 from bincounter.data.sources import LocalSource, S3Source, SourceError
 from bincounter_demo.s3server import LocalS3, S3Proxy, free_port
-from bincounter_demo.synth import generate
+from bincounter_demo.synth import SynthConfig, generate
 
 BUCKET = "bc-test-ingest"  # moto's state is per process: a name no other test module uses
 N_SYNTH = 60

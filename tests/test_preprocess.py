@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 
 from bincounter.data import validate as v
-from bincounter.config import PreprocessConfig, SynthConfig
+from bincounter.config import PreprocessConfig
 from bincounter.data.dataset import read_samples, shard_urls
 from bincounter.data.preprocess import _process_image, list_ids, load_dataset_info, preprocess
 from bincounter.data.split import SPLITS
-from bincounter_demo.synth import generate
+from bincounter_demo.synth import SynthConfig, generate
 
 N_GOOD = 36
 SIZE = 64  # the synthetic photos' size: they are stored as they are, others are resized

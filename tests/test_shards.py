@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bincounter.config import IngestConfig, PipelineConfig, PreprocessConfig, SourceConfig, SynthConfig
+from bincounter.config import IngestConfig, PipelineConfig, PreprocessConfig, SourceConfig
+from bincounter_demo.synth import SynthConfig
 from bincounter.data.shards import shard_indices
 from bincounter.data.split import shard_of
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from bincounter.config import PreprocessConfig, SynthConfig
+from bincounter.config import PreprocessConfig
 from bincounter.data.preprocess import preprocess
 from bincounter.data.split import label_of, split_of, unit_hash
-from bincounter_demo.synth import generate
+from bincounter_demo.synth import SynthConfig, generate
 
 
 def test_split_is_a_pure_function_of_id_and_salt():

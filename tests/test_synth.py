@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bincounter.config import SynthConfig
-from bincounter_demo.synth import generate, make_metadata, render_bin
+from bincounter_demo.synth import SynthConfig, generate, make_metadata, render_bin
 
 ASIN = re.compile(r"^B0[A-Z0-9]{8}$")
 

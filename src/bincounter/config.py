@@ -46,16 +46,6 @@ _RFC1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _RFC1123_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
-class SynthConfig(_Config):
-    """Synthetic bin photos in the real bucket's layout, for offline demos and tests."""
-
-    n_images: int = Field(300, ge=1, description="How many photos to generate.")
-    max_count: int = Field(5, ge=0, description="Largest number of items in one bin.")
-    image_size: int = Field(224, ge=32, description="Width and height of each photo in pixels.")
-    seed: int = Field(0, description="Same seed, same photos, byte for byte.")
-    jpeg_quality: int = Field(90, ge=10, le=100)
-
-
 class SourceConfig(_Config):
     """Where the dataset lives: an S3 URI (any endpoint) or a local folder, bucket layout."""
 

@@ -23,10 +23,22 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from bincounter.config import SynthConfig
+from pydantic import Field
+
+from bincounter.config import _Config
 from bincounter.fileio import atomic_write
 
-__all__ = ["generate", "make_metadata", "render_bin"]
+__all__ = ["SynthConfig", "generate", "make_metadata", "render_bin"]
+
+
+class SynthConfig(_Config):
+    """Synthetic bin photos in the real bucket's layout, for offline demos and tests."""
+
+    n_images: int = Field(300, ge=1, description="How many photos to generate.")
+    max_count: int = Field(5, ge=0, description="Largest number of items in one bin.")
+    image_size: int = Field(224, ge=32, description="Width and height of each photo in pixels.")
+    seed: int = Field(0, description="Same seed, same photos, byte for byte.")
+    jpeg_quality: int = Field(90, ge=10, le=100)
 
 # ImageDraw has no antialiasing: item outlines are drawn at 2x and averaged down.
 _SS = 2

@@ -11,15 +11,8 @@ import json
 import shutil
 import time
 
-from bincounter.config import (
-    DeployConfig,
-    IngestConfig,
-    PipelineConfig,
-    PreprocessConfig,
-    SourceConfig,
-    SynthConfig,
-    TrainConfig,
-)
+from bincounter.config import DeployConfig, IngestConfig, PipelineConfig, PreprocessConfig, SourceConfig, TrainConfig
+from bincounter_demo.synth import SynthConfig
 from bincounter.paths import default_tracking_uri, home
 
 BUCKET = "aft-vbi-pds"  # the real bucket's name, served locally
