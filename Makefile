@@ -38,7 +38,7 @@ demo: venv
 browser:
 	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
 		&& { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
-		|| echo "chromium is not installed: tests/test_page.py's browser test will skip"; }
+		|| echo "chromium is not installed: tests/serving/test_page.py's browser test will skip"; }
 
 # The architecture's import rules (pyproject.toml, [tool.importlinter]; docs/architecture.md).
 imports: venv

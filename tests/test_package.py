@@ -5,7 +5,6 @@ adds its commands to the CLI through an entry point; the bincounter wheel does n
 from __future__ import annotations
 
 import ast
-import sys
 from pathlib import Path
 
 import pytest

@@ -331,7 +331,6 @@ else:
 
 
 def fake_kubectl_on_path(tmp_path: Path, monkeypatch, kubectl: str, revision: str, outcome: str) -> Path:
-    import json
     import sys
 
     folder = tmp_path / "bin"

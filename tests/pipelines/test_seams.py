@@ -29,7 +29,7 @@ from pipelines.audit_pipeline import compile_audit_pipeline
 from pipelines.cluster import TASKS
 from pipelines.runner import compile_pipeline
 from pipelines.sagemaker_pipeline import compile_pipeline as compile_sagemaker
-from tests.kfp_ir import Compiled, run_task
+from tests.pipelines.kfp_ir import Compiled, run_task
 
 REGISTRY = "registry.example.com/team"
 TRACKING = "https://mlflow.team.example"
@@ -404,7 +404,7 @@ def test_manifests_pipeline_is_the_rbac_rendered_for_the_defaults() -> None:
 
     if REAL_KUBECTL is None:
         pytest.skip("no kubectl to render with")
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     built = subprocess.run([REAL_KUBECTL, "kustomize", str(repo / "manifests" / "pipeline")], capture_output=True,
                            text=True, check=True).stdout
     docs = [d for d in yaml.safe_load_all(built) if d]

@@ -29,7 +29,7 @@ import torch
 from bincounter.sagemaker import entry
 from bincounter.config import TrainConfig
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 # Small batches make an epoch long enough (dozens of steps) to be killed in its middle.
 JOB_TRAIN = TrainConfig(backbone="tiny_cnn", pretrained="none", image_size=64, epochs=4, batch_size=8, lr=3e-3,

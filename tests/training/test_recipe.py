@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from bincounter.config import PreprocessConfig, TrainConfig
-from tests.test_manifests import MANIFESTS, build, find, kubectl  # noqa: F401 - kubectl is a fixture
+from tests.deploy.test_manifests import MANIFESTS, build, find, kubectl  # noqa: F401 - kubectl is a fixture
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 OVERLAY = MANIFESTS / "training" / "full-data"
 # What the recipe scales: each must be set by its command, not left to the CPU-sized defaults.
 SCALING = ("--train.batch-size", "--train.lr", "--train.warmup-epochs", "--train.epochs", "--train.image-size",

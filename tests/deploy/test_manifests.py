@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "manifests"
 DOCKERFILES = [REPO / "dockerfiles" / "Dockerfile", REPO / "dockerfiles" / "Dockerfile.cuda"]
 SAGEMAKER_DOCKERFILE = REPO / "dockerfiles" / "Dockerfile.sagemaker"

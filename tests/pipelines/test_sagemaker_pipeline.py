@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from bincounter.config import PipelineConfig, SageMakerConfig, TrainConfig
 from pipelines.bincounter_pipeline import make_pipeline as make_main_pipeline
-from pipelines.sagemaker_pipeline import compile_pipeline, make_pipeline
+from pipelines.sagemaker_pipeline import compile_pipeline
 
 STEPS = {"sagemaker-check", "shard-indices", "ingest", "preprocess", "merge-shards", "sagemaker-train", "evaluate",
          "register", "sagemaker-deploy"}

@@ -13,7 +13,6 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from bincounter.serving import page
 from bincounter.serving import app as serve
 from bincounter.config import ServeConfig, VerdictConfig
 from tests.live_server import serving

@@ -20,7 +20,7 @@ from bincounter_demo.synth import SynthConfig
 from tests.fake_counter import register_fake
 from tests.live_server import serving
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 N_PHOTOS = 40
 PLANTED = ("00003", "00011", "00017", "00026", "00038")
 # The fake counter is certain (one-hot): a flag threshold of 0.05 flags exactly the bins

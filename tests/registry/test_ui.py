@@ -13,7 +13,7 @@ import pytest
 from bincounter_demo.s3server import free_port
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_make_ui_serves_the_mlflow_rest_api(isolated_home):

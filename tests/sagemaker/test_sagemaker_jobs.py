@@ -32,7 +32,7 @@ from bincounter.sagemaker import steps
 from bincounter.config import SageMakerConfig, SageMakerHostingConfig, SageMakerTrainingConfig, TrainConfig
 from bincounter.deploy.sagemaker import SageMakerConfigError
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 ROLE = "arn:aws:iam::123456789012:role/bincounter-sagemaker"
 TRAIN_IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/bincounter:0.1.0-cuda"
 SERVE_IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/bincounter:0.1.0"

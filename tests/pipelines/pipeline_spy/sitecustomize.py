@@ -1,4 +1,4 @@
-"""Test spy for the pipeline's wiring (tests/test_pipeline.py puts this folder on PYTHONPATH).
+"""Test spy for the pipeline's wiring (tests/pipelines/test_pipeline.py puts this folder on PYTHONPATH).
 
 With $BINCOUNTER_SPY_DIR set, every KFP component subprocess starts with ``bincounter.launch``'s
 stage functions replaced by recorders: each writes the validated config (and the run-level

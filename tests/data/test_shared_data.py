@@ -19,7 +19,7 @@ from bincounter.data.ingest import ERRORS, MANIFEST, ingest, load_manifest
 from bincounter.data.preprocess import load_dataset_info, preprocess
 from bincounter_demo.s3server import LocalS3
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "abid-dev"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "abid-dev"
 BUCKET = "aft-vbi-pds"
 N_PHOTOS = 7106
 # From the dataset's notes: 0:133 1:559 2:1050 3:1227 4:1071 5:842, 6 or more: 2224.

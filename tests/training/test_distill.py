@@ -9,7 +9,7 @@ from bincounter.model.predictor import Predictor
 from bincounter.training.train import train
 from bincounter.model.transforms import EvalTransform
 from tests.conftest import TINY_TRAIN
-from tests.test_train import interrupt_second_epoch
+from tests.training.test_train import interrupt_second_epoch
 
 pytestmark = pytest.mark.slow
 

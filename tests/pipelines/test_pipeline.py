@@ -9,8 +9,8 @@ import yaml
 from pydantic import BaseModel
 
 from bincounter.config import (STAGES, ClusterConfig, DeployConfig, EvaluateConfig, IngestConfig, PipelineConfig,
-                               PreprocessConfig, SourceConfig, SynthConfig, TrainConfig,  # noqa: F401
-                               TuneConfig)
+                               PreprocessConfig, SourceConfig, TrainConfig, TuneConfig)
+from bincounter_demo.synth import SynthConfig
 from pipelines.runner import arguments, compile_pipeline
 
 TASKS = {"check", "ingest", "preprocess", "tune", "train", "evaluate", "register", "deploy"}
@@ -196,7 +196,7 @@ def test_a_misspelled_field_fails_in_the_component_before_any_work(module):
 
 @pytest.mark.slow
 def test_every_stage_field_reaches_its_stage_on_the_local_runner(tmp_path, monkeypatch):
-    """One local run with every field changed; a spy (tests/pipeline_spy) records what each stage got."""
+    """One local run with every field changed; a spy (tests/pipelines/pipeline_spy) records what each stage got."""
     from pipelines.runner import run_local
 
     spy = tmp_path / "spy"
