@@ -46,7 +46,7 @@ imports: venv
 
 # Strict: a broken link, a missing page or an API page whose module moved fails the build.
 docs: venv
-	$(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
 
 test: venv browser imports docs
 	$(PY) -m pytest
@@ -71,7 +71,7 @@ lint: venv
 
 # Images: dockerfiles/build.py picks docker or buildah, makes a base where the pinned one cannot
 # be pulled, passes this machine's pip settings as build secrets, and tags each image by a
-# digest of its build context (see dockerfiles/README.md). Standard library only: no venv needed.
+# digest of its build context (see docs/images.md). Standard library only: no venv needed.
 image:
 	$(PYTHON) dockerfiles/build.py build cpu
 

@@ -1,4 +1,4 @@
-"""The full-data recipe's per-image costs, measured on this CPU (README, "The full-data recipe").
+"""The full-data recipe's per-image costs, measured on this CPU (docs/recipe.md).
 
 One CPU thread for everything (``torch.set_num_threads(1)``), timed in CPU time of this process
 rather than wall time: each figure is per core, and other work on a shared machine slows the

@@ -67,7 +67,7 @@ def for_cluster(cfg: PipelineConfig, cluster: ClusterConfig) -> PipelineConfig:
 def for_backend(path: Path, cluster: ClusterConfig) -> Path:
     """Rewrite the compiled YAML at ``path`` for ``cluster.kfp_backend``: backends before 2.15
     reject (2.14) or drop (2.5) ``optional`` on a secret's env, so it is left out there and the
-    secrets' keys become required (README "On Kubeflow")."""
+    secrets' keys become required (docs/kubeflow.md)."""
     if cluster.backend_at_least("2.15"):
         return path
     docs = list(yaml.safe_load_all(path.read_text()))
@@ -125,7 +125,7 @@ def check_backend(client, cluster: ClusterConfig) -> str | None:
         raise BackendTooOld(
             f"the Kubeflow Pipelines server runs {release}, older than the {cluster.kfp_backend} this pipeline is "
             f"compiled for. Compile for it with --cluster.kfp-backend (2.14: secrets must hold every key; 2.5: "
-            "also no --shards), or upgrade the backend (README, 'On Kubeflow').")
+            "also no --shards), or upgrade the backend (docs/kubeflow.md).")
     return release
 
 

@@ -483,7 +483,7 @@ class SageMakerConfig(_Config):
 
     Managed spot training (the default) bills only the seconds a spot instance trains, at about
     a third of the on-demand price; an interrupted job restarts by itself and resumes from the
-    checkpoints it keeps under ``checkpoint_prefix`` (see the README's "On SageMaker").
+    checkpoints it keeps under ``checkpoint_prefix`` (see docs/sagemaker.md).
     """
 
     region: str = Field("us-east-1", description="AWS region of the jobs, endpoints, bucket and ECR images.")
@@ -500,7 +500,7 @@ class SageMakerConfig(_Config):
     instance_type: str = Field("ml.g5.xlarge", description="Training instance (1 A10G GPU, 4 vCPUs).")
     instance_count: int = Field(
         1, ge=1, description="Training instances; more than one trains data-parallel (DDP) across them, every "
-        "instance reading the whole training channel (see the README's \"On SageMaker\")."
+        "instance reading the whole training channel (see docs/sagemaker.md)."
     )
     volume_gb: int = Field(30, ge=1, le=16384, description="Training volume (shards, scratch, checkpoints).")
     spot: bool = Field(True, description="Managed spot training, resuming from the checkpoints after an interruption.")
@@ -599,7 +599,7 @@ IMAGE_SUFFIXES = {"cpu": "", "cuda": "-cuda", "serving": ""}
 ImageKind = Literal["cpu", "cuda", "serving"]
 
 # KFP backend releases the compiled YAML can be made for, oldest first, and what each newer one
-# adds that the pipeline uses (README "On Kubeflow", "Backend versions").
+# adds that the pipeline uses (docs/kubeflow.md, "Backend versions").
 KFP_BACKENDS = ("2.5", "2.14", "2.15")
 KfpBackend = Literal["2.5", "2.14", "2.15"]
 

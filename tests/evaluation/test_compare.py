@@ -28,7 +28,7 @@ def test_mcnemar_exact_p_values() -> None:
     assert mcnemar_p(0, 6) == pytest.approx(2 / 64)  # six discordant photos, all one way
     assert mcnemar_p(6, 0) == mcnemar_p(0, 6)
     assert mcnemar_p(1, 9) == pytest.approx(2 * 11 / 1024)
-    # The README's comparisons: 67 against 65 (p = 0.93), 175 against 148 (p = 0.15).
+    # docs/accuracy.md's comparisons: 67 against 65 (p = 0.93), 175 against 148 (p = 0.15).
     assert mcnemar_p(67, 65) == pytest.approx(0.93, abs=0.005)
     assert mcnemar_p(175, 148) == pytest.approx(0.15, abs=0.005)
 

@@ -494,9 +494,9 @@ def _raw_exchange(url: str, request: bytes) -> bytes:
     b"POST /v1/count HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello",
 ], ids=["request-line", "header-line", "two-lengths"])
 def test_requests_that_are_not_http_get_uvicorns_plain_400(width_model: WidthModel, request_bytes: bytes) -> None:
-    """The known limitation README states: uvicorn's parser answers these before the app sees
+    """The known limitation docs/serving.md states: uvicorn's parser answers these before the app sees
     them, in plain text (no supported way to make it JSON). If this fails, uvicorn changed:
-    update README's "Model server" section."""
+    update docs/serving.md."""
     with serving(serve.create_app(CFG, model=width_model)) as url:
         head, _, body = _raw_exchange(url, request_bytes).partition(b"\r\n\r\n")
         lines = head.decode("latin-1").lower().split("\r\n")

@@ -1,8 +1,8 @@
-"""The README's full-data recipe ("The full-data recipe"): the command it documents compiles,
+"""The full-data recipe (docs/recipe.md): the command it documents compiles,
 asks for its GPUs and carries its settings; its PyTorchJob overlay trains with the same
 settings; the model settings it lists as the current defaults are the defaults.
 
-The command and the table are read from the README, between ``<!-- recipe:NAME -->`` markers.
+The command and the table are read from docs/recipe.md, between ``<!-- recipe:NAME -->`` markers.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import yaml
 from bincounter.config import PreprocessConfig, TrainConfig
 from tests.deploy.test_manifests import MANIFESTS, build, find, kubectl  # noqa: F401 - kubectl is a fixture
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+RECIPE = Path(__file__).resolve().parents[2] / "docs" / "recipe.md"
 OVERLAY = MANIFESTS / "training" / "full-data"
 # What the recipe scales: each must be set by its command, not left to the CPU-sized defaults.
 SCALING = ("--train.batch-size", "--train.lr", "--train.warmup-epochs", "--train.epochs", "--train.image-size",
@@ -29,9 +29,9 @@ SCALING = ("--train.batch-size", "--train.lr", "--train.warmup-epochs", "--train
 
 
 def readme_block(name: str) -> str:
-    """The README's text between ``<!-- recipe:NAME -->`` and ``<!-- /recipe:NAME -->``."""
-    found = re.search(rf"<!-- recipe:{name} -->\n(.*?)<!-- /recipe:{name} -->", README.read_text(), re.S)
-    assert found, f"README.md has no <!-- recipe:{name} --> ... <!-- /recipe:{name} --> block"
+    """docs/recipe.md's text between ``<!-- recipe:NAME -->`` and ``<!-- /recipe:NAME -->``."""
+    found = re.search(rf"<!-- recipe:{name} -->\n(.*?)<!-- /recipe:{name} -->", RECIPE.read_text(), re.S)
+    assert found, f"docs/recipe.md has no <!-- recipe:{name} --> ... <!-- /recipe:{name} --> block"
     return found.group(1)
 
 
@@ -64,7 +64,7 @@ def recipe() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def compiled(recipe, tmp_path_factory):
-    """The README's command run through the CLI's compile path, into a temporary folder."""
+    """The recipe's command run through the CLI's compile path, into a temporary folder."""
     from bincounter.cli import main
 
     out = tmp_path_factory.mktemp("recipe") / "pipeline.yaml"
@@ -119,17 +119,17 @@ def test_the_recipe_learning_rate_follows_the_square_root_rule(recipe) -> None:
     expected = default.lr * math.sqrt(global_batch / default.batch_size)
     assert float(recipe["--train.lr"]) == pytest.approx(expected, rel=0.01), (
         f"lr {recipe['--train.lr']} for a global batch of {global_batch}: the rule gives {expected:.4g} from the "
-        f"defaults' lr {default.lr} at batch {default.batch_size}; update the README's command and its arithmetic")
+        f"defaults' lr {default.lr} at batch {default.batch_size}; update docs/recipe.md's command and its arithmetic")
 
 
 def current_defaults() -> dict[str, dict[str, str]]:
-    """The README's table of model settings the recipe takes from the config: stage -> field -> value."""
+    """The recipe's table of model settings the recipe takes from the config: stage -> field -> value."""
     out: dict[str, dict[str, str]] = {"train": {}, "preprocess": {}}
     for row in readme_block("defaults").splitlines():
         found = re.match(r"\|\s*`--(train|preprocess)\.([a-z0-9-]+)`\s*\|\s*`([^`]*)`\s*\|", row)
         if found:
             out[found.group(1)][found.group(2).replace("-", "_")] = found.group(3)
-    assert out["train"] and out["preprocess"], "the README's recipe:defaults table lists no settings"
+    assert out["train"] and out["preprocess"], "docs/recipe.md's recipe:defaults table lists no settings"
     return out
 
 
@@ -139,8 +139,8 @@ def test_the_current_defaults_the_readme_lists_are_the_defaults() -> None:
         for field, text in fields.items():
             actual = getattr(configs[name], field)
             assert text == str(actual), (
-                f"README's recipe lists --{name}.{field.replace('_', '-')} = {text!r} as the current default, "
-                f"the config says {actual!r}: update the README's table")
+                f"docs/recipe.md lists --{name}.{field.replace('_', '-')} = {text!r} as the current default, "
+                f"the config says {actual!r}: update docs/recipe.md's table")
 
 
 def test_the_pytorchjob_overlay_trains_with_the_recipe_settings(recipe, kubectl: str) -> None:  # noqa: F811
@@ -166,4 +166,4 @@ def test_the_pytorchjob_overlay_trains_with_the_recipe_settings(recipe, kubectl:
     flags = dict(a.removeprefix("--").split("=", 1) for a in train_args)
     assert flags.pop("data").startswith("s3://") and flags.pop("out")
     flags = {k.replace("-", "_"): v for k, v in flags.items()}
-    assert flags == stage(recipe, "--train."), "the PyTorchJob's train settings differ from the README command's"
+    assert flags == stage(recipe, "--train."), "the PyTorchJob's train settings differ from the recipe command's"

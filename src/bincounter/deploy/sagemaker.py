@@ -82,7 +82,7 @@ def ecr_region(image: str | None, field: str = "DeployConfig.image") -> str:
         raise SageMakerConfigError(
             f"SageMaker pulls images only from Amazon ECR, and {image!r} is not an ECR image URI "
             "(<account>.dkr.ecr.<region>.amazonaws.com/<repo>:<tag>); push the image there "
-            f"(see dockerfiles/README.md) and set {field}"
+            f"(see docs/images.md) and set {field}"
         )
     return match["region"]
 

@@ -33,7 +33,7 @@ class PairResult:
 @dataclass(frozen=True)
 class Comparison:
     pairs: list[PairResult]
-    candidate_accuracy: float  # mean over the pairs, as the README's tables report seeds
+    candidate_accuracy: float  # mean over the pairs, as docs/accuracy.md's tables report seeds
     baseline_accuracy: float
     candidate_rmse: float
     baseline_rmse: float

@@ -65,7 +65,7 @@ RESOLVE_SECONDS = 300.0
 FAILURES_ENV = "BINCOUNTER_SAGEMAKER_FAILURES"
 # The image variant that runs as root, for SageMaker's root-owned /opt/ml.
 ROOT_IMAGE_HINT = ("build the root variant of the image for SageMaker (dockerfiles/Dockerfile.sagemaker, "
-                   "see dockerfiles/README.md) and use it as training_image")
+                   "see docs/images.md) and use it as training_image")
 # What the model folder (and so model.tar.gz) holds: what Predictor.from_dir and register read,
 # plus the training history and curves. Not checkpoint.pt: its optimizer state triples the size.
 MODEL_FILES = ("model.pt", "model_spec.json", "history.json", "plots")
