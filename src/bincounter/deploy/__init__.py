@@ -3,7 +3,10 @@
 Each target is a module ``bincounter.deploy.<target>`` with ``deploy(cfg, **kwargs) -> dict``
 and ``check(cfg, **kwargs) -> dict`` (what ``deploy`` needs, checked before a pipeline does any
 work), and optionally ``stop`` and ``status``. They are imported on demand, so the local target
-works without the Kubernetes or AWS clients installed.
+works without the Kubernetes or AWS clients installed. ``rbac`` renders what a cluster run needs.
+
+May import: ``bincounter.config`` and the foundation modules only (a target names the model it
+serves by URI; it never loads one).
 """
 
 from __future__ import annotations
