@@ -64,8 +64,9 @@ class Counter:
     def require_ready(self) -> None:
         state = self.state
         if not state.ready:
-            detail = f"model {state.model_uri} is not loaded ({state.status})"
-            if state.error:
+            detail = (f"model {state.model_uri} cannot answer now: {state.problem}" if state.status == "ready"
+                      else f"model {state.model_uri} is not loaded ({state.status})")
+            if state.status != "ready" and state.error:
                 detail += f": {state.error}"
             raise HTTPException(503, detail=detail, headers={"Retry-After": "5"})
 

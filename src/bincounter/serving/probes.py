@@ -23,8 +23,8 @@ def readiness(state: ModelState) -> JSONResponse:
         body["backend"] = state.info.backend
     if isinstance(state.runner, ProcessRunner) and state.ready:
         body["worker_pids"] = [w.pid for w in state.runner.processes if w.pid is not None]
-    if state.error:
-        body["error"] = state.error
+    if not state.ready and state.problem:
+        body["error"] = state.problem
     return JSONResponse(body, status_code=200 if state.ready else 503)
 
 
