@@ -29,6 +29,7 @@ from bincounter.deploy.kubernetes import (
     find_kubectl,
     find_object,
     image_override,
+    KubectlError,
     load_documents,
     ManifestError,
     manifests_dir,
@@ -190,6 +191,21 @@ def validate(
     return docs
 
 
+def wait_for_generation(kubectl: str, flags: list[str], namespace: str, timeout: float) -> str:
+    """Wait until KServe has seen the spec just applied (``status.observedGeneration`` reaches its
+    ``metadata.generation``) and then until it is Ready: waiting for Ready alone could pass on the
+    previous revision's Ready before the controller looked at the new spec. Returns the generation."""
+    isvc = f"inferenceservice/{ISVC_NAME}"
+    generation = run_kubectl_retrying(kubectl, [*flags, "get", isvc, "-n", namespace, "-o",
+                                                "jsonpath={.metadata.generation}"], timeout=60).stdout.strip()
+    if not generation.isdigit():
+        raise KubectlError(f"{isvc} in {namespace} reports no metadata.generation ({generation!r})")
+    for condition in (f"--for=jsonpath={{.status.observedGeneration}}={generation}", "--for=condition=Ready"):
+        run_kubectl_retrying(kubectl, [*flags, "wait", condition, isvc, "-n", namespace, f"--timeout={int(timeout)}s"],
+                             timeout=timeout + 30)
+    return generation
+
+
 def check(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
     """Whether ``deploy(cfg, **kwargs)`` can do its work: kubectl, the InferenceService renders for
     ``cfg``, and the identity kubectl uses may apply it (``kubernetes.check_deployable``)."""
@@ -213,11 +229,7 @@ def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
     if not result["applied"]:
         return result
     if kwargs.get("wait", True):
-        run_kubectl_retrying(
-            kubectl,
-            [*flags, "wait", "--for=condition=Ready", f"inferenceservice/{ISVC_NAME}", "-n", cfg.namespace, f"--timeout={int(timeout)}s"],
-            timeout=timeout + 30,
-        )
+        wait_for_generation(kubectl, flags, cfg.namespace, timeout)
         url = run_kubectl_retrying(
             kubectl,
             [*flags, "get", f"inferenceservice/{ISVC_NAME}", "-n", cfg.namespace, "-o", "jsonpath={.status.url}"],

@@ -23,6 +23,7 @@ client when it is not installed. Both are imported only when needed. With
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import importlib
 import os
 import re
@@ -118,6 +119,24 @@ def _check_name(kind: str, name: str) -> str:
     return name
 
 
+def new_suffix() -> str:
+    """A deployment's suffix: the UTC second and a random tag, so two deploys in one second differ."""
+    import secrets
+
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def deployment_name(endpoint_name: str, suffix: str) -> str:
+    """``<endpoint>-<suffix>`` within SageMaker's 63 characters. A long endpoint name is cut, not the
+    suffix, and a digest of the whole name keeps two long names that share a beginning apart."""
+    name = f"{endpoint_name}-{suffix}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(endpoint_name.encode()).hexdigest()[:6]
+    stem = endpoint_name[: 63 - len(suffix) - len(digest) - 2].rstrip("-")
+    return f"{stem}-{digest}-{suffix}"
+
+
 def build_requests(
     cfg: DeployConfig,
     *,
@@ -138,8 +157,7 @@ def build_requests(
     _ecr_region(cfg.image)
     uri = _tracking_uri(cfg, tracking_uri)
     _check_name("endpoint name", endpoint_name)
-    suffix = suffix or _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    model_name = _check_name("model name", f"{endpoint_name}-{suffix}"[:63].rstrip("-"))
+    model_name = _check_name("model name", deployment_name(endpoint_name, suffix or new_suffix()))
     config_name = model_name
 
     env = {"MODEL_URI": cfg.model_uri, "PORT": CONTAINER_PORT}
