@@ -235,12 +235,27 @@ class EvaluateConfig(_Config):
     device: str = "auto"
 
 
+# The metrics the promotion gate can compute for both models from their answers on the same photos.
+GateMetric = Literal["accuracy", "rmse", "mae", "within_1", "macro_f1"]
+
+
 class RegisterConfig(_Config):
+    """Registration and the promotion gate (``bincounter.evaluation.gate``): the challenger and
+    the champion are scored on the challenger's test photos, and the challenger is promoted only
+    when it is better there by a margin, significantly, and without regressions."""
+
     model_name: str = "bincounter"
-    metric: EvalMetric = Field("accuracy", description="Evaluation metric the promotion gate compares.")
+    metric: GateMetric = Field("accuracy", description="Metric the gate compares on the same photos.")
     greater_is_better: bool | None = Field(
-        None, description="Direction of the metric; default: the metric's own (errors and latencies lower).")
-    min_improvement: float = Field(0.0, ge=0.0, description="Challenger must beat the champion by this margin.")
+        None, description="Direction of the metric; default: the metric's own (errors lower).")
+    min_improvement: float = Field(0.0, ge=0.0, description="Challenger must beat the champion by more than this.")
+    max_p_value: float = Field(
+        0.05, gt=0.0, le=1.0, description="McNemar's exact test on the photos exactly one of the two models counted "
+        "right must give at most this (1: no significance asked).")
+    max_class_drop: float = Field(0.10, ge=0.0, le=1.0, description="No class's recall may drop by more than this.")
+    min_class_photos: int = Field(20, ge=1, description="Classes with fewer test photos are not judged for a drop "
+                                                       "(too few to tell).")
+    max_rmse_increase: float = Field(0.10, ge=0.0, description="The RMSE may not rise by more than this.")
     tracking_uri: str | None = Field(None, description="Default: $MLFLOW_TRACKING_URI, else a local SQLite store.")
     experiment: str = "bincounter"
 

@@ -185,9 +185,12 @@ def evaluate(cfg: EvaluateConfig, model_dir: str, data_dir: str, out_dir: str, *
 
 def register(cfg: RegisterConfig, model_dir: str, eval_dir: str, data_dir: str, *, run_id: str | None = None,
              pipeline_run_id: str | None = None) -> dict:
-    from bincounter.data.dataset import read_samples, shard_urls
+    """Register the model and gate it: the champion is scored on the same test photos as the
+    challenger (``eval_dir``'s), through the same served path (``bincounter.evaluation.gate``)."""
     from bincounter.config import EVAL_METRICS
+    from bincounter.data.dataset import read_samples, shard_urls
     from bincounter.data.preprocess import load_dataset_info
+    from bincounter.evaluation.gate import champion_scorer, paired_judge
     from bincounter.registry.register import register as run
 
     metrics = json.loads((Path(eval_dir) / "metrics.json").read_text())
@@ -198,7 +201,10 @@ def register(cfg: RegisterConfig, model_dir: str, eval_dir: str, data_dir: str, 
                         f"test={info['config']['test_fraction']}",
                "pipeline_run_id": pipeline_run_id or "none"}
     examples = [jpg for _, jpg, _ in read_samples(shard_urls(data_dir, "test"))[:2]]
-    r = run(cfg, model_dir, summary, run_id=run_id, lineage=lineage, example_images=examples)
+    spec = json.loads((Path(model_dir) / "model_spec.json").read_text())
+    with tempfile.TemporaryDirectory(prefix="bincounter-gate-") as work:
+        judge = paired_judge(cfg, spec, Path(eval_dir) / "predictions.csv", champion_scorer(cfg, data_dir, work))
+        r = run(cfg, model_dir, summary, judge=judge, run_id=run_id, lineage=lineage, example_images=examples)
     return {"name": r.name, "version": r.version, "model_uri": r.model_uri, "promoted": r.promoted,
             "reason": r.reason, "champion_uri": f"models:/{r.name}@champion"}
 

@@ -281,9 +281,10 @@ def test_a_worker_killed_during_a_request_is_replaced_and_service_goes_on(server
 def test_serves_a_registered_model_by_alias_with_its_onnx_export(tmp_path, isolated_home) -> None:
     from bincounter.config import RegisterConfig
     from bincounter.registry.register import register
+    from tests.judges import always
 
     model_dir = make_model_dir(tmp_path / "model")
-    register(RegisterConfig(model_name="served"), model_dir, {"accuracy": 0.5})
+    register(RegisterConfig(model_name="served"), model_dir, {"accuracy": 0.5}, judge=always())
     server = Server(tmp_path, "models:/served@champion", "--workers", "1")
     try:
         assert server.ready["backend"] == "onnx" and server.ready["version"] == "1"
