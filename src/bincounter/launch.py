@@ -210,12 +210,22 @@ def register(cfg: RegisterConfig, model_dir: str, eval_dir: str, data_dir: str, 
 
 
 def deploy(cfg: DeployConfig, name: str = "bincounter", tracking_uri: str | None = None) -> dict:
-    """Deploy; ``tracking_uri`` (the run's MLflow server) is what cluster pods load the model from."""
-    from bincounter.deploy import deploy as run
+    """Deploy the model ``cfg.model_uri`` names now, pinned: an alias (``@champion``) is resolved
+    once to its version (``models:/bincounter/7``), which the target serves and records with its
+    training run and digest, so a restart or a rollback serves the same model. ``tracking_uri``
+    (the run's MLflow server) is what cluster pods load the model from."""
+    from mlflow import MlflowClient
 
+    from bincounter.deploy import deploy as run
+    from bincounter.registry.versions import pin
+
+    uri = tracking_uri or tracking.default_tracking_uri()
+    pinned = pin(cfg.model_uri, MlflowClient(tracking_uri=uri, registry_uri=uri))
+    cfg = cfg.model_copy(update={"model_uri": pinned.uri})
     kwargs: dict = {"name": name} if cfg.target == "local" else {}
     if cfg.target in ("kubernetes", "kserve") and tracking_uri:
         kwargs["tracking_uri"] = tracking_uri
+    kwargs["tags" if cfg.target == "sagemaker" else "labels"] = pinned.labels()
     result = run(cfg, **kwargs)
     return {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool))}
 

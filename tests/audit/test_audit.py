@@ -292,8 +292,71 @@ def test_the_batch_client_waits_out_a_busy_server_and_refuses_a_foreign_one(pod,
     async def foreign(request: Request):
         return [{"label": "cat"}] * len((await request.form()).getlist("files"))
 
+    @app.get("/other/readyz")
+    async def foreign_ready():
+        return {"status": "ready", "model_uri": "cat-detector"}
+
     with serving(app) as url:
         answers = count_batch(url, [("a.jpg", b"x"), ("b.jpg", b"y")])
         assert seen == [2, 2] and [a["count"] for a in answers] == [1, 1]
         with pytest.raises(AuditError, match="not a count with probabilities"):
             audit(_cfg(str(pod), url=url + "/other"), tmp_path / "out")
+        with pytest.raises(AuditError, match="not ready \\(404\\)"):  # no /readyz: no model to pin the audit to
+            audit(_cfg(str(pod), url=url), tmp_path / "out2")
+
+
+def test_a_rerun_through_a_redeployed_server_is_refused_not_merged(pod, tmp_path):
+    """The audit pins the model the server serves (its /readyz): after a redeploy to another
+    version, resuming the same folder would mix two models' counts."""
+    import mlflow.pyfunc
+
+    from bincounter.config import ServeConfig
+    from bincounter.serving import app as serve
+
+    from bincounter_demo.s3server import free_port
+
+    out, port = tmp_path / "out", free_port()
+    model = mlflow.pyfunc.load_model("models:/bincounter@champion")
+    with serving(serve.create_app(ServeConfig(model_uri="models:/bincounter@champion"), model=model), port) as url:
+        audit(_cfg(str(pod), url=url), out)
+    register_fake(pod, tmp_path)  # the champion is version 2 now; the same URL serves it after a redeploy
+    with serving(serve.create_app(ServeConfig(model_uri="models:/bincounter@champion"), model=model), port) as url:
+        with pytest.raises(AuditError, match="served_model='models:/bincounter@champion v1'"):
+            audit(_cfg(str(pod), url=url), out)
+
+
+def test_a_redeploy_during_the_audit_stops_it_with_the_reason(pod, tmp_path):
+    import mlflow.pyfunc
+
+    from bincounter.config import ServeConfig
+    from bincounter.serving import app as serve
+
+    model = mlflow.pyfunc.load_model("models:/bincounter@champion")
+    app = serve.create_app(ServeConfig(model_uri="models:/bincounter@champion"), model=model)
+    original = model.predict
+
+    def predict_then_redeploy(frame):  # the second batch is answered by "another version"
+        app.state.model_state.version = "9"
+        return original(frame)
+
+    model.predict = predict_then_redeploy
+    with serving(app) as url:
+        with pytest.raises(AuditError, match="now serves models:/bincounter@champion v9, not .* v1"):
+            audit(_cfg(str(pod), url=url, batch_size=2), tmp_path / "out")
+
+
+def test_a_pooled_last_class_is_judged_the_same_through_a_server_and_in_process():
+    """A bin expected to hold 8 against a model whose last class is "6+": its probability is that
+    class's, whichever way the answer came (the server's answers carry the class names)."""
+    from bincounter.audit.pod import _Photo, _row
+
+    probs = [0.05, 0.05, 0.6, 0.1, 0.1, 0.05, 0.05]
+    labels = ["0", "1", "2", "3", "4", "5", "6+"]
+    server = {"count": 2, "confidence": 0.6, "probabilities": probs, "label": "2", "labels": labels}
+    in_process = {"count": 2, "confidence": 0.6, "probabilities": probs, "label": "2", "labels": labels}
+    photo = _Photo("00001", 8, b"")
+    cfg = AuditConfig(source=SourceConfig(uri="/unused"))
+    rows = [_row(photo, answer, cfg) for answer in (server, in_process)]
+    assert rows[0]["probability_of_expected"] == rows[1]["probability_of_expected"] == 0.05
+    # Before: only a predicted "6+" told the audit the last class was open-ended.
+    assert _row(photo, {**server, "labels": None}, cfg)["probability_of_expected"] is None

@@ -287,7 +287,7 @@ def test_serves_a_registered_model_by_alias_with_its_onnx_export(tmp_path, isola
     register(RegisterConfig(model_name="served"), model_dir, {"accuracy": 0.5}, judge=always())
     server = Server(tmp_path, "models:/served@champion", "--workers", "1")
     try:
-        assert server.ready["backend"] == "onnx" and server.ready["version"] == "1"
+        assert server.ready["backend"] == "onnx" and server.ready["model_version"] == "1"
         # No ONNX export at startup: the registered model carries its model.onnx.
         assert "exporting it now" not in server.log_path.read_text()
         status, text = server.get("/metrics")

@@ -10,6 +10,7 @@ check and returns the manifest. Requests then go to
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,10 @@ def overlay(
     tracking_uri: str | None = None,
     max_replicas: int | None = None,
     restart: bool = False,
+    labels: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The kustomize overlay (as a dict) that turns ``manifests/kserve`` into ``cfg``'s InferenceService."""
+    """The kustomize overlay (as a dict) that turns ``manifests/kserve`` into ``cfg``'s InferenceService;
+    ``labels`` (the pinned model's version, run and digest) annotate it and its predictor's pods."""
     isvc = find_object(base_documents(base), "InferenceService", ISVC_NAME)
     if isvc is None:
         raise ManifestError(f"{base} has no InferenceService/{ISVC_NAME}")
@@ -90,6 +93,15 @@ def overlay(
     if secrets:
         index = container_index(predictor, CONTAINER)
         ops += env_patch(f"/spec/predictor/containers/{index}", secrets)
+    if labels:
+        if "annotations" not in predictor and not restart:
+            ops.append({"op": "add", "path": "/spec/predictor/annotations", "value": {}})
+        if "annotations" not in isvc.get("metadata", {}):
+            ops.append({"op": "add", "path": "/metadata/annotations", "value": {}})
+        for key, value in labels.items():
+            escaped = key.replace("~", "~0").replace("/", "~1")
+            ops += [{"op": "add", "path": f"/metadata/annotations/{escaped}", "value": value},
+                    {"op": "add", "path": f"/spec/predictor/annotations/{escaped}", "value": value}]
     return {
         "namespace": cfg.namespace,
         "images": [image_override(cfg.image)],
@@ -129,13 +141,14 @@ def render(
     tracking_uri: str | None = None,
     max_replicas: int | None = None,
     restart: bool = False,
+    labels: Mapping[str, str] | None = None,
 ) -> str:
     """The InferenceService manifest for ``cfg`` as multi-document YAML (nothing is applied)."""
     check_inputs(cfg, tracking_uri)
     base = manifests_dir(manifests) / "kserve"
     return render_overlay(
         base,
-        overlay(cfg, base=base, tracking_uri=tracking_uri, max_replicas=max_replicas, restart=restart),
+        overlay(cfg, base=base, tracking_uri=tracking_uri, max_replicas=max_replicas, restart=restart, labels=labels),
         kubectl=find_kubectl(kubectl),
     )
 

@@ -495,6 +495,7 @@ def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
         "region": region,
         "image": cfg.image,
         "model_uri": cfg.model_uri,
+        **(kwargs.get("tags") or {}),
         "requests": requests,
         "dry_run": cfg.dry_run,
         "applied": False,

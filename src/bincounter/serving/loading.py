@@ -143,6 +143,7 @@ def load_into(state: ModelState, cfg: ServeConfig, metrics, *, model: Any | None
     try:
         if model is not None or loader is not None:
             runner = InlineRunner(model if model is not None else loader(state.model_uri), cfg.max_pixels)
+            state.version = model_version(state.model_uri)
         else:
             state.workdir = tempfile.mkdtemp(prefix="bincounter-serve-")
             workdir = Path(state.workdir)

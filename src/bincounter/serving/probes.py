@@ -18,7 +18,7 @@ def readiness(state: ModelState) -> JSONResponse:
     a failed load, with the error)."""
     body: dict[str, Any] = {"status": state.status, "model_uri": state.model_uri, "pid": os.getpid()}
     if state.version:
-        body["version"] = state.version
+        body["model_version"] = state.version
     if state.info is not None:
         body["backend"] = state.info.backend
     if isinstance(state.runner, ProcessRunner) and state.ready:
