@@ -18,6 +18,7 @@ from bincounter.config import IngestConfig, PreprocessConfig, SourceConfig
 from bincounter.data import validate as v
 from bincounter.data.ingest import ERRORS, MANIFEST, ingest, load_manifest
 from bincounter.data.preprocess import preprocess
+from bincounter.data.shards import merge
 from bincounter_demo.synth import SynthConfig, generate
 from tests.hostile import NESTED, waited_on_fifos
 
@@ -101,6 +102,16 @@ def test_preprocess_quarantines_metadata_nested_too_deep_and_keeps_every_other_p
         assert _quarantine(tmp_path / "data") == {"90001": v.METADATA_TOO_DEEP}
         assert _kept(tmp_path / "data") == set(_good_ids(raw))
     assert runs[0] == runs[1]
+
+
+def test_a_huge_id_in_the_manifest_is_quarantined_shortened_so_that_a_merge_reads_it_back(tmp_path):
+    raw = _good_folder(tmp_path / "raw")
+    (raw / MANIFEST).write_text(json.dumps({"id": "../" + "x" * 900_000}) + "\n")  # a line within the limit
+    cfg = PreprocessConfig(image_size=32, workers=1)
+    preprocess(cfg, raw, tmp_path / "part", progress=False)
+    merge(cfg, [tmp_path / "part"], tmp_path / "data")
+    assert list(_quarantine(tmp_path / "data").values()) == [v.INVALID_ID]
+    assert _kept(tmp_path / "data") == set(_good_ids(raw))
 
 
 # --------------------------------------------------------------------------- size

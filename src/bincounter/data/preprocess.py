@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import reprlib
 import shutil
 import tarfile
 from collections import Counter
@@ -115,8 +116,9 @@ def list_ids(in_dir: Path, rejected: list[dict] | None = None, cfg: PreprocessCo
             if is_file_stem(id_):
                 ids.add(id_)
             elif rejected is not None:
-                rejected.append({"id": str(id_), "reason": v.INVALID_ID,
-                                 "detail": f"{MANIFEST} names {id_!r}, which is not a file name"})
+                # Shortened: a record must stay within the limits merge_shards reads it back with.
+                rejected.append({"id": str(id_)[:200], "reason": v.INVALID_ID,
+                                 "detail": f"{MANIFEST} names {reprlib.repr(id_)}, which is not a file name"})
     for sub, suffix in ((IMAGES, ".jpg"), (METADATA, ".json")):
         folder = in_dir / sub
         if folder.is_dir():
@@ -206,7 +208,7 @@ def check_sample_metadata(id_: str, meta_path: str, cfg: PreprocessConfig,
     records = []
     if not info.consistent:
         keep = cfg.on_inconsistent_quantity == "keep"
-        records.append({"id": id_, "reason": v.INCONSISTENT, "detail": info.describe_inconsistency(), "kept": keep})
+        records.append({"id": id_, "reason": v.INCONSISTENT, "detail": info.describe_inconsistency()[:300], "kept": keep})
         if not keep:
             return None, records
     if label_of(info.count, cfg) is None:
