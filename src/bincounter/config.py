@@ -60,6 +60,12 @@ class SourceConfig(_Config):
         return self.uri.startswith("s3://")
 
 
+# Bounds on the JSON a stage parses, checked before parsing: the real metadata files are at most
+# 10 KB and 4 levels deep; json.loads recurses per level, so 100,000 brackets would crash it.
+MAX_METADATA_BYTES = 2**20
+MAX_JSON_DEPTH = 32
+
+
 class IngestConfig(_Config):
     """Which photos to fetch and how hard to push the source."""
 
@@ -73,6 +79,11 @@ class IngestConfig(_Config):
     retries: int = Field(8, ge=0, description="Retries per object on throttling and 5xx.")
     connect_timeout: float = Field(5.0, gt=0)
     read_timeout: float = Field(30.0, gt=0)
+    max_metadata_bytes: int = Field(MAX_METADATA_BYTES, ge=1, description="Larger metadata objects (and manifest "
+                                    "lines) are not parsed: the object is recorded in the errors file, not copied.")
+    max_json_depth: int = Field(MAX_JSON_DEPTH, ge=1, description="Metadata, manifest lines and the file list nested "
+                                "deeper are not parsed (the object is recorded in the errors file, not copied).")
+    max_file_list_bytes: int = Field(256 * 2**20, ge=1, description="Largest file_list.json read.")
     progress: bool = True
 
     @field_validator("ids")
@@ -103,6 +114,10 @@ class PreprocessConfig(_Config):
     jpeg_quality: int = Field(92, ge=10, le=100)
     workers: int | None = Field(None, ge=1, description="Processes for resizing; default: all cores.")
     samples_per_class_in_report: int = Field(6, ge=0)
+    max_metadata_bytes: int = Field(MAX_METADATA_BYTES, ge=1, description="Larger metadata files are quarantined "
+                                    "unread (manifest lines too).")
+    max_json_depth: int = Field(MAX_JSON_DEPTH, ge=1, description="Metadata (and manifest lines) nested deeper are "
+                                "quarantined unparsed.")
 
     @model_validator(mode="after")
     def _check(self) -> "PreprocessConfig":
@@ -484,6 +499,12 @@ class AuditConfig(_Config):
     retries: int = Field(8, ge=0, description="Retries per S3 object, or per server request refused with 503.")
     report_limit: int = Field(500, ge=0, description="Most flagged (and unsure) bins listed in report.html.")
     thumbnail_px: int = Field(96, ge=16, le=512, description="Longest side of the report's thumbnails.")
+    max_metadata_bytes: int = Field(MAX_METADATA_BYTES, ge=1, description="A bin whose metadata is larger is "
+                                    "recorded as an error, its metadata unread.")
+    max_json_depth: int = Field(MAX_JSON_DEPTH, ge=1, description="A bin whose metadata is nested deeper is "
+                                "recorded as an error, its metadata unparsed.")
+    max_csv_line_bytes: int = Field(64 * 2**10, ge=1, description="Longer lines of expected_csv are recorded as "
+                                    "errors and skipped, never held whole.")
     progress: bool = True
 
     @model_validator(mode="after")

@@ -18,6 +18,7 @@ from bincounter.audit.pod import COLUMNS, CSV_FILE, ERRORS_FILE, JOURNAL, PARQUE
 from bincounter.config import AuditConfig, SourceConfig, VerdictConfig
 from bincounter_demo.synth import SynthConfig
 from tests.fake_counter import register_fake
+from tests.hostile import NESTED, waited_on_fifos
 from tests.live_server import serving
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,6 +135,45 @@ def test_expected_counts_from_a_csv_with_hostile_rows(pod, tmp_path):
     assert "could not count" in errors["00005"] and "does not exist" in errors["99999"]
     assert summary.errors == 6 and summary.checked == 2
     assert not (tmp_path.parent / "etc").exists()
+
+
+def test_a_hostile_bin_is_an_error_and_the_audit_counts_every_other(pod, tmp_path):
+    """Metadata nested 100,000 deep, a label stated twice, a photo linked from outside the
+    folder and a FIFO for metadata: each is its bin's error, never a crash or a wait."""
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes((pod / "bin-images" / "00009.jpg").read_bytes())
+    (pod / "metadata" / "00007.json").write_bytes(NESTED)
+    (pod / "metadata" / "00008.json").write_bytes(b'{"EXPECTED_QUANTITY": 1, "EXPECTED_QUANTITY": 2}')
+    (pod / "bin-images" / "00009.jpg").unlink()
+    (pod / "bin-images" / "00009.jpg").symlink_to(outside)
+    (pod / "metadata" / "00010.json").unlink()
+    os.mkfifo(pod / "metadata" / "00010.json")
+    out = tmp_path / "out"
+    with waited_on_fifos([pod / "metadata" / "00010.json"]) as waited:
+        summary = audit(_cfg(str(pod)), out)
+    assert not waited, "the audit waited on a FIFO"
+    errors = pd.read_csv(out / ERRORS_FILE, dtype=str).set_index("id")["reason"]
+    assert "metadata_too_deep" in errors["00007"] and "duplicate_expected_quantity" in errors["00008"]
+    assert "outside" in errors["00009"] and "not a regular file" in errors["00010"]
+    assert summary.errors == 4 and summary.checked == N_PHOTOS - 4
+    assert set(_read_csv(out)["id"]) == {f"{i:05d}" for i in range(1, N_PHOTOS + 1)} - set(errors.index)
+
+
+def test_a_csv_line_too_long_or_a_quote_left_open_is_an_error_and_the_audit_goes_on(pod, tmp_path):
+    truth = {i: json.loads((pod / "metadata" / f"{i}.json").read_text())["EXPECTED_QUANTITY"] for i in ("00001", "00006")}
+    csv_path = tmp_path / "expected.csv"
+    csv_path.write_text("id,expected\n"
+                        f"00001,{truth['00001']}\n"
+                        f"00002,{'9' * 70_000}\n"  # over max_csv_line_bytes (64 KiB): never held whole
+                        f'00004,"{"x" * 60_000}\n' + ("x" * 60_000 + "\n") * 2 +  # csv's field limit (128 KiB)
+                        f"00006,{truth['00006']}\n")
+    out = tmp_path / "out"
+    summary = audit(_cfg(str(pod), expected_csv=str(csv_path)), out)
+    assert set(_read_csv(out)["id"]) == {"00001", "00006"}
+    errors = pd.read_csv(out / ERRORS_FILE, dtype=str).set_index("id")["reason"]
+    assert "longer than 65536 bytes" in errors["csv line 3"]
+    assert any("field larger than field limit" in reason for reason in errors)
+    assert summary.checked == 2
 
 
 def test_a_csv_without_the_columns_is_refused(pod, tmp_path):

@@ -40,6 +40,8 @@ from bincounter.audit.outputs import (  # noqa: F401 - the audit's public names 
 )
 from bincounter.config import AuditConfig
 from bincounter.ids import check_id
+from bincounter.data import bounded
+from bincounter.data import validate as v
 from bincounter.data.sources import IMAGES, METADATA, LocalSource, ObjectMissing, open_source
 from bincounter.serving.verdict import first_count, probability_of, verdict
 
@@ -136,18 +138,30 @@ class Journal:
 # -- what to audit -----------------------------------------------------------------------
 
 
-def _csv_lines(uri: str, cfg: AuditConfig) -> Iterator[str]:
-    """The expected-counts CSV, line by line, from a local path or s3://bucket/key."""
+def _csv_chunks(uri: str, cfg: AuditConfig) -> Iterator[bytes]:
+    """The expected-counts CSV's bytes, chunk by chunk, from a local path or s3://bucket/key."""
     if uri.startswith("s3://"):
         from bincounter.data.sources import S3Source
 
         bucket, _, key = uri[len("s3://"):].partition("/")
         source = S3Source(cfg.source.model_copy(update={"uri": f"s3://{bucket}"}), retries=cfg.retries)
         body = source._call(f"read {key} from", lambda: source.client.get_object(Bucket=bucket, Key=key)["Body"])
-        yield from (line.decode("utf-8-sig") for line in body.iter_lines(keepends=True))
+        yield from body.iter_chunks(1 << 16)
         return
-    with open(uri, newline="", encoding="utf-8-sig") as f:
-        yield from f
+    yield from bounded.file_chunks(uri)
+
+
+def _csv_lines(uri: str, cfg: AuditConfig, dropped: set[int]) -> Iterator[str]:
+    """The CSV's lines, decoded (bytes that are not UTF-8 replaced, so the row fails its checks
+    rather than the audit). A line over ``max_csv_line_bytes`` is never held: it comes as an
+    empty line, and its number goes into ``dropped``."""
+    lines = bounded.capped_lines(_csv_chunks(uri, cfg), cfg.max_csv_line_bytes)
+    for n, line in enumerate(lines, start=1):
+        if line is None:
+            dropped.add(n)
+            yield "\n"
+        else:
+            yield line.decode("utf-8-sig" if n == 1 else "utf-8", "replace")
 
 
 def _parse_expected(text: str) -> int:
@@ -157,15 +171,33 @@ def _parse_expected(text: str) -> int:
     return value
 
 
+def _rows(reader, journal: Journal, where: str) -> Iterator[list[str]]:
+    """The reader's rows; one it cannot parse (a quote left open until the field outgrows
+    csv's limit) is recorded as an error, and reading goes on after it."""
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            journal.fail(f"csv line {reader.line_num}", f"{where} line {reader.line_num}: {exc}")
+
+
 def _from_csv(cfg: AuditConfig, journal: Journal) -> Iterator[tuple[str, int]]:
     """(id, expected) per CSV row; bad rows are recorded as errors and skipped."""
-    reader = csv.reader(_csv_lines(cfg.expected_csv, cfg))
+    dropped: set[int] = set()
+    reader = csv.reader(_csv_lines(cfg.expected_csv, cfg, dropped))
     header = [h.strip().lower() for h in next(reader, [])]
     if "id" not in header or "expected" not in header:
         raise AuditError(f"{cfg.expected_csv}: the first line must name the columns 'id' and 'expected', "
                          f"got {header!r}")
     i_id, i_exp = header.index("id"), header.index("expected")
-    for line, row in enumerate(reader, start=2):
+    for row in _rows(reader, journal, cfg.expected_csv):
+        line = reader.line_num  # of the file, where a quoted field spans lines
+        if line in dropped:
+            journal.fail(f"csv line {line}", f"{cfg.expected_csv} line {line}: longer than "
+                         f"{cfg.max_csv_line_bytes} bytes (max_csv_line_bytes)")
+            continue
         if not row or not any(cell.strip() for cell in row):
             continue
         try:
@@ -208,20 +240,19 @@ def _todo(cfg: AuditConfig, source, journal: Journal) -> Iterator[tuple[str, int
         yield id_, expected
 
 
-def _fetch(source, id_: str, expected: int | None) -> _Photo | _Failed:
-    """One bin's photo (and metadata when the expected count comes from it)."""
-    from bincounter.data.ingest import parse_count
-
+def _fetch(source, id_: str, expected: int | None, cfg: AuditConfig) -> _Photo | _Failed:
+    """One bin's photo (and metadata when the expected count comes from it, parsed within the
+    limits: a label that is not a plain count is an error, never a guess)."""
     try:
         if expected is None:
-            metadata = source.read(source.key(METADATA, id_))
-            expected = parse_count(metadata)
-            if expected is None:
-                return _Failed(id_, "metadata has no valid EXPECTED_QUANTITY")
+            metadata = source.read(source.key(METADATA, id_), cfg.max_metadata_bytes)
+            expected = v.read_count(metadata, max_bytes=cfg.max_metadata_bytes, max_depth=cfg.max_json_depth)
             if expected > MAX_EXPECTED:
                 return _Failed(id_, f"EXPECTED_QUANTITY {expected} is over {MAX_EXPECTED}")
         return _Photo(id_, expected, source.read(source.key(IMAGES, id_)))
-    except ObjectMissing as exc:
+    except v.Invalid as exc:
+        return _Failed(id_, f"metadata: {exc}")
+    except (ObjectMissing, bounded.Refused) as exc:  # Refused: a symlink out of the folder, a FIFO, too large
         return _Failed(id_, str(exc))
 
 
@@ -417,7 +448,7 @@ def _stream(cfg: AuditConfig, source, counter, journal: Journal, bar: tqdm) -> i
                 if item is None:
                     exhausted = True
                 else:
-                    fetching[fetch_pool.submit(_fetch, source, *item)] = item[0]
+                    fetching[fetch_pool.submit(_fetch, source, *item, cfg)] = item[0]
             while len(counting) < counter.slots and (
                     len(ready) >= cfg.batch_size or (ready and exhausted and not fetching)):
                 batch, ready = ready[:cfg.batch_size], ready[cfg.batch_size:]
