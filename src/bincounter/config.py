@@ -271,6 +271,8 @@ class RegisterConfig(_Config):
     min_class_photos: int = Field(20, ge=1, description="Classes with fewer test photos are not judged for a drop "
                                                        "(too few to tell).")
     max_rmse_increase: float = Field(0.10, ge=0.0, description="The RMSE may not rise by more than this.")
+    smoke_photos: int = Field(16, ge=0, description="Test photos handed to the deploy step with the serving version's "
+                                                   "answers, to ask the new pods again after a rollout (0: none).")
     tracking_uri: str | None = Field(None, description="Default: $MLFLOW_TRACKING_URI, else a local SQLite store.")
     experiment: str = "bincounter"
 
@@ -294,6 +296,14 @@ class DeployConfig(_Config):
                                       "(optional keys).")
     aws_secret: str | None = Field(None, description="Kubernetes and KServe: secret in the serving namespace whose "
                                    "AWS_* keys become the server's env (model artifacts in S3; optional keys).")
+    smoke_min_agreement: float = Field(
+        0.9, ge=0.0, le=1.0, description="Kubernetes: after a rollout the new pods must answer the registration's "
+        "smoke photos as the version's evaluation did on at least this share, or the rollout is undone.")
+    canary_percent: int = Field(
+        0, ge=0, le=100, description="KServe (serverless mode) and SageMaker: the share of traffic the new version "
+        "gets first (0: all of it at once).")
+    kserve_mode: Literal["raw", "serverless"] = Field(
+        "raw", description="KServe: plain Deployments (raw) or Knative (serverless: scale to zero, canaries).")
     dry_run: bool = Field(False, description="Render and validate, do not apply/create.")
     sagemaker_role_arn: str | None = None
     sagemaker_instance_type: str = "ml.m5.large"
@@ -549,6 +559,12 @@ class SageMakerConfig(_Config):
     endpoint_name: str = Field("bincounter", pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
     endpoint_instance_type: str = Field("ml.m5.xlarge", description="Hosting instance (4 vCPUs, 16 GiB; CPU serving).")
     endpoint_instance_count: int = Field(1, ge=1)
+    canary_percent: int = Field(0, ge=0, le=100, description="Endpoint updates: the share of capacity the new fleet "
+                                "serves first (SageMaker's blue/green canary); 0: all at once.")
+    canary_wait_seconds: int = Field(600, ge=0, le=3600, description="How long the canary serves before the rest of "
+                                     "the traffic shifts.")
+    rollback_alarms: tuple[str, ...] = Field((), description="CloudWatch alarms that roll a canary update back "
+                                             "(SageMaker's auto-rollback), e.g. on 5xx or latency.")
     poll_seconds: float = Field(30.0, gt=0, description="How often to ask SageMaker about a job or an endpoint.")
     endpoint_subnets: tuple[str, ...] = Field(
         (), description="VPC subnets of the endpoint's instances (with endpoint_security_groups), so it reaches a "

@@ -169,3 +169,19 @@ def test_missing_kubectl_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_p
         with pytest.raises(k8s.KubectlNotFoundError, match="kubectl not found on PATH"):
             kserve.deploy(cfg(dry_run=True))
     run.assert_not_called()
+
+
+def test_a_canary_takes_its_share_of_traffic_in_serverless_mode(kubectl: str) -> None:
+    isvc = isvc_of(kserve.render(cfg(kserve_mode="serverless", canary_percent=20), kubectl=kubectl))
+    assert isvc["metadata"]["annotations"][kserve.MODE_ANNOTATION] == "Serverless"
+    assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == 20
+    kserve.validate(kserve.render(cfg(kserve_mode="serverless", canary_percent=20), kubectl=kubectl),
+                    cfg(kserve_mode="serverless", canary_percent=20))
+    plain = isvc_of(kserve.render(cfg(), kubectl=kubectl))
+    assert plain["metadata"]["annotations"][kserve.MODE_ANNOTATION] == "RawDeployment"
+    assert "canaryTrafficPercent" not in plain["spec"]["predictor"]  # every request to the new revision
+
+
+def test_a_canary_in_raw_mode_is_refused_with_the_reason(kubectl: str) -> None:
+    with pytest.raises(k8s.ManifestError, match="needs kserve_mode='serverless'"):
+        kserve.render(cfg(canary_percent=20), kubectl=kubectl)

@@ -1,3 +1,4 @@
+import csv
 import json
 import subprocess
 import sys
@@ -93,7 +94,8 @@ def test_the_gate_scores_the_champion_on_the_challengers_photos(model_dir, data_
     cfg = RegisterConfig(model_name="gate-test")
 
     def register_(name, folder):
-        return launch.register(cfg, str(folder), str(tmp_path / f"eval-{name}"), str(data_dir))
+        out = tmp_path / f"registration-{len(list(tmp_path.glob('registration-*')))}"
+        return launch.register(cfg, str(folder), str(tmp_path / f"eval-{name}"), str(data_dir), out_dir=str(out))
 
     first = register_("untrained", untrained)
     second = register_("trained", model_dir)
@@ -110,3 +112,10 @@ def test_the_gate_scores_the_champion_on_the_challengers_photos(model_dir, data_
     assert kept.tags["promotion.decision"] == "kept" and kept.tags["gate.champion_version"] == second["version"]
     assert kept.tags["gate.photos_sha256"] == tags["gate.photos_sha256"]  # the same photos each time
     assert "gate.p_value" in kept.description and "## Promotion" in kept.description  # the model card
+    # The deploy step's smoke photos: how the version that serves after each gate answered them.
+    for index, serving in ((1, second["version"]), (2, second["version"])):
+        smoke = json.loads((tmp_path / f"registration-{index}" / "smoke" / "expected.json").read_text())
+        assert smoke["model_version"] == serving and len(smoke["photos"]) == 16
+        assert all((tmp_path / f"registration-{index}" / "smoke" / p["file"]).stat().st_size > 0 for p in smoke["photos"])
+    trained = {r["id"]: r["predicted_label"] for r in csv.DictReader((tmp_path / "eval-trained" / "predictions.csv").open())}
+    assert all(p["label"] == str(int(trained[p["id"]])) for p in smoke["photos"])

@@ -93,6 +93,7 @@ def overlay(
     if secrets:
         index = container_index(predictor, CONTAINER)
         ops += env_patch(f"/spec/predictor/containers/{index}", secrets)
+    ops += rollout_ops(cfg, isvc)
     if labels:
         if "annotations" not in predictor and not restart:
             ops.append({"op": "add", "path": "/spec/predictor/annotations", "value": {}})
@@ -131,6 +132,25 @@ def overlay(
             }
         ],
     }
+
+
+MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
+MODES = {"raw": "RawDeployment", "serverless": "Serverless"}
+
+
+def rollout_ops(cfg: DeployConfig, isvc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The deployment mode, and the canary's share of traffic: KServe sends ``canary_percent`` of
+    the requests to the new revision and the rest to the last ready one, which needs its
+    Serverless (Knative) mode; a Raw Deployment has no traffic split, so a canary there is refused."""
+    if cfg.canary_percent and cfg.kserve_mode != "serverless":
+        raise ManifestError(f"canary_percent={cfg.canary_percent} needs kserve_mode='serverless' (Knative): KServe's "
+                            "raw Deployment mode has no traffic split between revisions")
+    key = MODE_ANNOTATION.replace("/", "~1")
+    verb = "replace" if MODE_ANNOTATION in isvc.get("metadata", {}).get("annotations", {}) else "add"
+    ops = [{"op": verb, "path": f"/metadata/annotations/{key}", "value": MODES[cfg.kserve_mode]}]
+    if cfg.canary_percent:
+        ops.append({"op": "add", "path": "/spec/predictor/canaryTrafficPercent", "value": cfg.canary_percent})
+    return ops
 
 
 def render(
@@ -176,6 +196,11 @@ def validate(
         if isvc.get("apiVersion") != API_VERSION:
             problems.append(f"InferenceService apiVersion {isvc.get('apiVersion')!r} != {API_VERSION!r}")
         predictor = isvc.get("spec", {}).get("predictor", {})
+        mode = isvc.get("metadata", {}).get("annotations", {}).get(MODE_ANNOTATION)
+        if mode != MODES[cfg.kserve_mode]:
+            problems.append(f"deployment mode {mode!r} != {MODES[cfg.kserve_mode]!r}")
+        if predictor.get("canaryTrafficPercent") != (cfg.canary_percent or None):
+            problems.append(f"canaryTrafficPercent {predictor.get('canaryTrafficPercent')} != {cfg.canary_percent or None}")
         if predictor.get("minReplicas") != cfg.replicas:
             problems.append(f"predictor minReplicas {predictor.get('minReplicas')} != {cfg.replicas}")
         if int(predictor.get("maxReplicas", 0)) < cfg.replicas:

@@ -728,14 +728,36 @@ def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
                                     global_flags(kwargs.get("context"), kwargs.get("kubeconfig")), cfg.namespace)
     result, kubectl, flags, timeout = render_and_apply(
         cfg, kwargs, render_fn=render, validate_fn=validate, target="kubernetes", name=APP_NAME,
-        extra={"url": f"http://{APP_NAME}.{cfg.namespace}.svc.cluster.local"},
+        extra={"url": f"http://{APP_NAME}.{cfg.namespace}.svc.cluster.local"},  # the Service, port 80
     )
     if not result["applied"] or not wait:
         return result
     result["previous_revision"] = previous
     wait_or_roll_back(kubectl, flags, cfg.namespace, previous, timeout)
     result["ready"] = True
+    if kwargs.get("smoke_dir"):
+        result.update(smoke_or_roll_back(cfg, kwargs, kubectl, flags, previous, timeout,
+                                         kwargs.get("service_url") or result["url"]))
     return result
+
+
+def smoke_or_roll_back(cfg: DeployConfig, kwargs: Mapping[str, Any], kubectl: str, flags: Sequence[str],
+                       previous: str | None, timeout: float, url: str) -> dict[str, Any]:
+    """Ask the rolled-out pods about the registration's smoke photos; when they answer worse than
+    their version's evaluation did, undo the rollout to ``previous`` and raise RolloutError."""
+    from bincounter.deploy import smoke
+
+    try:
+        checked = smoke.check(url, kwargs["smoke_dir"], cfg.smoke_min_agreement)
+    except smoke.SmokeFailed as failure:
+        if previous is None:
+            raise RolloutError(f"{failure}; there is no earlier revision to roll back to", rolled_back_to=None) from None
+        run_kubectl_retrying(kubectl, [*flags, "rollout", "undo", f"deployment/{APP_NAME}", "-n", cfg.namespace,
+                                       f"--to-revision={previous}"], timeout=120)
+        run_kubectl_retrying(kubectl, [*flags, "rollout", "status", f"deployment/{APP_NAME}", "-n", cfg.namespace,
+                                       f"--timeout={int(timeout)}s"], timeout=timeout + 30)
+        raise RolloutError(f"{failure}; rolled back to revision {previous}", rolled_back_to=previous) from None
+    return {"smoke_photos": checked.photos, "smoke_agreed": checked.agreed}
 
 
 def current_revision(kubectl: str, flags: Sequence[str], namespace: str) -> str | None:

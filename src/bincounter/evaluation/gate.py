@@ -24,6 +24,7 @@ import numpy as np
 from bincounter.config import EvaluateConfig, RegisterConfig
 from bincounter.evaluation.compare import mcnemar_p, read_predictions
 from bincounter.evaluation.metrics import class_values, confusion_matrix, per_class_prf
+from bincounter.fileio import atomic_write
 from bincounter.registry.register import Verdict
 
 
@@ -182,3 +183,33 @@ def champion_scorer(cfg: RegisterConfig, data_dir: str | Path, work: str | Path,
         return spec, out / "predictions.csv"
 
     return score
+
+
+SMOKE_MANIFEST = "expected.json"
+
+
+def write_smoke_set(data_dir: str | Path, predictions: str | Path, class_names: list[str], model_version: str,
+                    out: str | Path, photos: int) -> Path:
+    """A few test photos and how the version that will serve answered them in its evaluation, for
+    the deploy step to ask the new pods again (``bincounter.deploy.smoke``): the photos are the
+    bytes the evaluation scored (the originals the dataset keeps, else its test shards)."""
+    from bincounter.data.dataset import read_samples, shard_urls
+    from bincounter.data.preprocess import ORIGINALS
+    from bincounter.evaluation.evaluate import _read_original, original_paths
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    answered = {i: p for i, (_, p) in read_predictions(predictions).items() if p is not None}
+    ids = sorted(answered)[:photos]
+    originals = Path(data_dir) / ORIGINALS
+    if originals.is_dir():
+        data = [_read_original(path, sha, i) for i, (path, sha) in zip(ids, original_paths(data_dir, ids, [originals]))]
+    else:
+        by_id = {i: jpg for i, jpg, _ in read_samples(shard_urls(data_dir, "test"))}
+        data = [by_id[i] for i in ids]
+    entries = []
+    for k, (id_, image) in enumerate(zip(ids, data)):
+        (out / f"{k:03d}.jpg").write_bytes(image)
+        entries.append({"file": f"{k:03d}.jpg", "id": id_, "label": class_names[answered[id_]]})
+    atomic_write(out / SMOKE_MANIFEST, json.dumps({"model_version": model_version, "photos": entries}).encode())
+    return out

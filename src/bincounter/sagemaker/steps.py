@@ -129,5 +129,8 @@ def deploy(cfg: SageMakerHostingConfig, champion_uri: str, *, session: Any = Non
     result = target.deploy(deploy_cfg.model_copy(update={"model_uri": pinned.uri}), endpoint_name=sm.endpoint_name,
                            tracking_uri=cfg.tracking_uri, region=sm.region, backend="boto3", client=sagemaker,
                            timeout=cfg.timeout_seconds, poll_seconds=sm.poll_seconds, progress=progress,
-                           tags=pinned.labels(), **endpoint_network_and_secrets(sm))
+                           tags=pinned.labels(), deployment_config=target.guardrails(
+                               sm.canary_percent, wait_seconds=sm.canary_wait_seconds, alarms=sm.rollback_alarms,
+                               timeout=cfg.timeout_seconds),
+                           **endpoint_network_and_secrets(sm))
     return {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool))}
