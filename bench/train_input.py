@@ -43,7 +43,7 @@ from torchvision import transforms as TV
 
 from bincounter.config import IngestConfig, PreprocessConfig, SourceConfig
 from bincounter_demo.synth import SynthConfig
-from bincounter.data.dataset import ShardDataset, make_loader, read_samples, shard_urls
+from bincounter.data.dataset import ShardDataset, make_loader, read_samples, seed_epoch, shard_urls
 from bincounter.model.networks import IMAGENET_MEAN, IMAGENET_STD
 from bincounter.model.transforms import TrainTransform
 
@@ -98,6 +98,7 @@ def main() -> None:
 
         ours = make_loader(ShardDataset(samples, TrainTransform(size=args.size, mean=IMAGENET_MEAN, std=IMAGENET_STD)),
                            batch_size=args.batch, shuffle=True, workers=args.workers, pin_memory=False, drop_last=True)
+        seed_epoch(ours, 0)  # as train() does each epoch: augmentations seeded per batch
         pil = TV.Compose([TV.RandomResizedCrop(args.size, scale=(0.8, 1.0)), TV.RandomHorizontalFlip(),
                           TV.ToTensor(), TV.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         folder_loader = DataLoader(torchvision.datasets.ImageFolder(str(folder), transform=pil), batch_size=args.batch,

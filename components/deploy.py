@@ -17,4 +17,8 @@ def deploy(registration: Input[Artifact], endpoint: Output[Artifact], config: di
     endpoint.metadata["config"] = cfg.model_dump(mode="json")
     if cfg.model_uri == DeployConfig.model_fields["model_uri"].default:
         cfg = cfg.model_copy(update={"model_uri": registration.metadata["champion_uri"]})
-    endpoint.metadata.update(launch.deploy(cfg, tracking_uri=tracking_uri or None))
+    from pathlib import Path
+
+    smoke = Path(registration.path) / "smoke"
+    endpoint.metadata.update(launch.deploy(cfg, tracking_uri=tracking_uri or None,
+                                           smoke_dir=str(smoke) if smoke.is_dir() else None))

@@ -8,8 +8,10 @@ from components import IMAGE
 def register(model: Input[Model], results: Input[Dataset], data: Input[Dataset], registration: Output[Artifact],
              config: dict, pipeline_run_id: str, tracking_uri: str) -> str:
     """Log the serving pyfunc, register a version as ``challenger``, and promote it to
-    ``champion`` only if it beats the current champion. ``config`` is a ``RegisterConfig``
-    (its own ``tracking_uri``, when set, wins over the run's). Returns the champion's URI."""
+    ``champion`` only if it beats the current champion on the same test photos. ``config`` is a
+    ``RegisterConfig`` (its own ``tracking_uri``, when set, wins over the run's). ``registration``
+    keeps the gate's scores and the smoke photos the deploy step asks the new pods about. Returns
+    the champion's URI."""
     from bincounter import launch
     from bincounter.config import RegisterConfig
 
@@ -18,6 +20,6 @@ def register(model: Input[Model], results: Input[Dataset], data: Input[Dataset],
     if cfg.tracking_uri is None and tracking_uri:
         cfg = cfg.model_copy(update={"tracking_uri": tracking_uri})
     out = launch.register(cfg, model.path, results.path, data.path, run_id=model.metadata.get("mlflow_run_id"),
-                          pipeline_run_id=pipeline_run_id)
+                          pipeline_run_id=pipeline_run_id, out_dir=registration.path)
     registration.metadata.update(out)
     return out["champion_uri"]

@@ -9,13 +9,13 @@ from collections.abc import Iterator
 
 
 @contextlib.contextmanager
-def serving(app) -> Iterator[str]:
-    """Serve ``app``; yields its base URL and stops the server on exit."""
+def serving(app, port: int | None = None) -> Iterator[str]:
+    """Serve ``app`` (on ``port``, default a free one); yields its base URL and stops the server on exit."""
     import uvicorn
 
     from bincounter_demo.s3server import free_port
 
-    port = free_port()
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

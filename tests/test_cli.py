@@ -42,8 +42,9 @@ def test_console_script_runs():
 def test_predict_counts_local_images(model_dir, synth_dir, capsys):
     from bincounter.config import RegisterConfig
     from bincounter.registry.register import register
+    from tests.judges import always
 
-    register(RegisterConfig(), model_dir, {"accuracy": 0.5})
+    register(RegisterConfig(), model_dir, {"accuracy": 0.5}, judge=always())
     main(["predict", str(synth_dir / "bin-images" / "00001.jpg"), str(synth_dir / "bin-images" / "00002.jpg")])
     lines = [l for l in capsys.readouterr().out.splitlines() if "count=" in l]
     assert len(lines) == 2 and "00001.jpg" in lines[0]

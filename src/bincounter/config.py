@@ -60,6 +60,12 @@ class SourceConfig(_Config):
         return self.uri.startswith("s3://")
 
 
+# Bounds on the JSON a stage parses, checked before parsing: the real metadata files are at most
+# 10 KB and 4 levels deep; json.loads recurses per level, so 100,000 brackets would crash it.
+MAX_METADATA_BYTES = 2**20
+MAX_JSON_DEPTH = 32
+
+
 class IngestConfig(_Config):
     """Which photos to fetch and how hard to push the source."""
 
@@ -73,6 +79,11 @@ class IngestConfig(_Config):
     retries: int = Field(8, ge=0, description="Retries per object on throttling and 5xx.")
     connect_timeout: float = Field(5.0, gt=0)
     read_timeout: float = Field(30.0, gt=0)
+    max_metadata_bytes: int = Field(MAX_METADATA_BYTES, ge=1, description="Larger metadata objects (and manifest "
+                                    "lines) are not parsed: the object is recorded in the errors file, not copied.")
+    max_json_depth: int = Field(MAX_JSON_DEPTH, ge=1, description="Metadata, manifest lines and the file list nested "
+                                "deeper are not parsed (the object is recorded in the errors file, not copied).")
+    max_file_list_bytes: int = Field(256 * 2**20, ge=1, description="Largest file_list.json read.")
     progress: bool = True
 
     @field_validator("ids")
@@ -103,6 +114,10 @@ class PreprocessConfig(_Config):
     jpeg_quality: int = Field(92, ge=10, le=100)
     workers: int | None = Field(None, ge=1, description="Processes for resizing; default: all cores.")
     samples_per_class_in_report: int = Field(6, ge=0)
+    max_metadata_bytes: int = Field(MAX_METADATA_BYTES, ge=1, description="Larger metadata files are quarantined "
+                                    "unread (manifest lines too).")
+    max_json_depth: int = Field(MAX_JSON_DEPTH, ge=1, description="Metadata (and manifest lines) nested deeper are "
+                                "quarantined unparsed.")
 
     @model_validator(mode="after")
     def _check(self) -> "PreprocessConfig":
@@ -235,12 +250,29 @@ class EvaluateConfig(_Config):
     device: str = "auto"
 
 
+# The metrics the promotion gate can compute for both models from their answers on the same photos.
+GateMetric = Literal["accuracy", "rmse", "mae", "within_1", "macro_f1"]
+
+
 class RegisterConfig(_Config):
+    """Registration and the promotion gate (``bincounter.evaluation.gate``): the challenger and
+    the champion are scored on the challenger's test photos, and the challenger is promoted only
+    when it is better there by a margin, significantly, and without regressions."""
+
     model_name: str = "bincounter"
-    metric: EvalMetric = Field("accuracy", description="Evaluation metric the promotion gate compares.")
+    metric: GateMetric = Field("accuracy", description="Metric the gate compares on the same photos.")
     greater_is_better: bool | None = Field(
-        None, description="Direction of the metric; default: the metric's own (errors and latencies lower).")
-    min_improvement: float = Field(0.0, ge=0.0, description="Challenger must beat the champion by this margin.")
+        None, description="Direction of the metric; default: the metric's own (errors lower).")
+    min_improvement: float = Field(0.0, ge=0.0, description="Challenger must beat the champion by more than this.")
+    max_p_value: float = Field(
+        0.05, gt=0.0, le=1.0, description="McNemar's exact test on the photos exactly one of the two models counted "
+        "right must give at most this (1: no significance asked).")
+    max_class_drop: float = Field(0.10, ge=0.0, le=1.0, description="No class's recall may drop by more than this.")
+    min_class_photos: int = Field(20, ge=1, description="Classes with fewer test photos are not judged for a drop "
+                                                       "(too few to tell).")
+    max_rmse_increase: float = Field(0.10, ge=0.0, description="The RMSE may not rise by more than this.")
+    smoke_photos: int = Field(16, ge=0, description="Test photos handed to the deploy step with the serving version's "
+                                                   "answers, to ask the new pods again after a rollout (0: none).")
     tracking_uri: str | None = Field(None, description="Default: $MLFLOW_TRACKING_URI, else a local SQLite store.")
     experiment: str = "bincounter"
 
@@ -264,6 +296,14 @@ class DeployConfig(_Config):
                                       "(optional keys).")
     aws_secret: str | None = Field(None, description="Kubernetes and KServe: secret in the serving namespace whose "
                                    "AWS_* keys become the server's env (model artifacts in S3; optional keys).")
+    smoke_min_agreement: float = Field(
+        0.9, ge=0.0, le=1.0, description="Kubernetes: after a rollout the new pods must answer the registration's "
+        "smoke photos as the version's evaluation did on at least this share, or the rollout is undone.")
+    canary_percent: int = Field(
+        0, ge=0, le=100, description="KServe (serverless mode) and SageMaker: the share of traffic the new version "
+        "gets first (0: all of it at once).")
+    kserve_mode: Literal["raw", "serverless"] = Field(
+        "raw", description="KServe: plain Deployments (raw) or Knative (serverless: scale to zero, canaries).")
     dry_run: bool = Field(False, description="Render and validate, do not apply/create.")
     sagemaker_role_arn: str | None = None
     sagemaker_instance_type: str = "ml.m5.large"
@@ -469,6 +509,12 @@ class AuditConfig(_Config):
     retries: int = Field(8, ge=0, description="Retries per S3 object, or per server request refused with 503.")
     report_limit: int = Field(500, ge=0, description="Most flagged (and unsure) bins listed in report.html.")
     thumbnail_px: int = Field(96, ge=16, le=512, description="Longest side of the report's thumbnails.")
+    max_metadata_bytes: int = Field(MAX_METADATA_BYTES, ge=1, description="A bin whose metadata is larger is "
+                                    "recorded as an error, its metadata unread.")
+    max_json_depth: int = Field(MAX_JSON_DEPTH, ge=1, description="A bin whose metadata is nested deeper is "
+                                "recorded as an error, its metadata unparsed.")
+    max_csv_line_bytes: int = Field(64 * 2**10, ge=1, description="Longer lines of expected_csv are recorded as "
+                                    "errors and skipped, never held whole.")
     progress: bool = True
 
     @model_validator(mode="after")
@@ -513,6 +559,12 @@ class SageMakerConfig(_Config):
     endpoint_name: str = Field("bincounter", pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
     endpoint_instance_type: str = Field("ml.m5.xlarge", description="Hosting instance (4 vCPUs, 16 GiB; CPU serving).")
     endpoint_instance_count: int = Field(1, ge=1)
+    canary_percent: int = Field(0, ge=0, le=100, description="Endpoint updates: the share of capacity the new fleet "
+                                "serves first (SageMaker's blue/green canary); 0: all at once.")
+    canary_wait_seconds: int = Field(600, ge=0, le=3600, description="How long the canary serves before the rest of "
+                                     "the traffic shifts.")
+    rollback_alarms: tuple[str, ...] = Field((), description="CloudWatch alarms that roll a canary update back "
+                                             "(SageMaker's auto-rollback), e.g. on 5xx or latency.")
     poll_seconds: float = Field(30.0, gt=0, description="How often to ask SageMaker about a job or an endpoint.")
     endpoint_subnets: tuple[str, ...] = Field(
         (), description="VPC subnets of the endpoint's instances (with endpoint_security_groups), so it reaches a "

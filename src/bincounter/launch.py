@@ -184,10 +184,15 @@ def evaluate(cfg: EvaluateConfig, model_dir: str, data_dir: str, out_dir: str, *
 
 
 def register(cfg: RegisterConfig, model_dir: str, eval_dir: str, data_dir: str, *, run_id: str | None = None,
-             pipeline_run_id: str | None = None) -> dict:
-    from bincounter.data.dataset import read_samples, shard_urls
+             pipeline_run_id: str | None = None, out_dir: str | None = None) -> dict:
+    """Register the model and gate it: the champion is scored on the same test photos as the
+    challenger (``eval_dir``'s), through the same served path (``bincounter.evaluation.gate``).
+    With ``out_dir``, the gate's scores and the deploy step's smoke photos (``smoke/``: a few test
+    photos and how the version that serves now answered them) are kept there."""
     from bincounter.config import EVAL_METRICS
+    from bincounter.data.dataset import read_samples, shard_urls
     from bincounter.data.preprocess import load_dataset_info
+    from bincounter.evaluation.gate import champion_scorer, paired_judge, write_smoke_set
     from bincounter.registry.register import register as run
 
     metrics = json.loads((Path(eval_dir) / "metrics.json").read_text())
@@ -198,18 +203,49 @@ def register(cfg: RegisterConfig, model_dir: str, eval_dir: str, data_dir: str, 
                         f"test={info['config']['test_fraction']}",
                "pipeline_run_id": pipeline_run_id or "none"}
     examples = [jpg for _, jpg, _ in read_samples(shard_urls(data_dir, "test"))[:2]]
-    r = run(cfg, model_dir, summary, run_id=run_id, lineage=lineage, example_images=examples)
-    return {"name": r.name, "version": r.version, "model_uri": r.model_uri, "promoted": r.promoted,
-            "reason": r.reason, "champion_uri": f"models:/{r.name}@champion"}
+    spec = json.loads((Path(model_dir) / "model_spec.json").read_text())
+    challenger = Path(eval_dir) / "predictions.csv"
+    with tempfile.TemporaryDirectory(prefix="bincounter-gate-") as tmp:
+        work = Path(out_dir) / "gate" if out_dir else Path(tmp)
+        judge = paired_judge(cfg, spec, challenger, champion_scorer(cfg, data_dir, work))
+        r = run(cfg, model_dir, summary, judge=judge, run_id=run_id, lineage=lineage, example_images=examples)
+        out = {"name": r.name, "version": r.version, "model_uri": r.model_uri, "promoted": r.promoted,
+               "reason": r.reason, "champion_uri": f"models:/{r.name}@champion"}
+        if out_dir and cfg.smoke_photos:
+            from bincounter.registry.register import champion_version
+            from mlflow import MlflowClient
+
+            serving = champion_version(MlflowClient(), r.name) or r.version
+            answers = challenger if serving == r.version else work / f"champion-v{serving}" / "predictions.csv"
+            if answers.is_file():  # a champion kept without being scored here (refused) gets no smoke set
+                write_smoke_set(data_dir, answers, list(spec["class_names"]), serving, Path(out_dir) / "smoke",
+                                cfg.smoke_photos)
+                out["smoke_version"] = serving
+    return out
 
 
-def deploy(cfg: DeployConfig, name: str = "bincounter", tracking_uri: str | None = None) -> dict:
-    """Deploy; ``tracking_uri`` (the run's MLflow server) is what cluster pods load the model from."""
+def deploy(cfg: DeployConfig, name: str = "bincounter", tracking_uri: str | None = None,
+           smoke_dir: str | None = None) -> dict:
+    """Deploy the model ``cfg.model_uri`` names now, pinned: an alias (``@champion``) is resolved
+    once to its version (``models:/bincounter/7``), which the target serves and records with its
+    training run and digest, so a restart or a rollback serves the same model. ``tracking_uri``
+    (the run's MLflow server) is what cluster pods load the model from. With ``smoke_dir`` (the
+    register step's smoke photos), a Kubernetes rollout is undone when its pods answer them worse
+    than the serving version's evaluation did."""
+    from mlflow import MlflowClient
+
     from bincounter.deploy import deploy as run
+    from bincounter.registry.versions import pin
 
+    uri = tracking_uri or tracking.default_tracking_uri()
+    pinned = pin(cfg.model_uri, MlflowClient(tracking_uri=uri, registry_uri=uri))
+    cfg = cfg.model_copy(update={"model_uri": pinned.uri})
     kwargs: dict = {"name": name} if cfg.target == "local" else {}
     if cfg.target in ("kubernetes", "kserve") and tracking_uri:
         kwargs["tracking_uri"] = tracking_uri
+    kwargs["tags" if cfg.target == "sagemaker" else "labels"] = pinned.labels()
+    if smoke_dir and cfg.target == "kubernetes":  # the registration's known photos, asked after the rollout
+        kwargs["smoke_dir"] = smoke_dir
     result = run(cfg, **kwargs)
     return {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool))}
 

@@ -18,6 +18,7 @@ from bincounter.audit.pod import COLUMNS, CSV_FILE, ERRORS_FILE, JOURNAL, PARQUE
 from bincounter.config import AuditConfig, SourceConfig, VerdictConfig
 from bincounter_demo.synth import SynthConfig
 from tests.fake_counter import register_fake
+from tests.hostile import NESTED, waited_on_fifos
 from tests.live_server import serving
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,6 +135,45 @@ def test_expected_counts_from_a_csv_with_hostile_rows(pod, tmp_path):
     assert "could not count" in errors["00005"] and "does not exist" in errors["99999"]
     assert summary.errors == 6 and summary.checked == 2
     assert not (tmp_path.parent / "etc").exists()
+
+
+def test_a_hostile_bin_is_an_error_and_the_audit_counts_every_other(pod, tmp_path):
+    """Metadata nested 100,000 deep, a label stated twice, a photo linked from outside the
+    folder and a FIFO for metadata: each is its bin's error, never a crash or a wait."""
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes((pod / "bin-images" / "00009.jpg").read_bytes())
+    (pod / "metadata" / "00007.json").write_bytes(NESTED)
+    (pod / "metadata" / "00008.json").write_bytes(b'{"EXPECTED_QUANTITY": 1, "EXPECTED_QUANTITY": 2}')
+    (pod / "bin-images" / "00009.jpg").unlink()
+    (pod / "bin-images" / "00009.jpg").symlink_to(outside)
+    (pod / "metadata" / "00010.json").unlink()
+    os.mkfifo(pod / "metadata" / "00010.json")
+    out = tmp_path / "out"
+    with waited_on_fifos([pod / "metadata" / "00010.json"]) as waited:
+        summary = audit(_cfg(str(pod)), out)
+    assert not waited, "the audit waited on a FIFO"
+    errors = pd.read_csv(out / ERRORS_FILE, dtype=str).set_index("id")["reason"]
+    assert "metadata_too_deep" in errors["00007"] and "duplicate_expected_quantity" in errors["00008"]
+    assert "outside" in errors["00009"] and "not a regular file" in errors["00010"]
+    assert summary.errors == 4 and summary.checked == N_PHOTOS - 4
+    assert set(_read_csv(out)["id"]) == {f"{i:05d}" for i in range(1, N_PHOTOS + 1)} - set(errors.index)
+
+
+def test_a_csv_line_too_long_or_a_quote_left_open_is_an_error_and_the_audit_goes_on(pod, tmp_path):
+    truth = {i: json.loads((pod / "metadata" / f"{i}.json").read_text())["EXPECTED_QUANTITY"] for i in ("00001", "00006")}
+    csv_path = tmp_path / "expected.csv"
+    csv_path.write_text("id,expected\n"
+                        f"00001,{truth['00001']}\n"
+                        f"00002,{'9' * 70_000}\n"  # over max_csv_line_bytes (64 KiB): never held whole
+                        f'00004,"{"x" * 60_000}\n' + ("x" * 60_000 + "\n") * 2 +  # csv's field limit (128 KiB)
+                        f"00006,{truth['00006']}\n")
+    out = tmp_path / "out"
+    summary = audit(_cfg(str(pod), expected_csv=str(csv_path)), out)
+    assert set(_read_csv(out)["id"]) == {"00001", "00006"}
+    errors = pd.read_csv(out / ERRORS_FILE, dtype=str).set_index("id")["reason"]
+    assert "longer than 65536 bytes" in errors["csv line 3"]
+    assert any("field larger than field limit" in reason for reason in errors)
+    assert summary.checked == 2
 
 
 def test_a_csv_without_the_columns_is_refused(pod, tmp_path):
@@ -292,8 +332,71 @@ def test_the_batch_client_waits_out_a_busy_server_and_refuses_a_foreign_one(pod,
     async def foreign(request: Request):
         return [{"label": "cat"}] * len((await request.form()).getlist("files"))
 
+    @app.get("/other/readyz")
+    async def foreign_ready():
+        return {"status": "ready", "model_uri": "cat-detector"}
+
     with serving(app) as url:
         answers = count_batch(url, [("a.jpg", b"x"), ("b.jpg", b"y")])
         assert seen == [2, 2] and [a["count"] for a in answers] == [1, 1]
         with pytest.raises(AuditError, match="not a count with probabilities"):
             audit(_cfg(str(pod), url=url + "/other"), tmp_path / "out")
+        with pytest.raises(AuditError, match="not ready \\(404\\)"):  # no /readyz: no model to pin the audit to
+            audit(_cfg(str(pod), url=url), tmp_path / "out2")
+
+
+def test_a_rerun_through_a_redeployed_server_is_refused_not_merged(pod, tmp_path):
+    """The audit pins the model the server serves (its /readyz): after a redeploy to another
+    version, resuming the same folder would mix two models' counts."""
+    import mlflow.pyfunc
+
+    from bincounter.config import ServeConfig
+    from bincounter.serving import app as serve
+
+    from bincounter_demo.s3server import free_port
+
+    out, port = tmp_path / "out", free_port()
+    model = mlflow.pyfunc.load_model("models:/bincounter@champion")
+    with serving(serve.create_app(ServeConfig(model_uri="models:/bincounter@champion"), model=model), port) as url:
+        audit(_cfg(str(pod), url=url), out)
+    register_fake(pod, tmp_path)  # the champion is version 2 now; the same URL serves it after a redeploy
+    with serving(serve.create_app(ServeConfig(model_uri="models:/bincounter@champion"), model=model), port) as url:
+        with pytest.raises(AuditError, match="served_model='models:/bincounter@champion v1'"):
+            audit(_cfg(str(pod), url=url), out)
+
+
+def test_a_redeploy_during_the_audit_stops_it_with_the_reason(pod, tmp_path):
+    import mlflow.pyfunc
+
+    from bincounter.config import ServeConfig
+    from bincounter.serving import app as serve
+
+    model = mlflow.pyfunc.load_model("models:/bincounter@champion")
+    app = serve.create_app(ServeConfig(model_uri="models:/bincounter@champion"), model=model)
+    original = model.predict
+
+    def predict_then_redeploy(frame):  # the second batch is answered by "another version"
+        app.state.model_state.version = "9"
+        return original(frame)
+
+    model.predict = predict_then_redeploy
+    with serving(app) as url:
+        with pytest.raises(AuditError, match="now serves models:/bincounter@champion v9, not .* v1"):
+            audit(_cfg(str(pod), url=url, batch_size=2), tmp_path / "out")
+
+
+def test_a_pooled_last_class_is_judged_the_same_through_a_server_and_in_process():
+    """A bin expected to hold 8 against a model whose last class is "6+": its probability is that
+    class's, whichever way the answer came (the server's answers carry the class names)."""
+    from bincounter.audit.pod import _Photo, _row
+
+    probs = [0.05, 0.05, 0.6, 0.1, 0.1, 0.05, 0.05]
+    labels = ["0", "1", "2", "3", "4", "5", "6+"]
+    server = {"count": 2, "confidence": 0.6, "probabilities": probs, "label": "2", "labels": labels}
+    in_process = {"count": 2, "confidence": 0.6, "probabilities": probs, "label": "2", "labels": labels}
+    photo = _Photo("00001", 8, b"")
+    cfg = AuditConfig(source=SourceConfig(uri="/unused"))
+    rows = [_row(photo, answer, cfg) for answer in (server, in_process)]
+    assert rows[0]["probability_of_expected"] == rows[1]["probability_of_expected"] == 0.05
+    # Before: only a predicted "6+" told the audit the last class was open-ended.
+    assert _row(photo, {**server, "labels": None}, cfg)["probability_of_expected"] is None

@@ -250,6 +250,26 @@ def test_metadata_without_image_is_recorded_not_fatal(proxy, dataset, tmp_path):
 
 
 @pytest.mark.parametrize("signed", [False, True], ids=["anonymous", "profile"])
+def test_metadata_objects_over_the_size_limit_are_recorded_and_the_rest_fetched(s3, dataset, tmp_path, request, signed):
+    """Both request paths refuse an object from its Content-Length; the next object on the same
+    connection pool still arrives whole."""
+    source = {"profile": request.getfixturevalue("profile")} if signed else {}
+    client = s3.client()
+    for id_ in ("00001", "00002"):
+        for key in (f"metadata/{id_}.json", f"bin-images/{id_}.jpg"):
+            client.put_object(Bucket=BUCKET, Key=f"big/{key}", Body=(dataset / key).read_bytes())
+    client.put_object(Bucket=BUCKET, Key="big/metadata/00001.json",
+                      Body=json.dumps({"EXPECTED_QUANTITY": 1, "pad": "x" * 5000}).encode())
+    result = ingest(_cfg(s3.endpoint, uri=f"s3://{BUCKET}/big", source=source, max_metadata_bytes=4096, workers=1),
+                    tmp_path)
+    errors = [json.loads(line) for line in (tmp_path / ERRORS).read_text().splitlines()]
+    assert [(e["id"], e["reason"]) for e in errors] == [("00001", "metadata_too_large")]
+    assert "over the limit of 4096" in errors[0]["detail"]
+    assert (result.downloaded, result.failed) == (1, 1)
+    assert sorted(_assert_verified(tmp_path, dataset)) == ["00002"]
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["anonymous", "profile"])
 def test_throttling_5xx_resets_and_cut_bodies_are_retried(s3, dataset, tmp_path, request, signed):
     """A third of the objects fail on their first request, each in one of S3's ways; both
     request paths (plain HTTP for anonymous reads, boto3 when signed) retry them all."""
@@ -332,11 +352,11 @@ def test_interrupted_ingest_resumes_without_downloading_twice(dataset, tmp_path,
     class Flaky(LocalSource):
         cut_after: int | None = 40
 
-        def read(self, key: str) -> bytes:
+        def read(self, key: str, max_bytes: int | None = None) -> bytes:
             if self.cut_after is not None and sum(reads.values()) >= self.cut_after:
                 raise _PowerCut(key)
             reads[key] += 1
-            return super().read(key)
+            return super().read(key, max_bytes)
 
     source = Flaky(dataset)
     monkeypatch.setattr(ingest_mod, "open_source", lambda cfg, **kw: source)
@@ -421,7 +441,7 @@ def test_an_id_never_reaches_a_path_or_key_unchecked(s3, dataset, tmp_path):
             with pytest.raises(InvalidId, match=re.escape(repr(bad))):
                 source.key("bin-images", bad)
     with pytest.raises(InvalidId):
-        ingest_mod._fetch_one(LocalSource(dataset / "metadata"), tmp_path / "out", "../metadata/00001")
+        ingest_mod._fetch_one(LocalSource(dataset / "metadata"), tmp_path / "out", "../metadata/00001", IngestConfig())
     assert not (tmp_path / "out").exists()
 
 

@@ -58,8 +58,10 @@ def env_of(container: dict) -> dict:
 
 
 def fake_kubectl(outputs: dict[str, tuple[int, str, str]] | None = None):
-    """Real `kubectl kustomize`; for other verbs (apply, wait, get) a canned (rc, stdout, stderr)."""
-    outputs = outputs or {}
+    """Real `kubectl kustomize`; for other calls a canned (rc, stdout, stderr): the first key of
+    ``outputs`` found in the call (a verb, or a part such as a jsonpath), else success. A get of
+    the generation answers 1 unless told otherwise."""
+    outputs = {"metadata.generation": (0, "1", ""), **(outputs or {})}
 
     def run(cmd, *args, **kwargs):
         if cmd[1] == "kustomize":
@@ -67,8 +69,9 @@ def fake_kubectl(outputs: dict[str, tuple[int, str, str]] | None = None):
         args = list(cmd[1:])
         while args[0] in ("--context", "--kubeconfig"):  # cluster flags come first
             args = args[2:]
-        verb = args[0]
-        rc, out, err = outputs.get(verb, (0, f"{verb} ok\n", ""))
+        call = " ".join(args)
+        key = next((k for k in sorted(outputs, key=len, reverse=True) if k in call), None)
+        rc, out, err = outputs[key] if key else (0, f"{args[0]} ok\n", "")
         return subprocess.CompletedProcess(cmd, rc, stdout=out, stderr=err)
 
     return run
@@ -130,26 +133,24 @@ def test_validate_requires_the_v1_protocol(kubectl: str) -> None:
 
 
 def test_apply_and_wait_call_kubectl_with_exact_arguments(kubectl: str) -> None:
-    outputs = {"get": (0, "http://bincounter.model.networks.example.com", "")}
+    outputs = {"metadata.generation": (0, "3", ""), "status.url": (0, "http://bincounter.models.example.com", "")}
     with mock.patch.object(k8s.subprocess, "run", autospec=True, side_effect=fake_kubectl(outputs)) as run:
         result = kserve.deploy(cfg(), kubectl=kubectl, context="prod", wait=True, timeout=200)
     assert result["applied"] is True and result["ready"] is True
-    assert result["url"] == "http://bincounter.model.networks.example.com"
+    assert result["url"] == "http://bincounter.models.example.com"
     common = dict(capture_output=True, text=True, check=False)
+    isvc, where = "inferenceservice/bincounter", ["-n", "models"]
     assert run.call_args_list[1:] == [
         mock.call([kubectl, "--context", "prod", *k8s.APPLY_ARGS], input=result["manifest"], timeout=200.0, **common),
-        mock.call(
-            [kubectl, "--context", "prod", "wait", "--for=condition=Ready", "inferenceservice/bincounter", "-n", "models", "--timeout=200s"],
-            input=None,
-            timeout=230.0,
-            **common,
-        ),
-        mock.call(
-            [kubectl, "--context", "prod", "get", "inferenceservice/bincounter", "-n", "models", "-o", "jsonpath={.status.url}"],
-            input=None,
-            timeout=60,
-            **common,
-        ),
+        mock.call([kubectl, "--context", "prod", "get", isvc, *where, "-o", "jsonpath={.metadata.generation}"],
+                  input=None, timeout=60, **common),
+        # The spec just applied must have been seen (generation 3) before Ready means anything.
+        mock.call([kubectl, "--context", "prod", "wait", "--for=jsonpath={.status.observedGeneration}=3", isvc, *where,
+                   "--timeout=200s"], input=None, timeout=230.0, **common),
+        mock.call([kubectl, "--context", "prod", "wait", "--for=condition=Ready", isvc, *where, "--timeout=200s"],
+                  input=None, timeout=230.0, **common),
+        mock.call([kubectl, "--context", "prod", "get", isvc, *where, "-o", "jsonpath={.status.url}"],
+                  input=None, timeout=60, **common),
     ]
 
 
@@ -168,3 +169,19 @@ def test_missing_kubectl_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_p
         with pytest.raises(k8s.KubectlNotFoundError, match="kubectl not found on PATH"):
             kserve.deploy(cfg(dry_run=True))
     run.assert_not_called()
+
+
+def test_a_canary_takes_its_share_of_traffic_in_serverless_mode(kubectl: str) -> None:
+    isvc = isvc_of(kserve.render(cfg(kserve_mode="serverless", canary_percent=20), kubectl=kubectl))
+    assert isvc["metadata"]["annotations"][kserve.MODE_ANNOTATION] == "Serverless"
+    assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == 20
+    kserve.validate(kserve.render(cfg(kserve_mode="serverless", canary_percent=20), kubectl=kubectl),
+                    cfg(kserve_mode="serverless", canary_percent=20))
+    plain = isvc_of(kserve.render(cfg(), kubectl=kubectl))
+    assert plain["metadata"]["annotations"][kserve.MODE_ANNOTATION] == "RawDeployment"
+    assert "canaryTrafficPercent" not in plain["spec"]["predictor"]  # every request to the new revision
+
+
+def test_a_canary_in_raw_mode_is_refused_with_the_reason(kubectl: str) -> None:
+    with pytest.raises(k8s.ManifestError, match="needs kserve_mode='serverless'"):
+        kserve.render(cfg(canary_percent=20), kubectl=kubectl)

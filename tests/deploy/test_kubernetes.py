@@ -372,3 +372,85 @@ def test_a_first_rollout_that_fails_says_there_is_nothing_to_return_to(kubectl, 
     with pytest.raises(k8s.RolloutError, match="no earlier revision") as err:
         k8s.deploy(cfg(), timeout=5)
     assert err.value.rolled_back_to is None
+
+
+# --------------------------------------------------------------------------- the smoke check after a rollout
+
+
+class Pods:
+    """The new pods behind the Service: answer /v1/count with a label and a version per photo."""
+
+    def __init__(self, answer):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        pods = self
+        self.asked = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                pods.asked += 1
+                data = json.dumps(answer(body)).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def smoke_set(folder: Path, version: str = "7") -> Path:
+    """Three photos (their bytes say their class) and the answers the version's evaluation gave."""
+    import json
+
+    folder.mkdir()
+    photos = []
+    for k, label in enumerate(["2", "5", "0"]):
+        (folder / f"{k:03d}.jpg").write_bytes(f"photo of {label}".encode())
+        photos.append({"file": f"{k:03d}.jpg", "id": f"0000{k}", "label": label})
+    (folder / "expected.json").write_text(json.dumps({"model_version": version, "photos": photos}))
+    return folder
+
+
+@pytest.mark.parametrize(("answer", "outcome"), [
+    (lambda body: {"label": body.decode().split()[-1], "model_version": "7"}, "kept"),
+    (lambda body: {"label": "3", "model_version": "7"}, "undone"),  # a version that counts wrong here
+    (lambda body: {"label": body.decode().split()[-1], "model_version": "6"}, "undone"),  # the old pods answer
+])
+def test_pods_that_answer_the_known_photos_worse_than_their_evaluation_are_rolled_back(
+        kubectl, tmp_path, monkeypatch, answer, outcome):
+    log = fake_kubectl_on_path(tmp_path, monkeypatch, kubectl, revision="4", outcome="succeeds")
+    pods = Pods(answer)
+    try:
+        if outcome == "kept":
+            result = k8s.deploy(cfg(), timeout=5, smoke_dir=smoke_set(tmp_path / "smoke"), service_url=pods.url)
+            assert (result["smoke_photos"], result["smoke_agreed"]) == (3, 3)
+            assert not any(c[:2] == ["rollout", "undo"] for c in _calls(log))
+        else:
+            with pytest.raises(k8s.RolloutError, match="answered 0 of 3 known photos.*rolled back to revision 4"):
+                k8s.deploy(cfg(), timeout=5, smoke_dir=smoke_set(tmp_path / "smoke"), service_url=pods.url)
+            assert ["rollout", "undo", "deployment/bincounter", "-n", "prod-ml", "--to-revision=4"] in _calls(log)
+    finally:
+        pods.close()
+    assert pods.asked == 3
+
+
+def test_a_service_the_deploy_step_cannot_reach_fails_the_smoke_check(kubectl, tmp_path, monkeypatch):
+    from bincounter_demo.s3server import free_port
+
+    fake_kubectl_on_path(tmp_path, monkeypatch, kubectl, revision="4", outcome="succeeds")
+    with pytest.raises(k8s.RolloutError, match="answered 0 of 3.*Connection refused"):
+        k8s.deploy(cfg(), timeout=5, smoke_dir=smoke_set(tmp_path / "smoke"),
+                   service_url=f"http://127.0.0.1:{free_port()}")

@@ -182,3 +182,31 @@ def test_stale_state_file_is_not_an_error(home: Path) -> None:
 def test_invalid_name_is_rejected(home: Path) -> None:
     with pytest.raises(ValueError, match="invalid deployment name"):
         local.stop("../etc/passwd")
+
+
+@pytest.mark.parametrize("fixed_port", [False, True])
+def test_a_new_version_that_never_gets_ready_leaves_the_old_one_serving(tmp_path: Path, home: Path, model_uri: str,
+                                                                        deployments: list[str], fixed_port) -> None:
+    """Blue/green: the old server answers until the new one is ready. On a fixed port the old one
+    must make room, and is started again from its recorded spec when the new one fails."""
+    deployments.append("t-rollback")
+    port = _free_port() if fixed_port else 0
+    first = local.deploy(DeployConfig(model_uri=model_uri, port=port), name="t-rollback",
+                         labels={"bincounter.dev/model-version": "1"})
+    with pytest.raises(local.LocalDeployError, match=f"serves {model_uri} again") as excinfo:
+        local.deploy(DeployConfig(model_uri=str(tmp_path / "no-such-model"), port=port), name="t-rollback",
+                     timeout=120)
+    assert excinfo.value.rolled_back_to == model_uri
+    now = local.status("t-rollback")
+    assert now["ready"] and now["model_uri"] == model_uri and now["labels"] == {"bincounter.dev/model-version": "1"}
+    assert (now["pid"] == first["pid"]) is not fixed_port  # the same server kept, or the old spec started again
+    results = client.count_images(now["url"], [_jpeg(tmp_path / "a.jpg", 64)])
+    assert results[0]["model_uri"] == model_uri
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

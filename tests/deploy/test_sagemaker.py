@@ -440,3 +440,43 @@ def test_sagemaker_core_rolls_a_failed_update_back_through_the_same_path(core, s
         sm.deploy(cfg(), tracking_uri=MLFLOW, suffix=SUFFIX, client=client, poll_seconds=0.01, progress=False)
     existing.update.assert_called_once_with()
     existing.wait_for_status.assert_not_called()
+
+
+def test_model_and_config_names_are_unique_whatever_the_endpoint_name() -> None:
+    """A 63-character endpoint name must not cut the suffix off (every deploy would get one name),
+    and two long names that share their beginning must not share names either."""
+    long_a, long_b = "a" * 60 + "-one", "a" * 60 + "-two"
+    names = {sm.deployment_name(e, s) for e in (long_a, long_b, "bincounter") for s in ("20261206-010203-ab12",
+                                                                                          "20261206-010203-cd34")}
+    assert len(names) == 6 and all(len(n) <= 63 and sm._NAME.match(n) for n in names)
+    assert sm.deployment_name("bincounter", "20261206-010203-ab12") == "bincounter-20261206-010203-ab12"
+    first, second = sm.new_suffix(), sm.new_suffix()
+    assert first != second  # two deploys within one second
+    requests = [sm.build_requests(cfg(), endpoint_name=long_a, tracking_uri=MLFLOW) for _ in range(2)]
+    assert requests[0]["model"]["ModelName"] != requests[1]["model"]["ModelName"]
+    assert all(len(r["model"]["ModelName"]) <= 63 for r in requests)
+
+
+def test_a_canary_update_uses_sagemakers_guardrails_with_its_alarms(sagemaker_stub) -> None:
+    """SageMaker's own progressive rollout: blue/green, a canary share first, alarms that roll it
+    back; the request is checked against SageMaker's API model by the Stubber."""
+    client, stubber = sagemaker_stub
+    guard = sm.guardrails(20, wait_seconds=300, alarms=("bincounter-5xx", "bincounter-latency"), timeout=3600)
+    assert guard["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"] == {
+        "Type": "CANARY", "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": 20}, "WaitIntervalInSeconds": 300}
+    _expect_model_and_config(stubber)
+    _expect_describe(stubber, "InService")
+    stubber.add_response("update_endpoint", {"EndpointArn": ARN + "endpoint/bincounter"},
+                         {**ENDPOINT, "EndpointConfigName": NAME, "DeploymentConfig": guard})
+    result = sm.deploy(cfg(), tracking_uri=MLFLOW, suffix=SUFFIX, client=client, wait=False, deployment_config=guard)
+    assert result["operation"] == "update" and result["backend"] == "boto3"
+    assert sm.guardrails(0) is None  # no canary: the update as before
+
+
+def test_a_canary_percent_in_the_deploy_config_becomes_a_canary_update(sagemaker_stub) -> None:
+    client, stubber = sagemaker_stub
+    _expect_model_and_config(stubber)
+    _expect_describe(stubber, "InService")
+    stubber.add_response("update_endpoint", {"EndpointArn": ARN + "endpoint/bincounter"},
+                         {**ENDPOINT, "EndpointConfigName": NAME, "DeploymentConfig": sm.guardrails(10, timeout=1800)})
+    sm.deploy(cfg(canary_percent=10), tracking_uri=MLFLOW, suffix=SUFFIX, client=client, wait=False)

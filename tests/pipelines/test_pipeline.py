@@ -260,7 +260,13 @@ def test_whole_pipeline_runs_locally_and_serves_the_registered_model(synth_dir, 
             assert {"promotion.decision", "lineage.data_manifest_sha256", "lineage.pipeline_run_id",
                     "lineage.training_run_id", "lineage.git_commit"} <= set(tags), tags
             assert champion.tags["promotion.decision"] == "promoted"
-            assert float(champion.tags["metric.accuracy"]) >= 0
+            # The version carries the accuracy the evaluate step measured (its metrics.json, logged
+            # to the training run), and that figure is its own confusion matrix's diagonal share.
+            evaluated = json.loads(Path(client.download_artifacts(
+                champion.tags["lineage.training_run_id"], "evaluation/metrics.json", str(tmp_path))).read_text())
+            assert float(champion.tags["metric.accuracy"]) == evaluated["accuracy"]
+            cm = evaluated["confusion_matrix"]
+            assert evaluated["accuracy"] == pytest.approx(sum(cm[i][i] for i in range(len(cm))) / sum(map(sum, cm)))
             assert champion.tags["lineage.data_manifest_sha256"] != "None"
             assert champion.tags["lineage.pipeline_run_id"] not in ("", "none")
             run = client.get_run(champion.tags["lineage.training_run_id"])

@@ -207,12 +207,16 @@ REGISTRATION = {"uri": "", "metadata": {"champion_uri": "models:/bincounter@cham
 
 
 @pytest.mark.parametrize(("variant", "kind"), [("main", "Deployment"), ("kserve", "InferenceService")])
-def test_the_deploy_step_renders_the_admins_settings_in_dry_run(variant: str, kind: str, tmp_path: Path) -> None:
+def test_the_deploy_step_renders_the_admins_settings_in_dry_run(variant: str, kind: str, tmp_path: Path,
+                                                                 mlflow_server) -> None:
+    """The admin's tracking server stands in as a fake that knows the champion (v3), which the
+    step pins: the pods load models:/bincounter/3, never the moving alias."""
     if REAL_KUBECTL is None:
         pytest.skip("no kubectl to render with")
     compiled, _ = compile_variant(variant, tmp_path, dry_run=True)
+    assert compiled.parameters["tracking_uri"] == TRACKING
     proc, out = run_task(compiled, "deploy", tmp_path / "deploy", artifacts={"registration": REGISTRATION},
-                         env=fake_kubectl(tmp_path / "bin"))
+                         overrides={"tracking_uri": mlflow_server.url}, env=fake_kubectl(tmp_path / "bin"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     docs = [d for d in yaml.safe_load_all(out["endpoint"]["manifest"]) if d]
     assert {d["metadata"].get("namespace", "team-a-serving") for d in docs if d["kind"] != "Namespace"} == {
@@ -226,11 +230,16 @@ def test_the_deploy_step_renders_the_admins_settings_in_dry_run(variant: str, ki
         assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "team-mlflow", "key": key, "optional": True}
     for key in AWS_SECRET_KEYS:
         assert env[key]["valueFrom"]["secretKeyRef"]["name"] == "team-aws"
+    pinned = "models:/bincounter/3"  # the alias resolved once: a rollback serves the same model
     if kind == "Deployment":
         configmap = next(d for d in docs if d["kind"] == "ConfigMap")
-        assert configmap["data"]["MLFLOW_TRACKING_URI"] == TRACKING
+        assert configmap["data"]["MLFLOW_TRACKING_URI"] == mlflow_server.url
+        assert configmap["data"]["MODEL_URI"] == pinned
+        annotations = obj["spec"]["template"]["metadata"]["annotations"]
     else:
-        assert env["MLFLOW_TRACKING_URI"]["value"] == TRACKING
+        assert env["MLFLOW_TRACKING_URI"]["value"] == mlflow_server.url and env["MODEL_URI"]["value"] == pinned
+        annotations = obj["spec"]["predictor"]["annotations"]
+    assert annotations["bincounter.dev/model-version"] == "3" and annotations["bincounter.dev/model-sha256"] == "f" * 64
 
 
 class FakeMlflow:
@@ -253,7 +262,12 @@ class FakeMlflow:
 
             def _answer(self):
                 fake.auth.append(self.headers.get("Authorization"))
-                body = json.dumps({"experiments": []}).encode()
+                if "registered-models/alias" in self.path:  # the champion a deploy step pins
+                    answer = {"model_version": {"name": "bincounter", "version": "3", "run_id": "0123abcd",
+                                                "tags": [{"key": "model.sha256", "value": "f" * 64}]}}
+                else:
+                    answer = {"experiments": []}
+                body = json.dumps(answer).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -329,16 +343,18 @@ def moto_url():
         server.stop()
 
 
-def test_the_sagemaker_endpoint_gets_the_admins_network_tracking_server_and_secret(tmp_path: Path,
-                                                                                   moto_url: str) -> None:
+def test_the_sagemaker_endpoint_gets_the_admins_network_tracking_server_and_secret(tmp_path: Path, moto_url: str,
+                                                                                   mlflow_server) -> None:
     import boto3
 
     compiled, _ = compile_variant("sagemaker", tmp_path)
+    assert compiled.parameters["tracking_uri"] == TRACKING
     sagemaker = {**compiled.parameters["sagemaker"], "sagemaker_endpoint_url": moto_url}
     aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_EC2_METADATA_DISABLED": "true", "MLFLOW_TRACKING_PASSWORD": "never-in-the-endpoint"}
+    # The admin's tracking server stands in as a fake that knows the champion (v3), which the step pins.
     proc, out = run_task(compiled, "sagemaker-deploy", tmp_path / "deploy", artifacts={"registration": REGISTRATION},
-                         overrides={"sagemaker": sagemaker}, env=aws)
+                         overrides={"sagemaker": sagemaker, "tracking_uri": mlflow_server.url}, env=aws)
     assert proc.returncode == 0, proc.stderr[-3000:]
     api = boto3.client("sagemaker", region_name="us-east-1", endpoint_url=moto_url, aws_access_key_id="testing",
                        aws_secret_access_key="testing")
@@ -346,7 +362,10 @@ def test_the_sagemaker_endpoint_gets_the_admins_network_tracking_server_and_secr
     assert model["PrimaryContainer"]["Image"] == f"{ECR}:1"
     assert model["VpcConfig"] == {"Subnets": ["subnet-0a1b2c3d"], "SecurityGroupIds": ["sg-0a1b2c3d"]}
     env = model["PrimaryContainer"]["Environment"]
-    assert env["MLFLOW_TRACKING_URI"] == TRACKING and env["BINCOUNTER_MLFLOW_SECRET_ARN"] == SM.mlflow_secret_arn
+    assert env["MLFLOW_TRACKING_URI"] == mlflow_server.url and env["BINCOUNTER_MLFLOW_SECRET_ARN"] == SM.mlflow_secret_arn
+    assert env["MODEL_URI"] == "models:/bincounter/3"  # pinned: an update or rollback never loads another version
+    tags = {t["Key"]: t["Value"] for t in api.list_tags(ResourceArn=model["ModelArn"])["Tags"]}
+    assert tags["bincounter.dev/model-version"] == "3" and tags["bincounter.dev/model-sha256"] == "f" * 64
     assert "never-in-the-endpoint" not in json.dumps(model, default=str)  # credentials travel by ARN, never as values
 
 

@@ -12,7 +12,8 @@ import urllib.request
 import pytest
 
 from bincounter.config import RegisterConfig
-from bincounter.registry.register import CHAMPION, PromotionError, decide, promote
+from bincounter.registry.register import CHAMPION, PromotionError, Verdict, promote
+from tests.judges import always, by_recorded_score
 
 pytestmark = pytest.mark.slow
 NAME = "race"
@@ -66,8 +67,8 @@ def _register_and_promote(uri: str, scores: list[float], start, results, name: s
     for score in scores:
         version = client.create_model_version(name, source=f"s3://models/{score}",
                                               tags={"metric.accuracy": str(score)}).version
-        promoted, _ = promote(client, cfg, str(version), score)
-        results.put((str(version), score, promoted))
+        verdict = promote(client, cfg, str(version), by_recorded_score(client, name, score))
+        results.put((str(version), score, verdict.promote))
 
 
 def test_two_processes_promoting_at_once_end_with_the_best_and_true_decisions(mlflow_server):
@@ -109,26 +110,47 @@ def test_two_processes_promoting_at_once_end_with_the_best_and_true_decisions(ml
     assert not client.search_registered_models(f"name = '{NAME}.promotion-lock'")
 
 
-def test_a_missing_metric_is_an_error_never_a_promotion(mlflow_server):
+def test_a_judge_that_cannot_decide_promotes_nothing(mlflow_server):
     from mlflow import MlflowClient
 
-    NAME = "missing-metric"  # noqa: N806 - one registry for the module's tests
+    NAME = "undecided"  # noqa: N806 - one registry for the module's tests
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
     client.create_registered_model(NAME)
-    version = client.create_model_version(NAME, source="s3://models/x").version
+    first = client.create_model_version(NAME, source="s3://models/x").version
     cfg = RegisterConfig(model_name=NAME, tracking_uri=mlflow_server)
-    with pytest.raises(PromotionError, match="no 'accuracy'"):
-        promote(client, cfg, str(version), None)
-    with pytest.raises(PromotionError):
-        decide(float("nan"), 0.5, cfg)
-    with pytest.raises(PromotionError):
-        decide(None, None, cfg)  # not even a first model is promoted without its metric
-    # A champion that lacks the metric cannot be beaten or kept by comparison: an error too.
-    client.set_registered_model_alias(NAME, CHAMPION, version)
+    assert promote(client, cfg, str(first), always()).promote
     other = client.create_model_version(NAME, source="s3://models/y").version
+
+    def broken(champion):
+        raise PromotionError(f"champion v{champion} cannot be scored")
+
     with pytest.raises(PromotionError, match="champion v1"):
-        promote(client, cfg, str(other), 0.9)
-    assert client.get_model_version_by_alias(NAME, CHAMPION).version == version
+        promote(client, cfg, str(other), broken)
+    assert client.get_model_version_by_alias(NAME, CHAMPION).version == first
+
+
+def test_evidence_about_a_champion_that_changed_meanwhile_is_not_used(mlflow_server):
+    """The judge runs outside the lock: if another pod promoted meanwhile, the verdict is about a
+    champion that no longer is, so the challenger is judged again against the new one."""
+    from mlflow import MlflowClient
+
+    NAME = "moving-champion"  # noqa: N806
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    client.create_registered_model(NAME)
+    v1, v2, v3 = (client.create_model_version(NAME, source=f"s3://models/{i}").version for i in range(3))
+    cfg = RegisterConfig(model_name=NAME, tracking_uri=mlflow_server)
+    promote(client, cfg, str(v1), always())
+    judged = []
+
+    def judge(champion):
+        judged.append(champion)
+        if len(judged) == 1:  # another pod promotes v2 while v3 is being judged against v1
+            client.set_registered_model_alias(NAME, CHAMPION, v2)
+        return Verdict(champion == str(v2), f"against v{champion}")
+
+    verdict = promote(client, cfg, str(v3), judge)
+    assert judged == [str(v1), str(v2)] and verdict.promote
+    assert client.get_model_version(NAME, v3).tags["promotion.champion_before"] == str(v2)
 
 
 def test_a_stale_lock_of_a_killed_process_is_broken(mlflow_server, monkeypatch):
@@ -142,8 +164,7 @@ def test_a_stale_lock_of_a_killed_process_is_broken(mlflow_server, monkeypatch):
     client.create_registered_model(NAME + reg.LOCK_SUFFIX)  # left behind by a killed pod
     monkeypatch.setattr(reg, "LOCK_STALE_S", 0.0)
     version = client.create_model_version(NAME, source="s3://models/x", tags={"metric.accuracy": "0.5"}).version
-    promoted, _ = promote(client, RegisterConfig(model_name=NAME), str(version), 0.5)
-    assert promoted
+    assert promote(client, RegisterConfig(model_name=NAME), str(version), always()).promote
     monkeypatch.setattr(reg, "LOCK_STALE_S", 600.0)
     client.create_registered_model(NAME + reg.LOCK_SUFFIX)  # a live holder
     with pytest.raises(TimeoutError):

@@ -1,3 +1,4 @@
+import csv
 import json
 import subprocess
 import sys
@@ -6,7 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from bincounter.config import RegisterConfig
-from bincounter.registry.register import decide, register
+from bincounter.registry.register import register
+from tests.judges import always, by_recorded_score
 
 pytestmark = pytest.mark.slow
 
@@ -15,47 +17,15 @@ def images(synth_dir, n=2):
     return [(synth_dir / "bin-images" / f"{i:05d}.jpg").read_bytes() for i in range(1, n + 1)]
 
 
-@pytest.mark.parametrize(
-    "new, current, margin, promoted",
-    [(0.5, None, 0.0, True), (0.6, 0.5, 0.0, True), (0.5, 0.5, 0.0, False), (0.52, 0.5, 0.05, False),
-     (0.4, 0.5, 0.0, False)],
-)
-def test_promotion_rule(new, current, margin, promoted):
-    assert decide(new, current, RegisterConfig(min_improvement=margin))[0] is promoted
-
-
-def test_lower_is_better_metrics():
-    cfg = RegisterConfig(metric="rmse", greater_is_better=False)
-    assert decide(0.9, 1.0, cfg)[0] and not decide(1.1, 1.0, cfg)[0]
-
-
-def test_gate_promotes_better_and_keeps_champion_against_worse(model_dir, synth_dir):
-    from mlflow import MlflowClient
-
-    cfg = RegisterConfig(model_name="gate-test")
-    first = register(cfg, model_dir, {"accuracy": 0.5, "rmse": 1.0}, example_images=images(synth_dir))
-    better = register(cfg, model_dir, {"accuracy": 0.6, "rmse": 0.9}, example_images=images(synth_dir))
-    worse = register(cfg, model_dir, {"accuracy": 0.55, "rmse": 0.95}, example_images=images(synth_dir))
-    assert first.promoted and better.promoted and not worse.promoted
-    client = MlflowClient()
-    assert str(client.get_model_version_by_alias("gate-test", "champion").version) == better.version
-    assert str(client.get_model_version_by_alias("gate-test", "challenger").version) == worse.version
-    version = client.get_model_version("gate-test", worse.version)
-    assert version.tags["promotion.decision"] == "kept"
-    assert "does not beat" in version.tags["promotion.reason"]
-    assert version.tags["lineage.git_commit"]
-    assert "## Held-out metrics" in version.description  # the model card
-
-
 def test_racing_registrations_leave_a_consistent_registry(model_dir, synth_dir):
     from mlflow import MlflowClient
 
     cfg = RegisterConfig(model_name="race-test")
     scores = [0.3, 0.7, 0.5, 0.6]
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda a: register(cfg, model_dir, {"accuracy": a}, example_images=images(synth_dir)),
-                                scores))
     client = MlflowClient()
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda a: register(cfg, model_dir, {"accuracy": a}, example_images=images(synth_dir),
+                                                   judge=by_recorded_score(client, "race-test", a)), scores))
     versions = client.search_model_versions("name='race-test'")
     assert sorted(int(v.version) for v in versions) == [1, 2, 3, 4]
     champion = client.get_model_version_by_alias("race-test", "champion")
@@ -65,7 +35,7 @@ def test_racing_registrations_leave_a_consistent_registry(model_dir, synth_dir):
 
 def test_pyfunc_loads_by_alias_in_a_fresh_process_and_counts_raw_bytes(model_dir, synth_dir, isolated_home):
     cfg = RegisterConfig(model_name="pyfunc-test")
-    register(cfg, model_dir, {"accuracy": 0.5}, example_images=images(synth_dir))
+    register(cfg, model_dir, {"accuracy": 0.5}, example_images=images(synth_dir), judge=always())
     script = f"""
 import json, mlflow, pandas as pd
 model = mlflow.pyfunc.load_model("models:/pyfunc-test@champion")
@@ -92,7 +62,60 @@ def test_registration_leaves_no_temporary_copy_of_the_model(model_dir, synth_dir
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    register(RegisterConfig(model_name="temp-test"), model_dir, {"accuracy": 0.5}, example_images=images(synth_dir))
-    register(RegisterConfig(model_name="temp-test"), model_dir, {"accuracy": 0.6}, example_images=images(synth_dir))
+    for accuracy in (0.5, 0.6):
+        register(RegisterConfig(model_name="temp-test"), model_dir, {"accuracy": accuracy},
+                 example_images=images(synth_dir), judge=always())
     assert not list(scratch.glob("bincounter-serving-*"))
     assert not list(scratch.rglob("model.pt")), "a copy of the weights was left in the temporary folder"
+
+
+def test_the_gate_scores_the_champion_on_the_challengers_photos(model_dir, data_dir, tmp_path):
+    """Through the register stage: the champion is evaluated again on the challenger's test photos,
+    a trained model replaces an untrained one (a real gain), and the untrained one does not come
+    back; each decision carries both models' figures on the same photos."""
+    import torch
+    from mlflow import MlflowClient
+
+    from bincounter import launch
+    from bincounter.config import EvaluateConfig
+    from bincounter.model.networks import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    spec = ModelSpec(backbone="tiny_cnn", num_classes=6, image_size=64, class_names=tuple("012345"))
+    untrained = tmp_path / "untrained"
+    untrained.mkdir()
+    torch.save({"model": build_model(spec, pretrained="none").state_dict(), "spec": spec.to_dict(), "epoch": 0},
+               untrained / "model.pt")
+    (untrained / "model_spec.json").write_text(json.dumps(spec.to_dict()))
+    scored = {}
+    for name, folder in (("untrained", untrained), ("trained", model_dir)):
+        scored[name] = launch.evaluate(EvaluateConfig(latency_samples=0), str(folder), str(data_dir),
+                                       str(tmp_path / f"eval-{name}"))["summary"]["accuracy"]
+    cfg = RegisterConfig(model_name="gate-test")
+
+    def register_(name, folder):
+        out = tmp_path / f"registration-{len(list(tmp_path.glob('registration-*')))}"
+        return launch.register(cfg, str(folder), str(tmp_path / f"eval-{name}"), str(data_dir), out_dir=str(out))
+
+    first = register_("untrained", untrained)
+    second = register_("trained", model_dir)
+    third = register_("untrained", untrained)
+    assert first["promoted"] and second["promoted"] and not third["promoted"]
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("gate-test", "champion").version) == second["version"]
+    tags = client.get_model_version("gate-test", second["version"]).tags
+    assert tags["gate.champion_version"] == first["version"] and float(tags["gate.p_value"]) < 0.05
+    # The champion was scored again, on these photos, exactly as its own evaluation scored it.
+    assert float(tags["gate.champion.accuracy"]) == pytest.approx(scored["untrained"], abs=1e-6)
+    assert float(tags["gate.challenger.accuracy"]) == pytest.approx(scored["trained"], abs=1e-6)
+    kept = client.get_model_version("gate-test", third["version"])
+    assert kept.tags["promotion.decision"] == "kept" and kept.tags["gate.champion_version"] == second["version"]
+    assert kept.tags["gate.photos_sha256"] == tags["gate.photos_sha256"]  # the same photos each time
+    assert "gate.p_value" in kept.description and "## Promotion" in kept.description  # the model card
+    # The deploy step's smoke photos: how the version that serves after each gate answered them.
+    for index, serving in ((1, second["version"]), (2, second["version"])):
+        smoke = json.loads((tmp_path / f"registration-{index}" / "smoke" / "expected.json").read_text())
+        assert smoke["model_version"] == serving and len(smoke["photos"]) == 16
+        assert all((tmp_path / f"registration-{index}" / "smoke" / p["file"]).stat().st_size > 0 for p in smoke["photos"])
+    trained = {r["id"]: r["predicted_label"] for r in csv.DictReader((tmp_path / "eval-trained" / "predictions.csv").open())}
+    assert all(p["label"] == str(int(trained[p["id"]])) for p in smoke["photos"])

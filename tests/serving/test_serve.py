@@ -45,7 +45,8 @@ def client(width_model: WidthModel):
 
 
 def _check_result(body: dict, count: int) -> None:
-    assert set(body) == {"count", "confidence", "expected_count", "probabilities", "model_uri"}
+    assert set(body) == {"count", "confidence", "expected_count", "probabilities", "model_uri", "model_version"}
+    assert body["model_version"] is None  # a model given in process: no registry version
     assert body["count"] == count and isinstance(body["count"], int)
     assert body["confidence"] == pytest.approx(0.9)
     probs = WidthModel().probabilities(count)

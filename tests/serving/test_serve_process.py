@@ -281,12 +281,13 @@ def test_a_worker_killed_during_a_request_is_replaced_and_service_goes_on(server
 def test_serves_a_registered_model_by_alias_with_its_onnx_export(tmp_path, isolated_home) -> None:
     from bincounter.config import RegisterConfig
     from bincounter.registry.register import register
+    from tests.judges import always
 
     model_dir = make_model_dir(tmp_path / "model")
-    register(RegisterConfig(model_name="served"), model_dir, {"accuracy": 0.5})
+    register(RegisterConfig(model_name="served"), model_dir, {"accuracy": 0.5}, judge=always())
     server = Server(tmp_path, "models:/served@champion", "--workers", "1")
     try:
-        assert server.ready["backend"] == "onnx" and server.ready["version"] == "1"
+        assert server.ready["backend"] == "onnx" and server.ready["model_version"] == "1"
         # No ONNX export at startup: the registered model carries its model.onnx.
         assert "exporting it now" not in server.log_path.read_text()
         status, text = server.get("/metrics")
@@ -313,3 +314,38 @@ def test_a_folder_mixing_two_models_files_is_refused_when_it_loads(tmp_path, bac
     (model_dir / "model_spec.json").write_text(json.dumps({**spec, "image_size": 96}))
     with pytest.raises(ValueError, match="the files come from two different models"):
         load_engine(EngineSpec(backend, str(model_dir), onnx_path=onnx))
+
+
+def test_a_worker_that_cannot_restart_fails_loud_and_recovers_when_it_can(tmp_path) -> None:
+    """One worker on a local model folder: move the folder, kill -9 the worker. The server must not
+    hang the batch nor stay ready: /readyz says 503 with the reason and requests get 503 at once.
+    When the folder is back, the worker restarts and the server serves again."""
+    folder = make_model_dir(tmp_path / "model")
+    server = Server(tmp_path, str(folder), "--workers", "1")
+    try:
+        photo = payloads.jpeg(random.Random(1), 64, 64)
+        headers = {"Content-Type": "image/jpeg"}
+        assert send(server.port, payloads.Probe("good", "POST", "/v1/count", photo, headers))[0] == 200
+        (pid,) = server.ready["worker_pids"]
+        folder.rename(tmp_path / "moved")
+        os.kill(pid, signal.SIGKILL)
+        started = time.monotonic()
+        status, _, body, _ = send(server.port, payloads.Probe("good", "POST", "/v1/count", photo, headers))
+        assert status == 503 and time.monotonic() - started < 30, (status, body, server.log_tail())
+        assert "worker" in json.loads(body)["detail"]
+        deadline = time.monotonic() + 30
+        while (ready := server.get("/readyz"))[0] != 503:
+            assert time.monotonic() < deadline, ready
+            time.sleep(0.2)
+        assert "worker" in ready[1]["error"]
+        started = time.monotonic()
+        status, _, body, _ = send(server.port, payloads.Probe("good", "POST", "/v1/count", photo, headers))
+        assert status == 503 and time.monotonic() - started < 5, (status, body)  # at once while none runs
+        (tmp_path / "moved").rename(folder)
+        deadline = time.monotonic() + 90
+        while (ready := server.get("/readyz"))[0] != 200:
+            assert time.monotonic() < deadline, (ready, server.log_tail())
+            time.sleep(0.5)
+        assert send(server.port, payloads.Probe("good", "POST", "/v1/count", photo, headers))[0] == 200
+    finally:
+        server.close()

@@ -37,9 +37,19 @@ def interrupt_second_epoch(monkeypatch) -> dict:
     return calls
 
 
-def test_killed_and_resumed_training_equals_an_uninterrupted_run(data_dir, tmp_path, monkeypatch):
-    cfg = TINY_TRAIN.model_copy(update={"epochs": 3})
+@pytest.mark.parametrize("workers", [0, 2], ids=lambda w: f"workers={w}")
+def test_killed_and_resumed_training_equals_an_uninterrupted_run(data_dir, tmp_path, monkeypatch, workers):
+    """With workers, the resumed run starts new DataLoader workers while the uninterrupted one
+    keeps its persistent workers from epoch 1: the shuffle and the augmentations must not
+    depend on which."""
+    cfg = TINY_TRAIN.model_copy(update={"epochs": 3, "workers": workers})
+    # On CPU train() leaves two cores to the model; let it start the workers asked for here.
+    monkeypatch.setattr(train_module.os, "cpu_count", lambda: 8)
+    started = []
+    real_loader = train_module.make_loader
+    monkeypatch.setattr(train_module, "make_loader", lambda ds, **kw: started.append(kw["workers"]) or real_loader(ds, **kw))
     train(cfg, data_dir, tmp_path / "straight")
+    assert started == [workers, workers]  # train and val loaders
 
     calls = interrupt_second_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):

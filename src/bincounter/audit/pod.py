@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import sqlite3
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -39,6 +40,8 @@ from bincounter.audit.outputs import (  # noqa: F401 - the audit's public names 
 )
 from bincounter.config import AuditConfig
 from bincounter.ids import check_id
+from bincounter.data import bounded
+from bincounter.data import validate as v
 from bincounter.data.sources import IMAGES, METADATA, LocalSource, ObjectMissing, open_source
 from bincounter.serving.verdict import first_count, probability_of, verdict
 
@@ -135,18 +138,30 @@ class Journal:
 # -- what to audit -----------------------------------------------------------------------
 
 
-def _csv_lines(uri: str, cfg: AuditConfig) -> Iterator[str]:
-    """The expected-counts CSV, line by line, from a local path or s3://bucket/key."""
+def _csv_chunks(uri: str, cfg: AuditConfig) -> Iterator[bytes]:
+    """The expected-counts CSV's bytes, chunk by chunk, from a local path or s3://bucket/key."""
     if uri.startswith("s3://"):
         from bincounter.data.sources import S3Source
 
         bucket, _, key = uri[len("s3://"):].partition("/")
         source = S3Source(cfg.source.model_copy(update={"uri": f"s3://{bucket}"}), retries=cfg.retries)
         body = source._call(f"read {key} from", lambda: source.client.get_object(Bucket=bucket, Key=key)["Body"])
-        yield from (line.decode("utf-8-sig") for line in body.iter_lines(keepends=True))
+        yield from body.iter_chunks(1 << 16)
         return
-    with open(uri, newline="", encoding="utf-8-sig") as f:
-        yield from f
+    yield from bounded.file_chunks(uri)
+
+
+def _csv_lines(uri: str, cfg: AuditConfig, dropped: set[int]) -> Iterator[str]:
+    """The CSV's lines, decoded (bytes that are not UTF-8 replaced, so the row fails its checks
+    rather than the audit). A line over ``max_csv_line_bytes`` is never held: it comes as an
+    empty line, and its number goes into ``dropped``."""
+    lines = bounded.capped_lines(_csv_chunks(uri, cfg), cfg.max_csv_line_bytes)
+    for n, line in enumerate(lines, start=1):
+        if line is None:
+            dropped.add(n)
+            yield "\n"
+        else:
+            yield line.decode("utf-8-sig" if n == 1 else "utf-8", "replace")
 
 
 def _parse_expected(text: str) -> int:
@@ -156,15 +171,33 @@ def _parse_expected(text: str) -> int:
     return value
 
 
+def _rows(reader, journal: Journal, where: str) -> Iterator[list[str]]:
+    """The reader's rows; one it cannot parse (a quote left open until the field outgrows
+    csv's limit) is recorded as an error, and reading goes on after it."""
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            journal.fail(f"csv line {reader.line_num}", f"{where} line {reader.line_num}: {exc}")
+
+
 def _from_csv(cfg: AuditConfig, journal: Journal) -> Iterator[tuple[str, int]]:
     """(id, expected) per CSV row; bad rows are recorded as errors and skipped."""
-    reader = csv.reader(_csv_lines(cfg.expected_csv, cfg))
+    dropped: set[int] = set()
+    reader = csv.reader(_csv_lines(cfg.expected_csv, cfg, dropped))
     header = [h.strip().lower() for h in next(reader, [])]
     if "id" not in header or "expected" not in header:
         raise AuditError(f"{cfg.expected_csv}: the first line must name the columns 'id' and 'expected', "
                          f"got {header!r}")
     i_id, i_exp = header.index("id"), header.index("expected")
-    for line, row in enumerate(reader, start=2):
+    for row in _rows(reader, journal, cfg.expected_csv):
+        line = reader.line_num  # of the file, where a quoted field spans lines
+        if line in dropped:
+            journal.fail(f"csv line {line}", f"{cfg.expected_csv} line {line}: longer than "
+                         f"{cfg.max_csv_line_bytes} bytes (max_csv_line_bytes)")
+            continue
         if not row or not any(cell.strip() for cell in row):
             continue
         try:
@@ -207,20 +240,19 @@ def _todo(cfg: AuditConfig, source, journal: Journal) -> Iterator[tuple[str, int
         yield id_, expected
 
 
-def _fetch(source, id_: str, expected: int | None) -> _Photo | _Failed:
-    """One bin's photo (and metadata when the expected count comes from it)."""
-    from bincounter.data.ingest import parse_count
-
+def _fetch(source, id_: str, expected: int | None, cfg: AuditConfig) -> _Photo | _Failed:
+    """One bin's photo (and metadata when the expected count comes from it, parsed within the
+    limits: a label that is not a plain count is an error, never a guess)."""
     try:
         if expected is None:
-            metadata = source.read(source.key(METADATA, id_))
-            expected = parse_count(metadata)
-            if expected is None:
-                return _Failed(id_, "metadata has no valid EXPECTED_QUANTITY")
+            metadata = source.read(source.key(METADATA, id_), cfg.max_metadata_bytes)
+            expected = v.read_count(metadata, max_bytes=cfg.max_metadata_bytes, max_depth=cfg.max_json_depth)
             if expected > MAX_EXPECTED:
                 return _Failed(id_, f"EXPECTED_QUANTITY {expected} is over {MAX_EXPECTED}")
         return _Photo(id_, expected, source.read(source.key(IMAGES, id_)))
-    except ObjectMissing as exc:
+    except v.Invalid as exc:
+        return _Failed(id_, f"metadata: {exc}")
+    except (ObjectMissing, bounded.Refused) as exc:  # Refused: a symlink out of the folder, a FIFO, too large
         return _Failed(id_, str(exc))
 
 
@@ -241,14 +273,17 @@ class LocalCounter:
         # An alias moves; counting and calibration must both use the version it points to now.
         self.name = pinned if run_id is not None and pinned.startswith("models:/") else model_uri
         self.model_uri: str | None = self.name
+        self.pinned_uri = self.name
         self.model = mlflow.pyfunc.load_model(self.name)
+        names = (self.model.metadata.metadata or {}).get("class_names")
+        self.labels = [str(n) for n in names] if isinstance(names, list) else None
 
     def count(self, images: list[bytes]) -> list[dict | str]:
         """One prediction dict per image, or the reason it could not be counted."""
         import pandas as pd
 
         try:
-            return _records(self.model.predict(pd.DataFrame({"image": images})))
+            return _records(self.model.predict(pd.DataFrame({"image": images})), self.labels)
         except ValueError as exc:
             if len(images) == 1:
                 return [f"could not count the photo: {exc}"]
@@ -270,7 +305,20 @@ class RemoteCounter:
         self.name = url
         self.cfg = cfg
         self.slots = cfg.requests
-        self.model_uri: str | None = None  # as the server reports it
+        served = _served_model(url, cfg.request_timeout)
+        self.model_uri: str | None = served.get("model_uri")  # as the server reports it
+        self.version: str | None = served.get("model_version")
+
+    @property
+    def served(self) -> str:
+        """What this audit counts with: the server's model and its registry version."""
+        return f"{self.model_uri} v{self.version}" if self.version else str(self.model_uri)
+
+    @property
+    def pinned_uri(self) -> str | None:
+        """``models:/<name>/<version>`` of what the server serves (its calibration's run), else its URI."""
+        match = re.match(r"^models:/([^/@]+)", self.model_uri or "")
+        return f"models:/{match.group(1)}/{self.version}" if match and self.version else self.model_uri
 
     def count(self, images: list[bytes], ids: list[str] | None = None) -> list[dict | str]:
         from bincounter.serving.client import ImageRefused, count_batch
@@ -289,9 +337,31 @@ class RemoteCounter:
             if not _is_prediction(answer):
                 raise AuditError(f"{self.name} answered {str(answer)[:200]!r}, not a count with probabilities: "
                                  "is it a bincounter server?")
-        if self.model_uri is None and answers:
-            self.model_uri = answers[0].get("model_uri")
+        for answer in answers:
+            now = answer.get("model_version")
+            if now != self.version or (answer.get("model_uri") not in (None, self.model_uri)):
+                raise AuditError(f"{self.name} now serves {answer.get('model_uri')} v{now}, not {self.served} that "
+                                 "this audit counts with (a redeploy happened): the bins counted so far are kept; "
+                                 "rerun with another --out to audit with the new model")
         return answers
+
+
+def _served_model(url: str, timeout: float) -> dict:
+    """The model the server at ``url`` serves (its ``/readyz``): URI and registry version."""
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"{url.rstrip('/')}/readyz", timeout=timeout) as r:
+            body = json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        raise AuditError(f"the bincounter server at {url} is not ready ({exc.code}): {exc.read()[:300]!r}") from None
+    except (OSError, ValueError) as exc:
+        raise AuditError(f"cannot reach the bincounter server at {url}: {exc}") from None
+    if not isinstance(body, dict) or "model_uri" not in body:
+        raise AuditError(f"{url}/readyz answered {str(body)[:200]!r}: is it a bincounter server?")
+    return body
 
 
 def _is_prediction(answer: object) -> bool:
@@ -302,17 +372,27 @@ def _is_prediction(answer: object) -> bool:
             and isinstance(answer.get("confidence"), (int, float)))
 
 
-def _records(frame) -> list[dict]:
+def _records(frame, labels: list[str] | None) -> list[dict]:
     return [{"count": int(r["count"]), "confidence": float(r["confidence"]),
-             "probabilities": [float(p) for p in r["probabilities"]], "label": r.get("label")}
+             "probabilities": [float(p) for p in r["probabilities"]], "label": r.get("label"), "labels": labels}
             for r in frame.to_dict("records")]
+
+
+def open_ended(answer: dict) -> bool:
+    """Whether the model's last class pools every count from its own up ("6+"): from the class
+    names every answer carries (the server's and the in-process model's alike), else from the
+    predicted class's name."""
+    labels = answer.get("labels")
+    if isinstance(labels, list) and len(labels) == len(answer["probabilities"]) and labels:
+        return str(labels[-1]).endswith("+")
+    label = answer.get("label")
+    return isinstance(label, str) and label.endswith("+")
 
 
 def _row(photo: _Photo, answer: dict, cfg: AuditConfig) -> dict:
     probs = [float(p) for p in answer["probabilities"]]
     first = first_count(int(answer["count"]), probs)
-    label = answer.get("label")
-    p = probability_of(photo.expected, probs, first, open_ended=isinstance(label, str) and label.endswith("+"))
+    p = probability_of(photo.expected, probs, first, open_ended=open_ended(answer))
     # Thumbnails only for the bins a person may look at; a later rerun with other thresholds
     # shows "no thumbnail" for bins it newly flags rather than downloading them again.
     keep_thumb = verdict(p, cfg.verdict) != "match"
@@ -368,7 +448,7 @@ def _stream(cfg: AuditConfig, source, counter, journal: Journal, bar: tqdm) -> i
                 if item is None:
                     exhausted = True
                 else:
-                    fetching[fetch_pool.submit(_fetch, source, *item)] = item[0]
+                    fetching[fetch_pool.submit(_fetch, source, *item, cfg)] = item[0]
             while len(counting) < counter.slots and (
                     len(ready) >= cfg.batch_size or (ready and exhausted and not fetching)):
                 batch, ready = ready[:cfg.batch_size], ready[cfg.batch_size:]
@@ -445,19 +525,17 @@ def audit(cfg: AuditConfig, out_dir: str | Path) -> AuditSummary:
         where = cfg.source.uri if cfg.source.is_s3 else str(Path(cfg.source.uri.removeprefix("file://")).resolve())
         csv_at = cfg.expected_csv if not cfg.expected_csv or "://" in cfg.expected_csv else str(
             Path(cfg.expected_csv).resolve())
-        journal.claim({"counter": counter.name, "source": where, "expected_csv": csv_at or "metadata"})
+        identity = {"counter": counter.name, "source": where, "expected_csv": csv_at or "metadata"}
+        if isinstance(counter, RemoteCounter):  # a URL says nothing of what it serves: pin that too
+            identity["served_model"] = counter.served
+        journal.claim(identity)
         before = journal.counted()
         with tqdm(desc="audit", unit="bin", initial=before, disable=not cfg.progress, dynamic_ncols=True) as bar:
             try:
                 counted = _stream(cfg, source, counter, journal, bar)
             except SourceError as exc:
                 raise AuditError(f"{exc} ({journal.counted()} bins counted so far are kept; rerun to resume)") from None
-        if counter.model_uri is None:
-            counter.model_uri = dict(journal.db.execute("SELECT key, value FROM meta")).get("served_model")
-        elif isinstance(counter, RemoteCounter):
-            journal.db.execute("INSERT OR REPLACE INTO meta VALUES ('served_model', ?)", (counter.model_uri,))
-            journal.commit()
-        cal, origin = calibration.load(cfg.calibration, counter.model_uri)
+        cal, origin = calibration.load(cfg.calibration, counter.pinned_uri)
         return write_outputs(journal, out, cfg, cal, origin, counter.name, counted)
     finally:
         journal.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from bincounter.model.transforms import decode_bytes
 
@@ -133,6 +133,9 @@ class ShardDataset(Dataset):
         for name, rows in (extras or {}).items():
             self.add_extra(name, rows)
         self.transform = transform
+        # (seeded?, the epoch's seed), in shared memory: persistent DataLoader workers, started
+        # with a copy of this dataset, see what seed_augmentations sets for each new epoch.
+        self._seed = torch.zeros(2, dtype=torch.int64).share_memory_()
         self._decoded: list[torch.Tensor] | None = None
         self._jpegs = [s[1] for s in samples]
         if samples:
@@ -158,8 +161,23 @@ class ShardDataset(Dataset):
             return x, self.labels[i]
         return x, self.labels[i], {name: rows[i] for name, rows in self.extras.items()}
 
+    def seed_augmentations(self, seed: int) -> None:
+        """From now on (in every DataLoader worker too), the transform's random draws for a batch
+        come from (``seed``, the batch's first sample index), not from whatever state the process's
+        random generator is in: a worker that ran earlier epochs and a new one draw the same."""
+        self._seed.copy_(torch.tensor([1, seed]))
+
+    def _transform(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if not self._seed[0]:
+            return self.transform(x)
+        seed = np.random.SeedSequence([int(self._seed[1]) % 2**64, index]).generate_state(1, np.uint64)[0]
+        # The CPU generator alone (manual_seed would reseed CUDA's too), restored afterwards.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(int(seed))
+            return self.transform(x)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
-        return self._item(self.transform(self.image(i)), i)
+        return self._item(self._transform(self.image(i), i), i)
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A whole batch (DataLoader calls this instead of ``__getitem__`` per sample): images of
@@ -167,9 +185,10 @@ class ShardDataset(Dataset):
         than one call per image. Returns per-sample pairs, so any ``collate_fn`` still works."""
         images = [self.image(i) for i in indices]
         if getattr(self.transform, "batched", False) and len({im.shape for im in images}) == 1:
-            out = self.transform(torch.stack(images)).unbind(0)
+            # The first index names the batch: a sampler draws each index once per epoch.
+            out = self._transform(torch.stack(images), indices[0]).unbind(0)
         else:
-            out = [self.transform(im) for im in images]
+            out = [self._transform(im, i) for im, i in zip(images, indices)]
         return [self._item(x, i) for x, i in zip(out, indices)]
 
 
@@ -183,10 +202,13 @@ def load_split(data_dir: str | Path, split: str, transform: Callable, with_targe
 def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, workers: int, pin_memory: bool,
                 sampler=None, seed: int = 0, drop_last: bool = False) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
+    if shuffle and sampler is None:
+        # Its own generator: the loader's also draws the workers' base seed, but only when they
+        # start, so sharing it would shuffle a resumed run's first epoch unlike an uninterrupted one.
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
         sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory,
@@ -194,3 +216,14 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, workers: in
         generator=generator,
         drop_last=drop_last,
     )
+
+
+def seed_epoch(loader: DataLoader, seed: int) -> None:
+    """Make an epoch of ``loader`` a function of ``seed``: the shuffle and the augmentations
+    (``ShardDataset.seed_augmentations``). It then comes out the same whether the loader's
+    persistent workers have run earlier epochs or are new, as after a resume."""
+    loader.generator.manual_seed(seed)
+    if isinstance(loader.sampler, RandomSampler) and loader.sampler.generator is not None:
+        loader.sampler.generator.manual_seed(seed)
+    if isinstance(loader.dataset, ShardDataset):
+        loader.dataset.seed_augmentations(seed)

@@ -5,7 +5,9 @@ The output folder keeps the bucket's layout (``bin-images/``, ``metadata/``) plu
 written atomically, and the manifest doubles as a journal: a rerun skips ids whose files are
 on disk and match their recorded sha256, so a killed ingest resumes where it stopped (and
 first deletes the hidden ``*.part`` files a kill leaves). Ids that cannot be fetched after
-retries go to ``ingest_errors.jsonl`` with a reason; a lock keeps a second ingest out.
+retries, or whose objects must not be read or parsed (a symlink out of a source folder, a FIFO,
+metadata over the size or nesting limits), go to ``ingest_errors.jsonl`` with a reason and are
+not copied; a lock keeps a second ingest out.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from tqdm import tqdm
 from bincounter.config import IngestConfig
 from bincounter.fileio import atomic_write
 from bincounter.ids import check_id, is_dataset_id
+from bincounter.data import bounded
+from bincounter.data import validate as v
 from bincounter.data.sources import IMAGES, METADATA, ObjectMissing, Source, SourceError, open_source
 from bincounter.data.split import shard_of
 
@@ -49,12 +53,14 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def ids_from_file_list(path: str | Path) -> list[str]:
+def ids_from_file_list(path: str | Path, cfg: IngestConfig) -> list[str]:
     """Ids named by a Udacity ``file_list.json`` (``{"1": ["data/metadata/100313.json", ...]}``).
 
-    Every id is checked before any is fetched: one that is not a dataset id fails the whole list.
+    Every id is checked before any is fetched: one that is not a dataset id fails the whole list,
+    and so does a list over the size or nesting limits (bounded.Refused, a ValueError).
     """
-    raw = json.loads(Path(path).read_text())
+    raw = bounded.loads(bounded.read_file(path, max_bytes=cfg.max_file_list_bytes), max_bytes=cfg.max_file_list_bytes,
+                        max_depth=cfg.max_json_depth, what=str(path))
     if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
         raise ValueError(f"{path}: expected an object mapping counts to lists of metadata paths")
     ids: list[str] = []
@@ -65,25 +71,28 @@ def ids_from_file_list(path: str | Path) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def parse_count(metadata: bytes) -> int | None:
-    """``EXPECTED_QUANTITY`` from raw metadata, or None when it is unreadable or absent."""
+_REFUSED = (v.METADATA_TOO_LARGE, v.METADATA_TOO_DEEP)
+
+
+def parse_count(metadata: bytes, cfg: IngestConfig) -> int | None:
+    """``EXPECTED_QUANTITY`` from raw metadata, or None when it states no plain count (preprocess
+    quarantines it with the reason). Raises validate.Invalid for metadata over the size or
+    nesting limits: such an object is recorded as an error, not copied."""
     try:
-        value = json.loads(metadata).get("EXPECTED_QUANTITY")
-    except (ValueError, AttributeError):
+        return v.read_count(metadata, max_bytes=cfg.max_metadata_bytes, max_depth=cfg.max_json_depth)
+    except v.Invalid as exc:
+        if exc.reason in _REFUSED:
+            raise
         return None
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def load_manifest(path: Path) -> dict[str, dict]:
-    """Entries by id; a line cut short by a kill is ignored (that id is fetched again)."""
+def load_manifest(path: Path, cfg: IngestConfig = IngestConfig()) -> dict[str, dict]:
+    """Entries by id; a line cut short by a kill, or over the limits, is ignored (that id is
+    fetched again)."""
     entries: dict[str, dict] = {}
     if not path.exists():
         return entries
-    for line in path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
+    for _, entry in bounded.json_lines(path, max_bytes=cfg.max_metadata_bytes, max_depth=cfg.max_json_depth):
         # An entry whose id could not be a file name is ignored like a torn line (never read).
         if isinstance(entry, dict) and is_dataset_id(entry.get("id")):
             entries[entry["id"]] = entry
@@ -134,27 +143,31 @@ class _Journal:
         self._file.close()
 
 
-def _read(source: Source, kind: str, id_: str) -> bytes:
+def _read(source: Source, kind: str, id_: str, max_bytes: int | None = None) -> bytes:
     try:
-        return source.read(source.key(kind, id_))
+        return source.read(source.key(kind, id_), max_bytes)
     except ObjectMissing as exc:
         exc.kind = kind  # which twin is missing, for the error record
         raise
+    except bounded.Refused as exc:
+        raise v.refusal(exc) from exc
 
 
-def _fetch_one(source: Source, out_dir: Path, id_: str, metadata: bytes | None = None) -> dict:
+def _fetch_one(source: Source, out_dir: Path, id_: str, cfg: IngestConfig, metadata: bytes | None = None) -> dict:
     """Download one id's metadata (unless already read) and image; write both atomically.
 
-    The image is written last, so a manifest entry always describes two complete files.
+    The image is written last, so a manifest entry always describes two complete files. An
+    object that must not be read or parsed raises validate.Invalid before anything is written.
     """
     if metadata is None:
-        metadata = _read(source, METADATA, id_)
+        metadata = _read(source, METADATA, id_, cfg.max_metadata_bytes)
+    count = parse_count(metadata, cfg)
     image = _read(source, IMAGES, id_)
     atomic_write(out_dir / METADATA / f"{id_}.json", metadata)
     atomic_write(out_dir / IMAGES / f"{id_}.jpg", image)
     return {
         "id": id_,
-        "count": parse_count(metadata),
+        "count": count,
         "bytes": len(image),
         "sha256": sha256(image),
         "metadata_sha256": sha256(metadata),
@@ -206,14 +219,14 @@ def _balanced_ids(source: Source, cfg: IngestConfig, ids: Iterable[str], known: 
     def count_of(id_: str) -> tuple[int | None, bytes | None]:
         if id_ in known:
             return known[id_].get("count"), None
-        raw = source.read(source.key(METADATA, id_))
-        return parse_count(raw), raw
+        raw = _read(source, METADATA, id_, cfg.max_metadata_bytes)
+        return parse_count(raw, cfg), raw
 
     for id_, fut in _bounded_map(count_of, ids, cfg.workers, ordered=True):
         try:
             count, raw = fut.result()
-        except SourceError:
-            continue  # no metadata, no class: the id cannot be selected by count
+        except (SourceError, v.Invalid):
+            continue  # no metadata, or none that may be read: no class, so the id cannot be selected by count
         if count is None:
             continue
         cls = count if cap is None or count <= cap else cap + 1
@@ -236,7 +249,7 @@ def select_ids(source: Source, cfg: IngestConfig, *, known: dict[str, dict] | No
     if cfg.ids:
         ids: Iterable[str] = list(dict.fromkeys(cfg.ids))
     elif cfg.file_list:
-        ids = ids_from_file_list(cfg.file_list)
+        ids = ids_from_file_list(cfg.file_list, cfg)
     else:
         ids = source.iter_ids()
     if cfg.per_class:
@@ -254,7 +267,7 @@ def _expected_total(cfg: IngestConfig) -> int | None:
     elif cfg.ids:
         n = len(set(cfg.ids))
     elif cfg.file_list:
-        n = len(ids_from_file_list(cfg.file_list))
+        n = len(ids_from_file_list(cfg.file_list, cfg))
     if cfg.limit is not None:
         n = cfg.limit if n is None else min(n, cfg.limit)
     return n
@@ -295,7 +308,7 @@ def ingest(cfg: IngestConfig, out_dir: str | Path, shard: int = 0, shards: int =
 def _ingest_locked(cfg: IngestConfig, source: Source, out_dir: Path, shard: int = 0, shards: int = 1) -> IngestResult:
     _remove_partials(out_dir)
     manifest_path = out_dir / MANIFEST
-    known = load_manifest(manifest_path)
+    known = load_manifest(manifest_path, cfg)
     done_before = {id_: e for id_, e in known.items() if _is_complete(out_dir, e)}
     prefetched: dict[str, bytes] = {}
     journal = _Journal(manifest_path)
@@ -318,7 +331,7 @@ def _ingest_locked(cfg: IngestConfig, source: Source, out_dir: Path, shard: int 
                 yield id_
 
     def fetch(id_: str) -> dict:
-        return _fetch_one(source, out_dir, id_, prefetched.pop(id_, None))
+        return _fetch_one(source, out_dir, id_, cfg, prefetched.pop(id_, None))
 
     try:
         for id_, fut in _bounded_map(fetch, todo(), cfg.workers):
@@ -327,6 +340,8 @@ def _ingest_locked(cfg: IngestConfig, source: Source, out_dir: Path, shard: int 
             except ObjectMissing as exc:
                 reason = "missing_metadata" if getattr(exc, "kind", None) == METADATA else "missing_image"
                 errors.append({"id": id_, "reason": reason, "detail": str(exc)})
+            except v.Invalid as exc:
+                errors.append({"id": id_, "reason": exc.reason, "detail": exc.detail})
             except SourceError as exc:
                 errors.append({"id": id_, "reason": "source_error", "detail": str(exc)})
             else:

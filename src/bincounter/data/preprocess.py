@@ -10,7 +10,9 @@ Output folder:
     quarantine.jsonl    one line per rejected sample: id, reason, detail
     dataset.json        classes, image size, sizes per split, shards, hash of the input manifest
     report/             PNG plots and report.md (see bincounter.data.report)
-Nothing from the input is modified or lost: a rejected sample is listed with its reason.
+Nothing from the input is modified or lost: a rejected sample is listed with its reason. Nothing
+outside the input folder is read (a symlink out of it, a FIFO or a device is quarantined unread),
+and metadata is parsed only within the size and nesting limits (``bounded``).
 
 Photos are streamed: workers check and resize them in a fixed pseudo-random order (a hash of
 the id), and each result goes straight into its split's current shard. Memory stays flat
@@ -22,7 +24,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
+import reprlib
 import shutil
 import tarfile
 from collections import Counter
@@ -34,6 +38,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from bincounter.data import bounded
 from bincounter.data import validate as v
 from bincounter.config import PreprocessConfig
 from bincounter.fileio import atomic_write, recover_dir, replace_dir
@@ -42,6 +47,8 @@ from bincounter.data.ingest import MANIFEST
 from bincounter.data.report import write_data_report  # at the top: forked workers inherit matplotlib
 from bincounter.data.sources import IMAGES, METADATA
 from bincounter.data.split import SPLITS, label_of, split_of, unit_hash
+
+log = logging.getLogger(__name__)
 
 DATASET_JSON = "dataset.json"
 INPUT_MANIFEST = "input_manifest.jsonl"
@@ -91,7 +98,7 @@ def _visible(names: list[str], suffix: str) -> list[str]:
     return [n[: -len(suffix)] for n in names if n.endswith(suffix) and not n.startswith(".")]
 
 
-def list_ids(in_dir: Path, rejected: list[dict] | None = None) -> list[str]:
+def list_ids(in_dir: Path, rejected: list[dict] | None = None, cfg: PreprocessConfig = PreprocessConfig()) -> list[str]:
     """Ids from the manifest when there is one, plus both folders (catching orphans).
 
     A manifest id that is not a plain file name (``../../x``, ``/etc/x``) is never read: it
@@ -100,16 +107,18 @@ def list_ids(in_dir: Path, rejected: list[dict] | None = None) -> list[str]:
     manifest = in_dir / MANIFEST
     ids: set[str] = set()
     if manifest.exists():
-        for line in manifest.read_text().splitlines():
-            try:
-                id_ = json.loads(line)["id"]
-            except (ValueError, KeyError, TypeError):
+        for _, entry in bounded.json_lines(manifest, max_bytes=cfg.max_metadata_bytes, max_depth=cfg.max_json_depth):
+            if isinstance(entry, bounded.Refused):
+                log.warning("%s (skipped: its id, if any, is still found in the folders)", entry)
+            if not isinstance(entry, dict) or "id" not in entry:
                 continue  # a line cut short by a killed ingest names nothing reliable
+            id_ = entry["id"]
             if is_file_stem(id_):
                 ids.add(id_)
             elif rejected is not None:
-                rejected.append({"id": str(id_), "reason": v.INVALID_ID,
-                                 "detail": f"{MANIFEST} names {id_!r}, which is not a file name"})
+                # Shortened: a record must stay within the limits merge_shards reads it back with.
+                rejected.append({"id": str(id_)[:200], "reason": v.INVALID_ID,
+                                 "detail": f"{MANIFEST} names {reprlib.repr(id_)}, which is not a file name"})
     for sub, suffix in ((IMAGES, ".jpg"), (METADATA, ".json")):
         folder = in_dir / sub
         if folder.is_dir():
@@ -139,19 +148,18 @@ def _encode(img: Image.Image, data: bytes, size: int, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:  # plain open: pathlib's overhead showed at thousands of files per second
-        return f.read()
-
-
-def _process_image(path: str, size: int, max_pixels: int, quality: int, keep_original: bool = False) -> dict:
+def _process_image(path: str, size: int, max_pixels: int, quality: int, keep_original: bool = False,
+                   root: str | None = None) -> dict:
     """Check and resize one photo: ``jpg``/``width``/``height``/``sha256`` (and with
-    ``keep_original`` the bytes read, as ``original``), or ``reason``/``detail``."""
+    ``keep_original`` the bytes read, as ``original``), or ``reason``/``detail``. Nothing
+    outside ``root`` (default: the photo's folder) is read."""
     try:
-        data = _read(path)
+        data = bounded.read_file(path, root=root or os.path.dirname(path))
     except FileNotFoundError:
         return {"reason": v.MISSING_IMAGE, "detail": path}
-    except OSError as exc:  # a folder or an unreadable file where the photo should be
+    except bounded.Refused as exc:
+        return {"reason": v.refusal(exc).reason, "detail": str(exc)[:300]}
+    except OSError as exc:  # an unreadable file where the photo should be
         return {"reason": v.NOT_AN_IMAGE, "detail": f"cannot read {path}: {exc}"}
     try:
         img = v.open_checked(data, max_pixels)
@@ -165,24 +173,34 @@ def _process_image(path: str, size: int, max_pixels: int, quality: int, keep_ori
     return out
 
 
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+def _read_json(path: Path, cfg: PreprocessConfig) -> dict | None:
+    """A JSON file of the input folder, or None when absent; bounded.Refused (a ValueError,
+    failing the job: it describes the whole folder) when it breaks the limits."""
+    if not path.exists():
+        return None
+    raw = bounded.read_file(path, root=path.parent, max_bytes=cfg.max_metadata_bytes)
+    return bounded.loads(raw, max_bytes=cfg.max_metadata_bytes, max_depth=cfg.max_json_depth, what=str(path))
 
 
 def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def check_sample_metadata(id_: str, meta_path: str, cfg: PreprocessConfig) -> tuple[v.MetadataInfo | None, list[dict]]:
+def check_sample_metadata(id_: str, meta_path: str, cfg: PreprocessConfig,
+                          root: str | None = None) -> tuple[v.MetadataInfo | None, list[dict]]:
     """One id's metadata when the sample may be kept (else None), and its quarantine records.
 
     An inconsistent count is recorded either way; with ``on_inconsistent_quantity="keep"``
-    the record carries ``kept: true`` and counts as a warning, not a rejection.
+    the record carries ``kept: true`` and counts as a warning, not a rejection. Nothing outside
+    ``root`` (default: the file's folder) is read.
     """
     try:
-        info = v.check_metadata(_read(meta_path))
+        raw = bounded.read_file(meta_path, root=root or os.path.dirname(meta_path), max_bytes=cfg.max_metadata_bytes)
+        info = v.check_metadata(raw, max_bytes=cfg.max_metadata_bytes, max_depth=cfg.max_json_depth)
     except FileNotFoundError:
         return None, [{"id": id_, "reason": v.MISSING_METADATA, "detail": meta_path}]
+    except bounded.Refused as exc:
+        return None, [{"id": id_, "reason": v.refusal(exc).reason, "detail": str(exc)[:300]}]
     except OSError as exc:
         return None, [{"id": id_, "reason": v.BAD_JSON, "detail": f"cannot read {meta_path}: {exc}"}]
     except v.Invalid as exc:
@@ -190,7 +208,7 @@ def check_sample_metadata(id_: str, meta_path: str, cfg: PreprocessConfig) -> tu
     records = []
     if not info.consistent:
         keep = cfg.on_inconsistent_quantity == "keep"
-        records.append({"id": id_, "reason": v.INCONSISTENT, "detail": info.describe_inconsistency(), "kept": keep})
+        records.append({"id": id_, "reason": v.INCONSISTENT, "detail": info.describe_inconsistency()[:300], "kept": keep})
         if not keep:
             return None, records
     if label_of(info.count, cfg) is None:
@@ -210,7 +228,7 @@ _JOB: dict = {}
 
 
 def _init_worker(cfg: PreprocessConfig, in_dir: str) -> None:
-    _JOB.update(cfg=cfg, images=os.path.join(in_dir, IMAGES, ""), metadata=os.path.join(in_dir, METADATA, ""))
+    _JOB.update(cfg=cfg, root=in_dir, images=os.path.join(in_dir, IMAGES, ""), metadata=os.path.join(in_dir, METADATA, ""))
 
 
 def _process_sample(id_: str) -> tuple[str, dict]:
@@ -223,11 +241,11 @@ def _process_sample(id_: str) -> tuple[str, dict]:
     instead of running alone before it.
     """
     cfg = _JOB["cfg"]
-    info, records = check_sample_metadata(id_, _JOB["metadata"] + id_ + ".json", cfg)
+    info, records = check_sample_metadata(id_, _JOB["metadata"] + id_ + ".json", cfg, _JOB["root"])
     if info is None:
         return id_, {"records": records}
     image = _process_image(_JOB["images"] + id_ + ".jpg", cfg.image_size, cfg.max_pixels, cfg.jpeg_quality,
-                           keep_original=split_of(id_, cfg) in ORIGINALS_OF)
+                           keep_original=split_of(id_, cfg) in ORIGINALS_OF, root=_JOB["root"])
     if "reason" in image:
         return id_, {"records": records + [{"id": id_, **image}]}
     return id_, {"records": records, **image, "count": info.count, "consistent": info.consistent,
@@ -341,7 +359,7 @@ def preprocess(cfg: PreprocessConfig, in_dir: str | Path, out_dir: str | Path,
     tmp_dir.mkdir(parents=True)
 
     rejected: list[dict] = []
-    ids = list_ids(in_dir, rejected)
+    ids = list_ids(in_dir, rejected, cfg)
     if not ids:
         raise ValueError(f"{in_dir} holds no photos or metadata in the bucket's layout")
 
@@ -391,7 +409,7 @@ def preprocess(cfg: PreprocessConfig, in_dir: str | Path, out_dir: str | Path,
         if manifest.exists():
             shutil.copyfile(manifest, tmp_dir / INPUT_MANIFEST)
         dataset = _dataset_info(cfg, _file_sha256(manifest) if manifest.exists() else None,
-                                _read_json(in_dir / "ingest_config.json"), index, quarantine, null_dims, shards)
+                                _read_json(in_dir / "ingest_config.json", cfg), index, quarantine, null_dims, shards)
         atomic_write(tmp_dir / DATASET_JSON, json.dumps(dataset, indent=2).encode())
         # The idle workers draw the report's plots side by side.
         write_data_report(tmp_dir, index, quarantine, examples, cfg, executor=pool)

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+from bincounter.data import bounded
 from bincounter.data import validate as v
 from bincounter.config import PreprocessConfig
 from bincounter.fileio import atomic_write
@@ -35,8 +36,17 @@ def shard_indices(shards: int) -> list[int]:
     return list(range(shards))
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+def _jsonl(path: Path, cfg: PreprocessConfig) -> list[dict]:
+    """A shard's own index or quarantine lines; a line that breaks the limits or is not JSON
+    fails the merge (ValueError): dropping it would lose a sample or its record."""
+    if not path.exists():
+        return []
+    rows = []
+    for _, row in bounded.json_lines(path, max_bytes=cfg.max_metadata_bytes, max_depth=cfg.max_json_depth):
+        if isinstance(row, ValueError):
+            raise ValueError(f"cannot merge {path}: {row}")
+        rows.append(row)
+    return rows
 
 
 def _tar_samples(files: list[Path]) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -71,7 +81,7 @@ def merge(cfg: PreprocessConfig, parts: list[str | Path], out_dir: str | Path) -
     rows: list[dict] = []
     part_of: dict[str, Path] = {}  # the shard that packed each photo
     for p in parts:
-        for row in _jsonl(p / "index.jsonl"):
+        for row in _jsonl(p / "index.jsonl", cfg):
             rows.append(row)
             part_of[row["id"]] = p
     rows.sort(key=lambda r: order_key(r["id"], cfg))
@@ -87,7 +97,7 @@ def merge(cfg: PreprocessConfig, parts: list[str | Path], out_dir: str | Path) -
         else:
             kept.append(row)
     for p in parts:
-        for record in _jsonl(p / "quarantine.jsonl"):
+        for record in _jsonl(p / "quarantine.jsonl", cfg):
             if record["reason"] == v.DUPLICATE:  # name the copy kept in the whole, not in the shard
                 record["detail"] = duplicate_detail(first_of[sha_of[duplicate_of(record["detail"])]])
             quarantine.append(record)
@@ -118,7 +128,7 @@ def merge(cfg: PreprocessConfig, parts: list[str | Path], out_dir: str | Path) -
     _write_jsonl(tmp_dir / "index.jsonl", index)
     quarantine.sort(key=lambda q: (q["id"], q["reason"]))
     _write_jsonl(tmp_dir / "quarantine.jsonl", quarantine)
-    manifest = _merged_manifest(parts)
+    manifest = _merged_manifest(parts, cfg)
     atomic_write(tmp_dir / INPUT_MANIFEST, manifest)
     dataset = _dataset_info(cfg, hashlib.sha256(manifest).hexdigest() if manifest else None,
                             infos[0].get("ingest_config"), index, quarantine,
@@ -143,14 +153,15 @@ def _copy_originals(kept: list[dict], part_of: dict[str, Path], folder: Path) ->
             shutil.copyfile(source, folder / source.name)
 
 
-def _merged_manifest(parts: list[Path]) -> bytes:
+def _merged_manifest(parts: list[Path], cfg: PreprocessConfig) -> bytes:
     """The shards' ingest manifests as the unsharded ingest writes its own: one line per id,
-    sorted by id (so the bytes, and the hash lineage records, are the same)."""
-    lines: dict[str, str] = {}
+    sorted by id (so the bytes, and the hash lineage records, are the same). Lines that name
+    no id, as preprocess skips them in its input manifest, are left out."""
+    lines: dict[str, bytes] = {}
     for p in parts:
         path = p / INPUT_MANIFEST
         if path.exists():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    lines[json.loads(line)["id"]] = line
-    return "".join(lines[i] + "\n" for i in sorted(lines)).encode()
+            for line, entry in bounded.json_lines(path, max_bytes=cfg.max_metadata_bytes, max_depth=cfg.max_json_depth):
+                if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+                    lines[entry["id"]] = line.rstrip(b"\r\n")
+    return b"".join(lines[i] + b"\n" for i in sorted(lines))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from bincounter.config import SourceConfig
+from bincounter.data.bounded import TooLarge, read_file
 from bincounter.ids import check_id, is_dataset_id
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ class ObjectMissing(SourceError):
 class Source(Protocol):
     def iter_ids(self) -> Iterator[str]: ...
     def key(self, kind: str, id_: str) -> str: ...
-    def read(self, key: str) -> bytes: ...
+    # ObjectMissing, SourceError, or bounded.Refused for one object that must not be read.
+    def read(self, key: str, max_bytes: int | None = None) -> bytes: ...
     def check(self) -> None: ...
 
 
@@ -63,7 +65,8 @@ def _key(kind: str, id_: str) -> str:
 
 
 class LocalSource:
-    """A folder in the bucket's layout."""
+    """A folder in the bucket's layout. Nothing outside it is read, whatever its entries are:
+    a symlink out of the folder, a FIFO or a device is refused (bounded.Refused) unread."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -82,10 +85,10 @@ class LocalSource:
     def key(self, kind: str, id_: str) -> str:
         return _key(kind, id_)
 
-    def read(self, key: str) -> bytes:
+    def read(self, key: str, max_bytes: int | None = None) -> bytes:
         path = self.root / key
         try:
-            return path.read_bytes()
+            return read_file(path, root=self.root, max_bytes=max_bytes)
         except FileNotFoundError as exc:
             raise ObjectMissing(f"{path} does not exist") from exc
 
@@ -234,19 +237,25 @@ class S3Source:
     def key(self, kind: str, id_: str) -> str:
         return f"{self.prefix}{_key(kind, id_)}"
 
-    def read(self, key: str) -> bytes:
+    def read(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; with ``max_bytes``, a larger object is refused (TooLarge) from its
+        Content-Length, before its body is read."""
         # The body is read inside the retried call: a transfer cut short is fetched again.
         def get() -> bytes:
             if self._http is not None:
-                return self._get_unsigned(key)
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+                return self._get_unsigned(key, max_bytes)
+            answer = self.client.get_object(Bucket=self.bucket, Key=key)
+            if max_bytes is not None and answer["ContentLength"] > max_bytes:
+                answer["Body"].close()
+                raise _too_large(key, answer["ContentLength"], max_bytes)
+            return answer["Body"].read()
 
         try:
             return self._call(f"read {key} from", get)
         except ObjectMissing as exc:
             raise ObjectMissing(f"s3://{self.bucket}/{key} does not exist") from exc.__cause__
 
-    def _get_unsigned(self, key: str) -> bytes:
+    def _get_unsigned(self, key: str, max_bytes: int | None = None) -> bytes:
         """GET one object over plain HTTP; failures raise as botocore's would, for ``_call``."""
         import urllib3
         from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
@@ -254,20 +263,30 @@ class S3Source:
         path = self._object_path + urllib.parse.quote(key, safe="/~")
         try:
             # urllib3 checks the body against Content-Length: a cut transfer raises here.
-            resp = self._http.urlopen("GET", path, preload_content=True)
+            resp = self._http.urlopen("GET", path, preload_content=False)
+            size = int(resp.headers.get("Content-Length") or 0)
+            if resp.status == 200 and max_bytes is not None and size > max_bytes:
+                resp.close()  # the connection goes too: the body is never read
+                resp.release_conn()
+                raise _too_large(key, size, max_bytes)
+            data = resp.data  # reads the body and gives the connection back to the pool
         except urllib3.exceptions.NewConnectionError as exc:
             raise ConnectionError(error=exc) from exc
         except urllib3.exceptions.HTTPError as exc:
             raise HTTPClientError(error=exc) from exc
         if resp.status == 200:
-            return resp.data
-        body = resp.data.decode("utf-8", "replace")
+            return data
+        body = data.decode("utf-8", "replace")
         code = _xml_field(body, "Code") or str(resp.status)
         error = {"Code": code, "Message": _xml_field(body, "Message") or body[:200]}
         raise ClientError({"Error": error, "ResponseMetadata": {"HTTPStatusCode": resp.status}}, "GetObject")
 
     def describe(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
+
+
+def _too_large(key: str, size: int, max_bytes: int) -> TooLarge:
+    return TooLarge(f"{key}: {size} bytes, over the limit of {max_bytes}")
 
 
 def _object_url_base(bucket: str, endpoint: str) -> str:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
-import json
 import math
+import reprlib
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 
 from PIL import Image
+
+from bincounter.data import bounded
 
 # Reasons a sample is quarantined (never silently dropped).
 EMPTY_FILE = "empty_file"
@@ -24,6 +27,14 @@ INCONSISTENT = "inconsistent_quantity"
 DUPLICATE = "duplicate_image"
 OUT_OF_RANGE = "count_out_of_range"
 INVALID_ID = "invalid_id"  # a manifest id that could not be a file name ("../x"): never read
+DUPLICATE_KEY = "duplicate_expected_quantity"  # the label is stated twice: json would keep the last
+METADATA_TOO_LARGE = "metadata_too_large"  # over the size limit: never parsed
+METADATA_TOO_DEEP = "metadata_too_deep"  # nested deeper than the limit: never parsed
+OUTSIDE_FOLDER = "outside_folder"  # a symlink out of the folder: never read
+NOT_A_FILE = "not_a_regular_file"  # a FIFO, device or folder where a file should be: never read
+
+# No bin holds a million items: a larger EXPECTED_QUANTITY is a corrupt label, whatever the classes.
+MAX_COUNT = 10**6
 
 JPEG_SOI = b"\xff\xd8\xff"  # start-of-image marker, then the first segment's marker
 
@@ -35,6 +46,16 @@ class Invalid(ValueError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+# Only metadata has a size limit (a photo's is its pixel count, TOO_LARGE), so a refused size is metadata's.
+_REFUSALS = {bounded.TooLarge: METADATA_TOO_LARGE, bounded.TooDeep: METADATA_TOO_DEEP,
+             bounded.OutsideFolder: OUTSIDE_FOLDER, bounded.NotAFile: NOT_A_FILE}
+
+
+def refusal(exc: bounded.Refused) -> Invalid:
+    """The Invalid, with its reason, for input that ``bounded`` refused to read or parse."""
+    return Invalid(_REFUSALS[type(exc)], str(exc))
 
 
 @dataclass(frozen=True)
@@ -68,29 +89,71 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def check_metadata(raw: bytes) -> MetadataInfo:
-    """Parse metadata; raise Invalid when it cannot give a trustworthy count.
+class _Duplicated(dict):
+    """A JSON object in which some keys appear more than once (json.loads keeps the last)."""
 
-    A count that disagrees with its items does not raise: the caller's policy decides
-    (``MetadataInfo.consistent``). It disagrees when the items' quantities do not sum to
-    ``EXPECTED_QUANTITY`` (an empty ``BIN_FCSKU_DATA`` sums to 0), or when an item's quantity
-    is missing, null, negative or not an integer (the sum cannot be trusted then).
-    """
+    def __init__(self, pairs: list[tuple[str, object]], duplicated: frozenset[str]):
+        super().__init__(pairs)
+        self.duplicated = duplicated
+
+
+def _object(pairs: list[tuple[str, object]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    return _Duplicated(pairs, frozenset(k for k, n in Counter(k for k, _ in pairs).items() if n > 1))
+
+
+def _stated_twice(obj: object, key: str) -> bool:
+    return key in getattr(obj, "duplicated", ())
+
+
+def parse_metadata(raw: bytes, *, max_bytes: int, max_depth: int) -> dict:
+    """The metadata's top-level object, parsed within the bounds; Invalid with the reason otherwise."""
     try:
-        doc = json.loads(raw)
+        doc = bounded.loads(raw, max_bytes=max_bytes, max_depth=max_depth, what="metadata", object_pairs_hook=_object)
+    except bounded.Refused as exc:
+        raise refusal(exc) from exc
     except ValueError as exc:  # also UnicodeDecodeError
         raise Invalid(BAD_JSON, str(exc)) from exc
     if not isinstance(doc, dict):
         raise Invalid(BAD_JSON, "top level is not an object")
+    return doc
+
+
+def expected_quantity(doc: dict) -> int:
+    """EXPECTED_QUANTITY when it plainly states a count; Invalid otherwise (missing, null, bool,
+    float, string, negative, over MAX_COUNT, or stated twice)."""
+    if _stated_twice(doc, "EXPECTED_QUANTITY"):
+        raise Invalid(DUPLICATE_KEY, "EXPECTED_QUANTITY appears more than once in the object")
     count = doc.get("EXPECTED_QUANTITY")
-    if not _is_count(count):
-        raise Invalid(NO_QUANTITY, f"EXPECTED_QUANTITY is {count!r}")
+    if not _is_count(count) or count > MAX_COUNT:
+        raise Invalid(NO_QUANTITY, f"EXPECTED_QUANTITY is {reprlib.repr(count)}")
+    return count
+
+
+def read_count(raw: bytes, *, max_bytes: int, max_depth: int) -> int:
+    """The label of raw metadata, parsed within the bounds; Invalid with the reason otherwise."""
+    return expected_quantity(parse_metadata(raw, max_bytes=max_bytes, max_depth=max_depth))
+
+
+def check_metadata(raw: bytes, *, max_bytes: int, max_depth: int) -> MetadataInfo:
+    """Parse metadata within the bounds; raise Invalid when it cannot give a trustworthy count.
+
+    A count that disagrees with its items does not raise: the caller's policy decides
+    (``MetadataInfo.consistent``). It disagrees when the items' quantities do not sum to
+    ``EXPECTED_QUANTITY`` (an empty ``BIN_FCSKU_DATA`` sums to 0), or when an item's quantity
+    is missing, null, negative, not an integer or stated twice (the sum cannot be trusted then).
+    """
+    doc = parse_metadata(raw, max_bytes=max_bytes, max_depth=max_depth)
+    count = expected_quantity(doc)
     if "BIN_FCSKU_DATA" not in doc or doc["BIN_FCSKU_DATA"] is None:
         return MetadataInfo(count=count, items_quantity=None, n_items=0, null_dimensions=0)
     items = doc["BIN_FCSKU_DATA"]
     if not isinstance(items, dict):
         raise Invalid(BAD_JSON, "BIN_FCSKU_DATA is not an object")
-    bad = tuple(str(asin) for asin, it in items.items() if not isinstance(it, dict) or not _is_count(it.get("quantity")))
+    bad = tuple(str(asin) for asin, it in items.items()
+                if not isinstance(it, dict) or not _is_count(it.get("quantity")) or _stated_twice(it, "quantity"))
     # Null dimensions or weight are common in the real data and harmless for counting.
     null_dims = sum(
         1

@@ -10,6 +10,7 @@ check and returns the manifest. Requests then go to
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from bincounter.deploy.kubernetes import (
     find_kubectl,
     find_object,
     image_override,
+    KubectlError,
     load_documents,
     ManifestError,
     manifests_dir,
@@ -60,8 +62,10 @@ def overlay(
     tracking_uri: str | None = None,
     max_replicas: int | None = None,
     restart: bool = False,
+    labels: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The kustomize overlay (as a dict) that turns ``manifests/kserve`` into ``cfg``'s InferenceService."""
+    """The kustomize overlay (as a dict) that turns ``manifests/kserve`` into ``cfg``'s InferenceService;
+    ``labels`` (the pinned model's version, run and digest) annotate it and its predictor's pods."""
     isvc = find_object(base_documents(base), "InferenceService", ISVC_NAME)
     if isvc is None:
         raise ManifestError(f"{base} has no InferenceService/{ISVC_NAME}")
@@ -89,6 +93,16 @@ def overlay(
     if secrets:
         index = container_index(predictor, CONTAINER)
         ops += env_patch(f"/spec/predictor/containers/{index}", secrets)
+    ops += rollout_ops(cfg, isvc)
+    if labels:
+        if "annotations" not in predictor and not restart:
+            ops.append({"op": "add", "path": "/spec/predictor/annotations", "value": {}})
+        if "annotations" not in isvc.get("metadata", {}):
+            ops.append({"op": "add", "path": "/metadata/annotations", "value": {}})
+        for key, value in labels.items():
+            escaped = key.replace("~", "~0").replace("/", "~1")
+            ops += [{"op": "add", "path": f"/metadata/annotations/{escaped}", "value": value},
+                    {"op": "add", "path": f"/spec/predictor/annotations/{escaped}", "value": value}]
     return {
         "namespace": cfg.namespace,
         "images": [image_override(cfg.image)],
@@ -120,6 +134,25 @@ def overlay(
     }
 
 
+MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
+MODES = {"raw": "RawDeployment", "serverless": "Serverless"}
+
+
+def rollout_ops(cfg: DeployConfig, isvc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The deployment mode, and the canary's share of traffic: KServe sends ``canary_percent`` of
+    the requests to the new revision and the rest to the last ready one, which needs its
+    Serverless (Knative) mode; a Raw Deployment has no traffic split, so a canary there is refused."""
+    if cfg.canary_percent and cfg.kserve_mode != "serverless":
+        raise ManifestError(f"canary_percent={cfg.canary_percent} needs kserve_mode='serverless' (Knative): KServe's "
+                            "raw Deployment mode has no traffic split between revisions")
+    key = MODE_ANNOTATION.replace("/", "~1")
+    verb = "replace" if MODE_ANNOTATION in isvc.get("metadata", {}).get("annotations", {}) else "add"
+    ops = [{"op": verb, "path": f"/metadata/annotations/{key}", "value": MODES[cfg.kserve_mode]}]
+    if cfg.canary_percent:
+        ops.append({"op": "add", "path": "/spec/predictor/canaryTrafficPercent", "value": cfg.canary_percent})
+    return ops
+
+
 def render(
     cfg: DeployConfig,
     *,
@@ -128,13 +161,14 @@ def render(
     tracking_uri: str | None = None,
     max_replicas: int | None = None,
     restart: bool = False,
+    labels: Mapping[str, str] | None = None,
 ) -> str:
     """The InferenceService manifest for ``cfg`` as multi-document YAML (nothing is applied)."""
     check_inputs(cfg, tracking_uri)
     base = manifests_dir(manifests) / "kserve"
     return render_overlay(
         base,
-        overlay(cfg, base=base, tracking_uri=tracking_uri, max_replicas=max_replicas, restart=restart),
+        overlay(cfg, base=base, tracking_uri=tracking_uri, max_replicas=max_replicas, restart=restart, labels=labels),
         kubectl=find_kubectl(kubectl),
     )
 
@@ -162,6 +196,11 @@ def validate(
         if isvc.get("apiVersion") != API_VERSION:
             problems.append(f"InferenceService apiVersion {isvc.get('apiVersion')!r} != {API_VERSION!r}")
         predictor = isvc.get("spec", {}).get("predictor", {})
+        mode = isvc.get("metadata", {}).get("annotations", {}).get(MODE_ANNOTATION)
+        if mode != MODES[cfg.kserve_mode]:
+            problems.append(f"deployment mode {mode!r} != {MODES[cfg.kserve_mode]!r}")
+        if predictor.get("canaryTrafficPercent") != (cfg.canary_percent or None):
+            problems.append(f"canaryTrafficPercent {predictor.get('canaryTrafficPercent')} != {cfg.canary_percent or None}")
         if predictor.get("minReplicas") != cfg.replicas:
             problems.append(f"predictor minReplicas {predictor.get('minReplicas')} != {cfg.replicas}")
         if int(predictor.get("maxReplicas", 0)) < cfg.replicas:
@@ -190,6 +229,21 @@ def validate(
     return docs
 
 
+def wait_for_generation(kubectl: str, flags: list[str], namespace: str, timeout: float) -> str:
+    """Wait until KServe has seen the spec just applied (``status.observedGeneration`` reaches its
+    ``metadata.generation``) and then until it is Ready: waiting for Ready alone could pass on the
+    previous revision's Ready before the controller looked at the new spec. Returns the generation."""
+    isvc = f"inferenceservice/{ISVC_NAME}"
+    generation = run_kubectl_retrying(kubectl, [*flags, "get", isvc, "-n", namespace, "-o",
+                                                "jsonpath={.metadata.generation}"], timeout=60).stdout.strip()
+    if not generation.isdigit():
+        raise KubectlError(f"{isvc} in {namespace} reports no metadata.generation ({generation!r})")
+    for condition in (f"--for=jsonpath={{.status.observedGeneration}}={generation}", "--for=condition=Ready"):
+        run_kubectl_retrying(kubectl, [*flags, "wait", condition, isvc, "-n", namespace, f"--timeout={int(timeout)}s"],
+                             timeout=timeout + 30)
+    return generation
+
+
 def check(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
     """Whether ``deploy(cfg, **kwargs)`` can do its work: kubectl, the InferenceService renders for
     ``cfg``, and the identity kubectl uses may apply it (``kubernetes.check_deployable``)."""
@@ -213,11 +267,7 @@ def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
     if not result["applied"]:
         return result
     if kwargs.get("wait", True):
-        run_kubectl_retrying(
-            kubectl,
-            [*flags, "wait", "--for=condition=Ready", f"inferenceservice/{ISVC_NAME}", "-n", cfg.namespace, f"--timeout={int(timeout)}s"],
-            timeout=timeout + 30,
-        )
+        wait_for_generation(kubectl, flags, cfg.namespace, timeout)
         url = run_kubectl_retrying(
             kubectl,
             [*flags, "get", f"inferenceservice/{ISVC_NAME}", "-n", cfg.namespace, "-o", "jsonpath={.status.url}"],

@@ -454,8 +454,10 @@ def overlay(
     tracking_uri: str | None = None,
     max_replicas: int | None = None,
     restart: bool = False,
+    labels: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The kustomize overlay (as a dict) that turns ``manifests/serving`` into ``cfg``'s deployment."""
+    """The kustomize overlay (as a dict) that turns ``manifests/serving`` into ``cfg``'s deployment;
+    ``labels`` (the pinned model's version, run and digest) annotate the Deployment and its pods."""
     docs = base_documents(base)
     hpa = find_object(docs, "HorizontalPodAutoscaler", APP_NAME)
     literals = [f"MODEL_URI={cfg.model_uri}"]
@@ -493,6 +495,11 @@ def overlay(
         index = container_index(deployment.get("spec", {}).get("template", {}).get("spec", {}), SERVER_CONTAINER)
         patches.append({"target": {"group": "apps", "kind": "Deployment", "name": APP_NAME},
                         "patch": yaml.safe_dump(env_patch(f"/spec/template/spec/containers/{index}", secrets))})
+    if labels:
+        patches.append({"target": {"group": "apps", "kind": "Deployment", "name": APP_NAME},
+                        "patch": yaml.safe_dump({"apiVersion": "apps/v1", "kind": "Deployment",
+                                                 "metadata": {"name": APP_NAME, "annotations": dict(labels)},
+                                                 "spec": {"template": {"metadata": {"annotations": dict(labels)}}}})})
     if restart:
         patches.append(
             {
@@ -520,13 +527,14 @@ def render(
     tracking_uri: str | None = None,
     max_replicas: int | None = None,
     restart: bool = False,
+    labels: Mapping[str, str] | None = None,
 ) -> str:
     """The serving manifest for ``cfg`` as multi-document YAML (nothing is applied)."""
     check_inputs(cfg, tracking_uri)
     base = manifests_dir(manifests) / "serving"
     return render_overlay(
         base,
-        overlay(cfg, base=base, tracking_uri=tracking_uri, max_replicas=max_replicas, restart=restart),
+        overlay(cfg, base=base, tracking_uri=tracking_uri, max_replicas=max_replicas, restart=restart, labels=labels),
         kubectl=find_kubectl(kubectl),
     )
 
@@ -677,11 +685,12 @@ def render_and_apply(cfg: DeployConfig, kwargs: Mapping[str, Any], *, render_fn,
     timeout = float(kwargs.get("timeout", 300.0))
     kubectl = find_kubectl(kwargs.get("kubectl"))
     manifest = render_fn(cfg, manifests=kwargs.get("manifests"), kubectl=kubectl, tracking_uri=tracking_uri,
-                         max_replicas=kwargs.get("max_replicas"), restart=bool(restart))
+                         max_replicas=kwargs.get("max_replicas"), restart=bool(restart), labels=kwargs.get("labels"))
     docs = validate_fn(manifest, cfg, tracking_uri=tracking_uri)
     result: dict[str, Any] = {
         "target": target, "name": name, "namespace": cfg.namespace, "image": canonical_image(cfg.image),
-        "model_uri": cfg.model_uri, "replicas": cfg.replicas, "objects": object_ids(docs), "manifest": manifest,
+        "model_uri": cfg.model_uri, **(kwargs.get("labels") or {}), "replicas": cfg.replicas,
+        "objects": object_ids(docs), "manifest": manifest,
         "dry_run": cfg.dry_run, "applied": False, **extra,
     }
     flags = global_flags(kwargs.get("context"), kwargs.get("kubeconfig"))
@@ -719,14 +728,36 @@ def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
                                     global_flags(kwargs.get("context"), kwargs.get("kubeconfig")), cfg.namespace)
     result, kubectl, flags, timeout = render_and_apply(
         cfg, kwargs, render_fn=render, validate_fn=validate, target="kubernetes", name=APP_NAME,
-        extra={"url": f"http://{APP_NAME}.{cfg.namespace}.svc.cluster.local"},
+        extra={"url": f"http://{APP_NAME}.{cfg.namespace}.svc.cluster.local"},  # the Service, port 80
     )
     if not result["applied"] or not wait:
         return result
     result["previous_revision"] = previous
     wait_or_roll_back(kubectl, flags, cfg.namespace, previous, timeout)
     result["ready"] = True
+    if kwargs.get("smoke_dir"):
+        result.update(smoke_or_roll_back(cfg, kwargs, kubectl, flags, previous, timeout,
+                                         kwargs.get("service_url") or result["url"]))
     return result
+
+
+def smoke_or_roll_back(cfg: DeployConfig, kwargs: Mapping[str, Any], kubectl: str, flags: Sequence[str],
+                       previous: str | None, timeout: float, url: str) -> dict[str, Any]:
+    """Ask the rolled-out pods about the registration's smoke photos; when they answer worse than
+    their version's evaluation did, undo the rollout to ``previous`` and raise RolloutError."""
+    from bincounter.deploy import smoke
+
+    try:
+        checked = smoke.check(url, kwargs["smoke_dir"], cfg.smoke_min_agreement)
+    except smoke.SmokeFailed as failure:
+        if previous is None:
+            raise RolloutError(f"{failure}; there is no earlier revision to roll back to", rolled_back_to=None) from None
+        run_kubectl_retrying(kubectl, [*flags, "rollout", "undo", f"deployment/{APP_NAME}", "-n", cfg.namespace,
+                                       f"--to-revision={previous}"], timeout=120)
+        run_kubectl_retrying(kubectl, [*flags, "rollout", "status", f"deployment/{APP_NAME}", "-n", cfg.namespace,
+                                       f"--timeout={int(timeout)}s"], timeout=timeout + 30)
+        raise RolloutError(f"{failure}; rolled back to revision {previous}", rolled_back_to=previous) from None
+    return {"smoke_photos": checked.photos, "smoke_agreed": checked.agreed}
 
 
 def current_revision(kubectl: str, flags: Sequence[str], namespace: str) -> str | None:

@@ -2,8 +2,9 @@
 
 ``deploy`` starts ``python -m bincounter.serving`` in its own session (so it outlives the
 caller and a Ctrl-C in the caller's terminal does not reach it), waits until ``/readyz``
-answers 200, and records the process in ``<deployments_dir>/<name>.json``. ``stop`` and
-``status`` find it again through that file. POSIX only (process groups).
+answers 200, then stops the server it replaces, and records the process in
+``<deployments_dir>/<name>.json``. ``stop`` and ``status`` find it again through that file.
+POSIX only (process groups).
 """
 
 from __future__ import annotations
@@ -39,12 +40,14 @@ _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class LocalDeployError(RuntimeError):
-    """The server did not become ready; it has been killed. ``pid`` and ``log_path`` say which."""
+    """The server did not become ready; it has been killed. ``pid`` and ``log_path`` say which;
+    ``rolled_back_to`` is the model the deployment serves again (None when it served nothing)."""
 
-    def __init__(self, message: str, *, pid: int, log_path: Path):
+    def __init__(self, message: str, *, pid: int, log_path: Path, rolled_back_to: str | None = None):
         super().__init__(message)
         self.pid = pid
         self.log_path = log_path
+        self.rolled_back_to = rolled_back_to
 
 
 def deploy(
@@ -52,27 +55,60 @@ def deploy(
     *,
     name: str = DEFAULT_NAME,
     timeout: float = DEFAULT_READY_TIMEOUT,
+    labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Start the model server in the background and wait until it is ready.
+    """Start the model server in the background, wait until it is ready, then retire the one it
+    replaces (blue/green): a new server that never gets ready leaves the old one serving.
 
-    A running deployment of the same ``name`` is stopped first, so deploying again
-    replaces the model. ``cfg.port`` 0 picks a free port on ``cfg.host``.
+    ``cfg.port`` 0 picks a free port on ``cfg.host``, so both run side by side for a moment. On a
+    fixed port the old server must make room first; a new one that fails is replaced by the old
+    model again, started from its recorded spec. ``labels`` (the pinned model's version, run and
+    digest) are recorded with the deployment.
 
-    Returns ``{"target": "local", "url", "pid", "name", "model_uri", "log"}``.
+    Returns ``{"target": "local", "url", "pid", "name", "model_uri", "log", ...labels}``.
     Raises :class:`LocalDeployError` (a RuntimeError) with the server log's tail when the
     server exits or is not ready within ``timeout`` seconds; the process is killed then.
     """
     _check_name(name)
-    stop(name)  # deploying again under the same name replaces the running server
+    previous = _running(name)
     port = cfg.port or _free_port(cfg.host)
-    url = f"http://{_url_host(cfg.host)}:{port}"
+    made_room = previous is not None and int(previous["port"]) == port and previous["host"] == cfg.host
+    if made_room:
+        stop(name)
+    try:
+        record = _start(name, cfg.model_uri, cfg.host, port, timeout, labels or {})
+    except LocalDeployError as exc:
+        if made_room:
+            _start(name, previous["model_uri"], previous["host"], int(previous["port"]), timeout,
+                   previous.get("labels", {}))
+        if previous is not None:
+            exc.rolled_back_to = previous["model_uri"]
+            exc.args = (f"{exc.args[0]}\nthe deployment serves {previous['model_uri']} again",)
+        raise
+    if previous is not None and not made_room:
+        _terminate(int(previous["pid"]))
+    return {"target": "local", **{k: record[k] for k in ("url", "pid", "name", "model_uri", "log")},
+            **record["labels"]}
+
+
+def _running(name: str) -> dict[str, Any] | None:
+    """The named deployment's record, when its server still runs."""
+    record = _read_state(_state_path(name))
+    if record is None or not (int(record.get("pid", 0)) > 0 and _is_our_server(int(record["pid"]))):
+        return None
+    return record
+
+
+def _start(name: str, model_uri: str, host: str, port: int, timeout: float, labels: dict[str, str]) -> dict[str, Any]:
+    """Start a server of ``model_uri``, wait until it is ready and record it as ``name``'s."""
+    url = f"http://{_url_host(host)}:{port}"
     folder = paths.deployments_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    log_path = folder / f"{name}.log"
+    log_path = folder / f"{name}-{port}.log"
     cmd = [
         sys.executable, "-m", "bincounter.serving",
-        "--model-uri", cfg.model_uri,
-        "--host", cfg.host,
+        "--model-uri", model_uri,
+        "--host", host,
         "--port", str(port),
     ]  # fmt: skip
     with open(log_path, "wb") as log_file:
@@ -93,7 +129,7 @@ def deploy(
         if isinstance(exc, KeyboardInterrupt):
             raise
         raise LocalDeployError(
-            f"local deployment {name!r} of {cfg.model_uri} failed: {exc}{_reason(log_path)}\n"
+            f"local deployment {name!r} of {model_uri} failed: {exc}{_reason(log_path)}\n"
             f"--- last lines of {log_path} ---\n{_tail(log_path)}",
             pid=proc.pid,
             log_path=log_path,
@@ -103,14 +139,15 @@ def deploy(
         "target": "local",
         "pid": proc.pid,
         "url": url,
-        "model_uri": cfg.model_uri,
-        "host": cfg.host,
+        "model_uri": model_uri,
+        "labels": labels,
+        "host": host,
         "port": port,
         "log": str(log_path),
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write(_state_path(name), (json.dumps(record, indent=2) + "\n").encode())
-    return {"target": "local", "url": url, "pid": proc.pid, "name": name, "model_uri": cfg.model_uri, "log": str(log_path)}
+    return record
 
 
 def check(cfg: DeployConfig, *, name: str = DEFAULT_NAME, **_: Any) -> dict[str, Any]:

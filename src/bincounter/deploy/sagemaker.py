@@ -23,6 +23,7 @@ client when it is not installed. Both are imported only when needed. With
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import importlib
 import os
 import re
@@ -118,6 +119,24 @@ def _check_name(kind: str, name: str) -> str:
     return name
 
 
+def new_suffix() -> str:
+    """A deployment's suffix: the UTC second and a random tag, so two deploys in one second differ."""
+    import secrets
+
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def deployment_name(endpoint_name: str, suffix: str) -> str:
+    """``<endpoint>-<suffix>`` within SageMaker's 63 characters. A long endpoint name is cut, not the
+    suffix, and a digest of the whole name keeps two long names that share a beginning apart."""
+    name = f"{endpoint_name}-{suffix}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(endpoint_name.encode()).hexdigest()[:6]
+    stem = endpoint_name[: 63 - len(suffix) - len(digest) - 2].rstrip("-")
+    return f"{stem}-{digest}-{suffix}"
+
+
 def build_requests(
     cfg: DeployConfig,
     *,
@@ -138,8 +157,7 @@ def build_requests(
     _ecr_region(cfg.image)
     uri = _tracking_uri(cfg, tracking_uri)
     _check_name("endpoint name", endpoint_name)
-    suffix = suffix or _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    model_name = _check_name("model name", f"{endpoint_name}-{suffix}"[:63].rstrip("-"))
+    model_name = _check_name("model name", deployment_name(endpoint_name, suffix or new_suffix()))
     config_name = model_name
 
     env = {"MODEL_URI": cfg.model_uri, "PORT": CONTAINER_PORT}
@@ -347,6 +365,24 @@ def _rollback(client: Any, name: str, previous: str, described: dict[str, Any] |
     return wait_for_endpoint(client, name, timeout=timeout, poll_seconds=poll_seconds, progress=progress)
 
 
+def guardrails(canary_percent: int, *, wait_seconds: int = 600, alarms: tuple[str, ...] = (),
+               timeout: int = 3600) -> dict[str, Any] | None:
+    """UpdateEndpoint's DeploymentConfig for a canary: SageMaker's blue/green update sends
+    ``canary_percent`` of the capacity's traffic to the new fleet, waits ``wait_seconds``, then
+    shifts the rest; any of ``alarms`` going off meanwhile rolls it back by itself. None: all at once."""
+    if not canary_percent:
+        return None
+    config: dict[str, Any] = {"BlueGreenUpdatePolicy": {
+        "TrafficRoutingConfiguration": {"Type": "CANARY", "CanarySize": {"Type": "CAPACITY_PERCENT",
+                                                                         "Value": canary_percent},
+                                        "WaitIntervalInSeconds": wait_seconds},
+        "TerminationWaitInSeconds": min(wait_seconds, 3600),
+        "MaximumExecutionTimeoutInSeconds": max(600, min(timeout, 28800))}}
+    if alarms:
+        config["AutoRollbackConfiguration"] = {"Alarms": [{"AlarmName": a} for a in alarms]}
+    return config
+
+
 def _deploy_boto3(
     requests: dict[str, dict[str, Any]],
     *,
@@ -357,6 +393,7 @@ def _deploy_boto3(
     timeout: int,
     poll_seconds: float = 30.0,
     progress: bool = True,
+    deployment_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Create the model, config and endpoint with the boto3 ``sagemaker`` client.
 
@@ -378,7 +415,7 @@ def _deploy_boto3(
         previous = None
     if previous is not None:
         operation = "update"
-        client.update_endpoint(**ep)
+        client.update_endpoint(**ep, **({"DeploymentConfig": deployment_config} if deployment_config else {}))
     else:
         operation = "create"
         client.create_endpoint(**ep, Tags=tags)
@@ -451,6 +488,8 @@ def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
         poll_seconds: seconds between DescribeEndpoint calls while an update settles (default 30).
         progress: show a progress bar while waiting (default True).
         backend: "auto" (sagemaker-core if importable, else boto3), "sagemaker-core" or "boto3".
+        deployment_config: UpdateEndpoint's DeploymentConfig (``guardrails``: a canary with alarms);
+            default from ``cfg.canary_percent``. A canary update goes through boto3.
         session: a boto3 Session to use; client: a ready boto3 sagemaker client (the boto3 backend's
             client; with sagemaker-core, the one that follows an update and rolls it back).
 
@@ -477,6 +516,7 @@ def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
         "region": region,
         "image": cfg.image,
         "model_uri": cfg.model_uri,
+        **(kwargs.get("tags") or {}),
         "requests": requests,
         "dry_run": cfg.dry_run,
         "applied": False,
@@ -493,7 +533,11 @@ def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
         raise ValueError(f"backend must be 'auto', 'sagemaker-core' or 'boto3', not {backend!r}")
     wait = bool(kwargs.get("wait", True))
     timeout = int(kwargs.get("timeout", 1800))
-    core = None if backend == "boto3" else load_sagemaker_core()
+    deployment_config = kwargs.get("deployment_config") or guardrails(cfg.canary_percent, timeout=timeout)
+    if deployment_config and backend == "sagemaker-core":
+        raise ValueError("a canary update (DeploymentConfig) goes through the boto3 backend; use backend='auto'")
+    # sagemaker-core's Endpoint.update sends no DeploymentConfig: a canary goes through boto3.
+    core = None if backend == "boto3" or deployment_config else load_sagemaker_core()
     if core is None and backend == "sagemaker-core":
         raise ImportError("sagemaker-core is not installed: pip install 'bincounter[sagemaker]' (or use backend='boto3')")
     if core is not None:
@@ -507,6 +551,7 @@ def deploy(cfg: DeployConfig, **kwargs: Any) -> dict[str, Any]:
         outcome = _deploy_boto3(
             requests, region=region, session=kwargs.get("session"), client=kwargs.get("client"), wait=wait,
             timeout=timeout, poll_seconds=float(kwargs.get("poll_seconds", 30.0)), progress=bool(kwargs.get("progress", True)),
+            deployment_config=deployment_config,
         )
         result["backend"] = "boto3"
     result.update(outcome, applied=True)

@@ -1,8 +1,10 @@
 """Register: log the pyfunc, add a model version, and gate its promotion to ``champion``.
 
-Every new version gets the alias ``challenger``. ``champion`` moves to it only when it beats
-the current champion on ``cfg.metric`` by ``cfg.min_improvement`` (the first version is
-promoted); the decision and its reason are recorded as version tags either way.
+Every new version gets the alias ``challenger``. ``champion`` moves to it only when the judge
+says so: the caller's function of the champion's version that compares the two models
+(``bincounter.evaluation.gate`` scores both on the same photos; the first version is
+promoted). The decision, its reason and its evidence are recorded as version tags either way,
+under a registry-wide lock, and only if the champion judged is still the champion.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import bincounter
@@ -92,9 +94,10 @@ def _requirements() -> list[str]:
     return [f"{p}=={version(p)}" for p in pins]
 
 
-def model_card(name: str, version: str, metrics: dict, lineage: dict, spec: dict, decision: str) -> str:
+def model_card(name: str, version: str, metrics: dict, lineage: dict, spec: dict, verdict: Verdict) -> str:
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()) if isinstance(v, float))
     lin = "\n".join(f"- {k}: `{v}`" for k, v in sorted(lineage.items()))
+    decision = verdict.reason + "".join(f"\n- {k}: `{v}`" for k, v in sorted(verdict.evidence.items()))
     return f"""# {name} v{version}
 
 Counts the items in a photo of a warehouse bin taken from above (Amazon Bin Image Dataset style).
@@ -125,35 +128,29 @@ input {spec.get('image_size')} px, test-time augmentation: {spec.get('tta')} (fl
 
 
 class PromotionError(RuntimeError):
-    """The gate cannot decide (a missing metric, a champion without it): nothing is promoted."""
+    """The gate cannot decide (a missing metric, a champion that keeps changing): nothing is promoted."""
 
 
-def _champion_score(client, name: str, metric: str) -> tuple[str | None, float | None]:
+@dataclass(frozen=True)
+class Verdict:
+    """A judge's decision on one challenger against one champion, with the figures behind it."""
+
+    promote: bool
+    reason: str
+    evidence: dict[str, str] = field(default_factory=dict)
+
+
+# The champion's version (None: there is none) -> the verdict on the challenger against it.
+Judge = Callable[[str | None], Verdict]
+
+
+def champion_version(client, name: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        champ = client.get_model_version_by_alias(name, CHAMPION)
+        return str(client.get_model_version_by_alias(name, CHAMPION).version)
     except MlflowException:
-        return None, None
-    value = champ.tags.get(f"metric.{metric}")
-    if value is None:
-        raise PromotionError(f"champion v{champ.version} of {name!r} has no '{metric}' recorded: it cannot be "
-                             f"compared; re-register it with that metric or move the alias by hand")
-    return champ.version, float(value)
-
-
-def decide(new: float | None, current: float | None, cfg: RegisterConfig) -> tuple[bool, str]:
-    """Whether a challenger scoring ``new`` replaces a champion scoring ``current`` (None: no champion).
-
-    A challenger without the metric (or with NaN) is an error, never a promotion."""
-    if new is None or math.isnan(new):
-        raise PromotionError(f"challenger has no '{cfg.metric}' metric; nothing promoted")
-    if current is None:
-        return True, "no champion yet: first model is promoted"
-    gain = (new - current) if cfg.higher_is_better else (current - new)
-    if gain > cfg.min_improvement:
-        return True, f"{cfg.metric} {new:.4f} beats champion's {current:.4f} by {gain:.4f} (> {cfg.min_improvement})"
-    return False, f"{cfg.metric} {new:.4f} does not beat champion's {current:.4f} by more than {cfg.min_improvement}"
+        return None
 
 
 LOCK_SUFFIX = ".promotion-lock"
@@ -208,31 +205,50 @@ def _break_if_stale(client, lock: str) -> None:
             pass
 
 
-def promote(client, cfg: RegisterConfig, version: str, score: float | None) -> tuple[bool, str]:
-    """Gate ``version`` (scoring ``score``) against the champion, under the registry lock, and
-    record the decision on the version: read, compare, move and tag happen as one step, so two
-    registrations at once in two pods end with the better model as champion and both
-    decisions true when made."""
-    if score is None or math.isnan(score):
-        raise PromotionError(f"challenger v{version} has no '{cfg.metric}' metric; nothing promoted")
-    with registry_lock(client, cfg.model_name):
-        client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
-        champ_version, champ_score = _champion_score(client, cfg.model_name, cfg.metric)
-        promoted, reason = decide(score, champ_score, cfg)
-        if champ_version is not None:
-            reason += f" (champion was v{champ_version})"
-        if promoted:
-            client.set_registered_model_alias(cfg.model_name, CHAMPION, version)
-        for key, value in {"promotion.decision": "promoted" if promoted else "kept", "promotion.reason": reason,
-                           "promotion.metric": cfg.metric,
-                           "promotion.champion_before": champ_version or "none"}.items():
-            client.set_model_version_tag(cfg.model_name, version, key, value)
-    return promoted, reason
+def promote(client, cfg: RegisterConfig, version: str, judge: Judge, *, attempts: int = 5) -> Verdict:
+    """Gate ``version`` against the champion and record the decision on the version.
+
+    The judge runs outside the registry lock (scoring the champion can take long); under the
+    lock the champion is read again, and the alias moves only if it is still the one judged, so
+    two registrations at once in two pods end with every decision true when made. A champion
+    that changed meanwhile is judged again, up to ``attempts`` times."""
+    for _ in range(attempts):
+        judged = champion_version(client, cfg.model_name)
+        verdict = judge(judged)
+        with registry_lock(client, cfg.model_name):
+            client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
+            if champion_version(client, cfg.model_name) != judged:
+                continue  # promoted elsewhere meanwhile: the evidence is about another champion
+            if verdict.promote:
+                client.set_registered_model_alias(cfg.model_name, CHAMPION, version)
+            tags = {"promotion.decision": "promoted" if verdict.promote else "kept", "promotion.reason": verdict.reason,
+                    "promotion.metric": cfg.metric, "promotion.champion_before": judged or "none", **verdict.evidence}
+            for key, value in tags.items():
+                client.set_model_version_tag(cfg.model_name, version, key, value[:5000])
+            return verdict
+    raise PromotionError(f"the champion of {cfg.model_name!r} changed during each of {attempts} gates of "
+                         f"v{version}; nothing promoted")
 
 
-def register(cfg: RegisterConfig, model_dir: str | Path, metrics: dict[str, float], *, run_id: str | None = None,
-             lineage: dict[str, str] | None = None, example_images: list[bytes] | None = None) -> RegisterResult:
-    """Log, register, tag, and gate. ``run_id`` is the training run to attach the model to."""
+def files_sha256(model_dir: str | Path) -> str:
+    """Digest of what is served (the weights, the ONNX graph, the spec): what a pinned deployment
+    names besides the version."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with serving_files(model_dir) as folder:
+        for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+            digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+            with path.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def register(cfg: RegisterConfig, model_dir: str | Path, metrics: dict[str, float], *, judge: Judge,
+             run_id: str | None = None, lineage: dict[str, str] | None = None,
+             example_images: list[bytes] | None = None) -> RegisterResult:
+    """Log, register, tag, and gate with ``judge``. ``run_id`` is the training run to attach the model to."""
     import json
 
     import mlflow
@@ -253,11 +269,12 @@ def register(cfg: RegisterConfig, model_dir: str | Path, metrics: dict[str, floa
     version = mlflow.register_model(info.model_uri, cfg.model_name,
                                     tags={**{f"metric.{k}": str(v) for k, v in metrics.items()},
                                           **{f"lineage.{k}": v for k, v in lineage.items()},
-                                          "lineage.training_run_id": run.info.run_id}).version
-    promoted, reason = promote(client, cfg, str(version), float(metrics[cfg.metric]))
-    card = model_card(cfg.model_name, version, metrics, lineage, spec, reason)
+                                          "lineage.training_run_id": run.info.run_id,
+                                          "model.sha256": files_sha256(model_dir)}).version
+    verdict = promote(client, cfg, str(version), judge)
+    card = model_card(cfg.model_name, version, metrics, lineage, spec, verdict)
     client.update_model_version(cfg.model_name, version, description=card)
     with mlflow.start_run(run_id=run.info.run_id):
         mlflow.log_text(card, f"model_card_v{version}.md")
     return RegisterResult(name=cfg.model_name, version=str(version), model_uri=f"models:/{cfg.model_name}/{version}",
-                          promoted=promoted, reason=reason, run_id=run.info.run_id)
+                          promoted=verdict.promote, reason=verdict.reason, run_id=run.info.run_id)

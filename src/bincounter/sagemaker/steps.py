@@ -116,10 +116,21 @@ def deploy(cfg: SageMakerHostingConfig, champion_uri: str, *, session: Any = Non
     from bincounter.deploy import sagemaker as target
     from bincounter.sagemaker.jobs import clients
 
+    from mlflow import MlflowClient
+
+    from bincounter.registry.versions import pin
+
     sm = cfg.sagemaker
     sagemaker, _ = clients(sm, session)
-    result = target.deploy(deploy_config(cfg, champion_uri), endpoint_name=sm.endpoint_name,
+    deploy_cfg = deploy_config(cfg, champion_uri)
+    # The endpoint's model names the version the alias points to now: an update or a rollback
+    # of the endpoint never loads another one.
+    pinned = pin(deploy_cfg.model_uri, MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri))
+    result = target.deploy(deploy_cfg.model_copy(update={"model_uri": pinned.uri}), endpoint_name=sm.endpoint_name,
                            tracking_uri=cfg.tracking_uri, region=sm.region, backend="boto3", client=sagemaker,
                            timeout=cfg.timeout_seconds, poll_seconds=sm.poll_seconds, progress=progress,
+                           tags=pinned.labels(), deployment_config=target.guardrails(
+                               sm.canary_percent, wait_seconds=sm.canary_wait_seconds, alarms=sm.rollback_alarms,
+                               timeout=cfg.timeout_seconds),
                            **endpoint_network_and_secrets(sm))
     return {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool))}

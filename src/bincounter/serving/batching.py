@@ -94,6 +94,13 @@ class Batcher:
             self._items.popleft()
         return bool(self._items)
 
+    def fail_all(self, outcome: Outcome) -> int:
+        """Answer every waiting image with ``outcome`` (no worker is left to run them)."""
+        failed = self._pop(len(self._items))
+        for item in failed:
+            item.future.set_result(outcome)
+        return len(failed)
+
     def _pop(self, n: int) -> list[_Item]:
         out = []
         while self._items and len(out) < n:
@@ -114,11 +121,15 @@ def _settle(items: list[_Item], outcomes: list[Outcome] | None = None, error: Ba
 
 
 async def _consume(batcher: Batcher, run: Callable[[list[bytes]], Awaitable[list[Outcome]]],
-                   observe: Callable[[int, float], None]) -> None:
+                   observe: Callable[[int, float], None],
+                   before_take: Callable[[], Awaitable[None]] | None = None) -> None:
     """Take batches from ``batcher`` forever, ``run`` each and settle its requests: with their
     outcomes, or, when ``run`` raises (a model or engine bug), with the error, which every
-    request of the batch answers as a 500. ``observe(size, seconds)`` gets each good batch."""
+    request of the batch answers as a 500. ``observe(size, seconds)`` gets each good batch;
+    ``before_take`` is awaited before each batch is taken (a down worker's revival)."""
     while True:
+        if before_take is not None:
+            await before_take()
         items = await batcher.take()
         if not items:
             continue
@@ -155,8 +166,21 @@ class InlineRunner:
         pass
 
 
+class WorkerDown(RuntimeError):
+    """A worker process died and could not be started again (its model gone, memory short)."""
+
+
+NO_WORKER = "no inference worker is running"
+
+
 class ProcessRunner:
-    """``workers`` supervised worker processes, each fed by its own consumer."""
+    """``workers`` supervised worker processes, each fed by its own consumer.
+
+    A worker that dies or hangs is replaced. One that cannot be started again is down: its
+    consumer takes no work until a restart succeeds (retried with backoff), the batch it held
+    is answered 503 with the reason, and while no worker runs ``alive()`` is 0, so the server
+    answers 503 at once and ``/readyz`` says why, instead of holding requests forever.
+    """
 
     def __init__(self, spec: EngineSpec, workers: int, timeout_s: float,
                  on_restart: Callable[[], None] = lambda: None):
@@ -166,6 +190,7 @@ class ProcessRunner:
         self.processes = [WorkerProcess(spec) for _ in range(workers)]
         self.workers = workers
         self.info: ModelInfo | None = None
+        self.last_error: str | None = None  # why the last restart failed; None once one succeeds
 
     def start(self) -> ModelInfo:
         """Start every worker (blocking; the model loads in each)."""
@@ -184,17 +209,28 @@ class ProcessRunner:
             w.stop()
 
     async def _restart(self, worker: WorkerProcess) -> None:
+        """Replace a dead or hung worker once; WorkerDown when the new one cannot start."""
         worker.kill()
+        worker.stop(grace=0)
         self.on_restart()
+        try:
+            await anyio.to_thread.run_sync(worker.start)
+        except Exception as exc:  # noqa: BLE001 - the reason goes to /readyz and the answers
+            self.last_error = f"{NO_WORKER}: a restart failed with {type(exc).__name__}: {exc}"
+            log.error("could not restart a worker: %s: %s", type(exc).__name__, exc)
+            raise WorkerDown(self.last_error) from exc
+        self.last_error = None
+
+    async def _revive(self, worker: WorkerProcess) -> None:
+        """Retry starting a down worker, with backoff, until it runs."""
         delay = 1.0
-        while True:
+        while worker.executor is None:
+            await asyncio.sleep(delay)
             try:
-                await anyio.to_thread.run_sync(worker.start)
-                return
-            except Exception as exc:  # noqa: BLE001 - keep trying: the other workers still serve
-                log.error("could not restart a worker (%s: %s); retrying in %.0f s", type(exc).__name__, exc, delay)
-                await asyncio.sleep(delay)
+                await self._restart(worker)
+            except WorkerDown:
                 delay = min(delay * 2, 30.0)
+        log.info("worker %s is back", worker.pid)
 
     async def _attempt(self, worker: WorkerProcess, images: list[bytes]) -> list[Outcome] | None:
         """Run a batch; None if the worker died or hung (it has been replaced then)."""
@@ -207,16 +243,26 @@ class ProcessRunner:
             return None
 
     async def run(self, worker: WorkerProcess, images: list[bytes]) -> list[Outcome]:
-        outcomes = await self._attempt(worker, images)
-        if outcomes is not None:
-            return outcomes
-        # Isolate the culprit: each image once more, alone, on the fresh worker.
-        retried = []
-        for data in images:
-            single = await self._attempt(worker, [data])
-            retried.append(single[0] if single is not None else ("error", 400, CRASHED))
-        return retried
+        try:
+            outcomes = await self._attempt(worker, images)
+            if outcomes is not None:
+                return outcomes
+            # Isolate the culprit: each image once more, alone, on the fresh worker.
+            retried = []
+            for data in images:
+                single = await self._attempt(worker, [data])
+                retried.append(single[0] if single is not None else ("error", 400, CRASHED))
+            return retried
+        except WorkerDown as exc:
+            return [("error", 503, str(exc))] * len(images)
 
     async def consume(self, index: int, batcher: Batcher, observe: Callable[[int, float], None]) -> None:
         worker = self.processes[index]
-        await _consume(batcher, lambda images: self.run(worker, images), observe)
+
+        async def revive_if_down() -> None:
+            if worker.executor is None:  # down: take no more work until it runs again
+                if not self.alive():  # and nobody else will take what waits
+                    batcher.fail_all(("error", 503, self.last_error or NO_WORKER))
+                await self._revive(worker)
+
+        await _consume(batcher, lambda images: self.run(worker, images), observe, before_take=revive_if_down)

@@ -25,7 +25,10 @@ class CountResult(BaseModel):
     confidence: float
     expected_count: float
     probabilities: list[float]
+    label: str | None = None  # the class counted ("3", or "6+" for a pooled last class)
+    labels: list[str] | None = None  # every class, in the order of ``probabilities``
     model_uri: str
+    model_version: str | None = None  # the registry version served (None for a folder or a run)
     expected: int | None = None
     match: bool | None = None
     probability_of_expected: float | None = None
@@ -64,8 +67,9 @@ class Counter:
     def require_ready(self) -> None:
         state = self.state
         if not state.ready:
-            detail = f"model {state.model_uri} is not loaded ({state.status})"
-            if state.error:
+            detail = (f"model {state.model_uri} cannot answer now: {state.problem}" if state.status == "ready"
+                      else f"model {state.model_uri} is not loaded ({state.status})")
+            if state.status != "ready" and state.error:
                 detail += f": {state.error}"
             raise HTTPException(503, detail=detail, headers={"Retry-After": "5"})
 
@@ -90,11 +94,19 @@ class Counter:
                 raise HTTPException(outcome[1], detail=f"{truncate(outcome[2])}{where}")
             row = outcome[1]
             metrics.predicted_count.observe(row["count"])
-            answer = {**row, "model_uri": self.state.model_uri}
+            answer = {**row, **self.describe(row), "model_uri": self.state.model_uri}
             if expected[i] is not None:
                 answer.update(inventory_check(row, expected[i], self.state.info, self.cfg.verdict))
             answers.append(answer)
         return answers
+
+    def describe(self, row: dict) -> dict:
+        """What every answer says besides the count: the class names and the version served."""
+        names = list(self.state.info.class_names) if self.state.info and self.state.info.class_names else None
+        out: dict = {"model_version": self.state.version or None}
+        if names and len(names) == len(row["probabilities"]):
+            out.update(labels=names, label=names[max(range(len(names)), key=row["probabilities"].__getitem__)])
+        return out
 
     async def count_raw(self, request: Request, expected: int | None) -> dict:
         """One image sent as the raw request body."""

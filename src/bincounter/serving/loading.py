@@ -32,7 +32,13 @@ class ModelState:
 
     @property
     def ready(self) -> bool:
-        return self.status == "ready"
+        """Loaded, and at least one worker runs to answer."""
+        return self.status == "ready" and (self.runner is None or self.runner.alive() > 0)
+
+    @property
+    def problem(self) -> str | None:
+        """Why the server cannot answer now: a failed load, or no worker running."""
+        return self.error or (getattr(self.runner, "last_error", None) if self.status == "ready" else None)
 
 
 def configure_tracking(model_uri: str) -> None:
@@ -137,6 +143,7 @@ def load_into(state: ModelState, cfg: ServeConfig, metrics, *, model: Any | None
     try:
         if model is not None or loader is not None:
             runner = InlineRunner(model if model is not None else loader(state.model_uri), cfg.max_pixels)
+            state.version = model_version(state.model_uri)
         else:
             state.workdir = tempfile.mkdtemp(prefix="bincounter-serve-")
             workdir = Path(state.workdir)

@@ -18,13 +18,13 @@ def readiness(state: ModelState) -> JSONResponse:
     a failed load, with the error)."""
     body: dict[str, Any] = {"status": state.status, "model_uri": state.model_uri, "pid": os.getpid()}
     if state.version:
-        body["version"] = state.version
+        body["model_version"] = state.version
     if state.info is not None:
         body["backend"] = state.info.backend
     if isinstance(state.runner, ProcessRunner) and state.ready:
         body["worker_pids"] = [w.pid for w in state.runner.processes if w.pid is not None]
-    if state.error:
-        body["error"] = state.error
+    if not state.ready and state.problem:
+        body["error"] = state.problem
     return JSONResponse(body, status_code=200 if state.ready else 503)
 
 

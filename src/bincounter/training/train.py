@@ -4,7 +4,8 @@ One call, ``train(cfg, data_dir, out_dir)``, on one process or under ``torchrun`
 Every epoch writes ``checkpoint.pt`` (model, EMA, optimizer, scheduler, epoch, history);
 a rerun with the same ``out_dir`` (or any folder, given ``checkpoint_uri``) resumes from it; under
 DDP every rank resumes from the checkpoint rank 0 finds. Each epoch reseeds every RNG from
-(seed, epoch), so a resumed run equals an uninterrupted one.
+(seed, epoch), the DataLoader workers' augmentations included (seeded per batch from the
+epoch's seed and the batch's first sample), so a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from bincounter import tracking
 from bincounter.training.checkpoints import CheckpointMirror
 from bincounter.config import TrainConfig
-from bincounter.data.dataset import AUX_TARGETS, load_split, make_loader, materialize
+from bincounter.data.dataset import AUX_TARGETS, load_split, make_loader, materialize, seed_epoch
 from bincounter.training.distill import (cached_teacher_probabilities, distill_loss, read_cached, teacher_probabilities,
                                 write_cache)
 from bincounter.evaluation.metrics import evaluate_predictions
@@ -457,7 +458,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
         # each rank gets its own stream (else all ranks draw the same augmentations); world=1 is unchanged.
         epoch_seed = (cfg.seed * 1000 + epoch) * world + rank
         seed_everything(epoch_seed)
-        train_loader.generator.manual_seed(epoch_seed)
+        seed_epoch(train_loader, epoch_seed)  # the shuffle and the augmentations, in workers too
         if sampler is not None:
             sampler.set_epoch(epoch)
         t0 = time.perf_counter()
