@@ -42,6 +42,10 @@ class ModelSpec:
     class_names: tuple[str, ...] = ()
     tta: bool = False  # average over the four flips; evaluation and serving both honour it
     rot90: bool = False  # trained with 90-degree rotations: test-time augmentation adds the transposes
+    # Fitted on held-out validation photos after training (bincounter.training.calibrate):
+    temperature: float = 1.0  # logits are divided by it before the softmax: calibrated probabilities
+    count_set_threshold: float | None = None  # a count is in an answer's count set at this probability
+    count_set_coverage: float | None = None  # ... which held the true count this often
 
     def to_dict(self) -> dict:
         return asdict(self)

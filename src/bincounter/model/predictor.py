@@ -19,17 +19,22 @@ class TTAProbabilities(nn.Module):
     test-time augmentation happens (eager evaluation, the pyfunc and the ONNX export all run
     this module), so a served model behaves exactly as it was evaluated."""
 
-    def __init__(self, model: nn.Module, spec: ModelSpec):
+    def __init__(self, model: nn.Module, spec: ModelSpec, temperature: float | None = None):
         super().__init__()
         self.model = model
         self.tta = spec.tta
         self.rot90 = spec.rot90
+        # The calibrated temperature (model.calibration): every path that answers probabilities runs this module.
+        self.temperature = float(spec.temperature if temperature is None else temperature)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def view_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[photos, views, classes]: each test-time view's logits, before the temperature."""
         views = tta_views(x, self.rot90) if self.tta else [x]
         # One model call over all views: batch norm is in eval mode, so images stay independent.
-        p = F.softmax(self.model(torch.cat(views)).float(), dim=1)
-        return p.view(len(views), x.shape[0], -1).mean(0)
+        return self.model(torch.cat(views)).float().view(len(views), x.shape[0], -1).transpose(0, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softmax(self.view_logits(x) / self.temperature, dim=2).mean(1)
 
 
 class Predictor:
@@ -50,10 +55,15 @@ class Predictor:
         return cls(model, spec, device)
 
     @torch.no_grad()
-    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
-        """Class probabilities for a normalised NCHW batch."""
+    def probabilities(self, batch: torch.Tensor, temperature: float | None = None) -> np.ndarray:
+        """Class probabilities for a normalised NCHW batch (at the spec's temperature, or ``temperature``)."""
         # Built per call from the current spec (cheap), so a changed ``spec.tta`` takes effect.
-        return TTAProbabilities(self.model, self.spec)(batch.to(self.device)).cpu().numpy()
+        return TTAProbabilities(self.model, self.spec, temperature)(batch.to(self.device)).cpu().numpy()
+
+    @torch.no_grad()
+    def view_logits(self, batch: torch.Tensor) -> np.ndarray:
+        """[photos, views, classes] logits of the test-time views (to fit a temperature on)."""
+        return TTAProbabilities(self.model, self.spec).view_logits(batch.to(self.device)).cpu().numpy()
 
     def prepare_one(self, data: bytes) -> torch.Tensor:
         """Decode (refusing doubtful input, see ``decode_untrusted``) and transform one image."""
