@@ -19,7 +19,19 @@ def test_evaluate_writes_metrics_plots_and_report(model_dir, data_dir, tmp_path)
         assert key in m
     assert 0.0 <= m["accuracy"] <= m["within_1"] <= 1.0
     assert sum(map(sum, m["confusion_matrix"])) == test_size
-    assert {p.name for p in result.plots} == {"confusion_matrix.png", "per_class.png", "reliability.png"}
+    assert {p.name for p in result.plots} == {"confusion_matrix.png", "per_class.png", "reliability.png",
+                                              "reliability_before_after.png", "verdict_figures.png"}
+    # Calibration before and after on the test photos; the verdict thresholds chosen for the model.
+    cal = m["calibration"]
+    assert cal["temperature"] != 1.0 and cal["count_set_threshold"] is not None
+    assert cal["nll_after"] <= cal["nll_before"] + 1e-3  # fitted on validation photos, judged on test photos
+    assert 0.0 <= cal["count_set_covered"] <= 1.0 and cal["count_set_mean_size"] >= 1.0
+    verdicts = json.loads((tmp_path / "verdict.json").read_text())
+    assert verdicts == result.verdicts and set(verdicts["chosen"]) == {"posterior", "thresholds"}
+    assert m["verdict_chosen"] == verdicts["chosen"] and verdicts["photos"] == test_size
+    report = (tmp_path / "report.md").read_text()
+    assert "Calibration (temperature" in report and "Verdicts: thresholds chosen" in report
+    assert "| error rate | rule |" in report
     assert "Held-out split" in (tmp_path / "report.md").read_text()
     assert "data:image/png;base64" in (tmp_path / "report.html").read_text()
     lines = (tmp_path / "predictions.csv").read_text().splitlines()

@@ -30,6 +30,8 @@ from bincounter.config import EVAL_METRICS, EvaluateConfig
 from bincounter.data.dataset import make_loader, read_samples, ShardDataset, shard_urls
 from bincounter.fileio import atomic_write
 from bincounter.ids import is_file_stem
+from bincounter.model.calibration import VERDICT_FILE, nll
+from bincounter.model.calibration import probabilities as calibrated_probabilities
 from bincounter.model.predictor import Predictor
 from bincounter.data.preprocess import ORIGINALS, ORIGINALS_OF
 from bincounter.data.sources import IMAGES
@@ -48,6 +50,7 @@ class EvaluateResult:
     out_dir: Path
     metrics: dict
     plots: list[Path]
+    verdicts: dict  # verdict.json: the thresholds chosen for the model and what they do (evaluation.verdicts)
 
     def summary(self) -> dict[str, float]:
         """The headline scalars (for KFP ``Metrics``, MLflow and the promotion gate)."""
@@ -204,7 +207,10 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, data_dir: str | Path, o
     found = original_paths(data_dir, ids, originals) if originals else None
     dataset = ShardDataset(samples, predictor.transform)
     loader = make_loader(dataset, batch_size=cfg.batch_size, shuffle=False, workers=0, pin_memory=False)
-    shard_probs = np.concatenate([predictor.probabilities(x) for x, _ in loader])
+    # Each view's logits once: the probabilities as served (the spec's temperature) and raw ones.
+    logits = np.concatenate([predictor.view_logits(x) for x, _ in loader])
+    shard_probs = calibrated_probabilities(logits, spec.temperature)
+    raw_probs = calibrated_probabilities(logits, 1.0)
     y = dataset.labels.numpy()
     names = list(spec.class_names) or [str(int(v)) for v in predictor.values]
     shards = _figures(y, shard_probs, spec.min_count, names)
@@ -240,18 +246,49 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, data_dir: str | Path, o
     result["beyond_answers"] = beyond
 
     from bincounter.evaluation import plots
+    from bincounter.evaluation import verdicts as V
+
+    # Calibration on the same photos and path, the temperature the only difference (the served
+    # path's answers are calibrated only: its engine runs the exported graph).
+    y_answered = y[answered]
+    rel_before, rel_after = M.reliability(y_answered, raw_probs[answered]), M.reliability(y_answered,
+                                                                                        shard_probs[answered])
+    result["calibration"] = {"temperature": spec.temperature, "count_set_threshold": spec.count_set_threshold,
+                             "count_set_coverage": spec.count_set_coverage,
+                             "nll_before": nll(raw_probs[answered], y_answered),
+                             "nll_after": nll(shard_probs[answered], y_answered),
+                             "ece_before": rel_before["ece"], "ece_after": rel_after["ece"]}
+    result["nll"] = nll(probs, y_answered)
+    if spec.count_set_threshold is not None:
+        sets = probs >= spec.count_set_threshold
+        sets[np.arange(len(probs)), probs.argmax(1)] = True  # a set is never empty
+        result["calibration"]["count_set_covered"] = float(sets[np.arange(len(probs)), y_answered].mean())
+        result["calibration"]["count_set_mean_size"] = float(sets.sum(1).mean())
+    verdicts = V.report(y_answered + spec.min_count, probs, spec.min_count, open_ended_classes(names), cfg.verdict,
+                        cfg.target_flag_precision, cfg.max_wrong_passed, confidence=cfg.target_confidence,
+                        before=raw_probs[answered])
+    result["verdict_chosen"] = verdicts["chosen"]
+    atomic_write(out_dir / VERDICT_FILE, json.dumps(verdicts, indent=2).encode())
 
     plot_dir = out_dir / "plots"
     figs = [
         plots.confusion_matrix_plot(np.array(result["confusion_matrix"]), names, plot_dir / "confusion_matrix.png"),
         plots.per_class_plot(result["per_class"], plot_dir / "per_class.png"),
-        plots.reliability_plot(M.reliability(y[answered], probs), plot_dir / "reliability.png"),
+        plots.reliability_plot(M.reliability(y_answered, probs), plot_dir / "reliability.png"),
+        plots.reliability_before_after(rel_before, rel_after, spec.temperature,
+                                       plot_dir / "reliability_before_after.png"),
+        plots.verdict_figures_plot([r for r in verdicts["figures"]], plot_dir / "verdict_figures.png"),
     ]
     _write_predictions(out_dir / "predictions.csv", ids, y, dict(zip(answered.tolist(), probs)), spec.min_count,
                        columns)
     atomic_write(out_dir / "metrics.json", json.dumps(result, indent=2).encode())
-    _write_report(out_dir, result, figs)
-    return EvaluateResult(out_dir=out_dir, metrics=result, plots=figs)
+    _write_report(out_dir, result, figs, verdicts)
+    return EvaluateResult(out_dir=out_dir, metrics=result, plots=figs, verdicts=verdicts)
+
+
+def open_ended_classes(names: Sequence[str]) -> bool:
+    """Whether the last class pools every count from its own up ("6+")."""
+    return bool(names) and str(names[-1]).endswith("+")
 
 
 def _write_predictions(path: Path, ids: list[str], y: np.ndarray, probs: dict[int, np.ndarray], min_count: int,
@@ -269,11 +306,42 @@ def _write_predictions(path: Path, ids: list[str], y: np.ndarray, probs: dict[in
     atomic_write(path, buf.getvalue().encode())
 
 
+def calibration_lines(c: dict) -> list[str]:
+    """The report's calibration paragraph: NLL and ECE before and after the temperature."""
+    lines = [f"Calibration (temperature {c['temperature']:.3f}, fitted on validation photos): negative "
+             f"log-likelihood {c['nll_before']:.4f} before, {c['nll_after']:.4f} after; expected calibration error "
+             f"{c['ece_before']:.4f} before, {c['ece_after']:.4f} after."]
+    if c.get("count_set_covered") is not None:
+        lines.append(f"Count sets (threshold {c['count_set_threshold']:.3f}, for {100 * c['count_set_coverage']:.0f}% "
+                     f"coverage) held the true count for {100 * c['count_set_covered']:.1f}% of these photos, with "
+                     f"{c['count_set_mean_size']:.2f} counts on average.")
+    return lines
+
+
+def verdict_lines(v: dict) -> list[str]:
+    """The report's verdict section: the thresholds chosen and the figures users choose by."""
+    from bincounter.reporting import markdown_table
+
+    chosen = v["chosen"]["posterior"]
+    lines = [f"Verdicts: thresholds chosen on these {v['photos']} photos against an inventory simulated at an error "
+             f"rate of {100 * v['error_rate']:g}% (off by one {100 * v['off_by_one_share']:g}% of the time, by three or "
+             f"more {100 * v['off_by_more_share']:g}%, else by two), for a flag precision of at least {100 * v['target_flag_precision']:g}% and at most "
+             f"{100 * v['max_wrong_passed']:g}% of the wrong records passed as matches: the posterior rule flags at "
+             f"P(record right) <= {chosen['flag_threshold']:.4g} and matches at >= {chosen['match_threshold']:.4g}."]
+    for rule, met in v["meets"].items():
+        if met["flags_nothing"]:
+            lines.append(f"No flag threshold of the {rule} rule reaches the target precision: it flags nothing.")
+        if met["matches_nothing"]:
+            lines.append(f"No match threshold of the {rule} rule passes few enough wrong records: it matches nothing.")
+    lines += ["", *markdown_table(v["table"]["header"], v["table"]["rows"])]
+    return lines
+
+
 def _fmt(value: object) -> object:
     return f"{value:.4f}" if isinstance(value, float) else value
 
 
-def _write_report(out_dir: Path, m: dict, figs: list[Path]) -> None:
+def _write_report(out_dir: Path, m: dict, figs: list[Path], verdicts: dict) -> None:
     from bincounter.reporting import html_page, markdown_table
 
     if m["path"] == SERVED:
@@ -305,6 +373,7 @@ def _write_report(out_dir: Path, m: dict, figs: list[Path]) -> None:
     per = [[n, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", int(v["support"])]
            for n, v in m["per_class"].items()]
     lines += ["", *markdown_table(["count", "precision", "recall", "F1", "support"], per)]
+    lines += ["", *calibration_lines(m["calibration"]), "", *verdict_lines(verdicts)]
     md = ["# Evaluation", "", *lines, "", *[f"![{f.stem}](plots/{f.name})" for f in figs]]
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
     (out_dir / "report.html").write_text(html_page("Evaluation", lines, figs))
