@@ -329,7 +329,9 @@ def test_the_pipeline_steps_run_against_sagemaker_on_moto(moto_url: str, data_di
     assert endpoint["EndpointConfigName"] == served["endpoint_config_name"]
     container = api.describe_model(ModelName=served["model_name"])["PrimaryContainer"]
     assert container["Image"] == SERVE_IMAGE
-    assert container["Environment"]["MODEL_URI"] == "models:/bincounter@champion"
+    # The endpoint is pinned to the version the alias named at deploy time, not the moving alias.
+    champion = mlflow.tracking.MlflowClient().get_model_version_by_alias("bincounter", "champion")
+    assert container["Environment"]["MODEL_URI"] == f"models:/bincounter/{champion.version}"
 
     # Every request that went out satisfies SageMaker's API model.
     operations = [op for op, _ in runtime.sent]

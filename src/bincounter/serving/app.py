@@ -76,7 +76,7 @@ def create_app(cfg: ServeConfig | None = None, *, model: Any | None = None,
     app.state.metrics = metrics
     errors.install(app, cfg)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics, log_requests=cfg.access_log)
-    for router in (page.make_router(cfg.verdict), probes.router(state, metrics), native.router(counter, cfg),
+    for router in (page.make_router(counter.verdict_settings), probes.router(state, metrics), native.router(counter, cfg),
                    kserve.router(counter, cfg), sagemaker.router(counter)):
         app.include_router(router)
     return app

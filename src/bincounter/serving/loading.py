@@ -152,6 +152,7 @@ def load_into(state: ModelState, cfg: ServeConfig, metrics, *, model: Any | None
             runner = ProcessRunner(spec, cfg.workers, cfg.worker_timeout_s, on_restart=metrics.worker_restarts.inc)
         state.runner = runner
         state.info = runner.start()
+        cfg.verdict.thresholds(state.info.chosen)  # the server's thresholds and the model's must make one band
     except BaseException as exc:  # noqa: BLE001 - any failure must reach /readyz and the log
         state.error = f"{type(exc).__name__}: {exc}"
         state.status = "failed"

@@ -14,6 +14,7 @@ Every engine answers a batch with one :data:`Outcome` per image, in order:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -51,6 +52,11 @@ class ModelInfo:
     min_count: int = 0
     class_names: tuple[str, ...] = ()
     pid: int = field(default_factory=os.getpid)
+    # Fitted with the model on held-out photos (model.calibration): the count sets' threshold and
+    # coverage, and the verdict thresholds evaluation chose per rule ({} : the rules' defaults).
+    count_set_threshold: float | None = None
+    count_set_coverage: float | None = None
+    chosen: dict = field(default_factory=dict)
 
     @property
     def overflow_from(self) -> int | None:
@@ -76,7 +82,12 @@ class NativeEngine:
         self.max_pixels = spec.max_pixels
         self.transform = EvalTransform(size=self.model_spec.image_size, mean=self.model_spec.mean,
                                        std=self.model_spec.std)
-        self.info = ModelInfo(spec.backend, self.model_spec.min_count, tuple(self.model_spec.class_names))
+        from bincounter.model.calibration import chosen_thresholds
+
+        self.info = ModelInfo(spec.backend, self.model_spec.min_count, tuple(self.model_spec.class_names),
+                              count_set_threshold=self.model_spec.count_set_threshold,
+                              count_set_coverage=self.model_spec.count_set_coverage,
+                              chosen=chosen_thresholds(folder))
         if spec.backend == "onnx":
             import onnxruntime as ort
 
@@ -136,8 +147,16 @@ class PyfuncEngine:
     def __init__(self, model: Any, backend: str = "pyfunc", max_pixels: int = 40_000_000):
         self.model = model
         self.max_pixels = max_pixels
+        from bincounter.model.calibration import check_chosen
+
         meta = getattr(getattr(model, "metadata", None), "metadata", None) or {}
-        self.info = ModelInfo(backend, int(meta.get("min_count") or 0), tuple(meta.get("class_names") or ()))
+        threshold, coverage = meta.get("count_set_threshold"), meta.get("count_set_coverage")
+        numbers = all(v is None or (isinstance(v, (int, float)) and 0 <= v <= 1) for v in (threshold, coverage))
+        self.info = ModelInfo(backend, int(meta.get("min_count") or 0), tuple(meta.get("class_names") or ()),
+                              count_set_threshold=threshold if numbers else None,
+                              count_set_coverage=coverage if numbers else None,
+                              chosen=check_chosen(meta["verdict"], "the model's metadata") if meta.get("verdict")
+                              else {})
 
     def _predict(self, images: list[bytes]) -> list[dict]:
         import pandas as pd
@@ -222,7 +241,7 @@ def _warm_up(engine: NativeEngine | PyfuncEngine) -> None:
 
 def _worker_info() -> ModelInfo:
     assert _engine is not None
-    return ModelInfo(_engine.info.backend, _engine.info.min_count, _engine.info.class_names, os.getpid())
+    return dataclasses.replace(_engine.info, pid=os.getpid())
 
 
 def _worker_run(images: list[bytes]) -> list[Outcome]:
