@@ -367,7 +367,8 @@ class DeployConfig(_Config):
     model_uri: str = Field("models:/bincounter@champion")
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0 picks a free port.")
-    image: str = Field(f"{IMAGE_REPOSITORY}:{__version__}", description="Serving image (Kubernetes, KServe, SageMaker).")
+    image: str = Field(f"{IMAGE_REPOSITORY}:{__version__}-serve",
+                       description="Serving image (Kubernetes, KServe): dockerfiles/Dockerfile.serve, no torch.")
     namespace: str = "bincounter"
     replicas: int = Field(1, ge=1)
     mlflow_secret: str | None = Field(None, description="Kubernetes and KServe: secret in the serving namespace whose "
@@ -604,7 +605,7 @@ class SageMakerConfig(_Config):
     output_prefix: str = Field("bincounter/jobs", description="SageMaker writes <job>/output/model.tar.gz here.")
     checkpoint_prefix: str = Field("bincounter/checkpoints", description="Each job's checkpoints: <prefix>/<job>/.")
     training_image: str | None = Field(None, description="ECR URI of the training image (dockerfiles/Dockerfile.cuda for GPUs).")
-    serving_image: str | None = Field(None, description="ECR URI of the serving image (dockerfiles/Dockerfile).")
+    serving_image: str | None = Field(None, description="ECR URI of the serving image (dockerfiles/Dockerfile.serve).")
     instance_type: str = Field("ml.g5.xlarge", description="Training instance (1 A10G GPU, 4 vCPUs).")
     instance_count: int = Field(
         1, ge=1, description="Training instances; more than one trains data-parallel (DDP) across them, every "
@@ -709,7 +710,7 @@ class Resources(_Config):
 IMAGE_NAME = "bincounter"
 # The project's images in a registry: the CPU image (every stage, the server), its CUDA build
 # (GPU training) and the serving image; each tag is the package version plus this suffix.
-IMAGE_SUFFIXES = {"cpu": "", "cuda": "-cuda", "serving": ""}
+IMAGE_SUFFIXES = {"cpu": "", "cuda": "-cuda", "serving": "-serve"}
 ImageKind = Literal["cpu", "cuda", "serving"]
 
 # KFP backend releases the compiled YAML can be made for, oldest first, and what each newer one
@@ -758,7 +759,7 @@ class ClusterConfig(_Config):
     registry: str = Field(
         default_factory=lambda: _env("BINCOUNTER_REGISTRY") or "ghcr.io/bincounter",
         description="Registry (and path) of the project's images (default $BINCOUNTER_REGISTRY, else "
-                    "ghcr.io/bincounter): <registry>/bincounter:<version>, ...-cuda.")
+                    "ghcr.io/bincounter): <registry>/bincounter:<version>, ...-cuda, ...-serve.")
     image: str | None = Field(default_factory=lambda: _env("BINCOUNTER_IMAGE"),
                               description="Image of the CPU tasks (default $BINCOUNTER_IMAGE, else "
                                           "<registry>/bincounter:<version>).")
@@ -768,7 +769,7 @@ class ClusterConfig(_Config):
     serving_image: str | None = Field(default_factory=lambda: _env("BINCOUNTER_SERVING_IMAGE"),
                                       description="Image the deploy step serves the model with (Deployment, "
                                                   "InferenceService; default $BINCOUNTER_SERVING_IMAGE, else "
-                                                  "<registry>/bincounter:<version>).")
+                                                  "<registry>/bincounter:<version>-serve, dockerfiles/Dockerfile.serve).")
     tracking_uri: str = Field(
         "http://mlflow.mlflow.svc.cluster.local:5000",
         description="MLflow tracking server every task and the served model share (default: manifests/mlflow's). "

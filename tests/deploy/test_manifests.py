@@ -191,7 +191,7 @@ def test_images_are_pinned(kubectl: str) -> None:
                 assert re.search(r"(:[\w][\w.-]*|@sha256:[0-9a-f]{64})$", image.rsplit("/", 1)[-1]), f"{where}: {image} untagged"
                 assert not image.endswith(":latest"), f"{where}: {image}"
                 if image.startswith(PROJECT_IMAGE):
-                    assert re.fullmatch(re.escape(PROJECT_IMAGE) + r":\d+\.\d+\.\d+(-cuda)?", image), image
+                    assert re.fullmatch(re.escape(PROJECT_IMAGE) + r":\d+\.\d+\.\d+(-cuda|-serve)?", image), image
 
 
 # --------------------------------------------------------------------------- serving
@@ -206,7 +206,7 @@ def test_serving_deployment(kubectl: str) -> None:
     deployment = find(docs, "Deployment", "bincounter")
     pod = deployment["spec"]["template"]["spec"]
     (server,) = pod["containers"]
-    assert server["image"] == f"{PROJECT_IMAGE}:0.1.0"
+    assert server["image"] == f"{PROJECT_IMAGE}:0.1.0-serve"
     assert server["command"][:3] == ["python", "-m", "bincounter.serving"]
     assert {"name": "http", "containerPort": 8080, "protocol": "TCP"} in server["ports"]
     assert server["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -253,7 +253,7 @@ def test_kserve_inferenceservice(kubectl: str) -> None:
     assert 1 <= predictor["minReplicas"] <= predictor["maxReplicas"]
     (container,) = predictor["containers"]
     assert container["name"] == "kserve-container"  # KServe finds the predictor by this name
-    assert container["image"] == f"{PROJECT_IMAGE}:0.1.0"
+    assert container["image"] == f"{PROJECT_IMAGE}:0.1.0-serve"
     assert [p["containerPort"] for p in container["ports"]] == [8080]
     env = {k: v.get("value") for k, v in container_env(container).items()}
     assert env["PROTOCOL"] == "v1"

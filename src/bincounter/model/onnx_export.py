@@ -17,7 +17,8 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-ONNX_FILE = "model.onnx"
+from bincounter.model.spec import ONNX_FILE
+
 _OPSET = 17
 _TOLERANCE = 1e-4
 # torch.onnx.export keeps its state in module globals (and warnings filters are process-wide):

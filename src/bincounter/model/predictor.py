@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bincounter.model.networks import ModelSpec, load_trained
+from bincounter.model.networks import load_trained
+from bincounter.model.spec import ModelSpec, describe
 from bincounter.model.transforms import DEFAULT_MAX_PIXELS, EvalTransform, decode_untrusted, tta_views
 
 
@@ -90,15 +91,3 @@ class Predictor:
     def describe(self, p: np.ndarray) -> dict:
         return describe(p, self.spec)
 
-
-def describe(p: np.ndarray, spec: ModelSpec) -> dict:
-    """One image's answer from its class probabilities."""
-    values = np.arange(spec.min_count, spec.min_count + spec.num_classes, dtype=np.float64)
-    k = int(p.argmax())
-    return {
-        "count": int(values[k]),
-        "label": spec.class_names[k] if spec.class_names else str(int(values[k])),
-        "confidence": float(p[k]),
-        "expected_count": float(p @ values),
-        "probabilities": [float(v) for v in p],
-    }
