@@ -322,7 +322,11 @@ def test_the_pipeline_steps_run_against_sagemaker_on_moto(moto_url: str, data_di
 
     # Hosting: model, endpoint config and endpoint created, waited for until InService.
     hosting = SageMakerHostingConfig(sagemaker=sm, tracking_uri="https://mlflow.example.com")
-    served = steps.deploy(hosting, registered["champion_uri"], session=session, progress=False)
+    local = mlflow.tracking.MlflowClient()
+    with pytest.MonkeyPatch.context() as mp:
+        # The endpoint's tracking server, where the step pins the champion, is this test's store.
+        mp.setattr(mlflow, "MlflowClient", lambda **_: local)
+        served = steps.deploy(hosting, registered["champion_uri"], session=session, progress=False)
     assert (served["operation"], served["status"], served["backend"]) == ("create", "InService", "boto3")
     api = session.client("sagemaker", region_name="us-east-1", endpoint_url=moto_url)
     endpoint = api.describe_endpoint(EndpointName="bincounter")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -125,10 +124,8 @@ def deploy(cfg: SageMakerHostingConfig, champion_uri: str, *, session: Any = Non
     sagemaker, _ = clients(sm, session)
     deploy_cfg = deploy_config(cfg, champion_uri)
     # The endpoint's model names the version the alias points to now: an update or a rollback
-    # of the endpoint never loads another one. The alias is read where this pipeline registered
-    # ($MLFLOW_TRACKING_URI), else where the endpoint will look (on a cluster both are one server).
-    registry = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
-    pinned = pin(deploy_cfg.model_uri, MlflowClient(tracking_uri=registry, registry_uri=registry))
+    # of the endpoint never loads another one.
+    pinned = pin(deploy_cfg.model_uri, MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri))
     result = target.deploy(deploy_cfg.model_copy(update={"model_uri": pinned.uri}), endpoint_name=sm.endpoint_name,
                            tracking_uri=cfg.tracking_uri, region=sm.region, backend="boto3", client=sagemaker,
                            timeout=cfg.timeout_seconds, poll_seconds=sm.poll_seconds, progress=progress,
