@@ -31,6 +31,7 @@ CRD_KINDS = {
     ("serving.kserve.io/v1beta1", "InferenceService"),
     ("kubeflow.org/v1", "PyTorchJob"),
     ("kubeflow.org/v1beta1", "Experiment"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
 }
 # Oldest Kubernetes the manifests target, and the newest schema kubernetes-validate has.
 K8S_VERSIONS = ("1.30.0", "latest")
@@ -240,6 +241,34 @@ def test_serving_deployment(kubectl: str) -> None:
 
 def pod_labels(workload: dict[str, Any]) -> dict[str, str]:
     return workload["spec"]["template"]["metadata"]["labels"]
+
+
+def test_the_hpa_scales_on_the_in_flight_images_prometheus_scrapes_and_the_adapter_serves(kubectl: str) -> None:
+    from bincounter.serving.metrics import ServerMetrics
+
+    serving = build(kubectl, MANIFESTS / "serving")
+    hpa = find(serving, "HorizontalPodAutoscaler")
+    (pods,) = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    name = pods["metric"]["name"]
+    assert float(pods["target"]["averageValue"]) > 0 and any(m["type"] == "Resource" for m in hpa["spec"]["metrics"])
+    exported = {m.name for m in ServerMetrics().registry.collect()}
+    assert name in exported, f"the server exports no {name}: {sorted(exported)}"
+    # Prometheus scrapes the serving pods on their http port...
+    monitor = find(build(kubectl, MANIFESTS / "monitoring"), "PodMonitor")
+    deployment = find(serving, "Deployment", "bincounter")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels(deployment).items()
+    assert monitor["metadata"]["namespace"] == find(serving, "Namespace")["metadata"]["name"]
+    (server,) = deployment["spec"]["template"]["spec"]["containers"]
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] in {p["name"] for p in server["ports"]} and endpoint["path"] == "/metrics"
+    # ... the network policy lets it in, and prometheus-adapter serves the metric under the HPA's name.
+    policy = find(serving, "NetworkPolicy")
+    sources = [s.get("namespaceSelector", {}).get("matchLabels", {}) for r in policy["spec"]["ingress"] for s in r["from"]]
+    assert {"kubernetes.io/metadata.name": "monitoring"} in sources
+    values = yaml.safe_load((MANIFESTS / "monitoring" / "prometheus-adapter-values.yaml").read_text())
+    (rule,) = values["rules"]["custom"]
+    assert rule["seriesQuery"].startswith(name + "{") and rule["name"]["as"] == name
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}  # a per-pod metric, as type Pods needs
 
 
 # --------------------------------------------------------------------------- CRDs

@@ -600,3 +600,31 @@ def test_serving_never_imports_training() -> None:
             "print('bincounter.training.train' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_images_in_flight_count_from_arrival_to_answer_for_the_autoscaler():
+    """bincounter_images_in_flight (what the HPA scales on): waiting and in a batch, then none."""
+    import asyncio
+
+    from bincounter.serving.batching import Batcher
+
+    async def scenario() -> list[int]:
+        batcher = Batcher(max_batch_size=4, max_wait_s=0.0, max_queue=16)
+        seen = []
+        request = asyncio.create_task(batcher.submit([b"a", b"b", b"c"]))
+        await asyncio.sleep(0.01)
+        seen.append(batcher.in_flight)  # all three waiting
+        items = await batcher.take()
+        seen.append(batcher.in_flight)  # taken by a worker, not yet answered: still in flight
+        for item in items:
+            item.future.set_result(("ok", {}))
+        await request
+        seen.append(batcher.in_flight)
+        gone = asyncio.create_task(batcher.submit([b"d"]))  # a client that goes away
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        seen.append(batcher.in_flight)
+        return seen
+
+    assert asyncio.run(scenario()) == [3, 3, 0, 0]

@@ -69,6 +69,7 @@ def create_app(cfg: ServeConfig | None = None, *, model: Any | None = None,
     metrics = ServerMetrics()
     counter = Counter(cfg, state, metrics)
     metrics.queue_depth.set_function(lambda: counter.batcher.depth if counter.batcher else 0)
+    metrics.in_flight.set_function(lambda: counter.batcher.in_flight if counter.batcher else 0)
     metrics.workers_alive.set_function(lambda: state.runner.alive() if state.runner and state.ready else 0)
     app = FastAPI(title="bincounter", summary="Count the items in a warehouse bin photo.", version=__version__,
                   lifespan=lifespan(cfg, counter, model=model, loader=loader))
