@@ -327,6 +327,12 @@ class EvaluateConfig(_Config):
         "be that sure of a flag's precision, and nothing is flagged.")
     verdict: VerdictConfig = Field(VerdictConfig(), description="The rule and the error rate the thresholds are chosen "
                                    "under (set thresholds here are ignored: choosing them is the point).")
+    int8: bool = Field(
+        True, description="Also quantize the served graph to INT8 (ONNX Runtime static quantization, calibrated on "
+        "validation photos) and score it on the same test photos; it is kept, registered and served when its accuracy "
+        "is within int8_max_accuracy_drop of fp32 (the figures are then the INT8 graph's).")
+    int8_max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0, description="Most accuracy INT8 may lose against fp32.")
+    int8_calibration_photos: int = Field(128, ge=1, description="Validation photos that set INT8's activation ranges.")
 
 
 # The metrics the promotion gate can compute for both models from their answers on the same photos.
@@ -479,6 +485,9 @@ class ServeConfig(_Config):
         "auto", description="Inference engine: 'auto' runs the model.onnx registered with the model in ONNX Runtime "
         "(fastest measured on CPU), else eager PyTorch; 'pyfunc' calls any MLflow model's predict."
     )
+    precision: Literal["auto", "fp32", "int8"] = Field(
+        "auto", description="ONNX graph to run: 'auto' takes model.int8.onnx when the model was registered with it "
+        "(evaluation kept it, within its accuracy bound of fp32), else model.onnx; 'int8' refuses a model without it.")
     workers: int = Field(2, ge=1, description="Inference worker processes; a crashing one fails its batch "
                          "(retried image by image) and is replaced.")
     threads_per_worker: int = Field(1, ge=1, description="Compute threads per worker process.")

@@ -219,6 +219,7 @@ def register(cfg: RegisterConfig, model_dir: str, eval_dir: str, data_dir: str, 
     from bincounter.data.preprocess import load_dataset_info
     from bincounter.evaluation.gate import champion_scorer, paired_judge, write_smoke_set
     from bincounter.model.calibration import VERDICT_FILE
+    from bincounter.model.spec import INT8_ONNX_FILE
     from bincounter.registry.register import register as run
 
     metrics = json.loads((Path(eval_dir) / "metrics.json").read_text())
@@ -234,9 +235,9 @@ def register(cfg: RegisterConfig, model_dir: str, eval_dir: str, data_dir: str, 
     with tempfile.TemporaryDirectory(prefix="bincounter-gate-") as tmp:
         work = Path(out_dir) / "gate" if out_dir else Path(tmp)
         judge = paired_judge(cfg, spec, challenger, champion_scorer(cfg, data_dir, work))
-        verdicts = Path(eval_dir) / VERDICT_FILE
+        verdicts, int8 = Path(eval_dir) / VERDICT_FILE, Path(eval_dir) / INT8_ONNX_FILE
         r = run(cfg, model_dir, summary, judge=judge, run_id=run_id, lineage=lineage, example_images=examples,
-                verdict_file=verdicts if verdicts.is_file() else None)
+                verdict_file=verdicts if verdicts.is_file() else None, int8_file=int8 if int8.is_file() else None)
         out = {"name": r.name, "version": r.version, "model_uri": r.model_uri, "promoted": r.promoted,
                "reason": r.reason, "champion_uri": f"models:/{r.name}@champion"}
         if out_dir and cfg.smoke_photos:

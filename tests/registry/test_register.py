@@ -133,7 +133,10 @@ def test_the_verdict_thresholds_evaluation_chose_are_served_with_the_model(model
     from bincounter.serving.worker import load_engine
 
     evaluation = tmp_path / "eval"
-    launch.evaluate(EvaluateConfig(latency_samples=0), str(model_dir), str(data_dir), str(evaluation))
+    # An INT8 bound no graph can miss: evaluation keeps model.int8.onnx, registration serves it.
+    launch.evaluate(EvaluateConfig(latency_samples=0, int8_max_accuracy_drop=1.0), str(model_dir), str(data_dir),
+                    str(evaluation))
+    assert (evaluation / "model.int8.onnx").is_file()
     verdicts = json.loads((evaluation / "verdict.json").read_text())
     spec = json.loads((model_dir / "model_spec.json").read_text())
     out = launch.register(RegisterConfig(model_name="verdict-test"), str(model_dir), str(evaluation), str(data_dir))
@@ -144,6 +147,7 @@ def test_the_verdict_thresholds_evaluation_chose_are_served_with_the_model(model
     folder = download(out["model_uri"], tmp_path / "served")
     assert json.loads((native_folder(folder) / "verdict.json").read_text())["chosen"] == verdicts["chosen"]
     engine = load_engine(engine_spec(ServeConfig(), folder, tmp_path))
+    assert engine.info.backend == "onnx-int8"
     assert engine.info.chosen == verdicts["chosen"]
     assert engine.info.count_set_threshold == spec["count_set_threshold"]
     card = MlflowClient().get_model_version("verdict-test", out["version"]).description

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 ONNX_FILE = "model.onnx"  # the graph the server runs (model.onnx_export writes it)
+INT8_ONNX_FILE = "model.int8.onnx"  # its INT8 version, when evaluation kept it (model.quantize)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # EfficientNet-Lite was trained on inputs scaled to [-1, 1].

@@ -277,9 +277,11 @@ def files_sha256(model_dir: str | Path, extra: Sequence[Path] = ()) -> str:
 
 def register(cfg: RegisterConfig, model_dir: str | Path, metrics: dict[str, float], *, judge: Judge,
              run_id: str | None = None, lineage: dict[str, str] | None = None,
-             example_images: list[bytes] | None = None, verdict_file: Path | None = None) -> RegisterResult:
+             example_images: list[bytes] | None = None, verdict_file: Path | None = None,
+             int8_file: Path | None = None) -> RegisterResult:
     """Log, register, tag, and gate with ``judge``. ``run_id`` is the training run to attach the model to;
-    ``verdict_file``: the evaluation's verdict thresholds and figures, served with the model."""
+    ``verdict_file``: the evaluation's verdict thresholds and figures, served with the model;
+    ``int8_file``: the INT8 graph evaluation scored and kept (``model.int8.onnx``), served by default."""
     import json
 
     import mlflow
@@ -293,7 +295,7 @@ def register(cfg: RegisterConfig, model_dir: str | Path, metrics: dict[str, floa
     lineage = {"git_commit": git_commit(), **(lineage or {})}
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register") as run:
         mlflow.log_params({k: str(v) for k, v in cfg.flat("register.").items()})
-        extra = [verdict_file] if verdict_file is not None else []
+        extra = [f for f in (verdict_file, int8_file) if f is not None]
         verdicts = json.loads(verdict_file.read_text()) if verdict_file is not None else None
         info = log_pyfunc(model_dir, example_images or [], verdicts, extra)
         tracking.log_metrics({f"test_{k}": v for k, v in metrics.items()})

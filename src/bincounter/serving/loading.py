@@ -111,7 +111,7 @@ ONNX_ONLY = ("this image serves ONNX models only (it holds no PyTorch); bincount
 def engine_spec(cfg: ServeConfig, model_path: Path, workdir: Path) -> EngineSpec:
     """Pick the engine for a downloaded model: ONNX Runtime when it is a bincounter model
     (exporting ``model.onnx`` if it was registered without one and torch is here), else its pyfunc."""
-    from bincounter.model.spec import ONNX_FILE
+    from bincounter.model.spec import INT8_ONNX_FILE, ONNX_FILE
 
     native = native_folder(model_path)
     backend = cfg.backend
@@ -127,6 +127,12 @@ def engine_spec(cfg: ServeConfig, model_path: Path, workdir: Path) -> EngineSpec
         raise ValueError(f"backend {backend!r} needs a bincounter model ({SPEC_FILE}); {model_path} has none")
     if backend == "torch":
         return EngineSpec("torch", str(native), **common)
+    int8 = native / INT8_ONNX_FILE
+    if cfg.precision == "int8" and not int8.is_file():
+        raise ValueError(f"precision 'int8' asked for, but {model_path} has no {INT8_ONNX_FILE} (evaluation keeps it "
+                         "only when it answers within its accuracy bound of fp32): serve with --precision fp32 or auto")
+    if cfg.precision != "fp32" and int8.is_file():
+        return EngineSpec("onnx", str(native), onnx_path=str(int8), precision="int8", **common)
     onnx = native / ONNX_FILE
     if not onnx.is_file():
         if not has_torch():

@@ -39,6 +39,7 @@ class EngineSpec:
     backend: str  # "onnx" | "torch" | "pyfunc"
     model_path: str  # the bincounter model folder (onnx, torch) or the MLflow model folder (pyfunc)
     onnx_path: str | None = None
+    precision: str = "fp32"  # of the ONNX graph: "fp32" | "int8"
     threads: int = 1
     max_pixels: int = 40_000_000
 
@@ -77,7 +78,8 @@ class NativeEngine:
 
         folder = Path(spec.model_path)
         self.model_spec = ModelSpec.from_dict(json.loads((folder / SPEC_FILE).read_text()))
-        self.info = ModelInfo(spec.backend, self.model_spec.min_count, tuple(self.model_spec.class_names),
+        label = f"{spec.backend}-int8" if spec.precision == "int8" else spec.backend
+        self.info = ModelInfo(label, self.model_spec.min_count, tuple(self.model_spec.class_names),
                               count_set_threshold=self.model_spec.count_set_threshold,
                               count_set_coverage=self.model_spec.count_set_coverage,
                               chosen=chosen_thresholds(folder))
