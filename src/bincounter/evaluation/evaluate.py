@@ -374,8 +374,8 @@ def int8_lines(c: dict) -> list[str]:
     rows = [[k, *(_fmt(c.get(f"{k}_{p}")) for p in ("fp32", "int8"))]
             for k in ("accuracy", "nll", "ece", "throughput_images_per_s", "latency_ms_p50")]
     return ["## INT8", "", f"The served graph quantized to INT8 (calibrated on validation photos) against fp32 on the "
-            f"same photos: the same count on {c['same_count']:.1%}, accuracy {c['accuracy_drop'] * 100:+.1f} points "
-            f"lost (bound {c['max_accuracy_drop'] * 100:.1f}). "
+            f"same photos: the same count on {c['same_count']:.1%}, accuracy {-c['accuracy_drop'] * 100:+.1f} points "
+            f"against fp32 (it may lose at most {c['max_accuracy_drop'] * 100:.1f}). "
             + ("Kept: it is registered and served, and the figures above are its." if kept else
                "Not kept: the model is registered and served in fp32."), "",
             *markdown_table(["metric", "fp32", "int8"], rows)]
