@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml demo/pyproject.toml | cks
 export BINCOUNTER_HOME ?= $(CURDIR)/.bincounter
 UI_PORT ?= 5000
 
-.PHONY: help venv browser demo test test-fast imports docs ui compile bench lint clean image image-cuda image-test image-test-cuda
+.PHONY: help venv browser demo test test-fast imports docs ui compile bench lint clean image image-cuda image-serve image-test image-test-cuda image-test-serve
 
 help:
 	@echo "make demo      whole pipeline end to end, offline (synthetic data, local S3, MLflow, model server)"
@@ -18,7 +18,8 @@ help:
 	@echo "make compile   pipeline.yaml for Kubeflow Pipelines"
 	@echo "make bench     speed benchmarks (bench/)"
 	@echo "make image     CPU image (docker, or buildah where no docker daemon answers); make image-cuda: CUDA image"
-	@echo "make image-test        builds the CPU image if the sources changed, then tests it from inside (incl. the demo)"
+	@echo "make image-serve       the serving image (ONNX Runtime, no torch: dockerfiles/Dockerfile.serve)"
+	@echo "make image-test        builds the CPU and serving images if the sources changed, then tests both from inside (incl. the demo)"
 	@echo "make image-test-cuda   the same for the CUDA image (torch is a CUDA build, every module imports)"
 
 $(STAMP): pyproject.toml demo/pyproject.toml
@@ -67,7 +68,7 @@ bench: venv
 
 lint: venv
 	$(VENV)/bin/yamllint manifests
-	$(VENV)/bin/hadolint dockerfiles/Dockerfile dockerfiles/Dockerfile.cuda dockerfiles/Dockerfile.sagemaker
+	$(VENV)/bin/hadolint dockerfiles/Dockerfile dockerfiles/Dockerfile.cuda dockerfiles/Dockerfile.sagemaker dockerfiles/Dockerfile.serve
 
 # Images: dockerfiles/build.py picks docker or buildah, makes a base where the pinned one cannot
 # be pulled, passes this machine's pip settings as build secrets, and tags each image by a
@@ -78,8 +79,15 @@ image:
 image-cuda:
 	$(PYTHON) dockerfiles/build.py build cuda
 
+image-serve:
+	$(PYTHON) dockerfiles/build.py build serve
+
 image-test:
 	$(PYTHON) dockerfiles/build.py test cpu
+	$(PYTHON) dockerfiles/build.py test serve
+
+image-test-serve:
+	$(PYTHON) dockerfiles/build.py test serve
 
 image-test-cuda:
 	$(PYTHON) dockerfiles/build.py test cuda

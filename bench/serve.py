@@ -17,6 +17,10 @@ no HTTP, no decoding: the best of one session on every core (spinning threads on
 one single-threaded session's rate times the number of cores. Eager PyTorch on the same input is printed beside it (how the
 inference path was chosen).
 
+With ``$BENCH_SERVE_IMAGE`` set to the serving image (``make image-serve``: no torch), ours runs
+in that image instead (docker, else buildah, host network), on the registered model's files
+mounted read-only; the baseline and the raw limits stay in this venv.
+
 Run: ``.venv/bin/python bench/serve.py`` (from a git worktree, point
 ``$BINCOUNTER_SHARED_DATA`` at the abid-dev folder); the last line is ``ratio: X.XX (goal >= 2.0)``
 (our photos/s over mlflow's at concurrency 8).
@@ -29,6 +33,7 @@ import http.client
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -82,6 +87,29 @@ def register_model(work: Path) -> str:
     register(RegisterConfig(model_name="bench-serve"), model_dir, {"accuracy": 0.0},
              judge=lambda champion: Verdict(True, "bench: the only model"))
     return "models:/bench-serve@champion"
+
+
+def ours_command(model_uri: str, port: int, work: Path) -> tuple[list[str], str | None]:
+    """How to start our server: in this venv, or in $BENCH_SERVE_IMAGE on the model's files.
+    Returns the command and the buildah container to remove afterwards (None otherwise)."""
+    args = ["--port", str(port), "--no-access-log"]
+    image = os.environ.get("BENCH_SERVE_IMAGE")
+    if not image:
+        return [sys.executable, "-m", "bincounter.serving", "--model-uri", model_uri, *args], None
+    import mlflow
+
+    (work / "served").mkdir(parents=True)
+    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(work / "served")))
+    folder = next(folder.rglob("model_spec.json")).parent
+    for path in [work.parent, work, *work.rglob("*")]:  # the image's user (uid 10001) reads the mount
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    inner = ["python", "-m", "bincounter.serving", "--model-uri", "/model", "--host", "127.0.0.1", *args]
+    if subprocess.run(["docker", "info"], capture_output=True).returncode == 0 if shutil.which("docker") else False:
+        return ["docker", "run", "--rm", "--network", "host", "-v", f"{folder}:/model:ro", image, *inner], None
+    ctr = subprocess.run(["buildah", "from", "--pull=never", "--quiet", image], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    return ["buildah", "run", "--isolation", "chroot", "--network", "host", "-v", f"{folder}:/model:ro", ctr, "--",
+            *inner], ctr
 
 
 def free_port() -> int:
@@ -233,18 +261,25 @@ def main() -> None:
         os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
         port = free_port()
-        ours = start([sys.executable, "-m", "bincounter.serving", "--model-uri", model_uri, "--port", str(port),
-                      "--no-access-log"], port, "/readyz", work / "ours.log")
+        command, container = ours_command(model_uri, port, work / "image")
+        if container or command[0] == "docker":
+            print(f"ours: in {os.environ['BENCH_SERVE_IMAGE']} ({command[0]})", flush=True)
         try:
-            measure("ours", port, [("/v1/count", b, {"Content-Type": "image/jpeg"}) for b in images], results)
-            import psutil
+            ours = start(command, port, "/readyz", work / "ours.log")
+            try:
+                measure("ours", port, [("/v1/count", b, {"Content-Type": "image/jpeg"}) for b in images], results)
+                import psutil
 
-            tree = [psutil.Process(ours.pid), *psutil.Process(ours.pid).children(recursive=True)]
-            # PSS: shared library pages (torch, onnxruntime) counted once across the processes.
-            print(f"   ours memory: {sum(p.memory_full_info().pss for p in tree) / 2**20:.0f} MiB proportional set "
-                  f"size, server and {len(tree) - 1} child processes", flush=True)
+                tree = [p for p in [psutil.Process(ours.pid), *psutil.Process(ours.pid).children(recursive=True)]
+                        if "python" in p.name()]  # not docker's or buildah's own processes
+                # PSS: shared library pages (onnxruntime, numpy) counted once across the processes.
+                print(f"   ours memory: {sum(p.memory_full_info().pss for p in tree) / 2**20:.0f} MiB proportional "
+                      f"set size, server and {len(tree) - 1} child processes", flush=True)
+            finally:
+                stop(ours)
         finally:
-            stop(ours)
+            if container:
+                subprocess.run(["buildah", "rm", container], capture_output=True)
 
         port = free_port()
         mlflow_cmd = [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", model_uri,

@@ -9,7 +9,8 @@ def evaluate(model: Input[Model], data: Input[Dataset], results: Output[Dataset]
              confusion: Output[ClassificationMetrics], report: Output[HTML], config: dict, tracking_uri: str,
              experiment: str):
     """Score the model on the held-out test split: accuracy, RMSE, MAE, within-1, per-class
-    F1, the 0-5 figures comparable with published results, calibration and latency.
+    F1, the 0-5 figures comparable with published results, calibration before and after, the
+    verdict thresholds chosen for the model and what they do at a few error rates, and latency.
     ``config`` is an ``EvaluateConfig``. The headline figures are those of the served path:
     the test photos' originals, which preprocess keeps in ``data``, through the model server's
     engine; the shard path's are logged beside as ``shards_*``."""
@@ -20,7 +21,7 @@ def evaluate(model: Input[Model], data: Input[Dataset], results: Output[Dataset]
     results.metadata["config"] = cfg.model_dump(mode="json")
     out = launch.evaluate(cfg, model.path, data.path, results.path, tracking_uri=tracking_uri or None,
                           experiment=experiment, run_id=model.metadata.get("mlflow_run_id"), report_html=report.path)
-    for name, value in {**out["summary"], **out["comparison"]}.items():
+    for name, value in {**out["summary"], **out["comparison"], **out["verdicts"]}.items():
         metrics.log_metric(name, value)
     confusion.log_confusion_matrix(out["class_names"], out["confusion_matrix"])
     results.metadata.update({**out["summary"], **out["comparison"], "path": out["path"]})

@@ -43,7 +43,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DOCKERFILES = {"cpu": REPO / "dockerfiles" / "Dockerfile", "cuda": REPO / "dockerfiles" / "Dockerfile.cuda"}
+DOCKERFILES = {"cpu": REPO / "dockerfiles" / "Dockerfile", "cuda": REPO / "dockerfiles" / "Dockerfile.cuda",
+               "serve": REPO / "dockerfiles" / "Dockerfile.serve"}
+# Each image's tag suffix and the variable that names it instead (as the cluster settings read them).
+SUFFIXES = {"cpu": "", "cuda": "-cuda", "serve": "-serve"}
+IMAGE_VARIABLES = {"cpu": "BINCOUNTER_IMAGE", "cuda": "BINCOUNTER_CUDA_IMAGE", "serve": "BINCOUNTER_SERVING_IMAGE"}
 LOCAL_BASE_REPO = "localhost/bincounter-base"
 USER = "10001:10001"
 # What pip.conf calls these settings; which ones are files, folders or URLs decides how they travel.
@@ -406,13 +410,14 @@ def build_args(variant: str) -> dict[str, str]:
     Dockerfile's defaults cannot be reached (each one said out loud)."""
     dockerfile = DOCKERFILES[variant]
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-    args = {"VERSION": version + ("-cuda" if variant == "cuda" else "")}
-    for name in ("PYTHON_IMAGE", "TORCH_INDEX_URL", "TORCH_VERSION", "TORCHVISION_VERSION", "EXTRAS"):
+    args = {"VERSION": version + SUFFIXES[variant]}
+    for name in ("PYTHON_IMAGE",) + (() if variant == "serve" else ("TORCH_INDEX_URL", "TORCH_VERSION",
+                                                                    "TORCHVISION_VERSION", "EXTRAS")):
         if name in os.environ:
             args[name] = os.environ[name]
     cafile = host_pip_config().get("cert")
-    index = args.get("TORCH_INDEX_URL", dockerfile_default(dockerfile, "TORCH_INDEX_URL"))
-    if not reachable(index.rstrip("/") + "/torch/", cafile):
+    index = "" if variant == "serve" else args.get("TORCH_INDEX_URL", dockerfile_default(dockerfile, "TORCH_INDEX_URL"))
+    if index and not reachable(index.rstrip("/") + "/torch/", cafile):
         log(f"WARNING: {index} cannot be reached: torch comes from the default index instead "
             f"(on x86_64 Linux that is the CUDA build, several GB larger). Set TORCH_INDEX_URL to a reachable index.")
         args["TORCH_INDEX_URL"] = ""
@@ -422,8 +427,7 @@ def build_args(variant: str) -> dict[str, str]:
 
 def image_name(variant: str) -> str:
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-    default = f"ghcr.io/bincounter/bincounter:{version}" + ("-cuda" if variant == "cuda" else "")
-    return os.environ.get("BINCOUNTER_CUDA_IMAGE" if variant == "cuda" else "BINCOUNTER_IMAGE") or default
+    return os.environ.get(IMAGE_VARIABLES[variant]) or f"ghcr.io/bincounter/bincounter:{version}{SUFFIXES[variant]}"
 
 
 def source_tag(variant: str, args: dict[str, str]) -> str:
@@ -541,8 +545,8 @@ def closed_to_others(path: Path) -> Path | None:
     return None
 
 
-def test(variant: str, demo: bool) -> None:
-    """Build when the image for the current sources is missing, then run image_test.py inside it."""
+def current(variant: str) -> str:
+    """The image built from the current sources (building it when missing)."""
     args = build_args(variant)
     tagged = source_tag(variant, args)
     if image_exists(tagged):
@@ -551,20 +555,47 @@ def test(variant: str, demo: bool) -> None:
         log(f"{tagged} not built yet: building")
         build(variant, args)
     log(f"{image_name(variant)}: {image_size(tagged)}")
-    inner = ["python", "/src/dockerfiles/image_test.py", "--variant", variant] + ([] if demo else ["--no-demo"])
+    return tagged
+
+
+def run_in(image: str, inner: list[str], mounts: list[tuple[Path, str, bool]], user: str | None = USER) -> None:
+    """Run ``inner`` in a container of ``image``; ``mounts``: (host folder, path inside, writable)."""
     env = ["BINCOUNTER_HOME=/tmp/bincounter-home"]
+    if engine() == "docker":
+        volumes = [a for host, inside, rw in mounts for a in ("-v", f"{host}:{inside}:{'rw' if rw else 'ro'}")]
+        run(["docker", "run", "--rm", *(["--user", user] if user else []), "--read-only", "--tmpfs", "/tmp:exec",
+             *volumes, *[a for e in env for a in ("-e", e)], image, *inner])
+        return
+    volumes = [a for host, inside, rw in mounts for a in ("-v", f"{host}:{inside}:{'rw' if rw else 'ro'}")]
+    ctr = run(["buildah", "from", "--pull=never", "--quiet", image], capture=True).stdout.strip()
+    try:
+        run(["buildah", "run", "--isolation", "chroot", *(["--user", user] if user else []), *volumes,
+             *[a for e in env for a in ("--env", e)], ctr, "--", *inner])
+    finally:
+        run(["buildah", "rm", ctr], check=False, capture=True)
+
+
+def test_serve() -> None:
+    """The serving image, on a model the CPU image makes (the serving image cannot: no torch)."""
+    serve, cpu = current("serve"), current("cpu")
+    with mounted_sources() as src, tempfile.TemporaryDirectory(prefix="bincounter-serving-models-",
+                                                               ignore_cleanup_errors=True) as tmp:
+        models = Path(tmp)
+        models.chmod(0o777)  # written by the image's user (uid 10001)
+        inner = ["python", "/src/dockerfiles/image_test.py", "--models", "/models", "--variant"]
+        run_in(cpu, [*inner, "serving-model"], [(src, "/src", False), (models, "/models", True)])
+        run_in(serve, [*inner, "serve"], [(src, "/src", False), (models, "/models", False)])
+
+
+def test(variant: str, demo: bool) -> None:
+    """Build when the image for the current sources is missing, then run image_test.py inside it."""
+    if variant == "serve":
+        test_serve()
+        return
+    tagged = current(variant)
+    inner = ["python", "/src/dockerfiles/image_test.py", "--variant", variant] + ([] if demo else ["--no-demo"])
     with mounted_sources() as src:
-        if engine() == "docker":
-            cmd = ["docker", "run", "--rm", "--user", USER, "--read-only", "--tmpfs", "/tmp:exec",
-                   "-v", f"{src}:/src:ro", *[a for e in env for a in ("-e", e)], tagged, *inner]
-            run(cmd)
-        else:
-            ctr = run(["buildah", "from", "--pull=never", "--quiet", tagged], capture=True).stdout.strip()
-            try:
-                run(["buildah", "run", "--isolation", "chroot", "--user", USER, "-v", f"{src}:/src:ro",
-                     *[a for e in env for a in ("--env", e)], ctr, "--", *inner])
-            finally:
-                run(["buildah", "rm", ctr], check=False, capture=True)
+        run_in(tagged, inner, [(src, "/src", False)])
     if variant == "cpu":
         test_sagemaker_variant(tagged)
     # image_test.py's own closing line ("image-test: N passed, 0 failed") stays the last one.

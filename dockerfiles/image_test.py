@@ -8,6 +8,12 @@ cpu:  ``bincounter --help``; every module imports; the KFP executor entry point 
       launches them (the compiled component's command and args); ``bincounter demo`` runs the
       whole pipeline (local S3, MLflow, training, registry, model server, counts).
 cuda: every module imports and torch is a CUDA build (no GPU needed).
+serving-model: (in the CPU image) writes the model the serving image is tested with: EfficientNet-Lite0
+      at 224 px with test-time views (ImageNet weights from the offline package, an untrained head),
+      its model.onnx, and a copy without it.
+serve: (in the serving image) no torch and no training code inside; the server starts on that
+      model, answers /readyz, a count, the page, /metrics and 413/415/400 on bad bodies, refuses
+      a model without model.onnx with the reason; start time and memory (2 workers) measured.
 """
 
 from __future__ import annotations
@@ -296,13 +302,180 @@ def check_sagemaker_variant_trains() -> None:
     print(f"   {' '.join(line for line in proc.stdout.splitlines() if line.startswith('epoch='))[:160]}")
 
 
+# -- the serving image ---------------------------------------------------------------------------
+
+
+@step("serving model: EfficientNet-Lite0 at 224 px, its model.onnx, and a copy without it")
+def make_serving_model(out: Path) -> None:
+    import shutil
+
+    import torch
+
+    from bincounter.model.networks import ModelSpec, build_model, normalization_for
+    from bincounter.model.onnx_export import export_onnx
+    from bincounter_demo.synth import SynthConfig, generate
+
+    mean, std = normalization_for("efficientnet_lite0")
+    spec = ModelSpec(backbone="efficientnet_lite0", num_classes=6, image_size=224, mean=mean, std=std,
+                     class_names=tuple("012345"), tta=True)
+    model = build_model(spec, pretrained="auto").eval()
+    folder = out / "lite0"
+    folder.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "spec": spec.to_dict(), "epoch": 0}, folder / "model.pt")
+    (folder / "model_spec.json").write_text(json.dumps(spec.to_dict()))
+    export_onnx(folder)
+    shutil.copytree(folder, out / "no-onnx", ignore=shutil.ignore_patterns("model.onnx"))
+    generate(SynthConfig(n_images=4, image_size=320, seed=1), out / "photos")
+    for path in out.rglob("*"):  # the serving image's user reads them from a read-only mount
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+@step("the serving image holds no torch, no training code and no pipelines; the server's modules import")
+def check_serving_contents() -> None:
+    import importlib.util
+
+    for absent in ("torch", "torchvision", "kfp", "matplotlib", "pandas", "bincounter.training",
+                   "bincounter.evaluation", "bincounter.data", "bincounter.registry", "components", "pipelines"):
+        try:
+            found = importlib.util.find_spec(absent)
+        except ModuleNotFoundError:  # the parent package is absent too
+            found = None
+        assert found is None, f"{absent} is in the serving image ({found.origin})"
+    package = importlib.import_module("bincounter.serving")
+    names = [m.name for m in pkgutil.walk_packages(package.__path__, "bincounter.serving.")
+             if not m.name.endswith(".__main__")]
+    for name in ["bincounter.model.images", "bincounter.model.spec", "bincounter.model.calibration", *names]:
+        importlib.import_module(name)
+    print(f"   {len(names)} serving modules import")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(url: str, data: bytes | None = None, content_type: str = "image/jpeg") -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type} if data is not None else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _pss_mib(pid: int) -> float:
+    """Proportional set size of a process and its children (shared pages counted once)."""
+    pids, total = [pid], 0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    pids.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    for p in pids:
+        for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+def _huge_png() -> bytes:
+    """A PNG declaring 30,000 x 30,000 pixels, its data truncated (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 30_000, 30_000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 5000)[:200])
+
+
+@step("the server starts on a local model folder, counts, serves the page and /metrics, refuses bad bodies")
+def check_serving(models: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    started = time.perf_counter()
+    server = subprocess.Popen([sys.executable, "-m", "bincounter.serving", "--model-uri", str(models / "lite0"),
+                               "--port", str(port), "--workers", "2", "--no-access-log"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while not _ready(url):
+            assert server.poll() is None, f"the server exited: {server.stderr.read()[-3000:]}"
+            assert time.perf_counter() - started < 120, "not ready within 120 s"
+            time.sleep(0.05)
+        ready = time.perf_counter() - started
+        photo = next((models / "photos" / "bin-images").glob("*.jpg")).read_bytes()
+        status, body = _request(url + "/v1/count?expected=2", photo)
+        answer = json.loads(body)
+        assert status == 200 and answer["count"] in range(6) and answer["verdict"] in ("match", "mismatch", "unsure"), body
+        status, page = _request(url + "/")
+        assert status == 200 and b"<html" in page.lower(), page[:200]
+        status, metrics = _request(url + "/metrics")
+        assert status == 200 and b"bincounter_" in metrics
+        ico = io.BytesIO()
+        Image.new("RGB", (16, 16)).save(ico, "ICO")
+        for payload, expected in ((_huge_png(), 413), (ico.getvalue(), 415), (b"not an image", 400), (b"", 400)):
+            status, body = _request(url + "/v1/count", payload)
+            assert status == expected, (expected, status, body[:200])
+        memory = _pss_mib(server.pid)
+        print(f"   ready in {ready:.1f} s (process start to /readyz 200); memory {memory:.0f} MiB PSS with 2 workers; "
+              f"count {answer['count']} ({answer['verdict']})")
+        print(f"SERVING-IMAGE ready_s={ready:.2f} pss_mib={memory:.0f}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return _request(url + "/readyz")[0] == 200
+    except OSError:  # not listening yet
+        return False
+
+
+@step("a model registered without model.onnx is refused with the reason (the image has no torch to export it)")
+def check_serving_refuses_torch_models(models: Path) -> None:
+    port = _free_port()
+    proc = subprocess.run([sys.executable, "-m", "bincounter.serving", "--model-uri", str(models / "no-onnx"),
+                           "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert "serves ONNX models only" in proc.stderr and "register it again" in proc.stderr, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-m", "bincounter.serving", "--model-uri", str(models / "lite0"),
+                           "--backend", "torch", "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "serves ONNX models only" in proc.stderr, proc.stderr[-2000:]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--variant", choices=["cpu", "cuda", "sagemaker"], required=True)
+    parser.add_argument("--variant", choices=["cpu", "cuda", "sagemaker", "serving-model", "serve"], required=True)
     parser.add_argument("--no-demo", action="store_true")
+    parser.add_argument("--models", type=Path, default=Path("/models"), help="serving-model writes, serve reads")
     args = parser.parse_args()
     started = time.perf_counter()
     WORK.mkdir(parents=True, exist_ok=True)
+    if args.variant == "serving-model":
+        make_serving_model(args.models)
+        return
+    if args.variant == "serve":
+        check_user()
+        check_serving_contents()
+        check_serving(args.models)
+        check_serving_refuses_torch_models(args.models)
+        print(f"serve image checked in {time.perf_counter() - started:.0f} s")
+        print(f"image-test: {len(PASSED)} passed, 0 failed", flush=True)
+        return
     if args.variant == "sagemaker":  # the root variant of the CPU image: its own checks only
         check_sagemaker_variant_trains()
         print(f"image-test: {len(PASSED)} passed, 0 failed", flush=True)

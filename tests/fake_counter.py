@@ -69,9 +69,11 @@ class FakeCounter(mlflow.pyfunc.PythonModel):
                 "probabilities": probs}
 
 
-def register_fake(folder: Path, work: Path, *, reliability: dict | None = None, name: str = "bincounter") -> str:
+def register_fake(folder: Path, work: Path, *, reliability: dict | None = None, verdicts: dict | None = None,
+                  name: str = "bincounter") -> str:
     """Log and register the fake counter for ``folder`` as ``name@champion``; with
-    ``reliability``, also log an evaluation metrics.json beside it. Returns the version."""
+    ``reliability``, also log an evaluation metrics.json beside it, with ``verdicts`` a
+    verdict.json (the thresholds evaluation chose). Returns the version."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -83,6 +85,8 @@ def register_fake(folder: Path, work: Path, *, reliability: dict | None = None, 
                                        pip_requirements=["pandas"])
         if reliability is not None:
             mlflow.log_dict({"n": 100, "reliability": reliability}, "evaluation/metrics.json")
+        if verdicts is not None:
+            mlflow.log_dict(verdicts, "evaluation/verdict.json")
     version = mlflow.register_model(info.model_uri, name).version
     MlflowClient().set_registered_model_alias(name, "champion", version)
     return str(version)

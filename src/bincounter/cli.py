@@ -19,6 +19,7 @@ import tyro
 from bincounter.config import (
     AuditConfig,
     DeployConfig,
+    ErrorRateConfig,
     EvaluateConfig,
     IngestConfig,
     PreprocessConfig,
@@ -151,9 +152,30 @@ def audit(source: Annotated[str, tyro.conf.arg(metavar="SOURCE", help="s3://buck
     _print(launch.audit(AuditConfig.model_validate(cfg.model_dump()), str(out)))
 
 
+def error_rate(reviewed: Annotated[Path, tyro.conf.arg(metavar="CSV", help="id,expected,counted: the record's "
+                                                 "count and the count a person found, for a random sample of bins.")], /,
+               cfg: Annotated[ErrorRateConfig, Flat] = ErrorRateConfig()) -> None:
+    """Estimate the inventory's error rate (and how wrong its wrong records are) from bins people
+    counted, for --verdict.error-rate and --verdict.off-by-one-share. The bins must be a random
+    sample: bins counted because they were flagged are wrong far more often than the rest."""
+    from bincounter.audit.error_rate import estimate
+
+    found = estimate(reviewed, cfg)
+    advice = {}
+    if found.high is not None:
+        advice = {"suggested": f"--verdict.error-rate {found.error_rate:.3g} (the estimate); {found.high:.3g} is the "
+                               "interval's upper end, safer when wrong bins must not pass" if found.wrong else
+                  f"--verdict.error-rate {found.high:.3g} (no wrong record among these: the interval's upper end)"}
+        if found.off_by_one_share is not None:
+            advice["suggested"] += (f"; --verdict.off-by-one-share {found.off_by_one_share:.2f} "
+                                    f"--verdict.off-by-more-share {found.off_by_more_share:.2f}")
+    _print({**found.to_dict(), **advice})
+
+
 COMMANDS = {
     "ingest": ingest, "preprocess": preprocess, "train": train, "evaluate": evaluate, "compare": compare,
     "register": register, "deploy": deploy, "undeploy": undeploy, "serve": serve, "predict": predict, "audit": audit,
+    "error-rate": error_rate,
 }
 # Commands other installed packages add, and how to get them when they are missing.
 PLUGIN_GROUP = "bincounter.commands"

@@ -232,8 +232,70 @@ class TrainConfig(_Config):
     )
     tta: bool = Field(True, description="Average predictions over the flips (and with rot90 the transposes) of "
                       "each photo at evaluation and serving.")
+    calibrate: bool = Field(True, description="After training, fit a temperature on half the validation photos (so "
+                            "the served probabilities are honest) and the count sets' threshold on the other half "
+                            "(training.calibrate); both are stored in the model's spec.")
+    count_set_coverage: float = Field(0.9, gt=0.0, lt=1.0, description="Count sets hold the true count this often "
+                                      "(split conformal on held-out photos).")
     profile: bool = Field(False, description="Record a torch.profiler trace of a few steps.")
     progress: bool = True
+
+
+VerdictRule = Literal["posterior", "thresholds"]
+# (flag, match) thresholds of each rule when neither the config nor the model's evaluation chose them.
+VERDICT_DEFAULTS: dict[str, tuple[float, float]] = {"posterior": (0.05, 0.95), "thresholds": (0.05, 0.5)}
+
+
+class VerdictConfig(_Config):
+    """How a photo's count and the inventory's expected count become a verdict.
+
+    Rule ``posterior`` (the default): the probability that the record is right given the photo and
+    the record, from the model's calibrated probabilities and the inventory's own error rate (how
+    often a record is wrong, and how wrong: off by one or by two). Rule ``thresholds``: the
+    model's probability of the expected count alone (the rule before; it ignores how rare wrong
+    records are, so its flags are right less often). Either way "mismatch" when the figure is at
+    most ``flag_threshold``, "match" when at least ``match_threshold``, else "unsure" (a person
+    looks). Thresholds left unset take those evaluation chose for the model and stored with it
+    (``evaluation.verdicts``), else the rule's defaults (``VERDICT_DEFAULTS``).
+    """
+
+    rule: VerdictRule = Field("posterior", description="'posterior': P(record right | photo, record) with the "
+                              "inventory's error rate; 'thresholds': the model's probability of the expected count.")
+    error_rate: float = Field(
+        0.05, gt=0.0, lt=1.0, description="Share of bins whose recorded count is wrong. 5% by default, the upper end "
+        "of the record error rates warehouses report (1-5%): a rate set too low passes wrong bins as matches, so "
+        "when unsure err high, and set it from bins people counted (bincounter error-rate).")
+    off_by_one_share: float = Field(0.8, ge=0.0, le=1.0, description="Of the wrong records, the share off by one item "
+                                    "(the rest off by two, but for off_by_more_share).")
+    off_by_more_share: float = Field(
+        0.05, ge=0.0, le=1.0, description="Of the wrong records, the share off by three items or more (spread evenly "
+        "over the counts the model knows): without it a grossly wrong record has no explanation and passes.")
+    flag_threshold: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Flag a bin as a mismatch when the rule's figure is at most this (default: "
+        "the model's chosen threshold, else 0.05).")
+    match_threshold: float | None = Field(
+        None, gt=0.0, le=1.0, description="Call a bin a match when the rule's figure is at least this (default: the "
+        "model's chosen threshold, else 0.95 for posterior, 0.5 for thresholds); between them a person decides.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "VerdictConfig":
+        if self.off_by_one_share + self.off_by_more_share > 1.0:
+            raise ValueError("off_by_one_share + off_by_more_share must be at most 1 (the rest is off by two)")
+        if self.flag_threshold is not None and self.match_threshold is not None \
+                and self.flag_threshold >= self.match_threshold:
+            raise ValueError("flag_threshold must be below match_threshold (the band between them is 'unsure')")
+        return self
+
+    def thresholds(self, chosen: dict | None = None) -> tuple[float, float]:
+        """(flag, match): this config's own where set, else those chosen for the model under this
+        rule (``chosen``: {rule: {"flag_threshold", "match_threshold"}}), else the rule's defaults."""
+        flag, match = VERDICT_DEFAULTS[self.rule]
+        picked = (chosen or {}).get(self.rule) or {}
+        flag = picked.get("flag_threshold", flag) if self.flag_threshold is None else self.flag_threshold
+        match = picked.get("match_threshold", match) if self.match_threshold is None else self.match_threshold
+        if flag >= match:
+            raise ValueError(f"flag threshold {flag} is not below match threshold {match}")
+        return float(flag), float(match)
 
 
 # The scalar figures the evaluate stage reports (its KFP Metrics, its MLflow test_* metrics),
@@ -245,9 +307,32 @@ LOWER_IS_BETTER = frozenset({"rmse", "mae", "range_rmse", "range_mae", "latency_
 
 
 class EvaluateConfig(_Config):
+    """Held-out figures, and the verdict thresholds chosen for the model (``evaluation.verdicts``):
+    on the test photos against an inventory simulated at ``verdict.error_rate``, the thresholds
+    that meet both targets and settle the most bins without a person. Evaluation stores them with
+    the model; the server and the audit use them unless told otherwise."""
+
     batch_size: int = Field(64, ge=1)
     latency_samples: int = Field(32, ge=0, description="Single-image requests timed for latency.")
     device: str = "auto"
+    target_flag_precision: float = Field(
+        0.95, gt=0.0, le=1.0, description="Of the bins flagged as mismatches, at least this share must really be "
+        "wrong (a person sent to a flagged bin finds an error).")
+    max_wrong_passed: float = Field(
+        0.05, ge=0.0, le=1.0, description="Of the wrong records, at most this share may be called a match (passed "
+        "without a person).")
+    target_confidence: float = Field(
+        0.9, gt=0.5, lt=1.0, description="How sure the chosen thresholds meet both targets on photos to come, not "
+        "just on the test photos (the shares are taken at their one-sided Wilson bounds): too few test photos to "
+        "be that sure of a flag's precision, and nothing is flagged.")
+    verdict: VerdictConfig = Field(VerdictConfig(), description="The rule and the error rate the thresholds are chosen "
+                                   "under (set thresholds here are ignored: choosing them is the point).")
+    int8: bool = Field(
+        True, description="Also quantize the served graph to INT8 (ONNX Runtime static quantization, calibrated on "
+        "validation photos) and score it on the same test photos; it is kept, registered and served when its accuracy "
+        "is within int8_max_accuracy_drop of fp32 (the figures are then the INT8 graph's).")
+    int8_max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0, description="Most accuracy INT8 may lose against fp32.")
+    int8_calibration_photos: int = Field(128, ge=1, description="Validation photos that set INT8's activation ranges.")
 
 
 # The metrics the promotion gate can compute for both models from their answers on the same photos.
@@ -288,7 +373,8 @@ class DeployConfig(_Config):
     model_uri: str = Field("models:/bincounter@champion")
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0 picks a free port.")
-    image: str = Field(f"{IMAGE_REPOSITORY}:{__version__}", description="Serving image (Kubernetes, KServe, SageMaker).")
+    image: str = Field(f"{IMAGE_REPOSITORY}:{__version__}-serve",
+                       description="Serving image (Kubernetes, KServe): dockerfiles/Dockerfile.serve, no torch.")
     namespace: str = "bincounter"
     replicas: int = Field(1, ge=1)
     mlflow_secret: str | None = Field(None, description="Kubernetes and KServe: secret in the serving namespace whose "
@@ -383,31 +469,6 @@ class TuneConfig(_Config):
     space: SearchSpace = Field(SearchSpace(), description="What each trial may vary.")
 
 
-class VerdictConfig(_Config):
-    """How the model's probability of the expected count becomes a verdict.
-
-    With p the probability the model gives the expected count: "mismatch" when p is at most
-    ``flag_threshold`` (the model is confident the bin is wrong), "match" when p is at least
-    ``match_threshold``, otherwise "unsure" (a person looks). ``bincounter.serving.verdict`` applies
-    them for the audit; the one-bin page gets them from the server that includes it.
-    """
-
-    flag_threshold: float = Field(
-        0.05, ge=0.0, lt=1.0, description="Flag a bin as a mismatch when the model gives its expected count at "
-        "most this probability."
-    )
-    match_threshold: float = Field(
-        0.5, gt=0.0, le=1.0, description="Call a bin a match when the model gives its expected count at least "
-        "this probability; between the two thresholds a person decides."
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> "VerdictConfig":
-        if self.flag_threshold >= self.match_threshold:
-            raise ValueError("flag_threshold must be below match_threshold (the band between them is 'unsure')")
-        return self
-
-
 class ServeConfig(_Config):
     """The model server (``python -m bincounter.serving``, ``bincounter serve``, the containers).
 
@@ -424,6 +485,9 @@ class ServeConfig(_Config):
         "auto", description="Inference engine: 'auto' runs the model.onnx registered with the model in ONNX Runtime "
         "(fastest measured on CPU), else eager PyTorch; 'pyfunc' calls any MLflow model's predict."
     )
+    precision: Literal["auto", "fp32", "int8"] = Field(
+        "auto", description="ONNX graph to run: 'auto' takes model.int8.onnx when the model was registered with it "
+        "(evaluation kept it, within its accuracy bound of fp32), else model.onnx; 'int8' refuses a model without it.")
     workers: int = Field(2, ge=1, description="Inference worker processes; a crashing one fails its batch "
                          "(retried image by image) and is replaced.")
     threads_per_worker: int = Field(1, ge=1, description="Compute threads per worker process.")
@@ -524,6 +588,14 @@ class AuditConfig(_Config):
         return self
 
 
+class ErrorRateConfig(_Config):
+    """Estimating the inventory's error rate from bins people counted (``bincounter error-rate``)."""
+
+    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="Of the interval given around the estimate.")
+    max_line_bytes: int = Field(64 * 2**10, ge=1, description="Longer lines of the CSV are skipped, never held whole.")
+    max_count: int = Field(1000, ge=1, description="Counts above this are refused as not counts.")
+
+
 class SageMakerConfig(_Config):
     """An AWS account's SageMaker settings: where training jobs and endpoints run.
 
@@ -542,7 +614,7 @@ class SageMakerConfig(_Config):
     output_prefix: str = Field("bincounter/jobs", description="SageMaker writes <job>/output/model.tar.gz here.")
     checkpoint_prefix: str = Field("bincounter/checkpoints", description="Each job's checkpoints: <prefix>/<job>/.")
     training_image: str | None = Field(None, description="ECR URI of the training image (dockerfiles/Dockerfile.cuda for GPUs).")
-    serving_image: str | None = Field(None, description="ECR URI of the serving image (dockerfiles/Dockerfile).")
+    serving_image: str | None = Field(None, description="ECR URI of the serving image (dockerfiles/Dockerfile.serve).")
     instance_type: str = Field("ml.g5.xlarge", description="Training instance (1 A10G GPU, 4 vCPUs).")
     instance_count: int = Field(
         1, ge=1, description="Training instances; more than one trains data-parallel (DDP) across them, every "
@@ -647,7 +719,7 @@ class Resources(_Config):
 IMAGE_NAME = "bincounter"
 # The project's images in a registry: the CPU image (every stage, the server), its CUDA build
 # (GPU training) and the serving image; each tag is the package version plus this suffix.
-IMAGE_SUFFIXES = {"cpu": "", "cuda": "-cuda", "serving": ""}
+IMAGE_SUFFIXES = {"cpu": "", "cuda": "-cuda", "serving": "-serve"}
 ImageKind = Literal["cpu", "cuda", "serving"]
 
 # KFP backend releases the compiled YAML can be made for, oldest first, and what each newer one
@@ -696,7 +768,7 @@ class ClusterConfig(_Config):
     registry: str = Field(
         default_factory=lambda: _env("BINCOUNTER_REGISTRY") or "ghcr.io/bincounter",
         description="Registry (and path) of the project's images (default $BINCOUNTER_REGISTRY, else "
-                    "ghcr.io/bincounter): <registry>/bincounter:<version>, ...-cuda.")
+                    "ghcr.io/bincounter): <registry>/bincounter:<version>, ...-cuda, ...-serve.")
     image: str | None = Field(default_factory=lambda: _env("BINCOUNTER_IMAGE"),
                               description="Image of the CPU tasks (default $BINCOUNTER_IMAGE, else "
                                           "<registry>/bincounter:<version>).")
@@ -706,7 +778,7 @@ class ClusterConfig(_Config):
     serving_image: str | None = Field(default_factory=lambda: _env("BINCOUNTER_SERVING_IMAGE"),
                                       description="Image the deploy step serves the model with (Deployment, "
                                                   "InferenceService; default $BINCOUNTER_SERVING_IMAGE, else "
-                                                  "<registry>/bincounter:<version>).")
+                                                  "<registry>/bincounter:<version>-serve, dockerfiles/Dockerfile.serve).")
     tracking_uri: str = Field(
         "http://mlflow.mlflow.svc.cluster.local:5000",
         description="MLflow tracking server every task and the served model share (default: manifests/mlflow's). "

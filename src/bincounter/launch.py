@@ -165,8 +165,11 @@ def evaluate(cfg: EvaluateConfig, model_dir: str, data_dir: str, out_dir: str, *
     ``originals``: the ingest output folder(s) the dataset was made from; with them the
     headline figures score the served path (see ``bincounter.evaluation.evaluate``)."""
     from bincounter.evaluation.evaluate import evaluate as run
+    from bincounter.model.calibration import VERDICT_FILE
 
     r = run(cfg, model_dir, data_dir, out_dir, originals=originals or None)
+    calibration = {k: float(v) for k, v in r.metrics["calibration"].items() if isinstance(v, (int, float))}
+    verdicts = verdict_metrics(r.verdicts)
     if run_id:
         with tracking.stage_run("evaluate", cfg.flat("evaluate."), tracking_uri=tracking_uri, experiment=experiment,
                                 run_id=run_id):
@@ -175,12 +178,34 @@ def evaluate(cfg: EvaluateConfig, model_dir: str, data_dir: str, out_dir: str, *
             # What test_* scored: "served" (original photos, the server's engine) or "shards".
             mlflow.set_tag("evaluate.path", r.metrics["path"])
             tracking.log_metrics({f"test_{k}": v for k, v in {**r.summary(), **r.comparison()}.items()})
+            tracking.log_metrics({f"test_{k}": v for k, v in r.metrics["calibration"].items()})
+            tracking.log_metrics(verdicts)
             tracking.log_artifacts(r.plots, "evaluation")
-            tracking.log_artifacts([Path(out_dir) / "report.md", Path(out_dir) / "metrics.json"], "evaluation")
+            tracking.log_artifacts([Path(out_dir) / name for name in ("report.md", "metrics.json", VERDICT_FILE)],
+                                   "evaluation")
     if report_html:
         shutil.copyfile(Path(out_dir) / "report.html", report_html)
     return {"summary": r.summary(), "comparison": r.comparison(), "path": r.metrics["path"],
+            "verdicts": {**{f"calibration_{k}": v for k, v in calibration.items()}, **verdicts},
             "confusion_matrix": r.metrics["confusion_matrix"], "class_names": r.metrics["class_names"]}
+
+
+def verdict_metrics(verdicts: dict) -> dict[str, float]:
+    """The verdict figures as MLflow metrics: ``verdict_<rule>_<figure>_at_<rate>pct`` at the reported
+    rates, and the chosen thresholds."""
+    from bincounter.evaluation.verdicts import BEFORE, RATES
+
+    out: dict[str, float] = {}
+    for row in verdicts["figures"]:
+        if row["error_rate"] not in RATES:
+            continue
+        rule = "before" if row["rule"] == BEFORE else row["rule"]
+        for key in ("flag_precision", "flag_recall", "wrong_passed", "settled"):
+            if row[key] is not None:
+                out[f"verdict_{rule}_{key}_at_{100 * row['error_rate']:g}pct"] = row[key]
+    for rule, pair in verdicts["chosen"].items():
+        out.update({f"verdict_{rule}_{k}": v for k, v in pair.items()})
+    return out
 
 
 def register(cfg: RegisterConfig, model_dir: str, eval_dir: str, data_dir: str, *, run_id: str | None = None,
@@ -193,6 +218,8 @@ def register(cfg: RegisterConfig, model_dir: str, eval_dir: str, data_dir: str, 
     from bincounter.data.dataset import read_samples, shard_urls
     from bincounter.data.preprocess import load_dataset_info
     from bincounter.evaluation.gate import champion_scorer, paired_judge, write_smoke_set
+    from bincounter.model.calibration import VERDICT_FILE
+    from bincounter.model.spec import INT8_ONNX_FILE
     from bincounter.registry.register import register as run
 
     metrics = json.loads((Path(eval_dir) / "metrics.json").read_text())
@@ -208,7 +235,9 @@ def register(cfg: RegisterConfig, model_dir: str, eval_dir: str, data_dir: str, 
     with tempfile.TemporaryDirectory(prefix="bincounter-gate-") as tmp:
         work = Path(out_dir) / "gate" if out_dir else Path(tmp)
         judge = paired_judge(cfg, spec, challenger, champion_scorer(cfg, data_dir, work))
-        r = run(cfg, model_dir, summary, judge=judge, run_id=run_id, lineage=lineage, example_images=examples)
+        verdicts, int8 = Path(eval_dir) / VERDICT_FILE, Path(eval_dir) / INT8_ONNX_FILE
+        r = run(cfg, model_dir, summary, judge=judge, run_id=run_id, lineage=lineage, example_images=examples,
+                verdict_file=verdicts if verdicts.is_file() else None, int8_file=int8 if int8.is_file() else None)
         out = {"name": r.name, "version": r.version, "model_uri": r.model_uri, "promoted": r.promoted,
                "reason": r.reason, "champion_uri": f"models:/{r.name}@champion"}
         if out_dir and cfg.smoke_photos:

@@ -396,7 +396,78 @@ def test_a_pooled_last_class_is_judged_the_same_through_a_server_and_in_process(
     in_process = {"count": 2, "confidence": 0.6, "probabilities": probs, "label": "2", "labels": labels}
     photo = _Photo("00001", 8, b"")
     cfg = AuditConfig(source=SourceConfig(uri="/unused"))
-    rows = [_row(photo, answer, cfg) for answer in (server, in_process)]
+    rows = [_row(photo, answer, cfg, {}) for answer in (server, in_process)]
     assert rows[0]["probability_of_expected"] == rows[1]["probability_of_expected"] == 0.05
+    assert rows[0]["open_ended"] == rows[1]["open_ended"] == 1  # journaled: the outputs judge it the same way
     # Before: only a predicted "6+" told the audit the last class was open-ended.
-    assert _row(photo, {**server, "labels": None}, cfg)["probability_of_expected"] is None
+    assert _row(photo, {**server, "labels": None}, cfg, {})["probability_of_expected"] is None
+
+
+VERDICTS = {"error_rate": 0.05, "off_by_one_share": 0.8, "off_by_more_share": 0.05,
+            "chosen": {"posterior": {"flag_threshold": 0.2, "match_threshold": 0.9},
+                       "thresholds": {"flag_threshold": 0.05, "match_threshold": 0.5}},
+            "figures": [{"rule": "posterior", "error_rate": 0.01, "flag_precision": 0.9, "flag_recall": 0.5,
+                         "wrong_passed": 0.02, "settled": 0.8, "false_flags": 0.001},
+                        {"rule": "posterior", "error_rate": 0.1, "flag_precision": 0.99, "flag_recall": 0.6,
+                         "wrong_passed": 0.04, "settled": 0.7, "false_flags": 0.002}]}
+
+
+def test_the_thresholds_and_figures_evaluation_chose_come_with_the_model(tmp_path):
+    from bincounter_demo.synth import generate
+
+    folder = tmp_path / "pod"
+    generate(SynthConfig(n_images=12, image_size=48, seed=3), folder)
+    register_fake(folder, tmp_path, reliability=RELIABILITY, verdicts=VERDICTS)
+    _plant(folder, ["00004"])
+    summary = audit(_cfg(str(folder), verdict=VerdictConfig()), tmp_path / "out")
+    assert summary.mismatches == 1 and summary.matches == 11  # the fake counter is certain either way
+    assert (summary.rule, summary.error_rate) == ("posterior", 0.05)
+    assert (summary.flag_threshold, summary.match_threshold) == (0.2, 0.9)
+    assert summary.thresholds_from == "the model's evaluation" and "evaluation/verdict.json" in summary.evaluation
+    # Read off the held-out figures at the audit's error rate (between the stored 1% and 10%).
+    assert summary.evaluated_flag_precision == pytest.approx(0.9 + (0.05 - 0.01) / 0.09 * 0.09)
+    assert summary.evaluated_wrong_passed == pytest.approx(0.02 + (0.05 - 0.01) / 0.09 * 0.02)
+    report = (tmp_path / "out" / REPORT_FILE).read_text()
+    assert "inventory error rate of 5.0%" in report and "Thresholds from the model's evaluation" in report
+    assert "these settings flagged with a precision of <b>94.0%</b>" in report
+    table = _read_csv(tmp_path / "out")
+    assert table.set_index("id").loc["00004", "probability_record_right"] == 0.0
+
+    # Thresholds of the audit's own: the held-out figures no longer describe them, and it says so.
+    own = audit(_cfg(str(folder), verdict=VerdictConfig(flag_threshold=0.01, match_threshold=0.99)),
+                tmp_path / "out")
+    assert own.thresholds_from == "the audit's settings" and own.evaluated_flag_precision is None
+    assert own.evaluation.startswith("unavailable")
+
+
+def test_a_verdict_file_that_fails_its_checks_is_not_used(tmp_path):
+    from bincounter_demo.synth import generate
+
+    folder = tmp_path / "pod"
+    generate(SynthConfig(n_images=6, image_size=48, seed=4), folder)
+    hostile = {**VERDICTS, "chosen": {"posterior": {"flag_threshold": 0.9, "match_threshold": 0.2}}}
+    register_fake(folder, tmp_path, verdicts=hostile)
+    summary = audit(_cfg(str(folder), verdict=VerdictConfig()), tmp_path / "out")
+    assert summary.thresholds_from == "the rule's defaults" and (summary.flag_threshold, summary.match_threshold) == \
+        (0.05, 0.95)
+    assert "flag below match" in summary.evaluation
+
+
+def test_a_journal_from_before_pooled_classes_were_journaled_still_resumes(tmp_path):
+    import sqlite3
+
+    from bincounter.audit.pod import Journal
+
+    path = tmp_path / JOURNAL
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE bins (id TEXT PRIMARY KEY, expected INTEGER NOT NULL, predicted INTEGER NOT NULL,
+            confidence REAL NOT NULL, probability_of_expected REAL, probabilities TEXT NOT NULL,
+            first_count INTEGER NOT NULL, thumbnail BLOB);
+        INSERT INTO bins VALUES ('00001', 2, 2, 0.9, 0.9, '[0.05, 0.05, 0.9]', 0, NULL);
+    """)
+    db.commit()
+    db.close()
+    journal = Journal(path)
+    assert list(journal.rows()) == [("00001", 2, 2, 0.9, 0.9, "[0.05, 0.05, 0.9]", 0, 0)]
+    journal.close()

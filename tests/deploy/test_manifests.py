@@ -31,6 +31,7 @@ CRD_KINDS = {
     ("serving.kserve.io/v1beta1", "InferenceService"),
     ("kubeflow.org/v1", "PyTorchJob"),
     ("kubeflow.org/v1beta1", "Experiment"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
 }
 # Oldest Kubernetes the manifests target, and the newest schema kubernetes-validate has.
 K8S_VERSIONS = ("1.30.0", "latest")
@@ -132,7 +133,7 @@ def test_crd_pod_specs_validate_as_core_objects(kubectl: str) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is a dev extra")
     seen = set()
     for directory, doc in all_docs(kubectl):
-        if (doc["apiVersion"], doc["kind"]) not in CRD_KINDS:
+        if (doc["apiVersion"], doc["kind"]) not in CRD_KINDS or doc["kind"] == "PodMonitor":  # no pod inside
             continue
         seen.add(doc["kind"])
         if doc["kind"] == "Experiment":
@@ -191,7 +192,7 @@ def test_images_are_pinned(kubectl: str) -> None:
                 assert re.search(r"(:[\w][\w.-]*|@sha256:[0-9a-f]{64})$", image.rsplit("/", 1)[-1]), f"{where}: {image} untagged"
                 assert not image.endswith(":latest"), f"{where}: {image}"
                 if image.startswith(PROJECT_IMAGE):
-                    assert re.fullmatch(re.escape(PROJECT_IMAGE) + r":\d+\.\d+\.\d+(-cuda)?", image), image
+                    assert re.fullmatch(re.escape(PROJECT_IMAGE) + r":\d+\.\d+\.\d+(-cuda|-serve)?", image), image
 
 
 # --------------------------------------------------------------------------- serving
@@ -206,7 +207,7 @@ def test_serving_deployment(kubectl: str) -> None:
     deployment = find(docs, "Deployment", "bincounter")
     pod = deployment["spec"]["template"]["spec"]
     (server,) = pod["containers"]
-    assert server["image"] == f"{PROJECT_IMAGE}:0.1.0"
+    assert server["image"] == f"{PROJECT_IMAGE}:0.1.0-serve"
     assert server["command"][:3] == ["python", "-m", "bincounter.serving"]
     assert {"name": "http", "containerPort": 8080, "protocol": "TCP"} in server["ports"]
     assert server["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -242,6 +243,34 @@ def pod_labels(workload: dict[str, Any]) -> dict[str, str]:
     return workload["spec"]["template"]["metadata"]["labels"]
 
 
+def test_the_hpa_scales_on_the_in_flight_images_prometheus_scrapes_and_the_adapter_serves(kubectl: str) -> None:
+    from bincounter.serving.metrics import ServerMetrics
+
+    serving = build(kubectl, MANIFESTS / "serving")
+    hpa = find(serving, "HorizontalPodAutoscaler")
+    (pods,) = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    name = pods["metric"]["name"]
+    assert float(pods["target"]["averageValue"]) > 0 and any(m["type"] == "Resource" for m in hpa["spec"]["metrics"])
+    exported = {m.name for m in ServerMetrics().registry.collect()}
+    assert name in exported, f"the server exports no {name}: {sorted(exported)}"
+    # Prometheus scrapes the serving pods on their http port...
+    monitor = find(build(kubectl, MANIFESTS / "monitoring"), "PodMonitor")
+    deployment = find(serving, "Deployment", "bincounter")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels(deployment).items()
+    assert monitor["metadata"]["namespace"] == find(serving, "Namespace")["metadata"]["name"]
+    (server,) = deployment["spec"]["template"]["spec"]["containers"]
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] in {p["name"] for p in server["ports"]} and endpoint["path"] == "/metrics"
+    # ... the network policy lets it in, and prometheus-adapter serves the metric under the HPA's name.
+    policy = find(serving, "NetworkPolicy")
+    sources = [s.get("namespaceSelector", {}).get("matchLabels", {}) for r in policy["spec"]["ingress"] for s in r["from"]]
+    assert {"kubernetes.io/metadata.name": "monitoring"} in sources
+    values = yaml.safe_load((MANIFESTS / "monitoring" / "prometheus-adapter-values.yaml").read_text())
+    (rule,) = values["rules"]["custom"]
+    assert rule["seriesQuery"].startswith(name + "{") and rule["name"]["as"] == name
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}  # a per-pod metric, as type Pods needs
+
+
 # --------------------------------------------------------------------------- CRDs
 
 
@@ -253,7 +282,7 @@ def test_kserve_inferenceservice(kubectl: str) -> None:
     assert 1 <= predictor["minReplicas"] <= predictor["maxReplicas"]
     (container,) = predictor["containers"]
     assert container["name"] == "kserve-container"  # KServe finds the predictor by this name
-    assert container["image"] == f"{PROJECT_IMAGE}:0.1.0"
+    assert container["image"] == f"{PROJECT_IMAGE}:0.1.0-serve"
     assert [p["containerPort"] for p in container["ports"]] == [8080]
     env = {k: v.get("value") for k, v in container_env(container).items()}
     assert env["PROTOCOL"] == "v1"

@@ -19,7 +19,19 @@ def test_evaluate_writes_metrics_plots_and_report(model_dir, data_dir, tmp_path)
         assert key in m
     assert 0.0 <= m["accuracy"] <= m["within_1"] <= 1.0
     assert sum(map(sum, m["confusion_matrix"])) == test_size
-    assert {p.name for p in result.plots} == {"confusion_matrix.png", "per_class.png", "reliability.png"}
+    assert {p.name for p in result.plots} == {"confusion_matrix.png", "per_class.png", "reliability.png",
+                                              "reliability_before_after.png", "verdict_figures.png"}
+    # Calibration before and after on the test photos; the verdict thresholds chosen for the model.
+    cal = m["calibration"]
+    assert cal["temperature"] != 1.0 and cal["count_set_threshold"] is not None
+    assert cal["nll_after"] <= cal["nll_before"] + 1e-3  # fitted on validation photos, judged on test photos
+    assert 0.0 <= cal["count_set_covered"] <= 1.0 and cal["count_set_mean_size"] >= 1.0
+    verdicts = json.loads((tmp_path / "verdict.json").read_text())
+    assert verdicts == result.verdicts and set(verdicts["chosen"]) == {"posterior", "thresholds"}
+    assert m["verdict_chosen"] == verdicts["chosen"] and verdicts["photos"] == test_size
+    report = (tmp_path / "report.md").read_text()
+    assert "Calibration (temperature" in report and "Verdicts: thresholds chosen" in report
+    assert "| error rate | rule |" in report
     assert "Held-out split" in (tmp_path / "report.md").read_text()
     assert "data:image/png;base64" in (tmp_path / "report.html").read_text()
     lines = (tmp_path / "predictions.csv").read_text().splitlines()
@@ -68,7 +80,8 @@ def test_the_headline_is_the_served_path_and_the_shards_are_reported_beside(mode
     tracking.configure()
     with mlflow.start_run() as run:  # the training run evaluation logs into
         pass
-    out = launch.evaluate(EvaluateConfig(latency_samples=2), str(model_dir), str(data_dir), str(tmp_path),
+    # fp32 only: the served answers are compared with the eager model's below (INT8 has its own test).
+    out = launch.evaluate(EvaluateConfig(latency_samples=2, int8=False), str(model_dir), str(data_dir), str(tmp_path),
                           originals=[str(synth_dir)], run_id=run.info.run_id)
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["path"] == out["path"] == "served" and m["served_backend"] == "onnx" and m["served_refused"] == 0
@@ -175,3 +188,27 @@ def test_a_split_without_kept_originals_is_scored_on_its_shards(model_dir, data_
     # Preprocess keeps the test split's originals only: validation is scored on its shards, not refused.
     result = evaluate(EvaluateConfig(latency_samples=0), model_dir, data_dir, tmp_path, split="val")
     assert result.metrics["path"] == "shards" and result.metrics["split"] == "val"
+
+
+@pytest.mark.parametrize("bound", [1.0, 0.0])
+def test_int8_is_scored_beside_fp32_and_kept_only_within_its_accuracy_bound(model_dir, data_dir, synth_dir,
+                                                                             tmp_path, bound):
+    from bincounter.evaluation.evaluate import evaluate
+    from bincounter.model.spec import INT8_ONNX_FILE
+
+    result = evaluate(EvaluateConfig(latency_samples=2, int8_max_accuracy_drop=bound), model_dir, data_dir, tmp_path,
+                      originals=[synth_dir])
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    c = m["int8"]
+    assert c["accuracy_drop"] == pytest.approx(c["accuracy_fp32"] - c["accuracy_int8"])
+    assert 0.0 <= c["same_count"] <= 1.0 and c["nll_int8"] > 0 and c["ece_fp32"] >= 0
+    kept = c["accuracy_drop"] <= bound
+    assert c["precision"] == ("int8" if kept else "fp32")
+    assert (tmp_path / INT8_ONNX_FILE).is_file() == kept  # what registration serves
+    # The headline figures are those of the graph that is served.
+    assert m["served_backend"] == ("onnx-int8" if kept else "onnx")
+    assert m["accuracy"] == pytest.approx(c["accuracy_int8"] if kept else c["accuracy_fp32"])
+    assert result.comparison()["int8_accuracy_drop"] == pytest.approx(c["accuracy_drop"])
+    assert "## INT8" in (tmp_path / "report.md").read_text()
+    if bound == 1.0:
+        assert kept

@@ -82,6 +82,10 @@ OVERRIDES = {  # where "a different value of the same type" would not be a meani
     "train.device": "cpu",
     "train.checkpoint_uri": "s3://another-bucket/checkpoints",
     "evaluate.device": "cpu",
+    "evaluate.verdict.off_by_one_share": 0.7,  # the two shares add up to at most 1
+    "evaluate.verdict.off_by_more_share": 0.1,
+    "evaluate.verdict.flag_threshold": 0.1,  # below the match threshold
+    "evaluate.verdict.match_threshold": 0.8,
     "registry.tracking_uri": "http://mlflow.example:5000",
     "deploy.model_uri": "models:/bincounter/7",
     "deploy.sagemaker_role_arn": "arn:aws:iam::123456789012:role/bincounter",

@@ -110,7 +110,7 @@ def test_every_task_logs_to_the_admins_tracking_server(variant: str, tmp_path: P
 def test_the_deploy_stage_serves_the_admins_image_in_the_admins_namespace(variant: str, tmp_path: Path) -> None:
     compiled, c = compile_variant(variant, tmp_path)
     deploy = DeployConfig.model_validate(compiled.parameters["deploy"])
-    assert deploy.image == f"{REGISTRY}/bincounter:0.1.0" and deploy.namespace == "team-a-serving"
+    assert deploy.image == f"{REGISTRY}/bincounter:0.1.0-serve" and deploy.namespace == "team-a-serving"
     assert (deploy.mlflow_secret, deploy.aws_secret) == ("team-mlflow", "team-aws")
     assert deploy.target == c.deploy_target
 
@@ -224,7 +224,7 @@ def test_the_deploy_step_renders_the_admins_settings_in_dry_run(variant: str, ki
     obj = next(d for d in docs if d["kind"] == kind)
     pod = obj["spec"]["template"]["spec"] if kind == "Deployment" else obj["spec"]["predictor"]
     (container,) = pod["containers"]
-    assert container["image"] == f"{REGISTRY}/bincounter:0.1.0"
+    assert container["image"] == f"{REGISTRY}/bincounter:0.1.0-serve"
     env = {e["name"]: e for e in container["env"]}
     for key in MLFLOW_SECRET_KEYS:
         assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "team-mlflow", "key": key, "optional": True}

@@ -119,3 +119,36 @@ def test_the_gate_scores_the_champion_on_the_challengers_photos(model_dir, data_
         assert all((tmp_path / f"registration-{index}" / "smoke" / p["file"]).stat().st_size > 0 for p in smoke["photos"])
     trained = {r["id"]: r["predicted_label"] for r in csv.DictReader((tmp_path / "eval-trained" / "predictions.csv").open())}
     assert all(p["label"] == str(int(trained[p["id"]])) for p in smoke["photos"])
+
+
+def test_the_verdict_thresholds_evaluation_chose_are_served_with_the_model(model_dir, data_dir, tmp_path):
+    """Evaluate chooses the thresholds; registration serves them with the model: in its files (the
+    server's engine reads them), in the pyfunc's metadata, and in the model card."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from bincounter import launch
+    from bincounter.config import EvaluateConfig, ServeConfig
+    from bincounter.serving.loading import download, engine_spec, native_folder
+    from bincounter.serving.worker import load_engine
+
+    evaluation = tmp_path / "eval"
+    # An INT8 bound no graph can miss: evaluation keeps model.int8.onnx, registration serves it.
+    launch.evaluate(EvaluateConfig(latency_samples=0, int8_max_accuracy_drop=1.0), str(model_dir), str(data_dir),
+                    str(evaluation))
+    assert (evaluation / "model.int8.onnx").is_file()
+    verdicts = json.loads((evaluation / "verdict.json").read_text())
+    spec = json.loads((model_dir / "model_spec.json").read_text())
+    out = launch.register(RegisterConfig(model_name="verdict-test"), str(model_dir), str(evaluation), str(data_dir))
+    model = mlflow.pyfunc.load_model(out["model_uri"])
+    meta = model.metadata.metadata
+    assert meta["verdict"] == verdicts["chosen"] and meta["temperature"] == spec["temperature"]
+    assert meta["count_set_threshold"] == spec["count_set_threshold"]
+    folder = download(out["model_uri"], tmp_path / "served")
+    assert json.loads((native_folder(folder) / "verdict.json").read_text())["chosen"] == verdicts["chosen"]
+    engine = load_engine(engine_spec(ServeConfig(), folder, tmp_path))
+    assert engine.info.backend == "onnx-int8"
+    assert engine.info.chosen == verdicts["chosen"]
+    assert engine.info.count_set_threshold == spec["count_set_threshold"]
+    card = MlflowClient().get_model_version("verdict-test", out["version"]).description
+    assert "Verdict thresholds chosen on" in card and "| error rate | rule |" in card

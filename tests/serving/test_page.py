@@ -8,6 +8,7 @@ import re
 import shutil
 from importlib.resources import files
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
@@ -24,11 +25,14 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
          "--disable-component-update", "--disable-sync"]
 
 
-def _app(verdict: VerdictConfig = VerdictConfig()):
-    # The server includes the page (serve.create_app), with the verdict thresholds of its config.
+def _app(verdict: VerdictConfig = VerdictConfig(rule="thresholds")):
+    # The server includes the page (serve.create_app), with the verdict settings of its config.
     # count = width // 8 with probability 0.7, 0.2 on the next count, 0.025 on each other one:
-    # one photo gives a match, an unsure and mismatches.
+    # under the rule of the model's probability alone one photo gives a match, an unsure and
+    # mismatches. Its metadata gives it count sets: the counts at probability 0.15 or more.
     model = WidthModel(top=0.7, runner_up=0.2)
+    model.metadata = SimpleNamespace(metadata={"class_names": [str(c) for c in range(6)], "min_count": 0,
+                                               "count_set_threshold": 0.15, "count_set_coverage": 0.9})
     return serve.create_app(ServeConfig(model_uri=MODEL_URI, verdict=verdict), model=model)
 
 
@@ -46,7 +50,9 @@ def test_the_page_and_its_assets_are_served_with_a_strict_policy():
         assert '<label for="photo">' in index.text and '<label for="expected">' in index.text
         assert client.get("/ui/app.js").headers["content-type"].startswith("text/javascript")
         assert client.get("/ui/style.css").headers["content-type"].startswith("text/css")
-        assert client.get("/ui/config.json").json() == {"flag_threshold": 0.1, "match_threshold": 0.6}
+        assert client.get("/ui/config.json").json() == {
+            "rule": "posterior", "error_rate": 0.05, "off_by_one_share": 0.8, "off_by_more_share": 0.05,
+            "flag_threshold": 0.1, "match_threshold": 0.6, "thresholds_from": "the server's settings"}
         assert client.get("/ui/index.py").status_code == 404
         assert client.get("/ui/..%2Fpage.py").status_code == 404
         assert client.get("/healthz").status_code == 200  # the server's own routes are untouched
@@ -101,7 +107,10 @@ def test_a_person_checks_one_bin_in_a_browser(browser_page, tmp_path):
         tab.get_by_label("Bin photo").set_input_files(str(photo))
         tab.locator("#result:not([hidden])").wait_for()
         assert tab.locator("#count").inner_text() == "3"
+        assert tab.locator("#count-set").inner_text() == "The bin holds 3 or 4 items (right 90.0% of the time on " \
+                                                         "held-out photos)."
         assert "Type the expected count" in tab.locator("#verdict").inner_text()
+        assert "model gives the expected count at most 5.0%" in tab.locator("#rule").inner_text()
         assert tab.locator("#preview").is_visible()
 
         def check(expected: int) -> str:

@@ -309,14 +309,24 @@ def test_openapi_lists_every_endpoint(client: TestClient) -> None:
 # -- expected: the inventory check -----------------------------------------------------------
 
 
-def _check_expected(body: dict, expected: int, count: int) -> None:
+def _check_expected(body: dict, expected: int, count: int, error_rate: float = 0.05) -> None:
+    from bincounter.config import VerdictConfig
+    from bincounter.serving.verdict import judge
+
     assert body["expected"] == expected
     assert body["match"] is (count == expected)
+    assert body["error_rate"] == error_rate
     if expected < NUM_CLASSES:
         assert body["probability_of_expected"] == pytest.approx(0.9 if count == expected else 0.02)
-        assert body["verdict"] == ("match" if count == expected else "mismatch")
+        # The posterior rule at the request's error rate, the rule's default thresholds (no evaluation here).
+        want = judge(expected, body["probabilities"], 0, False, VerdictConfig(error_rate=error_rate))
+        assert body["probability_record_right"] == pytest.approx(want["probability_record_right"])
+        assert body["verdict"] == want["verdict"]
+        if count == expected:
+            assert body["verdict"] == "match"
     else:  # a count the model has no class for: it cannot judge it, a person should
         assert body["probability_of_expected"] is None and body["verdict"] == "unsure"
+        assert body["probability_record_right"] is None
 
 
 @pytest.mark.parametrize("expected", [0, 3, 5, 1000])
@@ -383,19 +393,70 @@ def test_expected_in_the_batch_form(client: TestClient) -> None:
     assert [x["expected"] for x in r.json()] == [4, 4]
     assert client.post("/v1/count:batch", files=files, data={"expected": ["1", "2", "3"]}).status_code == 422
     assert client.post("/v1/count:batch", files=files, data={"expected": "x"}).status_code == 422
+    r = client.post("/v1/count:batch", files=files, data={"expected": "1", "error_rate": "0.3"})
+    assert [x["error_rate"] for x in r.json()] == [0.3, 0.3]
+    assert client.post("/v1/count:batch", files=files, data={"expected": "1", "error_rate": ["0.3", "0.2"]}
+                       ).status_code == 422
+    assert client.post("/v1/count:batch?error_rate=0.1", files=files, data={"error_rate": "0.3"}).status_code == 422
 
 
 def test_inventory_check_with_a_pooled_last_class() -> None:
+    from bincounter.config import VerdictConfig
     from bincounter.serving.worker import ModelInfo
 
     info = ModelInfo("onnx", min_count=1, class_names=("1", "2", "3", "4+"))
     row = {"count": 4, "probabilities": [0.1, 0.2, 0.3, 0.4]}
-    assert inventory_check(row, 7, info) == {"expected": 7, "match": True, "probability_of_expected": 0.4,
-                                                   "verdict": "unsure"}
+    rule = VerdictConfig(rule="thresholds")
+    assert inventory_check(row, 7, info, rule) == {"expected": 7, "match": True, "probability_of_expected": 0.4,
+                                                   # "4+" takes 7 and its neighbours 5, 6, 8, 9; the far share
+                                                   # goes evenly to the four counts 3 or more away (1 to 4).
+                                                   "probability_record_right": pytest.approx(0.95 * 0.4 / (
+                                                       0.4 * (0.95 + 0.04 + 0.0075 + 0.000625)
+                                                       + 0.000625 * (0.1 + 0.2 + 0.3))),
+                                                   "verdict": "unsure", "error_rate": 0.05}
     # Below the model's first count it cannot judge: no probability, a person decides.
     assert inventory_check(row, 0, info) == {"expected": 0, "match": False, "probability_of_expected": None,
-                                                   "verdict": "unsure"}
+                                             "probability_record_right": None, "verdict": "unsure",
+                                             "error_rate": 0.05}
     assert inventory_check(row, 2, info)["probability_of_expected"] == 0.2
+    # The request's error rate replaces the server's; the thresholds evaluation chose replace the defaults.
+    chosen = ModelInfo("onnx", min_count=1, class_names=("1", "2", "3", "4+"),
+                       chosen={"posterior": {"flag_threshold": 0.45, "match_threshold": 0.99}})
+    assert inventory_check(row, 1, chosen, error_rate=0.5)["error_rate"] == 0.5
+    assert inventory_check(row, 1, chosen, error_rate=0.5)["verdict"] == "mismatch"
+    assert inventory_check(row, 1, info, error_rate=0.5)["verdict"] == "unsure"
+
+
+@pytest.mark.parametrize("value", ["0", "1", "-0.1", "nan", "inf", "abc", "", "0.2&error_rate=0.3", "1e400",
+                                   "0." + "1" * 40])
+def test_bad_error_rate_is_422(client: TestClient, width_model: WidthModel, value: str) -> None:
+    r = client.post(f"/v1/count?expected=3&error_rate={value}", content=_jpeg(), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 422 and "error_rate" in r.json()["detail"]
+    r = client.post(f"/invocations?error_rate={value}", content=_jpeg(), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 422
+    bad = {"instances": [{"image": {"b64": _b64(_jpeg())}, "expected": 2, "error_rate": value}]}
+    assert client.post("/v1/models/bincounter:predict", json=bad).status_code == 422
+    assert width_model.calls == []
+
+
+def test_error_rate_per_request_on_every_endpoint(client: TestClient) -> None:
+    r = client.post("/v1/count?expected=0&error_rate=0.4", content=_jpeg(width=24), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 200, r.text
+    _check_expected(r.json(), 0, count=3, error_rate=0.4)
+    # More wrong records make a confident other count more believable: the record is less likely right.
+    calm = client.post("/v1/count?expected=0&error_rate=0.01", content=_jpeg(width=24),
+                       headers={"Content-Type": "image/jpeg"}).json()
+    assert calm["probability_record_right"] > r.json()["probability_record_right"]
+    r = client.post("/invocations", content=_jpeg(width=24), headers={
+        "Content-Type": "image/jpeg", "X-Amzn-SageMaker-Custom-Attributes": "expected=0; error_rate=0.4"})
+    _check_expected(r.json(), 0, count=3, error_rate=0.4)
+    payload = {"instances": [{"image": {"b64": _b64(_jpeg(width=24))}, "expected": 0, "error_rate": 0.4},
+                             {"image": {"b64": _b64(_jpeg(width=24))}, "expected": 0}]}
+    first, second = client.post("/v1/models/bincounter:predict", json=payload).json()["predictions"]
+    _check_expected(first, 0, count=3, error_rate=0.4)
+    _check_expected(second, 0, count=3)
+    disagree = client.post("/v1/models/bincounter:predict?error_rate=0.2", json=payload)
+    assert disagree.status_code == 422 and "disagrees" in disagree.json()["detail"]
 
 
 # -- limits, load shedding, metrics ------------------------------------------------------------
@@ -539,3 +600,31 @@ def test_serving_never_imports_training() -> None:
             "print('bincounter.training.train' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_images_in_flight_count_from_arrival_to_answer_for_the_autoscaler():
+    """bincounter_images_in_flight (what the HPA scales on): waiting and in a batch, then none."""
+    import asyncio
+
+    from bincounter.serving.batching import Batcher
+
+    async def scenario() -> list[int]:
+        batcher = Batcher(max_batch_size=4, max_wait_s=0.0, max_queue=16)
+        seen = []
+        request = asyncio.create_task(batcher.submit([b"a", b"b", b"c"]))
+        await asyncio.sleep(0.01)
+        seen.append(batcher.in_flight)  # all three waiting
+        items = await batcher.take()
+        seen.append(batcher.in_flight)  # taken by a worker, not yet answered: still in flight
+        for item in items:
+            item.future.set_result(("ok", {}))
+        await request
+        seen.append(batcher.in_flight)
+        gone = asyncio.create_task(batcher.submit([b"d"]))  # a client that goes away
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        seen.append(batcher.in_flight)
+        return seen
+
+    assert asyncio.run(scenario()) == [3, 3, 0, 0]

@@ -21,6 +21,28 @@ def test_training_learns_the_synthetic_counts(model_dir, data_dir):
     assert (model_dir / "plots" / "training_curves.png").stat().st_size > 1000
 
 
+def test_the_trained_model_is_calibrated_on_validation_photos(model_dir, data_dir):
+    """After training, a temperature and the count sets' threshold are fitted on the two halves
+    of the validation photos and stored in the spec, in model.pt and model_spec.json alike."""
+    from bincounter.data.dataset import ShardDataset, read_samples, shard_urls
+    from bincounter.model.calibration import nll, probabilities
+    from bincounter.model.predictor import Predictor
+    from bincounter.training.calibrate import view_logits
+
+    spec = json.loads((model_dir / "model_spec.json").read_text())
+    assert spec == json.loads(json.dumps(torch.load(model_dir / "model.pt", weights_only=True)["spec"]))
+    assert spec["temperature"] != 1.0 and 0.0 < spec["count_set_threshold"] < 1.0
+    assert spec["count_set_coverage"] == TINY_TRAIN.count_set_coverage
+    # On the test photos (never used to fit it) the temperature lowers the NLL, the argmax stays.
+    predictor = Predictor.from_dir(model_dir)
+    samples = read_samples(shard_urls(data_dir, "test"))
+    logits, labels = view_logits(predictor, samples, 64)
+    raw, calibrated = probabilities(logits, 1.0), probabilities(logits, spec["temperature"])
+    assert nll(calibrated, labels) <= nll(raw, labels) + 1e-3
+    assert (raw.argmax(1) == calibrated.argmax(1)).all()
+    assert len(ShardDataset(samples, predictor.transform)) == len(labels)
+
+
 def interrupt_second_epoch(monkeypatch) -> dict:
     """Make the second call of train_one_epoch die like a killed process; returns the call
     counter (set it past 2 to let training run on)."""
@@ -184,6 +206,7 @@ def test_without_a_validation_split_the_last_epoch_is_kept_and_training_never_st
     cfg = TINY_TRAIN.model_copy(update={"epochs": 3, "early_stopping_patience": 1})
     result = train(cfg, data_dir_without_val, tmp_path / "m")
     assert [h["epoch"] for h in result.history] == [1, 2, 3] and not result.stopped_early
+    assert result.calibration == {} and result.spec.temperature == 1.0  # no photos to calibrate on
     assert not any(k.startswith("val_") and k != "val_seconds" for h in result.history for k in h)
     best = torch.load(tmp_path / "m" / "model.pt", weights_only=False)
     assert best["epoch"] == 2 and result.best_epoch == 3

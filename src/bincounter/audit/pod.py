@@ -43,7 +43,7 @@ from bincounter.ids import check_id
 from bincounter.data import bounded
 from bincounter.data import validate as v
 from bincounter.data.sources import IMAGES, METADATA, LocalSource, ObjectMissing, open_source
-from bincounter.serving.verdict import first_count, probability_of, verdict
+from bincounter.serving.verdict import first_count, judge, probability_of
 
 JOURNAL = "audit_journal.sqlite"
 MAX_EXPECTED = 1000  # the server's bound for ?expected=
@@ -83,9 +83,12 @@ class Journal:
             CREATE TABLE IF NOT EXISTS bins (
                 id TEXT PRIMARY KEY, expected INTEGER NOT NULL, predicted INTEGER NOT NULL,
                 confidence REAL NOT NULL, probability_of_expected REAL, probabilities TEXT NOT NULL,
-                first_count INTEGER NOT NULL, thumbnail BLOB);
+                first_count INTEGER NOT NULL, thumbnail BLOB, open_ended INTEGER NOT NULL DEFAULT 0);
             CREATE TABLE IF NOT EXISTS errors (id TEXT PRIMARY KEY, reason TEXT NOT NULL);
         """)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(bins)")}
+        if "open_ended" not in columns:  # a journal from before pooled last classes were journaled
+            self.db.execute("ALTER TABLE bins ADD COLUMN open_ended INTEGER NOT NULL DEFAULT 0")
         self.db.commit()
 
     def claim(self, identity: dict[str, str]) -> None:
@@ -106,8 +109,10 @@ class Journal:
         return self.db.execute("SELECT COUNT(*) FROM bins").fetchone()[0]
 
     def add(self, row: dict) -> None:
-        self.db.execute("INSERT OR IGNORE INTO bins VALUES (:id, :expected, :predicted, :confidence, "
-                        ":probability_of_expected, :probabilities, :first_count, :thumbnail)", row)
+        self.db.execute("INSERT OR IGNORE INTO bins (id, expected, predicted, confidence, probability_of_expected, "
+                        "probabilities, first_count, thumbnail, open_ended) VALUES (:id, :expected, :predicted, "
+                        ":confidence, :probability_of_expected, :probabilities, :first_count, :thumbnail, "
+                        ":open_ended)", row)
 
     def retry(self, id_: str) -> None:
         """Forget an earlier run's failure of ``id_``: it is being tried again."""
@@ -122,7 +127,7 @@ class Journal:
     def rows(self) -> Iterator[tuple]:
         """Every counted bin, sorted by id, streamed."""
         yield from self.db.execute("SELECT id, expected, predicted, probability_of_expected, confidence, "
-                                   "probabilities, first_count FROM bins ORDER BY id")
+                                   "probabilities, first_count, open_ended FROM bins ORDER BY id")
 
     def errors(self) -> Iterator[tuple[str, str]]:
         yield from self.db.execute("SELECT id, reason FROM errors ORDER BY id")
@@ -389,16 +394,17 @@ def open_ended(answer: dict) -> bool:
     return isinstance(label, str) and label.endswith("+")
 
 
-def _row(photo: _Photo, answer: dict, cfg: AuditConfig) -> dict:
+def _row(photo: _Photo, answer: dict, cfg: AuditConfig, chosen: dict) -> dict:
     probs = [float(p) for p in answer["probabilities"]]
     first = first_count(int(answer["count"]), probs)
-    p = probability_of(photo.expected, probs, first, open_ended=open_ended(answer))
+    pooled = open_ended(answer)
+    p = probability_of(photo.expected, probs, first, open_ended=pooled)
     # Thumbnails only for the bins a person may look at; a later rerun with other thresholds
     # shows "no thumbnail" for bins it newly flags rather than downloading them again.
-    keep_thumb = verdict(p, cfg.verdict) != "match"
+    keep_thumb = judge(photo.expected, probs, first, pooled, cfg.verdict, chosen)["verdict"] != "match"
     return {"id": photo.id, "expected": photo.expected, "predicted": int(answer["count"]),
             "confidence": float(answer["confidence"]), "probability_of_expected": p,
-            "probabilities": json.dumps(probs), "first_count": first,
+            "probabilities": json.dumps(probs), "first_count": first, "open_ended": int(pooled),
             "thumbnail": _thumbnail(photo.image, cfg.thumbnail_px) if keep_thumb else None}
 
 
@@ -421,16 +427,16 @@ def _thumbnail(image: bytes, px: int) -> bytes | None:
 # -- the run -------------------------------------------------------------------------------
 
 
-def _count(counter, batch: list[_Photo], cfg: AuditConfig) -> list[dict | _Failed]:
+def _count(counter, batch: list[_Photo], cfg: AuditConfig, chosen: dict) -> list[dict | _Failed]:
     images = [p.image for p in batch]
     if isinstance(counter, RemoteCounter):
         answers = counter.count(images, [p.id for p in batch])
     else:
         answers = counter.count(images)
-    return [_Failed(p.id, a) if isinstance(a, str) else _row(p, a, cfg) for p, a in zip(batch, answers)]
+    return [_Failed(p.id, a) if isinstance(a, str) else _row(p, a, cfg, chosen) for p, a in zip(batch, answers)]
 
 
-def _stream(cfg: AuditConfig, source, counter, journal: Journal, bar: tqdm) -> int:
+def _stream(cfg: AuditConfig, source, counter, journal: Journal, bar: tqdm, chosen: dict) -> int:
     """Fetch and count every bin still to do; returns how many were counted."""
     work = _todo(cfg, source, journal)
     fetching: dict[Future, str] = {}
@@ -452,7 +458,7 @@ def _stream(cfg: AuditConfig, source, counter, journal: Journal, bar: tqdm) -> i
             while len(counting) < counter.slots and (
                     len(ready) >= cfg.batch_size or (ready and exhausted and not fetching)):
                 batch, ready = ready[:cfg.batch_size], ready[cfg.batch_size:]
-                counting[count_pool.submit(_count, counter, batch, cfg)] = batch
+                counting[count_pool.submit(_count, counter, batch, cfg, chosen)] = batch
             if not fetching and not counting:
                 if exhausted and not ready:
                     break
@@ -529,14 +535,22 @@ def audit(cfg: AuditConfig, out_dir: str | Path) -> AuditSummary:
         if isinstance(counter, RemoteCounter):  # a URL says nothing of what it serves: pin that too
             identity["served_model"] = counter.served
         journal.claim(identity)
+        # The thresholds evaluation chose for this model, unless the config sets both.
+        verdicts, verdicts_origin = calibration.load_verdicts(cfg.calibration, counter.pinned_uri)
+        chosen = verdicts["chosen"] if verdicts else {}
+        try:
+            cfg.verdict.thresholds(chosen)
+        except ValueError as exc:
+            raise AuditError(f"the verdict thresholds do not fit the model's ({verdicts_origin}): {exc}; set both "
+                             "--verdict.flag-threshold and --verdict.match-threshold") from None
         before = journal.counted()
         with tqdm(desc="audit", unit="bin", initial=before, disable=not cfg.progress, dynamic_ncols=True) as bar:
             try:
-                counted = _stream(cfg, source, counter, journal, bar)
+                counted = _stream(cfg, source, counter, journal, bar, chosen)
             except SourceError as exc:
                 raise AuditError(f"{exc} ({journal.counted()} bins counted so far are kept; rerun to resume)") from None
         cal, origin = calibration.load(cfg.calibration, counter.pinned_uri)
-        return write_outputs(journal, out, cfg, cal, origin, counter.name, counted)
+        return write_outputs(journal, out, cfg, cal, origin, counter.name, counted, verdicts, verdicts_origin)
     finally:
         journal.close()
         lock.release()

@@ -46,7 +46,8 @@ def _table(items: list[dict], what: str) -> str:
     if not items:
         return f"<p>No {what}.</p>"
     head = ("<tr><th>#</th><th>photo</th><th>bin id</th><th>expected</th><th>predicted</th>"
-            "<th>probability of expected</th><th>confidence</th><th>count probabilities</th></tr>")
+            "<th>probability of expected</th><th>P(record right)</th><th>confidence</th>"
+            "<th>count probabilities</th></tr>")
     body = []
     for rank, item in enumerate(items, start=1):
         thumb = item.get("thumbnail")
@@ -55,14 +56,38 @@ def _table(items: list[dict], what: str) -> str:
         body.append(
             f"<tr><td class='num'>{rank}</td><td>{img}</td><td>{escape(item['id'])}</td>"
             f"<td class='num'>{item['expected']}</td><td class='num'>{item['predicted']}</td>"
-            f"<td class='num'>{_pct(item['probability_of_expected'])}</td><td class='num'>{_pct(item['confidence'])}</td>"
+            f"<td class='num'>{_pct(item['probability_of_expected'])}</td>"
+            f"<td class='num'>{_pct(item.get('probability_record_right'))}</td><td class='num'>{_pct(item['confidence'])}</td>"
             f"<td>{_bars(item)}</td></tr>")
     return f"<table>{head}{''.join(body)}</table>"
 
 
+def settings_line(summary) -> str:
+    """What the verdicts assumed: the rule, the error rate, the thresholds and where they came from."""
+    flag, match = f"{summary.flag_threshold:.4g}", f"{summary.match_threshold:.4g}"
+    if summary.rule == "posterior":
+        rule = (f"With P the probability that the inventory's count is right given the photo and an inventory error "
+                f"rate of {_pct(summary.error_rate)}: <b>mismatch</b> when P &le; {flag}, <b>match</b> when P &ge; "
+                f"{match}, otherwise <b>unsure</b> (a person decides).")
+    else:
+        rule = (f"With p the model's probability of the expected count: <b>mismatch</b> when p &le; {flag}, "
+                f"<b>match</b> when p &ge; {match}, otherwise <b>unsure</b> (a person decides).")
+    return f"{rule} Thresholds from {escape(summary.thresholds_from, quote=False)}."
+
+
+def evaluated_line(summary) -> str:
+    """What the settings did on held-out photos, or why that is not known."""
+    if summary.evaluated_settled is None:
+        return f"Held-out figures of these settings: {escape(summary.evaluation)}."
+    return (f"On the model's held-out test photos against an inventory with {_pct(summary.error_rate)} wrong records, "
+            f"these settings flagged with a precision of <b>{_pct(summary.evaluated_flag_precision)}</b>, passed "
+            f"<b>{_pct(summary.evaluated_wrong_passed)}</b> of the wrong records as matches and settled "
+            f"{_pct(summary.evaluated_settled)} of the bins without a person (from {escape(summary.evaluation)}). "
+            "They hold if the error rate is right: set it from bins people counted (bincounter error-rate).")
+
+
 def render(summary, flagged: list[dict], unsure: list[dict], cal, cfg: AuditConfig) -> str:
-    """The report: summary, calibration statement, flagged bins (surest first), unsure bins."""
-    t = cfg.verdict
+    """The report: summary, settings and what they are expected to do, flagged bins (surest first), unsure bins."""
     if summary.expected_flag_precision is not None:
         precision = (f"<b>at least {_pct(summary.expected_flag_precision)}</b> of the flagged bins are expected to be "
                      "really wrong. Per flag this takes how often the model's count was right at the same "
@@ -86,10 +111,10 @@ def render(summary, flagged: list[dict], unsure: list[dict], cal, cfg: AuditConf
 <title>Bin audit</title><style>{_STYLE}</style></head><body>
 <h1>Bin audit</h1>
 <p class="note">Source {escape(cfg.source.uri)}; counted by {escape(summary.counter)}.
-With p the model's probability of the expected count: <b>mismatch</b> when p &le; {t.flag_threshold:g},
-<b>match</b> when p &ge; {t.match_threshold:g}, otherwise <b>unsure</b> (a person decides).</p>
+{settings_line(summary)}</p>
 <table>{stats}</table>
-<p class="note">Expected precision of a flag at p &le; {t.flag_threshold:g}: {precision}</p>
+<p class="note">{evaluated_line(summary)}</p>
+<p class="note">Expected precision of the flags from the model's held-out reliability: {precision}</p>
 <h2>Flagged bins{shown}, surest first</h2>
 {_table(flagged, "flagged bins")}
 <h2>Unsure bins{shown_unsure}</h2>

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 EVALUATION_ARTIFACT = "evaluation/metrics.json"
+VERDICTS_ARTIFACT = "evaluation/verdict.json"  # model.calibration.VERDICT_FILE, as launch.evaluate logs it
 _MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?")
 
 
@@ -107,6 +108,38 @@ def load(calibration: str | None, model_uri: str | None) -> tuple[Calibration | 
         return None, str(exc)
     except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds; the report says why
         return None, f"cannot read the evaluation of {calibration or model_uri}: {type(exc).__name__}: {exc}"
+
+
+def load_verdicts(calibration: str | None, model_uri: str | None) -> tuple[dict | None, str]:
+    """The verdict thresholds and figures evaluation chose for the model (``evaluation.verdicts``):
+    the verdict file beside ``calibration`` when that is a local metrics.json, else the one logged
+    with ``model_uri``'s run. Returns (None, why) when there is none; a file that fails its checks
+    is refused the same way (the audit then uses the rules' defaults and says so)."""
+    from bincounter.model.calibration import VERDICT_FILE, check_chosen
+
+    try:
+        if calibration and "://" not in calibration and not calibration.startswith(("runs:/", "models:/")):
+            path = Path(calibration).parent / VERDICT_FILE
+            if not path.is_file():
+                return None, f"no {VERDICT_FILE} beside {calibration}"
+            data, origin = json.loads(path.read_text()), str(path)
+        else:
+            run_id, described = model_run_id(model_uri) if model_uri else (None, "no model named")
+            if run_id is None:
+                return None, described
+            origin = f"{described} (run {run_id}, {VERDICTS_ARTIFACT})"
+            try:
+                data = _download(run_id=run_id, artifact_path=VERDICTS_ARTIFACT)
+            except Exception:  # noqa: BLE001 - MLflow says "failed to download"; say what is missing
+                return None, f"{described}'s run {run_id} has no {VERDICTS_ARTIFACT} (evaluated before verdicts were chosen?)"
+        if not isinstance(data, dict) or not isinstance(data.get("figures"), list):
+            raise ValueError(f"{origin} holds no verdict figures")
+        data["chosen"] = check_chosen(data.get("chosen"), origin)
+        return data, origin
+    except (OSError, ValueError) as exc:
+        return None, str(exc)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds; the report says why
+        return None, f"cannot read the verdicts of {calibration or model_uri}: {type(exc).__name__}: {exc}"
 
 
 def _download(**where) -> dict:

@@ -30,7 +30,10 @@ from bincounter.config import EVAL_METRICS, EvaluateConfig
 from bincounter.data.dataset import make_loader, read_samples, ShardDataset, shard_urls
 from bincounter.fileio import atomic_write
 from bincounter.ids import is_file_stem
+from bincounter.model.calibration import VERDICT_FILE, nll
+from bincounter.model.calibration import probabilities as calibrated_probabilities
 from bincounter.model.predictor import Predictor
+from bincounter.model.spec import INT8_ONNX_FILE
 from bincounter.data.preprocess import ORIGINALS, ORIGINALS_OF
 from bincounter.data.sources import IMAGES
 from bincounter.model.device import resolve_device
@@ -48,6 +51,7 @@ class EvaluateResult:
     out_dir: Path
     metrics: dict
     plots: list[Path]
+    verdicts: dict  # verdict.json: the thresholds chosen for the model and what they do (evaluation.verdicts)
 
     def summary(self) -> dict[str, float]:
         """The headline scalars (for KFP ``Metrics``, MLflow and the promotion gate)."""
@@ -57,8 +61,12 @@ class EvaluateResult:
         """Beside a served headline: the shard path's figures (``shards_*``), the photos whose
         count differs between the paths (``shards_differ``) and the photos the server refused
         (``served_refused``). Empty when only the shards were scored."""
-        return {k: float(v) for k, v in self.metrics.items()
-                if (k.startswith(SHARDS_PREFIX) or k == "served_refused") and isinstance(v, (int, float))}
+        figures = {k: float(v) for k, v in self.metrics.items()
+                   if (k.startswith(SHARDS_PREFIX) or k == "served_refused") and isinstance(v, (int, float))}
+        # INT8 against fp32 on the same photos (int8_accuracy_fp32, int8_accuracy_int8, int8_accuracy_drop...).
+        figures.update({f"int8_{k}": float(v) for k, v in self.metrics.get("int8", {}).items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        return figures
 
 
 def measure_speed(run: Callable[[list[bytes]], object], images: list[bytes], samples: int,
@@ -130,8 +138,10 @@ class ServedScores:
 
 
 def score_as_served(model_dir: str | Path, ids: list[str], originals: list[tuple[Path, str]], *,
-                    batch_size: int, latency_samples: int) -> ServedScores:
-    """Run the original photos through the model server's own engine.
+                    batch_size: int, latency_samples: int, int8_batches: list[np.ndarray] | None = None,
+                    int8_out: Path | None = None) -> tuple[ServedScores, ServedScores | None]:
+    """Run the original photos through the model server's own engine: fp32, and with
+    ``int8_batches`` (calibration photos) the INT8 graph quantized from it too, written to ``int8_out``.
 
     The engine is the one ``bincounter serve`` starts for the registered model: the same
     files (``onnx_export.serving_files``, as registration logs them), the same choice of
@@ -141,14 +151,17 @@ def score_as_served(model_dir: str | Path, ids: list[str], originals: list[tuple
     """
     from bincounter.config import ServeConfig
     from bincounter.model.onnx_export import serving_files
+    from bincounter.model.quantize import quantize_int8
+    from bincounter.model.spec import ONNX_FILE
     from bincounter.serving.loading import engine_spec
     from bincounter.serving.worker import load_engine
 
-    probs: list[list[float] | None] = [None] * len(ids)
-    refused: list[dict] = []
-    timed: list[bytes] = []  # a few answered originals for the latency figures
-    with serving_files(model_dir) as folder:
-        engine = load_engine(engine_spec(ServeConfig(threads_per_worker=torch.get_num_threads()), folder, folder))
+    def scores(precision: str, folder: Path) -> ServedScores:
+        cfg = ServeConfig(threads_per_worker=torch.get_num_threads(), precision=precision)
+        engine = load_engine(engine_spec(cfg, folder, folder))
+        probs: list[list[float] | None] = [None] * len(ids)
+        refused: list[dict] = []
+        timed: list[bytes] = []  # a few answered originals for the latency figures
         for start in range(0, len(ids), batch_size):
             chunk = [_read_original(path, sha, ids[i])
                      for i, (path, sha) in enumerate(originals[start:start + batch_size], start)]
@@ -159,8 +172,48 @@ def score_as_served(model_dir: str | Path, ids: list[str], originals: list[tuple
                         timed.append(chunk[i - start])
                 else:
                     refused.append({"id": ids[i], "status": int(outcome[1]), "detail": str(outcome[2])})
-        speed = measure_speed(engine.run, timed, latency_samples)
-    return ServedScores(probs, refused, speed, engine.info.backend)
+        return ServedScores(probs, refused, measure_speed(engine.run, timed, latency_samples), engine.info.backend)
+
+    with serving_files(model_dir) as folder:
+        fp32 = scores("fp32", folder)
+        if int8_batches is None:
+            return fp32, None
+        quantize_int8(folder / ONNX_FILE, int8_batches, folder / INT8_ONNX_FILE)
+        int8 = scores("int8", folder)
+        if int8_out is not None:
+            atomic_write(int8_out, (folder / INT8_ONNX_FILE).read_bytes())
+    return fp32, int8
+
+
+def int8_calibration(data_dir: str | Path, spec, photos: int, batch: int = 16) -> list[np.ndarray]:
+    """Photos the model did not learn from (validation, else training: only activation ranges are
+    taken from them), transformed as the server transforms them, in batches."""
+    from bincounter.model.images import EvalArrays, decode_rgb
+
+    samples = read_samples(shard_urls(data_dir, "val")) or read_samples(shard_urls(data_dir, "train"))
+    transform = EvalArrays(size=spec.image_size, mean=spec.mean, std=spec.std)
+    arrays = [transform(decode_rgb(jpg)) for _, jpg, _ in samples[:photos]]
+    return [np.stack(arrays[i:i + batch]) for i in range(0, len(arrays), batch)]
+
+
+def choose_precision(fp32: ServedScores, int8: ServedScores, y: np.ndarray, spec, names: list[str],
+                     max_drop: float) -> tuple[ServedScores, dict]:
+    """INT8 when it answers the photos both answer within ``max_drop`` of fp32's accuracy;
+    the figures of both, side by side."""
+    both = [i for i, (a, b) in enumerate(zip(fp32.probabilities, int8.probabilities)) if a is not None and b is not None]
+    figures = {}
+    for name, scored in (("fp32", fp32), ("int8", int8)):
+        probs = np.array([scored.probabilities[i] for i in both], dtype=np.float64)
+        f = _figures(y[both], probs, spec.min_count, names)
+        figures[name] = {"accuracy": f["accuracy"], "ece": f["ece"], "nll": nll(probs, y[both]),
+                         "throughput_images_per_s": scored.speed.get("throughput_images_per_s"),
+                         "latency_ms_p50": scored.speed.get("latency_ms_p50")}
+    drop = figures["fp32"]["accuracy"] - figures["int8"]["accuracy"]
+    kept = drop <= max_drop
+    agree = float(np.mean([np.argmax(fp32.probabilities[i]) == np.argmax(int8.probabilities[i]) for i in both]))
+    comparison = {"precision": "int8" if kept else "fp32", "accuracy_drop": drop, "max_accuracy_drop": max_drop,
+                  "same_count": agree, **{f"{k}_{name}": v for name, f in figures.items() for k, v in f.items()}}
+    return (int8 if kept else fp32), comparison
 
 
 def _figures(y: np.ndarray, probs: np.ndarray, min_count: int, names: list[str]) -> dict:
@@ -204,7 +257,10 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, data_dir: str | Path, o
     found = original_paths(data_dir, ids, originals) if originals else None
     dataset = ShardDataset(samples, predictor.transform)
     loader = make_loader(dataset, batch_size=cfg.batch_size, shuffle=False, workers=0, pin_memory=False)
-    shard_probs = np.concatenate([predictor.probabilities(x) for x, _ in loader])
+    # Each view's logits once: the probabilities as served (the spec's temperature) and raw ones.
+    logits = np.concatenate([predictor.view_logits(x) for x, _ in loader])
+    shard_probs = calibrated_probabilities(logits, spec.temperature)
+    raw_probs = calibrated_probabilities(logits, 1.0)
     y = dataset.labels.numpy()
     names = list(spec.class_names) or [str(int(v)) for v in predictor.values]
     shards = _figures(y, shard_probs, spec.min_count, names)
@@ -216,8 +272,16 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, data_dir: str | Path, o
         result, probs, answered = shards, shard_probs, np.arange(len(ids))
         result["path"] = SHARDS
     else:
-        served = score_as_served(model_dir, ids, found, batch_size=cfg.batch_size,
-                                 latency_samples=cfg.latency_samples)
+        int8_file = out_dir / INT8_ONNX_FILE
+        int8_file.unlink(missing_ok=True)  # a kept INT8 graph is this evaluation's only
+        served, int8 = score_as_served(model_dir, ids, found, batch_size=cfg.batch_size,
+                                       latency_samples=cfg.latency_samples, int8_out=int8_file,
+                                       int8_batches=int8_calibration(data_dir, spec, cfg.int8_calibration_photos)
+                                       if cfg.int8 else None)
+        if int8 is not None:
+            served, comparison = choose_precision(served, int8, y, spec, names, cfg.int8_max_accuracy_drop)
+            if comparison["precision"] != "int8":
+                int8_file.unlink(missing_ok=True)
         answered = np.array([i for i, p in enumerate(served.probabilities) if p is not None], dtype=np.int64)
         if not len(answered):
             first = served.refused[0]
@@ -228,6 +292,8 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, data_dir: str | Path, o
         result.update(served.speed)
         result.update({"path": SERVED, "served_backend": served.backend, "served_refused": len(served.refused),
                        "refused": served.refused})
+        if int8 is not None:
+            result["int8"] = comparison
         result.update({SHARDS_PREFIX + k: shards[k] for k in _COMPARED if k in shards})
         result["shards_differ"] = int((shard_probs[answered].argmax(1) != probs.argmax(1)).sum())
         columns = {"shards_predicted_label": [int(p.argmax()) for p in shard_probs],
@@ -240,18 +306,49 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, data_dir: str | Path, o
     result["beyond_answers"] = beyond
 
     from bincounter.evaluation import plots
+    from bincounter.evaluation import verdicts as V
+
+    # Calibration on the same photos and path, the temperature the only difference (the served
+    # path's answers are calibrated only: its engine runs the exported graph).
+    y_answered = y[answered]
+    rel_before, rel_after = M.reliability(y_answered, raw_probs[answered]), M.reliability(y_answered,
+                                                                                        shard_probs[answered])
+    result["calibration"] = {"temperature": spec.temperature, "count_set_threshold": spec.count_set_threshold,
+                             "count_set_coverage": spec.count_set_coverage,
+                             "nll_before": nll(raw_probs[answered], y_answered),
+                             "nll_after": nll(shard_probs[answered], y_answered),
+                             "ece_before": rel_before["ece"], "ece_after": rel_after["ece"]}
+    result["nll"] = nll(probs, y_answered)
+    if spec.count_set_threshold is not None:
+        sets = probs >= spec.count_set_threshold
+        sets[np.arange(len(probs)), probs.argmax(1)] = True  # a set is never empty
+        result["calibration"]["count_set_covered"] = float(sets[np.arange(len(probs)), y_answered].mean())
+        result["calibration"]["count_set_mean_size"] = float(sets.sum(1).mean())
+    verdicts = V.report(y_answered + spec.min_count, probs, spec.min_count, open_ended_classes(names), cfg.verdict,
+                        cfg.target_flag_precision, cfg.max_wrong_passed, confidence=cfg.target_confidence,
+                        before=raw_probs[answered])
+    result["verdict_chosen"] = verdicts["chosen"]
+    atomic_write(out_dir / VERDICT_FILE, json.dumps(verdicts, indent=2).encode())
 
     plot_dir = out_dir / "plots"
     figs = [
         plots.confusion_matrix_plot(np.array(result["confusion_matrix"]), names, plot_dir / "confusion_matrix.png"),
         plots.per_class_plot(result["per_class"], plot_dir / "per_class.png"),
-        plots.reliability_plot(M.reliability(y[answered], probs), plot_dir / "reliability.png"),
+        plots.reliability_plot(M.reliability(y_answered, probs), plot_dir / "reliability.png"),
+        plots.reliability_before_after(rel_before, rel_after, spec.temperature,
+                                       plot_dir / "reliability_before_after.png"),
+        plots.verdict_figures_plot([r for r in verdicts["figures"]], plot_dir / "verdict_figures.png"),
     ]
     _write_predictions(out_dir / "predictions.csv", ids, y, dict(zip(answered.tolist(), probs)), spec.min_count,
                        columns)
     atomic_write(out_dir / "metrics.json", json.dumps(result, indent=2).encode())
-    _write_report(out_dir, result, figs)
-    return EvaluateResult(out_dir=out_dir, metrics=result, plots=figs)
+    _write_report(out_dir, result, figs, verdicts)
+    return EvaluateResult(out_dir=out_dir, metrics=result, plots=figs, verdicts=verdicts)
+
+
+def open_ended_classes(names: Sequence[str]) -> bool:
+    """Whether the last class pools every count from its own up ("6+")."""
+    return bool(names) and str(names[-1]).endswith("+")
 
 
 def _write_predictions(path: Path, ids: list[str], y: np.ndarray, probs: dict[int, np.ndarray], min_count: int,
@@ -269,16 +366,62 @@ def _write_predictions(path: Path, ids: list[str], y: np.ndarray, probs: dict[in
     atomic_write(path, buf.getvalue().encode())
 
 
+def int8_lines(c: dict) -> list[str]:
+    """The report's INT8 section: both graphs' figures on the same photos, and which one is kept."""
+    from bincounter.reporting import markdown_table
+
+    kept = c["precision"] == "int8"
+    rows = [[k, *(_fmt(c.get(f"{k}_{p}")) for p in ("fp32", "int8"))]
+            for k in ("accuracy", "nll", "ece", "throughput_images_per_s", "latency_ms_p50")]
+    return ["## INT8", "", f"The served graph quantized to INT8 (calibrated on validation photos) against fp32 on the "
+            f"same photos: the same count on {c['same_count']:.1%}, accuracy {-c['accuracy_drop'] * 100:+.1f} points "
+            f"against fp32 (it may lose at most {c['max_accuracy_drop'] * 100:.1f}). "
+            + ("Kept: it is registered and served, and the figures above are its." if kept else
+               "Not kept: the model is registered and served in fp32."), "",
+            *markdown_table(["metric", "fp32", "int8"], rows)]
+
+
+def calibration_lines(c: dict) -> list[str]:
+    """The report's calibration paragraph: NLL and ECE before and after the temperature."""
+    lines = [f"Calibration (temperature {c['temperature']:.3f}, fitted on validation photos): negative "
+             f"log-likelihood {c['nll_before']:.4f} before, {c['nll_after']:.4f} after; expected calibration error "
+             f"{c['ece_before']:.4f} before, {c['ece_after']:.4f} after."]
+    if c.get("count_set_covered") is not None:
+        lines.append(f"Count sets (threshold {c['count_set_threshold']:.3f}, for {100 * c['count_set_coverage']:.0f}% "
+                     f"coverage) held the true count for {100 * c['count_set_covered']:.1f}% of these photos, with "
+                     f"{c['count_set_mean_size']:.2f} counts on average.")
+    return lines
+
+
+def verdict_lines(v: dict) -> list[str]:
+    """The report's verdict section: the thresholds chosen and the figures users choose by."""
+    from bincounter.reporting import markdown_table
+
+    chosen = v["chosen"]["posterior"]
+    lines = [f"Verdicts: thresholds chosen on these {v['photos']} photos against an inventory simulated at an error "
+             f"rate of {100 * v['error_rate']:g}% (off by one {100 * v['off_by_one_share']:g}% of the time, by three or "
+             f"more {100 * v['off_by_more_share']:g}%, else by two), for a flag precision of at least {100 * v['target_flag_precision']:g}% and at most "
+             f"{100 * v['max_wrong_passed']:g}% of the wrong records passed as matches: the posterior rule flags at "
+             f"P(record right) <= {chosen['flag_threshold']:.4g} and matches at >= {chosen['match_threshold']:.4g}."]
+    for rule, met in v["meets"].items():
+        if met["flags_nothing"]:
+            lines.append(f"No flag threshold of the {rule} rule reaches the target precision: it flags nothing.")
+        if met["matches_nothing"]:
+            lines.append(f"No match threshold of the {rule} rule passes few enough wrong records: it matches nothing.")
+    lines += ["", *markdown_table(v["table"]["header"], v["table"]["rows"])]
+    return lines
+
+
 def _fmt(value: object) -> object:
     return f"{value:.4f}" if isinstance(value, float) else value
 
 
-def _write_report(out_dir: Path, m: dict, figs: list[Path]) -> None:
+def _write_report(out_dir: Path, m: dict, figs: list[Path], verdicts: dict) -> None:
     from bincounter.reporting import html_page, markdown_table
 
     if m["path"] == SERVED:
         how = [f"Scored as served: each photo's original bytes through the model server's own decoder and engine "
-               f"({m['served_backend']}, on the model.onnx registration exports), so these are the figures users "
+               f"({m['served_backend']}, on the ONNX graph registration exports), so these are the figures users "
                f"get. Held-out split '{m['split']}': {m['n']} photos answered, {m['served_refused']} refused by the "
                "server (not scored, listed below)."]
     else:
@@ -302,9 +445,12 @@ def _write_report(out_dir: Path, m: dict, figs: list[Path]) -> None:
             lines += ["", f"Photos the server refuses{more}:", "",
                       *markdown_table(["id", "status", "reason"],
                                       [[r["id"], r["status"], r["detail"].replace("|", "/")] for r in shown])]
+    if "int8" in m:
+        lines += ["", *int8_lines(m["int8"])]
     per = [[n, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", int(v["support"])]
            for n, v in m["per_class"].items()]
     lines += ["", *markdown_table(["count", "precision", "recall", "F1", "support"], per)]
+    lines += ["", *calibration_lines(m["calibration"]), "", *verdict_lines(verdicts)]
     md = ["# Evaluation", "", *lines, "", *[f"![{f.stem}](plots/{f.name})" for f in figs]]
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
     (out_dir / "report.html").write_text(html_page("Evaluation", lines, figs))

@@ -85,3 +85,40 @@ def reliability_plot(rel: dict, path: Path) -> Path:
     ax.set_title(f"Reliability (ECE {rel['ece']:.3f})")
     ax.legend()
     return save_figure(fig, path)
+
+
+def reliability_before_after(before: dict, after: dict, temperature: float, path: Path) -> Path:
+    """Reliability of the raw probabilities beside the calibrated ones (same photos)."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
+    for ax, rel, title in ((axes[0], before, "before (temperature 1)"),
+                           (axes[1], after, f"after (temperature {temperature:.2f})")):
+        edges = rel["edges"]
+        centers = (edges[:-1] + edges[1:]) / 2
+        ok = ~np.isnan(rel["accuracy"])
+        ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect")
+        ax.bar(centers[ok], rel["accuracy"][ok], width=edges[1] - edges[0], alpha=0.7, edgecolor="black",
+               label="accuracy")
+        ax.set_xlabel("confidence")
+        ax.set_title(f"{title}: ECE {rel['ece']:.3f}")
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend()
+    return save_figure(fig, path)
+
+
+def verdict_figures_plot(rows: list[dict], path: Path) -> Path:
+    """Flag precision, wrong bins passed and share settled against the inventory's error rate,
+    for each rule (``evaluation.verdicts``' figures)."""
+    metrics = (("flag_precision", "flag precision"), ("wrong_passed", "wrong records passed as match"),
+               ("settled", "bins settled without a person"))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (key, title) in zip(axes, metrics):
+        for rule in dict.fromkeys(r["rule"] for r in rows):
+            mine = sorted((r for r in rows if r["rule"] == rule), key=lambda r: r["error_rate"])
+            xs = [r["error_rate"] for r in mine if r[key] is not None]
+            ax.plot(xs, [r[key] for r in mine if r[key] is not None], marker="o", label=rule)
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("inventory error rate")
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    return save_figure(fig, path)

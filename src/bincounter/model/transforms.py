@@ -1,4 +1,5 @@
-"""Train and eval transforms. Serving uses ``EvalTransform`` too, so the two can never disagree.
+"""Train and eval transforms. The server's torch-free ``images.EvalArrays`` is held to ``EvalTransform``
+by a parity test, so the two never disagree by more than a grey level.
 
 Both take a uint8 CHW tensor (as ``decode_image`` gives) and return a normalised float tensor;
 both also take a uint8 NCHW batch (``batched = True``), which ``ShardDataset`` uses to transform
@@ -9,107 +10,20 @@ from __future__ import annotations
 
 import io
 import math
-import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2 as T
 
-
-# Formats a client may send. Everything else Pillow can open (EPS runs Ghostscript, PSD, ICO...)
-# is refused before any decoder runs.
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-DEFAULT_MAX_PIXELS = 40_000_000  # as PreprocessConfig.max_pixels: a 7,000 x 5,700 photo
-
-
-class ImageRejected(ValueError):
-    """An image refused before or while decoding; ``status`` is the HTTP answer it deserves."""
-
-    status = 400
-
-
-class ImageTooLarge(ImageRejected):
-    """The header declares more pixels than allowed (decompression bombs)."""
-
-    status = 413
-
-
-class UnsupportedImage(ImageRejected):
-    """A recognised image format that is not accepted."""
-
-    status = 415
-
-
-@dataclass(frozen=True)
-class ImageHeader:
-    format: str
-    width: int
-    height: int
-
-
-def _open(data: bytes, max_pixels: int):
-    """Pillow image with only its header read, after the format and pixel checks."""
-    from PIL import Image
-
-    if not data:
-        raise ImageRejected("empty image")
-    with warnings.catch_warnings():
-        # We check the pixel count ourselves, with our own limit.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data))  # reads the header only
-        except Image.DecompressionBombError as exc:
-            raise ImageTooLarge(f"image is too large: {exc}") from None
-        except Image.UnidentifiedImageError:
-            raise ImageRejected(f"not a recognisable image (send one of {', '.join(ACCEPTED_FORMATS)})") from None
-        except Exception as exc:  # noqa: BLE001 - Pillow raises many types for garbage
-            raise ImageRejected(f"not a recognisable image ({type(exc).__name__}: {_short(exc)})") from None
-    if img.format not in ACCEPTED_FORMATS:
-        img.close()
-        raise UnsupportedImage(f"image format {img.format} is not accepted (send one of {', '.join(ACCEPTED_FORMATS)})")
-    width, height = img.size
-    if width <= 0 or height <= 0:
-        img.close()
-        raise ImageRejected(f"image declares an empty size {width}x{height}")
-    if width * height > max_pixels:
-        img.close()
-        raise ImageTooLarge(f"image declares {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}")
-    return img
-
-
-def read_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
-    """Format and size from the header alone; raises :class:`ImageRejected` (or a subclass)."""
-    with _open(data, max_pixels) as img:
-        return ImageHeader(img.format, *img.size)
+from bincounter.model.images import (  # noqa: F401 - the untrusted-image checks, re-exported
+    ACCEPTED_FORMATS, DEFAULT_MAX_PIXELS, ImageHeader, ImageRejected, ImageTooLarge, UnsupportedImage, decode_rgb,
+    read_header)
 
 
 def decode_untrusted(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """Bytes from anyone to a uint8 RGB CHW tensor, refusing anything doubtful.
-
-    The format and declared size are checked from the header before any pixel is decoded;
-    Pillow then decodes and raises on truncated data (it never pads a short file). For JPEG
-    the pixels equal torchvision's ``decode_image`` (both libjpeg-turbo), which
-    :func:`decode_bytes` uses on the trusted shards training reads. (torchvision's PNG decoder
-    crashes the process on a truncated PNG that declares a huge size.)
-    Raises :class:`ImageRejected`: 413 for too many pixels, 415 for formats not accepted, 400
-    for anything undecodable.
-    """
-    import numpy as np
-
-    with _open(data, max_pixels) as img:
-        try:
-            rgb = img.convert("RGB")  # loads (decodes) the first frame
-        except Exception as exc:  # noqa: BLE001 - truncated, corrupt, unsupported modes...
-            raise ImageRejected(f"could not decode the image ({type(exc).__name__}: {_short(exc)})") from None
-    with rgb:
-        return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
-
-
-def _short(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """:func:`bincounter.model.images.decode_rgb` as a uint8 RGB CHW tensor (same checks, same errors)."""
+    return torch.from_numpy(decode_rgb(data, max_pixels=max_pixels)).permute(2, 0, 1)
 
 
 def decode_bytes(data: bytes) -> torch.Tensor:

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,8 +52,10 @@ def git_commit() -> str:
         return "unknown"
 
 
-def log_pyfunc(model_dir: str | Path, example_images: list[bytes]):
-    """Log the serving pyfunc into the active run; returns mlflow's ModelInfo."""
+def log_pyfunc(model_dir: str | Path, example_images: list[bytes], verdicts: dict | None = None,
+               extra: Sequence[Path] = ()):
+    """Log the serving pyfunc into the active run; returns mlflow's ModelInfo. ``verdicts``: the
+    thresholds evaluation chose (``extra`` holds its file), also kept in the model's metadata."""
     import json
 
     import mlflow
@@ -71,7 +73,7 @@ def log_pyfunc(model_dir: str | Path, example_images: list[bytes]):
                         ColSpec("double", "expected_count"), ColSpec(Array("double"), "probabilities")]),
     )
     # Only the weights and spec travel as artifacts; checkpoints and plots stay with the run.
-    with serving_files(model_dir) as serving_dir:
+    with serving_files(model_dir, extra) as serving_dir:
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=BinCounterModel(),
@@ -81,8 +83,10 @@ def log_pyfunc(model_dir: str | Path, example_images: list[bytes]):
             # Two rows: the signature is column-based, so no batch size is pinned.
             input_example=pd.DataFrame({"image": example_images[:2]}) if example_images else None,
             pip_requirements=_requirements(),
-            metadata={k: spec.get(k) for k in ("class_names", "image_size", "mean", "std", "backbone", "tta", "rot90",
-                                               "min_count")},
+            metadata={**{k: spec.get(k) for k in ("class_names", "image_size", "mean", "std", "backbone", "tta",
+                                                  "rot90", "min_count", "temperature", "count_set_threshold",
+                                                  "count_set_coverage")},
+                      "verdict": (verdicts or {}).get("chosen")},
         )
 
 
@@ -94,7 +98,30 @@ def _requirements() -> list[str]:
     return [f"{p}=={version(p)}" for p in pins]
 
 
-def model_card(name: str, version: str, metrics: dict, lineage: dict, spec: dict, verdict: Verdict) -> str:
+def verdict_section(spec: dict, verdicts: dict | None) -> str:
+    """The model card's calibration and verdict section (``evaluation.verdicts``' figures)."""
+    from bincounter.reporting import markdown_table
+
+    fitted = spec.get("count_set_threshold") is not None or spec.get("temperature", 1.0) != 1.0
+    lines = [f"Probabilities are calibrated: logits divided by a temperature of {spec.get('temperature', 1.0):.3f} "
+             "fitted on validation photos." if fitted else "Probabilities are the network's own, not calibrated "
+             "(trained without validation photos or with calibrate off)."]
+    if spec.get("count_set_threshold") is not None:
+        lines.append(f"Each answer's `count_set` holds the counts at probability >= {spec['count_set_threshold']:.3f}: "
+                     f"it held the true count {100 * spec['count_set_coverage']:.0f}% of the time on held-out photos.")
+    if not verdicts:
+        return "\n".join(lines + ["No verdict thresholds were chosen for this model: the rules' defaults apply."])
+    chosen = verdicts["chosen"]["posterior"]
+    lines += ["", f"Verdict thresholds chosen on {verdicts['photos']} test photos against an inventory with "
+              f"{100 * verdicts['error_rate']:g}% wrong records, for a flag precision of at least "
+              f"{100 * verdicts['target_flag_precision']:g}% and at most {100 * verdicts['max_wrong_passed']:g}% of "
+              f"the wrong records passed: mismatch at P(record right) <= {chosen['flag_threshold']:.4g}, match at "
+              f">= {chosen['match_threshold']:.4g}. What they do at other error rates:", ""]
+    return "\n".join(lines + markdown_table(verdicts["table"]["header"], verdicts["table"]["rows"]))
+
+
+def model_card(name: str, version: str, metrics: dict, lineage: dict, spec: dict, verdict: Verdict,
+               verdicts: dict | None = None) -> str:
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()) if isinstance(v, float))
     lin = "\n".join(f"- {k}: `{v}`" for k, v in sorted(lineage.items()))
     decision = verdict.reason + "".join(f"\n- {k}: `{v}`" for k, v in sorted(verdict.evidence.items()))
@@ -112,6 +139,9 @@ input {spec.get('image_size')} px, test-time augmentation: {spec.get('tta')} (fl
 |---|---|
 {rows}
 
+## Calibration and verdicts
+{verdict_section(spec, verdicts)}
+
 ## Data and lineage
 {lin}
 
@@ -121,8 +151,8 @@ input {spec.get('image_size')} px, test-time augmentation: {spec.get('tta')} (fl
 ## Limits
 - Trained for counts {spec.get('class_names', ['?'])[0]} to {spec.get('class_names', ['?'])[-1]}; a bin holding more
   is predicted as the largest class (or the overflow class when there is one).
-- Accuracy drops on crowded bins, occluded items and bins whose strap tapes hide items; use
-  `confidence` to route uncertain bins to a person.
+- Accuracy drops on crowded bins, occluded items and bins whose strap tapes hide items; the
+  verdict sends the bins it cannot settle to a person ("unsure").
 - Evaluated on photos from the same distribution as training; re-evaluate before use on other sites.
 """
 
@@ -230,13 +260,13 @@ def promote(client, cfg: RegisterConfig, version: str, judge: Judge, *, attempts
                          f"v{version}; nothing promoted")
 
 
-def files_sha256(model_dir: str | Path) -> str:
-    """Digest of what is served (the weights, the ONNX graph, the spec): what a pinned deployment
-    names besides the version."""
+def files_sha256(model_dir: str | Path, extra: Sequence[Path] = ()) -> str:
+    """Digest of what is served (the weights, the ONNX graph, the spec, the verdict thresholds):
+    what a pinned deployment names besides the version."""
     import hashlib
 
     digest = hashlib.sha256()
-    with serving_files(model_dir) as folder:
+    with serving_files(model_dir, extra) as folder:
         for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
             digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
             with path.open("rb") as f:
@@ -247,8 +277,11 @@ def files_sha256(model_dir: str | Path) -> str:
 
 def register(cfg: RegisterConfig, model_dir: str | Path, metrics: dict[str, float], *, judge: Judge,
              run_id: str | None = None, lineage: dict[str, str] | None = None,
-             example_images: list[bytes] | None = None) -> RegisterResult:
-    """Log, register, tag, and gate with ``judge``. ``run_id`` is the training run to attach the model to."""
+             example_images: list[bytes] | None = None, verdict_file: Path | None = None,
+             int8_file: Path | None = None) -> RegisterResult:
+    """Log, register, tag, and gate with ``judge``. ``run_id`` is the training run to attach the model to;
+    ``verdict_file``: the evaluation's verdict thresholds and figures, served with the model;
+    ``int8_file``: the INT8 graph evaluation scored and kept (``model.int8.onnx``), served by default."""
     import json
 
     import mlflow
@@ -262,7 +295,9 @@ def register(cfg: RegisterConfig, model_dir: str | Path, metrics: dict[str, floa
     lineage = {"git_commit": git_commit(), **(lineage or {})}
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register") as run:
         mlflow.log_params({k: str(v) for k, v in cfg.flat("register.").items()})
-        info = log_pyfunc(model_dir, example_images or [])
+        extra = [f for f in (verdict_file, int8_file) if f is not None]
+        verdicts = json.loads(verdict_file.read_text()) if verdict_file is not None else None
+        info = log_pyfunc(model_dir, example_images or [], verdicts, extra)
         tracking.log_metrics({f"test_{k}": v for k, v in metrics.items()})
         mlflow.set_tags({f"lineage.{k}": v for k, v in lineage.items()})
     client = MlflowClient()
@@ -270,9 +305,9 @@ def register(cfg: RegisterConfig, model_dir: str | Path, metrics: dict[str, floa
                                     tags={**{f"metric.{k}": str(v) for k, v in metrics.items()},
                                           **{f"lineage.{k}": v for k, v in lineage.items()},
                                           "lineage.training_run_id": run.info.run_id,
-                                          "model.sha256": files_sha256(model_dir)}).version
+                                          "model.sha256": files_sha256(model_dir, extra)}).version
     verdict = promote(client, cfg, str(version), judge)
-    card = model_card(cfg.model_name, version, metrics, lineage, spec, verdict)
+    card = model_card(cfg.model_name, version, metrics, lineage, spec, verdict, verdicts)
     client.update_model_version(cfg.model_name, version, description=card)
     with mlflow.start_run(run_id=run.info.run_id):
         mlflow.log_text(card, f"model_card_v{version}.md")

@@ -69,6 +69,7 @@ def create_app(cfg: ServeConfig | None = None, *, model: Any | None = None,
     metrics = ServerMetrics()
     counter = Counter(cfg, state, metrics)
     metrics.queue_depth.set_function(lambda: counter.batcher.depth if counter.batcher else 0)
+    metrics.in_flight.set_function(lambda: counter.batcher.in_flight if counter.batcher else 0)
     metrics.workers_alive.set_function(lambda: state.runner.alive() if state.runner and state.ready else 0)
     app = FastAPI(title="bincounter", summary="Count the items in a warehouse bin photo.", version=__version__,
                   lifespan=lifespan(cfg, counter, model=model, loader=loader))
@@ -76,7 +77,7 @@ def create_app(cfg: ServeConfig | None = None, *, model: Any | None = None,
     app.state.metrics = metrics
     errors.install(app, cfg)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics, log_requests=cfg.access_log)
-    for router in (page.make_router(cfg.verdict), probes.router(state, metrics), native.router(counter, cfg),
+    for router in (page.make_router(counter.verdict_settings), probes.router(state, metrics), native.router(counter, cfg),
                    kserve.router(counter, cfg), sagemaker.router(counter)):
         app.include_router(router)
     return app

@@ -52,6 +52,7 @@ class Batcher:
         self._items: collections.deque[_Item] = collections.deque()
         self._idle = 0  # consumers waiting in take()
         self._changed = asyncio.Condition()
+        self.in_flight = 0  # images submitted and not yet answered: waiting or in a worker's batch
 
     @property
     def depth(self) -> int:
@@ -64,10 +65,14 @@ class Batcher:
         loop = asyncio.get_running_loop()
         items = [_Item(data, loop.create_future()) for data in images]
         self._items.extend(items)
-        async with self._changed:
-            self._changed.notify_all()
-        # A client that goes away cancels this await, hence its futures: consumers skip them.
-        return list(await asyncio.gather(*(item.future for item in items)))
+        self.in_flight += len(items)
+        try:
+            async with self._changed:
+                self._changed.notify_all()
+            # A client that goes away cancels this await, hence its futures: consumers skip them.
+            return list(await asyncio.gather(*(item.future for item in items)))
+        finally:
+            self.in_flight -= len(items)
 
     async def take(self) -> list[_Item]:
         """The next batch: waits for one image; takes its share of the queue (idle consumers

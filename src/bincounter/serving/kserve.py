@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse
 
 from bincounter.config import ServeConfig
 from bincounter.serving.counting import Counter, KServeResponse
-from bincounter.serving.requests import (EXPECTED_QUERY, MULTI_IMAGE_BODY_FACTOR, decode_instances, query_expected,
-                                         read_body)
+from bincounter.serving.requests import (ERROR_RATE_QUERY, EXPECTED_QUERY, MULTI_IMAGE_BODY_FACTOR, decode_instances,
+                                         query_error_rate, query_expected, read_body)
 
 
 def router(counter: Counter, cfg: ServeConfig) -> APIRouter:
@@ -29,28 +29,28 @@ def router(counter: Counter, cfg: ServeConfig) -> APIRouter:
         return {"models": [cfg.model_name or "bincounter"]}
 
     @kserve.post("/v1/models/{name}:predict", response_model=KServeResponse, response_model_exclude_unset=True,
-                 openapi_extra={"parameters": [EXPECTED_QUERY]})
+                 openapi_extra={"parameters": [EXPECTED_QUERY, ERROR_RATE_QUERY]})
     async def kserve_predict(name: str, request: Request) -> dict[str, Any]:
-        """KServe v1 predict: ``{"instances": [{"image": {"b64": "..."}, "expected": 3}]}``."""
+        """KServe v1 predict: ``{"instances": [{"image": {"b64": "..."}, "expected": 3, "error_rate": 0.2}]}``."""
         check_name(name)
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media and media != "application/json":
             raise HTTPException(415, detail=f"content type {media[:100]!r} is not application/json")
-        query = query_expected(request)
+        query, query_rate = query_expected(request), query_error_rate(request)
         raw = await read_body(request, cfg.max_body_bytes * MULTI_IMAGE_BODY_FACTOR)
 
-        def parse() -> tuple[list[bytes], list[int | None]]:
+        def parse() -> tuple[list[bytes], list[int | None], list[float | None]]:
             try:
                 payload = json.loads(raw)
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise HTTPException(400, detail=f"body is not valid JSON: {exc}") from None
             except RecursionError:
                 raise HTTPException(400, detail="body is not valid JSON: nested too deeply") from None
-            return decode_instances(payload, cfg.max_images, cfg.max_body_bytes, query)
+            return decode_instances(payload, cfg.max_images, cfg.max_body_bytes, query, query_rate)
 
         # Parsing megabytes of JSON and base64 would stall every other request: a thread does it.
-        images, expected = await anyio.to_thread.run_sync(parse)
-        return {"predictions": await counter.count(images, expected)}
+        images, expected, rates = await anyio.to_thread.run_sync(parse)
+        return {"predictions": await counter.count(images, expected, error_rates=rates)}
 
     @kserve.get("/v1/models/{name}")
     def kserve_ready(name: str) -> JSONResponse:

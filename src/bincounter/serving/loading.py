@@ -97,24 +97,48 @@ def native_folder(model_path: Path) -> Path | None:
     return None
 
 
+def has_torch() -> bool:
+    """Whether PyTorch can be imported here (the serving image has none: ONNX Runtime only)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+ONNX_ONLY = ("this image serves ONNX models only (it holds no PyTorch); bincounter register logs model.onnx "
+             "with every model: register it again, or serve it with the full image (ghcr.io/bincounter/bincounter)")
+
+
 def engine_spec(cfg: ServeConfig, model_path: Path, workdir: Path) -> EngineSpec:
     """Pick the engine for a downloaded model: ONNX Runtime when it is a bincounter model
-    (exporting ``model.onnx`` if it was registered without one), else its pyfunc."""
+    (exporting ``model.onnx`` if it was registered without one and torch is here), else its pyfunc."""
+    from bincounter.model.spec import INT8_ONNX_FILE, ONNX_FILE
+
     native = native_folder(model_path)
     backend = cfg.backend
     if backend == "auto":
         backend = "onnx" if native is not None else "pyfunc"
     common = {"threads": cfg.threads_per_worker, "max_pixels": cfg.max_pixels}
+    if backend in ("pyfunc", "torch") and not has_torch():
+        what = "a model that is no bincounter model" if native is None else f"the {backend} backend"
+        raise ValueError(f"{model_path}: cannot serve {what}: {ONNX_ONLY}")
     if backend == "pyfunc":
         return EngineSpec("pyfunc", str(model_path), **common)
     if native is None:
         raise ValueError(f"backend {backend!r} needs a bincounter model ({SPEC_FILE}); {model_path} has none")
     if backend == "torch":
         return EngineSpec("torch", str(native), **common)
-    from bincounter.model.onnx_export import ONNX_FILE, export_onnx
-
+    int8 = native / INT8_ONNX_FILE
+    if cfg.precision == "int8" and not int8.is_file():
+        raise ValueError(f"precision 'int8' asked for, but {model_path} has no {INT8_ONNX_FILE} (evaluation keeps it "
+                         "only when it answers within its accuracy bound of fp32): serve with --precision fp32 or auto")
+    if cfg.precision != "fp32" and int8.is_file():
+        return EngineSpec("onnx", str(native), onnx_path=str(int8), precision="int8", **common)
     onnx = native / ONNX_FILE
     if not onnx.is_file():
+        if not has_torch():
+            raise ValueError(f"{model_path} has no {ONNX_FILE} (registered before ONNX export): {ONNX_ONLY}")
+        from bincounter.model.onnx_export import export_onnx
+
         log.info("the model has no %s (registered before ONNX export); exporting it now", ONNX_FILE)
         onnx = export_onnx(native, workdir / ONNX_FILE)
     return EngineSpec("onnx", str(native), onnx_path=str(onnx), **common)
@@ -152,6 +176,7 @@ def load_into(state: ModelState, cfg: ServeConfig, metrics, *, model: Any | None
             runner = ProcessRunner(spec, cfg.workers, cfg.worker_timeout_s, on_restart=metrics.worker_restarts.inc)
         state.runner = runner
         state.info = runner.start()
+        cfg.verdict.thresholds(state.info.chosen)  # the server's thresholds and the model's must make one band
     except BaseException as exc:  # noqa: BLE001 - any failure must reach /readyz and the log
         state.error = f"{type(exc).__name__}: {exc}"
         state.status = "failed"

@@ -37,6 +37,9 @@ class ServerMetrics:
         self.batch_seconds = Histogram("bincounter_batch_duration_seconds", "Decode, preprocess and inference "
                                        "time of one batch in a worker.", buckets=_LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("bincounter_queue_depth", "Images waiting for a worker.", registry=r)
+        # What the HorizontalPodAutoscaler scales on (manifests/serving/hpa.yaml, via prometheus-adapter).
+        self.in_flight = Gauge("bincounter_images_in_flight", "Images accepted and not yet answered (waiting or "
+                               "in a worker's batch).", registry=r)
         self.queue_wait = Histogram("bincounter_queue_wait_seconds", "Time from arrival to answer of an image.",
                                     buckets=_LATENCY_BUCKETS, registry=r)
         self.predicted_count = Histogram("bincounter_predicted_count", "Counts predicted (distribution).",

@@ -10,24 +10,27 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bincounter.config import ServeConfig
 from bincounter.serving.counting import CountResult, Counter
-from bincounter.serving.requests import (EXPECTED_QUERY, IMAGE_BODY, MULTI_IMAGE_BODY_FACTOR, check_type,
-                                         parse_expected, query_expected, read_body)
+from bincounter.serving.requests import (ERROR_RATE_QUERY, EXPECTED_QUERY, IMAGE_BODY, MULTI_IMAGE_BODY_FACTOR,
+                                         check_type, parse_error_rate, parse_expected, query_error_rate,
+                                         query_expected, read_body)
 
 BATCH_BODY = {
-    "parameters": [EXPECTED_QUERY],
+    "parameters": [EXPECTED_QUERY, ERROR_RATE_QUERY],
     "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object",
         "properties": {
             "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
             "expected": {"type": "array", "items": {"type": "integer"},
                          "description": "One value for every file, or one per file in order."},
+            "error_rate": {"type": "number", "description": "The inventory's error rate for every file's verdict."},
         },
     }}}},
 }
 
 
-async def read_files(request: Request, cfg: ServeConfig) -> tuple[list[bytes], list[str], list[int]]:
-    """The multipart body's files (in order, with a label each for errors) and its ``expected`` fields."""
+async def read_files(request: Request, cfg: ServeConfig) -> tuple[list[bytes], list[str], list[int], float | None]:
+    """The multipart body's files (in order, with a label each for errors), its ``expected``
+    fields and its ``error_rate`` field."""
     body = await read_body(request, cfg.max_body_bytes * MULTI_IMAGE_BODY_FACTOR)
 
     # The body is already read (to enforce the limit); replay it to the form parser.
@@ -49,11 +52,16 @@ async def read_files(request: Request, cfg: ServeConfig) -> tuple[list[bytes], l
     images: list[bytes] = []
     labels: list[str] = []
     form_expected: list[int] = []
+    rates: list[float] = []
     try:
         for key, value in form.multi_items():
             if isinstance(value, str):
                 if key == "expected":
                     form_expected.append(parse_expected(value, "form field expected"))  # type: ignore[arg-type]
+                elif key == "error_rate":
+                    if rates:
+                        raise HTTPException(422, detail="form field error_rate is given more than once")
+                    rates.append(parse_error_rate(value, "form field error_rate"))  # type: ignore[arg-type]
                 continue
             data = await value.read()
             label = f"file {(value.filename or key)[:100]!r}"
@@ -67,7 +75,13 @@ async def read_files(request: Request, cfg: ServeConfig) -> tuple[list[bytes], l
         await form.close()
     if not images:
         raise HTTPException(400, detail="no image files in the multipart body (send them as file parts)")
-    return images, labels, form_expected
+    return images, labels, form_expected, (rates[0] if rates else None)
+
+
+def one_error_rate(form: float | None, query: float | None) -> float | None:
+    if form is not None and query is not None:
+        raise HTTPException(422, detail="give error_rate either in the query or in the form, not both")
+    return form if form is not None else query
 
 
 def expected_per_file(form_expected: list[int], query: int | None, n: int) -> list[int | None]:
@@ -88,18 +102,20 @@ def router(counter: Counter, cfg: ServeConfig) -> APIRouter:
     native = APIRouter(tags=["count"])
 
     @native.post("/v1/count", response_model=CountResult, response_model_exclude_unset=True,
-                 openapi_extra={"requestBody": IMAGE_BODY, "parameters": [EXPECTED_QUERY]})
+                 openapi_extra={"requestBody": IMAGE_BODY, "parameters": [EXPECTED_QUERY, ERROR_RATE_QUERY]})
     async def count(request: Request) -> dict[str, Any]:
         """Count the items in one image sent as the raw request body."""
-        return await counter.count_raw(request, query_expected(request))
+        return await counter.count_raw(request, query_expected(request), query_error_rate(request))
 
     @native.post("/v1/count:batch", response_model=list[CountResult], response_model_exclude_unset=True,
                  openapi_extra=BATCH_BODY)
     async def count_batch(request: Request) -> list[dict[str, Any]]:
         """Count several images sent as multipart files (any field name), in order."""
         check_type(request, "multipart/form-data", "send the images as multipart/form-data files")
-        query = query_expected(request)
-        images, labels, form_expected = await read_files(request, cfg)
-        return await counter.count(images, expected_per_file(form_expected, query, len(images)), labels)
+        query, query_rate = query_expected(request), query_error_rate(request)
+        images, labels, form_expected, form_rate = await read_files(request, cfg)
+        rate = one_error_rate(form_rate, query_rate)
+        return await counter.count(images, expected_per_file(form_expected, query, len(images)), labels,
+                                   [rate] * len(images))
 
     return native

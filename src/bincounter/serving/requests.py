@@ -1,4 +1,5 @@
-"""Reading a request before any model work: the ``expected`` count wherever it is given, content
+"""Reading a request before any model work: the ``expected`` count and the inventory's
+``error_rate`` wherever they are given, content
 types, bodies within their size limits, and KServe v1 instances. Every refusal is an
 HTTPException with the status and reason the client gets (400, 413, 415, 422)."""
 
@@ -6,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import re
 from typing import Any
 
@@ -33,6 +35,40 @@ EXPECTED_QUERY = {
     "schema": {"type": "integer", "minimum": 0, "maximum": EXPECTED_MAX},
 }
 
+ERROR_RATE_QUERY = {
+    "name": "error_rate", "in": "query", "required": False,
+    "description": "The share of the inventory's records that are wrong (0 < error_rate < 1), for the verdict of "
+                   "this request; default: the server's setting. Only used with expected.",
+    "schema": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+}
+_RATE_TEXT_MAX = 32
+
+
+def parse_error_rate(value: Any, where: str = "error_rate") -> float | None:
+    """``error_rate`` from a query string, header, form field or JSON value: a number strictly
+    between 0 and 1, else 422."""
+    if value is None:
+        return None
+    rate: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        rate = float(value)
+    elif isinstance(value, str) and len(value) <= _RATE_TEXT_MAX:
+        try:
+            rate = float(value.strip())
+        except ValueError:
+            rate = None
+    if rate is None or not math.isfinite(rate) or not 0.0 < rate < 1.0:
+        shown = value if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise HTTPException(422, detail=f"{where} must be a number between 0 and 1 (exclusive), got {shown!r}")
+    return rate
+
+
+def query_error_rate(request: Request) -> float | None:
+    values = request.query_params.getlist("error_rate")
+    if len(values) > 1:
+        raise HTTPException(422, detail="error_rate is given more than once")
+    return parse_error_rate(values[0], "error_rate") if values else None
+
 
 def parse_expected(value: Any, where: str = "expected") -> int | None:
     """``expected`` from a query string, header or JSON value: an integer 0..1000, else 422."""
@@ -59,6 +95,20 @@ def query_expected(request: Request) -> int | None:
     return parse_expected(values[0], "expected") if values else None
 
 
+def _custom_attributes(request: Request) -> dict[str, str]:
+    """SageMaker's ``X-Amzn-SageMaker-Custom-Attributes: expected=3; error_rate=0.2`` as a dict
+    (a key given twice: 422)."""
+    found: dict[str, str] = {}
+    for part in re.split(r"[;,]", request.headers.get(_SAGEMAKER_ATTRIBUTES, "")):
+        key, _, value = part.partition("=")
+        key = key.strip().lower()
+        if key in ("expected", "error_rate"):
+            if key in found:
+                raise HTTPException(422, detail=f"{key} is given more than once in X-Amzn-SageMaker-Custom-Attributes")
+            found[key] = value
+    return found
+
+
 def sagemaker_expected(request: Request) -> int | None:
     """``expected`` from ``?expected=``, ``X-Expected-Count`` or SageMaker's custom attributes
     (``X-Amzn-SageMaker-Custom-Attributes: expected=3``); they must agree."""
@@ -69,13 +119,23 @@ def sagemaker_expected(request: Request) -> int | None:
     header = request.headers.get(_EXPECTED_HEADER)
     if header is not None:
         found[_EXPECTED_HEADER] = parse_expected(header, "X-Expected-Count")  # type: ignore[assignment]
-    for part in re.split(r"[;,]", request.headers.get(_SAGEMAKER_ATTRIBUTES, "")):
-        key, _, value = part.partition("=")
-        if key.strip().lower() == "expected":
-            found["custom attributes"] = parse_expected(value, "expected in X-Amzn-SageMaker-Custom-Attributes")  # type: ignore[assignment]
+    attribute = _custom_attributes(request).get("expected")
+    if attribute is not None:
+        found["custom attributes"] = parse_expected(attribute, "expected in X-Amzn-SageMaker-Custom-Attributes")  # type: ignore[assignment]
     if len(set(found.values())) > 1:
         raise HTTPException(422, detail=f"expected is given differently in {', '.join(found)}")
     return next(iter(found.values()), None)
+
+
+def sagemaker_error_rate(request: Request) -> float | None:
+    """``error_rate`` from ``?error_rate=`` or the custom attributes (``error_rate=0.2``); they must agree."""
+    query = query_error_rate(request)
+    attribute = _custom_attributes(request).get("error_rate")
+    given = parse_error_rate(attribute, "error_rate in X-Amzn-SageMaker-Custom-Attributes") if attribute is not None \
+        else None
+    if query is not None and given is not None and query != given:
+        raise HTTPException(422, detail="error_rate is given differently in the query and the custom attributes")
+    return query if query is not None else given
 
 
 def check_image_type(request: Request) -> None:
@@ -108,10 +168,10 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def decode_instances(payload: Any, max_images: int, max_image_bytes: int,
-                      default_expected: int | None) -> tuple[list[bytes], list[int | None]]:
-    """KServe v1 instances -> image bytes and expected counts; accepts
-    ``{"image": {"b64": s}, "expected": n}``, ``{"image": s}`` and ``{"b64": s}``."""
+def decode_instances(payload: Any, max_images: int, max_image_bytes: int, default_expected: int | None,
+                     default_error_rate: float | None = None) -> tuple[list[bytes], list[int | None], list[float | None]]:
+    """KServe v1 instances -> image bytes, expected counts and error rates; accepts
+    ``{"image": {"b64": s}, "expected": n, "error_rate": e}``, ``{"image": s}`` and ``{"b64": s}``."""
     if not isinstance(payload, dict) or not isinstance(payload.get("instances"), list):
         raise HTTPException(400, detail='expected {"instances": [{"image": {"b64": "..."}}, ...]}')
     instances = payload["instances"]
@@ -119,7 +179,7 @@ def decode_instances(payload: Any, max_images: int, max_image_bytes: int,
         raise HTTPException(400, detail="instances is empty")
     if len(instances) > max_images:
         raise HTTPException(413, detail=f"{len(instances)} instances exceed the limit of {max_images} per request")
-    images, expected = [], []
+    images, expected, rates = [], [], []
     for i, instance in enumerate(instances):
         value = instance.get("image", instance) if isinstance(instance, dict) else None
         if isinstance(value, dict):
@@ -139,4 +199,10 @@ def decode_instances(payload: Any, max_images: int, max_image_bytes: int,
         if own is not None and default_expected is not None and own != default_expected:
             raise HTTPException(422, detail=f"instance {i}: expected {own} disagrees with ?expected={default_expected}")
         expected.append(own if own is not None else default_expected)
-    return images, expected
+        rate = parse_error_rate(instance.get("error_rate"), f"instance {i}: error_rate") \
+            if isinstance(instance, dict) else None
+        if rate is not None and default_error_rate is not None and rate != default_error_rate:
+            raise HTTPException(422, detail=f"instance {i}: error_rate {rate} disagrees with "
+                                            f"?error_rate={default_error_rate}")
+        rates.append(rate if rate is not None else default_error_rate)
+    return images, expected, rates

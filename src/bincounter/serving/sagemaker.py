@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from bincounter.serving.counting import CountResult, Counter
 from bincounter.serving.probes import readiness
-from bincounter.serving.requests import EXPECTED_QUERY, IMAGE_BODY, sagemaker_expected
+from bincounter.serving.requests import ERROR_RATE_QUERY, EXPECTED_QUERY, IMAGE_BODY, sagemaker_error_rate, sagemaker_expected
 
 
 def router(counter: Counter) -> APIRouter:
@@ -21,10 +21,11 @@ def router(counter: Counter) -> APIRouter:
         return readiness(counter.state)
 
     @sagemaker.post("/invocations", response_model=CountResult, response_model_exclude_unset=True,
-                    openapi_extra={"requestBody": IMAGE_BODY, "parameters": [EXPECTED_QUERY]})
+                    openapi_extra={"requestBody": IMAGE_BODY, "parameters": [EXPECTED_QUERY, ERROR_RATE_QUERY]})
     async def invocations(request: Request) -> dict[str, Any]:
         """SageMaker inference: raw image bytes in, the same JSON as ``/v1/count`` out; ``expected``
-        as ``?expected=``, ``X-Expected-Count`` or ``X-Amzn-SageMaker-Custom-Attributes: expected=N``."""
-        return await counter.count_raw(request, sagemaker_expected(request))
+        as ``?expected=``, ``X-Expected-Count`` or ``X-Amzn-SageMaker-Custom-Attributes: expected=N``, and
+        ``error_rate`` as ``?error_rate=`` or in the custom attributes (``expected=3; error_rate=0.2``)."""
+        return await counter.count_raw(request, sagemaker_expected(request), sagemaker_error_rate(request))
 
     return sagemaker

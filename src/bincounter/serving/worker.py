@@ -14,6 +14,7 @@ Every engine answers a batch with one :data:`Outcome` per image, in order:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ class EngineSpec:
     backend: str  # "onnx" | "torch" | "pyfunc"
     model_path: str  # the bincounter model folder (onnx, torch) or the MLflow model folder (pyfunc)
     onnx_path: str | None = None
+    precision: str = "fp32"  # of the ONNX graph: "fp32" | "int8"
     threads: int = 1
     max_pixels: int = 40_000_000
 
@@ -51,6 +53,11 @@ class ModelInfo:
     min_count: int = 0
     class_names: tuple[str, ...] = ()
     pid: int = field(default_factory=os.getpid)
+    # Fitted with the model on held-out photos (model.calibration): the count sets' threshold and
+    # coverage, and the verdict thresholds evaluation chose per rule ({} : the rules' defaults).
+    count_set_threshold: float | None = None
+    count_set_coverage: float | None = None
+    chosen: dict = field(default_factory=dict)
 
     @property
     def overflow_from(self) -> int | None:
@@ -61,72 +68,100 @@ class ModelInfo:
 
 
 class NativeEngine:
-    """A bincounter model folder (``model_spec.json``, ``model.pt``, optionally ``model.onnx``):
-    our own safe decoding, the evaluation transform, then ONNX Runtime or eager PyTorch."""
+    """A bincounter model folder (``model_spec.json``, ``model.onnx``, or ``model.pt`` for the
+    torch backend): our own safe decoding, the evaluation transform, then ONNX Runtime (torch-free:
+    what the serving image runs) or eager PyTorch (the full image only)."""
 
     def __init__(self, spec: EngineSpec):
-        import torch
+        from bincounter.model.calibration import chosen_thresholds
+        from bincounter.model.spec import ModelSpec
 
-        from bincounter.model.networks import ModelSpec
-        from bincounter.model.transforms import EvalTransform
-
-        torch.set_num_threads(spec.threads)
         folder = Path(spec.model_path)
         self.model_spec = ModelSpec.from_dict(json.loads((folder / SPEC_FILE).read_text()))
-        self.max_pixels = spec.max_pixels
-        self.transform = EvalTransform(size=self.model_spec.image_size, mean=self.model_spec.mean,
-                                       std=self.model_spec.std)
-        self.info = ModelInfo(spec.backend, self.model_spec.min_count, tuple(self.model_spec.class_names))
-        if spec.backend == "onnx":
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = spec.threads
-            options.inter_op_num_threads = 1
-            session = ort.InferenceSession(spec.onnx_path, options, providers=["CPUExecutionProvider"])
-            size, takes = self.model_spec.image_size, session.get_inputs()[0].shape[1:]
-            if takes != [3, size, size]:
-                raise ValueError(f"{spec.onnx_path} takes images of shape {takes}, but "
-                                 f"{folder / SPEC_FILE} says {size} px: the files come from two different models")
-            self._probabilities = lambda x: session.run(None, {"image": x.numpy()})[0]
-        else:
-            from bincounter.model.networks import load_trained
-            from bincounter.model.predictor import TTAProbabilities
-
-            model, stored = load_trained(folder)
-            if stored != self.model_spec:
-                raise ValueError(f"{folder / SPEC_FILE} does not describe the model in model.pt ({stored}): "
-                                 "the files come from two different models")
-            module = TTAProbabilities(model, self.model_spec).eval()
-
-            def run(x):
-                with torch.no_grad():
-                    return module(x).numpy()
-
-            self._probabilities = run
+        label = f"{spec.backend}-int8" if spec.precision == "int8" else spec.backend
+        self.info = ModelInfo(label, self.model_spec.min_count, tuple(self.model_spec.class_names),
+                              count_set_threshold=self.model_spec.count_set_threshold,
+                              count_set_coverage=self.model_spec.count_set_coverage,
+                              chosen=chosen_thresholds(folder))
+        load = _onnx_runtime if spec.backend == "onnx" else _torch_eager
+        self._prepare, self._probabilities = load(spec, self.model_spec, folder)
 
     def run(self, images: list[bytes]) -> list[Outcome]:
-        import torch
-
-        from bincounter.model.predictor import describe
-        from bincounter.model.transforms import ImageRejected, decode_untrusted
+        from bincounter.model.images import ImageRejected
+        from bincounter.model.spec import describe
 
         outcomes: list[Outcome | None] = [None] * len(images)
-        tensors, where = [], []
+        prepared, where = [], []
         for i, data in enumerate(images):
             try:
-                tensors.append(self.transform(decode_untrusted(data, max_pixels=self.max_pixels)))
+                prepared.append(self._prepare(data))
                 where.append(i)
             except ImageRejected as exc:
                 outcomes[i] = ("error", exc.status, str(exc))
             except Exception as exc:  # noqa: BLE001 - a transform failing on odd input is still the input's fault
                 outcomes[i] = ("error", 400, f"could not decode the image ({type(exc).__name__}: {exc})")
-        if tensors:
-            probs = self._probabilities(torch.stack(tensors))
-            for i, p in zip(where, probs):
+        if prepared:
+            for i, p in zip(where, self._probabilities(prepared)):
                 row = describe(p, self.model_spec)
                 outcomes[i] = ("ok", {k: row[k] for k in _ROW_COLUMNS})
         return outcomes  # type: ignore[return-value]
+
+
+def _onnx_runtime(spec: EngineSpec, model_spec, folder: Path):
+    """(prepare, probabilities) with numpy, Pillow and ONNX Runtime alone."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from bincounter.model.images import EvalArrays, decode_rgb
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = spec.threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(spec.onnx_path, options, providers=["CPUExecutionProvider"])
+    size, takes = model_spec.image_size, session.get_inputs()[0].shape[1:]
+    if takes != [3, size, size]:
+        raise ValueError(f"{spec.onnx_path} takes images of shape {takes}, but "
+                         f"{folder / SPEC_FILE} says {size} px: the files come from two different models")
+    transform = EvalArrays(size=size, mean=model_spec.mean, std=model_spec.std)
+    max_pixels = spec.max_pixels
+
+    def prepare(data: bytes) -> np.ndarray:
+        return transform(decode_rgb(data, max_pixels=max_pixels))
+
+    def probabilities(arrays: list) -> np.ndarray:
+        return session.run(None, {"image": np.stack(arrays)})[0]
+
+    return prepare, probabilities
+
+
+def _torch_eager(spec: EngineSpec, model_spec, folder: Path):
+    """(prepare, probabilities) in eager PyTorch, the evaluation transform itself."""
+    try:
+        import torch
+    except ImportError:
+        raise RuntimeError("the torch backend needs PyTorch, which this image does not hold (the serving image "
+                           "runs ONNX Runtime only): use --backend onnx, or the full image") from None
+    from bincounter.model.networks import load_trained
+    from bincounter.model.predictor import TTAProbabilities
+    from bincounter.model.transforms import EvalTransform, decode_untrusted
+
+    torch.set_num_threads(spec.threads)
+    model, stored = load_trained(folder)
+    if stored != model_spec:
+        raise ValueError(f"{folder / SPEC_FILE} does not describe the model in model.pt ({stored}): "
+                         "the files come from two different models")
+    module = TTAProbabilities(model, model_spec).eval()
+    transform = EvalTransform(size=model_spec.image_size, mean=model_spec.mean, std=model_spec.std)
+    max_pixels = spec.max_pixels
+
+    def prepare(data: bytes):
+        return transform(decode_untrusted(data, max_pixels=max_pixels))
+
+    def probabilities(tensors: list):
+        with torch.no_grad():
+            return module(torch.stack(tensors)).numpy()
+
+    return prepare, probabilities
 
 
 class PyfuncEngine:
@@ -136,8 +171,16 @@ class PyfuncEngine:
     def __init__(self, model: Any, backend: str = "pyfunc", max_pixels: int = 40_000_000):
         self.model = model
         self.max_pixels = max_pixels
+        from bincounter.model.calibration import check_chosen
+
         meta = getattr(getattr(model, "metadata", None), "metadata", None) or {}
-        self.info = ModelInfo(backend, int(meta.get("min_count") or 0), tuple(meta.get("class_names") or ()))
+        threshold, coverage = meta.get("count_set_threshold"), meta.get("count_set_coverage")
+        numbers = all(v is None or (isinstance(v, (int, float)) and 0 <= v <= 1) for v in (threshold, coverage))
+        self.info = ModelInfo(backend, int(meta.get("min_count") or 0), tuple(meta.get("class_names") or ()),
+                              count_set_threshold=threshold if numbers else None,
+                              count_set_coverage=coverage if numbers else None,
+                              chosen=check_chosen(meta["verdict"], "the model's metadata") if meta.get("verdict")
+                              else {})
 
     def _predict(self, images: list[bytes]) -> list[dict]:
         import pandas as pd
@@ -155,7 +198,7 @@ class PyfuncEngine:
         ]
 
     def run(self, images: list[bytes]) -> list[Outcome]:
-        from bincounter.model.transforms import ImageRejected, read_header
+        from bincounter.model.images import ImageRejected, read_header
 
         outcomes: list[Outcome | None] = [None] * len(images)
         good = []
@@ -222,7 +265,7 @@ def _warm_up(engine: NativeEngine | PyfuncEngine) -> None:
 
 def _worker_info() -> ModelInfo:
     assert _engine is not None
-    return ModelInfo(_engine.info.backend, _engine.info.min_count, _engine.info.class_names, os.getpid())
+    return dataclasses.replace(_engine.info, pid=os.getpid())
 
 
 def _worker_run(images: list[bytes]) -> list[Outcome]:

@@ -53,6 +53,7 @@ class TrainResult:
     best: dict
     history: list[dict] = field(default_factory=list)
     stopped_early: bool = False
+    calibration: dict = field(default_factory=dict)  # training.calibrate's figures (empty: not calibrated)
 
 
 # ---------------------------------------------------------------- engine set-up
@@ -524,8 +525,15 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainR
         check_replicas_agree(served, rank, world)
         dist.barrier()
         dist.destroy_process_group()
+    fitted: dict = {}
+    if is_main and cfg.calibrate and validated:  # after the group is gone: no rank waits on this
+        from bincounter.training.calibrate import calibrate
+
+        fitted = calibrate(cfg, data_dir, out_dir)
+        spec = ModelSpec.from_dict(json.loads((out_dir / SPEC).read_text()))
+        tracking.log_metrics({f"calibration_{k}": v for k, v in fitted.items()})
     return TrainResult(out_dir=out_dir, spec=spec, best_epoch=best_epoch + 1, best=best or {}, history=history,
-                       stopped_early=stopped_early)
+                       stopped_early=stopped_early, calibration=fitted)
 
 
 def _teacher_targets(cfg: TrainConfig, train_ds, classes: list[str], out_dir: Path, device: torch.device,

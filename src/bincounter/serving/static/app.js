@@ -6,9 +6,9 @@
   const form = $("check"), photo = $("photo"), drop = $("drop"), expectedInput = $("expected");
   const button = $("submit"), statusOut = $("status"), errorOut = $("error"), preview = $("preview");
   const result = $("result"), countOut = $("count"), confidenceOut = $("confidence");
-  const verdictOut = $("verdict"), bars = $("bars"), rule = $("rule");
-  // Defaults equal VerdictConfig's; the server's own settings replace them (ui/config.json).
-  let thresholds = { flag_threshold: 0.05, match_threshold: 0.5 };
+  const verdictOut = $("verdict"), bars = $("bars"), rule = $("rule"), countSetOut = $("count-set");
+  // What the server's verdicts assume (ui/config.json); the verdict itself is the server's.
+  let settings = null;
   let chosen = null;
   let previewUrl = null;
   let latest = 0;  // only the newest request may draw: a slow older answer must not replace it
@@ -16,13 +16,21 @@
   const pct = (p) => (100 * p).toFixed(1) + "%";
 
   function showRule() {
-    rule.textContent = "Verdict: mismatch when the model gives the expected count at most " +
-      pct(thresholds.flag_threshold) + ", match at " + pct(thresholds.match_threshold) +
-      " or more, otherwise unsure (a person counts the bin).";
+    if (!settings) { rule.textContent = ""; return; }
+    if (settings.rule === "posterior") {
+      rule.textContent = "Verdict: the probability that the inventory's count is right, given the photo and an " +
+        "inventory error rate of " + pct(settings.error_rate) + ": mismatch at " + pct(settings.flag_threshold) +
+        " or less, match at " + pct(settings.match_threshold) + " or more, otherwise unsure (a person counts the bin). " +
+        "Thresholds from " + settings.thresholds_from + ".";
+    } else {
+      rule.textContent = "Verdict: mismatch when the model gives the expected count at most " +
+        pct(settings.flag_threshold) + ", match at " + pct(settings.match_threshold) +
+        " or more, otherwise unsure (a person counts the bin). Thresholds from " + settings.thresholds_from + ".";
+    }
   }
 
   fetch("ui/config.json").then((r) => (r.ok ? r.json() : null)).then((c) => {
-    if (c && typeof c.flag_threshold === "number" && typeof c.match_threshold === "number") thresholds = c;
+    if (c && typeof c.flag_threshold === "number" && typeof c.match_threshold === "number") settings = c;
   }).catch(() => {}).finally(showRule);
 
   function showError(message) {
@@ -109,7 +117,7 @@
     render(data, expected.value);
   }
 
-  // Mirrors bincounter.verdict: the count of class 0, the probability of a count, the verdict.
+  // The count of class 0 (as bincounter.serving.verdict.first_count): every answer carries its count and probabilities.
   function firstCount(data) {
     const p = data.probabilities;
     let best = 0;
@@ -117,11 +125,11 @@
     return data.count - best;
   }
 
-  function verdictOf(p) {
-    if (p === null) return "unsure";
-    if (p <= thresholds.flag_threshold) return "mismatch";
-    if (p >= thresholds.match_threshold) return "match";
-    return "unsure";
+  function itemsText(labels) {
+    const words = labels.map(String);
+    const last = words[words.length - 1];
+    const joined = words.length === 1 ? last : words.slice(0, -1).join(", ") + " or " + last;
+    return joined + (words.length === 1 && last === "1" ? " item" : " items");
   }
 
   function render(data, expected) {
@@ -129,6 +137,14 @@
     const probs = data.probabilities;
     countOut.textContent = String(data.count);
     confidenceOut.textContent = "(" + pct(data.confidence) + " sure)";
+    if (Array.isArray(data.count_set) && data.count_set.length) {
+      countSetOut.textContent = "The bin holds " + itemsText(data.count_set) +
+        (typeof data.count_set_coverage === "number" ? " (right " + pct(data.count_set_coverage) +
+          " of the time on held-out photos)." : ".");
+      countSetOut.hidden = false;
+    } else {
+      countSetOut.hidden = true;
+    }
     bars.replaceChildren();
     probs.forEach((p, i) => {
       const n = first + i;
@@ -160,24 +176,25 @@
     if (expected === null) {
       verdictOut.textContent = "Type the expected count to get a verdict.";
     } else {
-      let p = typeof data.probability_of_expected === "number" ? data.probability_of_expected : null;
-      const index = expected - first;
-      if (p === null && index >= 0 && index < probs.length) p = probs[index];
-      const v = verdictOf(p);
+      const p = typeof data.probability_of_expected === "number" ? data.probability_of_expected : null;
+      const right = typeof data.probability_record_right === "number" ? data.probability_record_right : null;
+      const v = ["match", "mismatch", "unsure"].includes(data.verdict) ? data.verdict : "unsure";
       verdictOut.dataset.verdict = v;
       verdictOut.classList.add(v);
       const items = expected + (expected === 1 ? " item" : " items");
+      const why = right !== null ? "the inventory's count is right with probability " + pct(right) +
+        (typeof data.error_rate === "number" ? " (at an error rate of " + pct(data.error_rate) + ")" : "")
+        : (p !== null ? "the model gives " + items + " a probability of " + pct(p) : "");
       if (p === null) {
         verdictOut.textContent = "Unsure: " + items + " is outside the counts this model knows (" + first + "–" +
           (first + probs.length - 1) + "); a person should count this bin.";
       } else if (v === "match") {
-        verdictOut.textContent = "Match: the model gives " + items + " a probability of " + pct(p) + ".";
+        verdictOut.textContent = "Match: " + why + ".";
       } else if (v === "mismatch") {
-        verdictOut.textContent = "Mismatch: the model is confident the bin does not hold " + items +
-          " (probability " + pct(p) + "); it counts " + data.count + ".";
+        verdictOut.textContent = "Mismatch: the bin does not hold " + items + " (" + why + "); the model counts " +
+          data.count + ".";
       } else {
-        verdictOut.textContent = "Unsure: the model gives " + items + " a probability of " + pct(p) +
-          "; a person should count this bin.";
+        verdictOut.textContent = "Unsure: " + why + "; a person should count this bin.";
       }
     }
     result.hidden = false;
