@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "manifests"
 DOCKERFILES = [REPO / "dockerfiles" / "Dockerfile", REPO / "dockerfiles" / "Dockerfile.cuda"]
 SAGEMAKER_DOCKERFILE = REPO / "dockerfiles" / "Dockerfile.sagemaker"
+SERVE_DOCKERFILE = REPO / "dockerfiles" / "Dockerfile.serve"
 KUSTOMIZATIONS = sorted(p.parent for p in MANIFESTS.rglob("kustomization.yaml"))
 REQUIRED_DIRS = ("serving", "kserve", "training", "katib", "mlflow")
 CRD_KINDS = {
@@ -429,7 +430,7 @@ def _hadolint() -> str | None:
     return shutil.which("hadolint") or (str(beside) if beside.is_file() else None)
 
 
-@pytest.mark.parametrize("dockerfile", [*DOCKERFILES, SAGEMAKER_DOCKERFILE], ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", [*DOCKERFILES, SAGEMAKER_DOCKERFILE, SERVE_DOCKERFILE], ids=lambda p: p.name)
 def test_hadolint(dockerfile: Path) -> None:
     hadolint = _hadolint()
     if hadolint is None:
@@ -455,6 +456,18 @@ def test_dockerfile_conventions(dockerfile: Path) -> None:
     index = re.search(r"^ARG TORCH_INDEX_URL=(\S+)", text, re.M).group(1)
     expected = "cpu" if dockerfile.name == "Dockerfile" else "cu"
     assert index.startswith("https://download.pytorch.org/whl/" + expected)
+
+
+def test_the_serving_image_runs_the_server_as_a_user_and_installs_no_torch() -> None:
+    text = SERVE_DOCKERFILE.read_text()
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11\.\d+-slim", text, re.M)
+    assert re.search(r"^USER 10001", text, re.M) and re.search(r"^EXPOSE 8080$", text, re.M)
+    assert re.search(r"^HEALTHCHECK .*", text, re.M) and "/healthz" in text
+    assert re.search(r'^CMD \["python", "-m", "bincounter\.serving"', text, re.M)
+    assert "/usr/local/bin/serve" in text  # SageMaker hosting runs `docker run <image> serve`
+    steps = [line for line in text.splitlines() if not line.lstrip().startswith("#") and "description=" not in line]
+    assert not [line for line in steps if "torch" in line]
+    assert "serving-image" in text  # what it installs comes from pyproject's one list
 
 
 def test_the_sagemaker_variant_only_makes_the_projects_image_run_as_root() -> None:
