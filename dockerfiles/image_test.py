@@ -19,6 +19,7 @@ serve: (in the serving image) no torch and no training code inside; the server s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -194,15 +195,48 @@ def check_kubectl_and_deploy() -> None:
     print(f"   {kubectl}: {version}")
     registration = {"name": "registration", "type": {"schemaTitle": "system.Artifact", "schemaVersion": "0.0.1"},
                     "uri": str(WORK / "registration"), "metadata": {"champion_uri": "models:/bincounter@champion"}}
-    for target, kind in (("kubernetes", "Deployment"), ("kserve", "InferenceService")):
-        cfg = DeployConfig(target=target, dry_run=True, namespace="image-test", image="registry.example/bc:1",
-                           mlflow_secret="mlflow-credentials")
-        out = run_component(deploy, cfg, {"registration": registration}, WORK / f"deploy-{target}",
-                            tracking_uri="http://mlflow.example:5000")
-        docs = [d for d in yaml.safe_load_all(out["endpoint"]["metadata"]["manifest"]) if d]
-        obj = next(d for d in docs if d["kind"] == kind)
-        assert obj["metadata"]["namespace"] == "image-test" and "registry.example/bc:1" in json.dumps(obj), obj
-        print(f"   {target}: {len(docs)} objects, {kind} in image-test")
+    with _champion_registry() as tracking_uri:  # the step pins the champion's version before it renders
+        for target, kind in (("kubernetes", "Deployment"), ("kserve", "InferenceService")):
+            cfg = DeployConfig(target=target, dry_run=True, namespace="image-test", image="registry.example/bc:1",
+                               mlflow_secret="mlflow-credentials")
+            out = run_component(deploy, cfg, {"registration": registration}, WORK / f"deploy-{target}",
+                                tracking_uri=tracking_uri)
+            docs = [d for d in yaml.safe_load_all(out["endpoint"]["metadata"]["manifest"]) if d]
+            obj = next(d for d in docs if d["kind"] == kind)
+            assert obj["metadata"]["namespace"] == "image-test" and "registry.example/bc:1" in json.dumps(obj), obj
+            assert "models:/bincounter/3" in json.dumps(docs), "the manifest does not serve the pinned version"
+            print(f"   {target}: {len(docs)} objects, {kind} in image-test, serving models:/bincounter/3")
+
+
+@contextlib.contextmanager
+def _champion_registry():
+    """A tracking server's answer to the one question the deploy step asks: which version the
+    champion alias names (3)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            found = "registered-models/alias" in self.path
+            body = json.dumps({"model_version": {"name": "bincounter", "version": "3", "run_id": "0123abcd",
+                                                 "tags": [{"key": "model.sha256", "value": "f" * 64}]}}
+                              if found else {"error_code": "RESOURCE_DOES_NOT_EXIST"}).encode()
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # Two epochs instead of the demo's four: the same pipeline end to end, in half the training time
