@@ -349,7 +349,10 @@ def test_the_sagemaker_endpoint_gets_the_admins_network_tracking_server_and_secr
 
     compiled, _ = compile_variant("sagemaker", tmp_path)
     assert compiled.parameters["tracking_uri"] == TRACKING
-    sagemaker = {**compiled.parameters["sagemaker"], "sagemaker_endpoint_url": moto_url}
+    # An endpoint of its own: moto's server is shared with tests/sagemaker, which creates "bincounter"
+    # (a second create would be an UpdateEndpoint, which moto lacks).
+    sagemaker = {**compiled.parameters["sagemaker"], "sagemaker_endpoint_url": moto_url,
+                 "endpoint_name": "bincounter-seams"}
     aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_EC2_METADATA_DISABLED": "true", "MLFLOW_TRACKING_PASSWORD": "never-in-the-endpoint"}
     # The admin's tracking server stands in as a fake that knows the champion (v3), which the step pins.
