@@ -24,6 +24,7 @@ from bincounter.config import (
     IngestConfig,
     PreprocessConfig,
     RegisterConfig,
+    ReviewQueueConfig,
     ServeConfig,
     TrainConfig,
 )
@@ -172,10 +173,25 @@ def error_rate(reviewed: Annotated[Path, tyro.conf.arg(metavar="CSV", help="id,e
     _print({**found.to_dict(), **advice})
 
 
+def review_queue(audit: Annotated[Path, tyro.conf.arg(metavar="AUDIT", help="an audit's output folder (or its "
+                                                  "audit.csv)")], /,
+                 out: Annotated[Path, tyro.conf.arg(help="where to write queue.csv")] = Path("queue.csv"),
+                 cfg: Annotated[ReviewQueueConfig, Flat] = ReviewQueueConfig()) -> None:
+    """The bins of an audit people should count first: of the unsure and flagged ones, those the model
+    is least sure of, up to a day's budget (queue.csv: position, id, uncertainty; no counts in it, so
+    whoever counts is not anchored)."""
+    from bincounter.audit import review_queue as rq
+
+    queue = rq.build(audit, cfg)
+    path = rq.write(queue, out)
+    _print({"queue": str(path), "bins": len(queue.entries), "candidates": queue.candidates, "skipped": queue.skipped,
+            "skipped_examples": queue.skipped_examples})
+
+
 COMMANDS = {
     "ingest": ingest, "preprocess": preprocess, "train": train, "evaluate": evaluate, "compare": compare,
     "register": register, "deploy": deploy, "undeploy": undeploy, "serve": serve, "predict": predict, "audit": audit,
-    "error-rate": error_rate,
+    "error-rate": error_rate, "review-queue": review_queue,
 }
 # Commands other installed packages add, and how to get them when they are missing.
 PLUGIN_GROUP = "bincounter.commands"

@@ -596,6 +596,16 @@ class ErrorRateConfig(_Config):
     max_count: int = Field(1000, ge=1, description="Counts above this are refused as not counts.")
 
 
+class ReviewQueueConfig(_Config):
+    """Which bins of an audit people count first (``bincounter review-queue``): the ones the model is
+    least sure of, where a person's count teaches it the most, up to a day's budget."""
+
+    budget: int = Field(200, ge=1, description="Bins in the queue: what the floor counts in a day.")
+    verdicts: tuple[Literal["unsure", "mismatch", "match"], ...] = Field(
+        ("unsure", "mismatch"), description="Verdicts whose bins may enter the queue (a person looks at them anyway).")
+    max_line_bytes: int = Field(64 * 2**10, ge=1, description="Longer lines of the audit CSV are skipped, never held whole.")
+
+
 class SageMakerConfig(_Config):
     """An AWS account's SageMaker settings: where training jobs and endpoints run.
 
