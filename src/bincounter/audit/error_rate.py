@@ -14,7 +14,6 @@ low passes wrong bins as matches.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -64,36 +63,15 @@ def estimate(path: str | Path, cfg: ErrorRateConfig = ErrorRateConfig()) -> Erro
     is not such a CSV (no ``id,expected,counted`` header); rows that are not a reviewed bin are
     skipped and counted, with the first few reasons kept."""
     skips: list[str] = []
-    dropped: set[int] = set()
-
-    def decoded():
-        for n, line in enumerate(bounded.capped_lines(bounded.file_chunks(str(path)), cfg.max_line_bytes), start=1):
-            if line is None:  # never held: a blank line in its place, its number noted
-                dropped.add(n)
-                yield "\n"
-            else:
-                yield line.decode("utf-8-sig" if n == 1 else "utf-8", "replace")
-
-    reader = csv.reader(decoded())
-    header = [h.strip().lower() for h in next(reader, [])]
+    header, rows = bounded.csv_rows(path, cfg.max_line_bytes)
     if not set(HEADER) <= set(header):
         raise ValueError(f"{path} has no header {','.join(HEADER)} (it has {','.join(header)[:200] or 'nothing'})")
     at = {name: header.index(name) for name in HEADER}
     seen: set[str] = set()
     reviewed = wrong = off_by_one = off_by_more = 0
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:  # a quote left open until the field outgrows csv's limit
-            skips.append(f"line {reader.line_num}: {exc}")
-            continue
-        n = reader.line_num
-        if n in dropped:
-            skips.append(f"line {n}: longer than {cfg.max_line_bytes} bytes")
-            continue
-        if not any(cell.strip() for cell in row):
+    for n, row in rows:
+        if isinstance(row, str):
+            skips.append(f"line {n}: {row}")
             continue
         try:
             if len(row) < len(header):

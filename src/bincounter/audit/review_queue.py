@@ -45,37 +45,16 @@ def build(path: str | Path, cfg: ReviewQueueConfig = ReviewQueueConfig()) -> Que
     it is not an audit's CSV; rows that are not an audited bin are skipped and counted."""
     path = audit_csv(path)
     skips: list[str] = []
-    dropped: set[int] = set()
-
-    def decoded():
-        for n, line in enumerate(bounded.capped_lines(bounded.file_chunks(str(path)), cfg.max_line_bytes), start=1):
-            if line is None:
-                dropped.add(n)
-                yield "\n"
-            else:
-                yield line.decode("utf-8-sig" if n == 1 else "utf-8", "replace")
-
-    reader = csv.reader(decoded())
-    header = [h.strip().lower() for h in next(reader, [])]
+    header, rows = bounded.csv_rows(path, cfg.max_line_bytes)
     if not set(_NEEDED) <= set(header):
         raise ValueError(f"{path} is not an audit's CSV: no {', '.join(_NEEDED)} in its header "
                          f"({','.join(header)[:200] or 'nothing'})")
     at = {name: header.index(name) for name in _NEEDED}
     seen: set[str] = set()
     chosen: list[tuple[str, float]] = []
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            skips.append(f"line {reader.line_num}: {exc}")
-            continue
-        n = reader.line_num
-        if n in dropped:
-            skips.append(f"line {n}: longer than {cfg.max_line_bytes} bytes")
-            continue
-        if not any(cell.strip() for cell in row):
+    for n, row in rows:
+        if isinstance(row, str):
+            skips.append(f"line {n}: {row}")
             continue
         try:
             if len(row) < len(header):

@@ -171,3 +171,39 @@ def json_lines(path: str | Path, *, max_bytes: int, max_depth: int) -> Iterator[
                 yield line, loads(line, max_bytes=max_bytes, max_depth=max_depth, what=f"{path} line {n}")
             except ValueError as exc:
                 yield line, exc
+
+
+def csv_rows(path: str | Path, max_line_bytes: int) -> tuple[list[str], Iterator[tuple[int, list[str] | str]]]:
+    """A CSV file's header (stripped, lower case) and its rows as ``(line number, cells)``, or
+    ``(line number, reason)`` for a line that is no row: one over ``max_line_bytes`` (never held) or
+    one csv cannot parse. Blank rows are left out."""
+    import csv
+
+    dropped: set[int] = set()
+
+    def decoded() -> Iterator[str]:
+        for n, line in enumerate(capped_lines(file_chunks(str(path)), max_line_bytes), start=1):
+            if line is None:  # never held: a blank line in its place, its number noted
+                dropped.add(n)
+                yield "\n"
+            else:
+                yield line.decode("utf-8-sig" if n == 1 else "utf-8", "replace")
+
+    reader = csv.reader(decoded())
+    header = [h.strip().lower() for h in next(reader, [])]
+
+    def rows() -> Iterator[tuple[int, list[str] | str]]:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:  # a quote left open until the field outgrows csv's limit
+                yield reader.line_num, str(exc)
+                continue
+            if reader.line_num in dropped:
+                yield reader.line_num, f"longer than {max_line_bytes} bytes"
+            elif any(cell.strip() for cell in row):
+                yield reader.line_num, row
+
+    return header, rows()
