@@ -381,34 +381,19 @@ class Pods:
     """The new pods behind the Service: answer /v1/count with a label and a version per photo."""
 
     def __init__(self, answer):
-        import json
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from tests.json_server import JsonServer
 
-        pods = self
         self.asked = 0
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+        def respond(method, path, headers, body):
+            self.asked += 1
+            return 200, answer(body)
 
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                pods.asked += 1
-                data = json.dumps(answer(body)).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = JsonServer(respond)
+        self.url = self.server.url
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.close()
 
 
 def smoke_set(folder: Path, version: str = "7") -> Path:

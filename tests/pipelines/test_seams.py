@@ -16,8 +16,6 @@ import os
 import shutil
 import stat
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -29,6 +27,7 @@ from pipelines.audit_pipeline import compile_audit_pipeline
 from pipelines.cluster import TASKS
 from pipelines.runner import compile_pipeline
 from pipelines.sagemaker_pipeline import compile_pipeline as compile_sagemaker
+from tests.json_server import JsonServer
 from tests.pipelines.kfp_ir import Compiled, run_task
 
 REGISTRY = "registry.example.com/team"
@@ -247,40 +246,19 @@ class FakeMlflow:
 
     def __init__(self):
         self.auth: list[str | None] = []
-        fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+        def respond(method, path, headers, body):
+            self.auth.append(headers.get("Authorization"))
+            if "registered-models/alias" in path:  # the champion a deploy step pins
+                return 200, {"model_version": {"name": "bincounter", "version": "3", "run_id": "0123abcd",
+                                               "tags": [{"key": "model.sha256", "value": "f" * 64}]}}
+            return 200, {"experiments": []}
 
-            def do_GET(self):  # noqa: N802
-                self._answer()
-
-            def do_POST(self):  # noqa: N802
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                self._answer()
-
-            def _answer(self):
-                fake.auth.append(self.headers.get("Authorization"))
-                if "registered-models/alias" in self.path:  # the champion a deploy step pins
-                    answer = {"model_version": {"name": "bincounter", "version": "3", "run_id": "0123abcd",
-                                                "tags": [{"key": "model.sha256", "value": "f" * 64}]}}
-                else:
-                    answer = {"experiments": []}
-                body = json.dumps(answer).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = JsonServer(respond)
+        self.url = self.server.url
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.close()
 
 
 @pytest.fixture
