@@ -9,6 +9,7 @@ import base64
 import binascii
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import HTTPException, Request
@@ -58,16 +59,12 @@ def parse_error_rate(value: Any, where: str = "error_rate") -> float | None:
         except ValueError:
             rate = None
     if rate is None or not math.isfinite(rate) or not 0.0 < rate < 1.0:
-        shown = value if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-        raise HTTPException(422, detail=f"{where} must be a number between 0 and 1 (exclusive), got {shown!r}")
+        raise HTTPException(422, detail=f"{where} must be a number between 0 and 1 (exclusive), got {_shown(value)!r}")
     return rate
 
 
 def query_error_rate(request: Request) -> float | None:
-    values = request.query_params.getlist("error_rate")
-    if len(values) > 1:
-        raise HTTPException(422, detail="error_rate is given more than once")
-    return parse_error_rate(values[0], "error_rate") if values else None
+    return _query_once(request, "error_rate", parse_error_rate)
 
 
 def parse_expected(value: Any, where: str = "expected") -> int | None:
@@ -83,16 +80,25 @@ def parse_expected(value: Any, where: str = "expected") -> int | None:
         match = _EXPECTED_RE.match(value)
         number = int(match.group(1)) if match else None
     if number is None or not 0 <= number <= EXPECTED_MAX:
-        shown = value if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-        raise HTTPException(422, detail=f"{where} must be an integer from 0 to {EXPECTED_MAX}, got {shown!r}")
+        raise HTTPException(422, detail=f"{where} must be an integer from 0 to {EXPECTED_MAX}, got {_shown(value)!r}")
     return number
 
 
 def query_expected(request: Request) -> int | None:
-    values = request.query_params.getlist("expected")
+    return _query_once(request, "expected", parse_expected)
+
+
+def _query_once(request: Request, name: str, parse: Callable[[Any, str], Any]) -> Any:
+    """The query parameter ``name`` parsed, None when absent; 422 when it is given twice."""
+    values = request.query_params.getlist(name)
     if len(values) > 1:
-        raise HTTPException(422, detail="expected is given more than once")
-    return parse_expected(values[0], "expected") if values else None
+        raise HTTPException(422, detail=f"{name} is given more than once")
+    return parse(values[0], name) if values else None
+
+
+def _shown(value: Any) -> Any:
+    """A client's value as an error message may quote it: at most about 40 characters."""
+    return value if len(repr(value)) <= 40 else repr(value)[:37] + "..."
 
 
 def _custom_attributes(request: Request) -> dict[str, str]:
