@@ -214,20 +214,16 @@ def serving_rate(tmp: Path) -> str:
         return "serving: skipped (no onnxruntime; carry the onnxruntime-gpu wheel)"
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return f"serving: skipped (onnxruntime has no CUDA provider: {ort.get_available_providers()}; carry onnxruntime-gpu)"
-    import json
 
     import numpy as np
-    import torch
 
-    from bincounter.model.networks import ModelSpec, build_model, normalization_for
+    from bincounter.model.networks import ModelSpec, build_model, normalization_for, save_model_folder
     from bincounter.model.onnx_export import export_onnx
 
     mean, std = normalization_for("efficientnet_lite0")
     spec = ModelSpec(backbone="efficientnet_lite0", num_classes=6, image_size=SERVE_SIZE, mean=mean, std=std,
                      class_names=tuple("012345"), tta=True)
-    model = build_model(spec, pretrained="auto").eval()
-    torch.save({"model": model.state_dict(), "spec": spec.to_dict(), "epoch": 0}, tmp / "model.pt")
-    (tmp / "model_spec.json").write_text(json.dumps(spec.to_dict()))
+    save_model_folder(build_model(spec, pretrained="auto").eval(), spec, tmp)
     session = ort.InferenceSession(str(export_onnx(tmp)), providers=["CUDAExecutionProvider"])
     batch = np.random.default_rng(0).standard_normal((32, 3, SERVE_SIZE, SERVE_SIZE)).astype(np.float32)
     for _ in range(5):

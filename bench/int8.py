@@ -14,7 +14,6 @@ Run: ``.venv/bin/python bench/int8.py``; the last line is ``ratio: X.XX (goal >=
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
 import tempfile
@@ -28,10 +27,8 @@ _spec.loader.exec_module(serve)
 
 
 def model_folder(work: Path, photos: list[bytes]) -> Path:
-    import torch
-
     from bincounter.model.images import EvalArrays, decode_rgb
-    from bincounter.model.networks import ModelSpec, build_model, normalization_for
+    from bincounter.model.networks import ModelSpec, build_model, normalization_for, save_model_folder
     from bincounter.model.onnx_export import export_onnx
     from bincounter.model.quantize import quantize_int8
     from bincounter.model.spec import INT8_ONNX_FILE
@@ -39,11 +36,7 @@ def model_folder(work: Path, photos: list[bytes]) -> Path:
     mean, std = normalization_for("efficientnet_lite0")
     spec = ModelSpec(backbone="efficientnet_lite0", num_classes=6, image_size=224, mean=mean, std=std,
                      class_names=tuple("012345"), tta=True)
-    folder = work / "model"
-    folder.mkdir()
-    torch.save({"model": build_model(spec, pretrained="auto").eval().state_dict(), "spec": spec.to_dict(),
-                "epoch": 0}, folder / "model.pt")
-    (folder / "model_spec.json").write_text(json.dumps(spec.to_dict()))
+    folder = save_model_folder(build_model(spec, pretrained="auto").eval(), spec, work / "model")
     onnx = export_onnx(folder)
     transform = EvalArrays(size=224, mean=mean, std=std)
     arrays = [transform(decode_rgb(b)) for b in photos[:64]]

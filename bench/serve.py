@@ -69,20 +69,14 @@ def photos(work: Path) -> tuple[list[bytes], str]:
 
 def register_model(work: Path) -> str:
     """EfficientNet-Lite0, 6 classes, 224 px, 4-flip TTA, registered as bench-serve@champion."""
-    import torch
-
     from bincounter.config import RegisterConfig
-    from bincounter.model.networks import ModelSpec, build_model, normalization_for
+    from bincounter.model.networks import ModelSpec, build_model, normalization_for, save_model_folder
     from bincounter.registry.register import Verdict, register
 
     mean, std = normalization_for("efficientnet_lite0")
     spec = ModelSpec(backbone="efficientnet_lite0", num_classes=6, image_size=224, mean=mean, std=std,
                      class_names=tuple("012345"), tta=True)
-    model = build_model(spec, pretrained="auto").eval()
-    model_dir = work / "model"
-    model_dir.mkdir()
-    torch.save({"model": model.state_dict(), "spec": spec.to_dict(), "epoch": 0}, model_dir / "model.pt")
-    (model_dir / "model_spec.json").write_text(json.dumps(spec.to_dict()))
+    model_dir = save_model_folder(build_model(spec, pretrained="auto").eval(), spec, work / "model")
     # A store of its own, one model: nothing to gate it against.
     register(RegisterConfig(model_name="bench-serve"), model_dir, {"accuracy": 0.0},
              judge=lambda champion: Verdict(True, "bench: the only model"))

@@ -343,20 +343,14 @@ def check_sagemaker_variant_trains() -> None:
 def make_serving_model(out: Path) -> None:
     import shutil
 
-    import torch
-
-    from bincounter.model.networks import ModelSpec, build_model, normalization_for
+    from bincounter.model.networks import ModelSpec, build_model, normalization_for, save_model_folder
     from bincounter.model.onnx_export import export_onnx
     from bincounter_demo.synth import SynthConfig, generate
 
     mean, std = normalization_for("efficientnet_lite0")
     spec = ModelSpec(backbone="efficientnet_lite0", num_classes=6, image_size=224, mean=mean, std=std,
                      class_names=tuple("012345"), tta=True)
-    model = build_model(spec, pretrained="auto").eval()
-    folder = out / "lite0"
-    folder.mkdir(parents=True)
-    torch.save({"model": model.state_dict(), "spec": spec.to_dict(), "epoch": 0}, folder / "model.pt")
-    (folder / "model_spec.json").write_text(json.dumps(spec.to_dict()))
+    folder = save_model_folder(build_model(spec, pretrained="auto").eval(), spec, out / "lite0")
     export_onnx(folder)
     shutil.copytree(folder, out / "no-onnx", ignore=shutil.ignore_patterns("model.onnx"))
     generate(SynthConfig(n_images=4, image_size=320, seed=1), out / "photos")

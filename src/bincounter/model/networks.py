@@ -251,6 +251,18 @@ def served_state(model: nn.Module, answer_classes: int) -> dict[str, torch.Tenso
 BEST_WEIGHTS = "model.pt"  # what training writes and serving loads: {"model": state_dict, "spec": dict, "epoch": int}
 
 
+def save_model_folder(model: nn.Module, spec: ModelSpec, folder: str | Path, epoch: int = 0) -> Path:
+    """A model folder as ``load_trained`` and the server read it (``model.pt``, ``model_spec.json``),
+    for a model built rather than trained here: benchmarks and the image checks."""
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "spec": spec.to_dict(), "epoch": epoch}, folder / BEST_WEIGHTS)
+    (folder / "model_spec.json").write_text(json.dumps(spec.to_dict()))
+    return folder
+
+
 def load_trained(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Counter, ModelSpec]:
     """The best model of a training output folder, in eval mode.
 
