@@ -94,20 +94,25 @@ def load(calibration: str | None, model_uri: str | None) -> tuple[Calibration | 
             return from_metrics(json.loads(Path(calibration).read_text()), calibration), calibration
         if not model_uri:
             return None, "the server did not say which model it serves; pass --calibration"
-        run_id, described = model_run_id(model_uri)
-        if run_id is None:
-            return None, described
-        origin = f"{described} (run {run_id}, {EVALUATION_ARTIFACT})"
-        try:
-            metrics = _download(run_id=run_id, artifact_path=EVALUATION_ARTIFACT)
-        except Exception:  # noqa: BLE001 - MLflow says "failed to download"; say what is missing
-            return None, (f"{described}'s run {run_id} has no {EVALUATION_ARTIFACT} (was the model evaluated "
-                          "into its training run?)")
-        return from_metrics(metrics, origin), origin
+        metrics, origin = _from_model_run(model_uri, EVALUATION_ARTIFACT,
+                                          "was the model evaluated into its training run?")
+        return (from_metrics(metrics, origin) if metrics is not None else None), origin
     except (OSError, ValueError) as exc:
         return None, str(exc)
     except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds; the report says why
         return None, f"cannot read the evaluation of {calibration or model_uri}: {type(exc).__name__}: {exc}"
+
+
+def _from_model_run(model_uri: str, artifact: str, missing: str) -> tuple[object | None, str]:
+    """``artifact`` (JSON) of the run that made ``model_uri``'s model and where it came from, or
+    (None, why not); ``missing`` is the likely reason when the run lacks it."""
+    run_id, described = model_run_id(model_uri)
+    if run_id is None:
+        return None, described
+    try:
+        return _download(run_id=run_id, artifact_path=artifact), f"{described} (run {run_id}, {artifact})"
+    except Exception:  # noqa: BLE001 - MLflow says "failed to download"; say what is missing
+        return None, f"{described}'s run {run_id} has no {artifact} ({missing})"
 
 
 def load_verdicts(calibration: str | None, model_uri: str | None) -> tuple[dict | None, str]:
@@ -124,14 +129,11 @@ def load_verdicts(calibration: str | None, model_uri: str | None) -> tuple[dict 
                 return None, f"no {VERDICT_FILE} beside {calibration}"
             data, origin = json.loads(path.read_text()), str(path)
         else:
-            run_id, described = model_run_id(model_uri) if model_uri else (None, "no model named")
-            if run_id is None:
-                return None, described
-            origin = f"{described} (run {run_id}, {VERDICTS_ARTIFACT})"
-            try:
-                data = _download(run_id=run_id, artifact_path=VERDICTS_ARTIFACT)
-            except Exception:  # noqa: BLE001 - MLflow says "failed to download"; say what is missing
-                return None, f"{described}'s run {run_id} has no {VERDICTS_ARTIFACT} (evaluated before verdicts were chosen?)"
+            if not model_uri:
+                return None, "no model named"
+            data, origin = _from_model_run(model_uri, VERDICTS_ARTIFACT, "evaluated before verdicts were chosen?")
+            if data is None:
+                return None, origin
         if not isinstance(data, dict) or not isinstance(data.get("figures"), list):
             raise ValueError(f"{origin} holds no verdict figures")
         data["chosen"] = check_chosen(data.get("chosen"), origin)
