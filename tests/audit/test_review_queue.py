@@ -41,7 +41,7 @@ def test_least_sure_first_within_the_budget_and_only_the_verdicts_asked_for(tmp_
     rows = list(csv.DictReader(out.open()))
     assert [r["id"] for r in rows] == ["00003", "00005", "00002"] and rows[0]["position"] == "1"
     # Ids and order only: nothing a person counting could anchor on.
-    assert set(rows[0]) == {"position", "id", "uncertainty"}
+    assert set(rows[0]) == {"position", "id", "uncertainty", "model"} and rows[0]["model"] == ""
 
 
 def test_hostile_rows_are_skipped_and_counted_never_queued(tmp_path):

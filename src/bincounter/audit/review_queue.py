@@ -4,24 +4,26 @@ Every unsure or flagged bin a person looks at is a labelled photo, the one sourc
 (the model is data-bound on the real sample). Of those bins, the ones the model is least sure of
 (lowest top-class probability, ``confidence`` in ``audit.csv``) teach it the most: uncertainty
 sampling. The queue lists them in that order, up to a day's budget, ties broken by id so the same
-audit gives the same queue. It holds ids and the order only: what the model or the record said is
-left out, so whoever counts from it is not anchored.
+audit gives the same queue. It holds ids, the order and the model version that asked (the audit's
+counter, from its ``summary.json``) only: what the model or the record said is left out, so
+whoever counts from it is not anchored. ``bincounter review`` serves it (:func:`read`).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bincounter.audit.outputs import CSV_FILE
+from bincounter.audit.outputs import CSV_FILE, SUMMARY_FILE
 from bincounter.config import ReviewQueueConfig
 from bincounter.data import bounded
 from bincounter.fileio import atomic_write
 from bincounter.ids import check_id
 
-QUEUE_COLUMNS = ("position", "id", "uncertainty")
+QUEUE_COLUMNS = ("position", "id", "uncertainty", "model")
 _NEEDED = ("id", "confidence", "verdict")
 _SHOWN_SKIPS = 10
 
@@ -32,12 +34,34 @@ class Queue:
     candidates: int  # bins whose verdict may enter the queue
     skipped: int  # rows that are not an audited bin (malformed, duplicated, too long)
     skipped_examples: list[str] = field(default_factory=list)
+    model: str = ""  # the model version that counted the audit (its summary's counter)
+
+
+@dataclass(frozen=True)
+class QueuedBin:
+    """One bin of a queue.csv, as ``bincounter review`` hands it out."""
+
+    id: str
+    position: int
+    uncertainty: float
+    model: str
 
 
 def audit_csv(path: str | Path) -> Path:
     """An audit's output folder or its CSV."""
     path = Path(path)
     return path / CSV_FILE if path.is_dir() else path
+
+
+def _counter_of(folder: Path) -> str:
+    """The model version an audit counted with (its summary.json), or "" when unknown."""
+    try:
+        summary = bounded.loads(bounded.read_file(folder / SUMMARY_FILE, root=folder, max_bytes=2**20),
+                                max_bytes=2**20, max_depth=8, what=SUMMARY_FILE)
+    except (OSError, ValueError):
+        return ""
+    counter = summary.get("counter") if isinstance(summary, dict) else None
+    return counter[:200] if isinstance(counter, str) and counter.isprintable() else ""
 
 
 def build(path: str | Path, cfg: ReviewQueueConfig = ReviewQueueConfig()) -> Queue:
@@ -73,16 +97,48 @@ def build(path: str | Path, cfg: ReviewQueueConfig = ReviewQueueConfig()) -> Que
         if verdict in cfg.verdicts:
             chosen.append((id_, 1.0 - confidence))
     chosen.sort(key=lambda e: (-e[1], e[0]))
-    return Queue(chosen[:cfg.budget], len(chosen), len(skips), skips[:_SHOWN_SKIPS])
+    return Queue(chosen[:cfg.budget], len(chosen), len(skips), skips[:_SHOWN_SKIPS], _counter_of(path.parent))
 
 
 def write(queue: Queue, out: str | Path) -> Path:
-    """``queue.csv``: position, id, uncertainty; written atomically."""
+    """``queue.csv``: position, id, uncertainty, model; written atomically."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(QUEUE_COLUMNS)
     for position, (id_, uncertainty) in enumerate(queue.entries, start=1):
-        writer.writerow([position, id_, f"{uncertainty:.4f}"])
+        writer.writerow([position, id_, f"{uncertainty:.4f}", queue.model])
     out = Path(out)
     atomic_write(out, text.getvalue().encode())
     return out
+
+
+def read(path: str | Path, max_line_bytes: int = 64 * 2**10) -> tuple[list[QueuedBin], list[str]]:
+    """The bins of a ``queue.csv`` in its order, and the lines skipped (with why): ids that are
+    not dataset ids, repeated ids, positions or uncertainties that are not numbers. Raises
+    ValueError when the file is not a queue (no id column)."""
+    header, rows = bounded.csv_rows(path, max_line_bytes)
+    if "id" not in header:
+        raise ValueError(f"{path} is not a review queue: no id column in its header ({','.join(header)[:200]})")
+    at = {name: header.index(name) for name in QUEUE_COLUMNS if name in header}
+    bins: list[QueuedBin] = []
+    skips: list[str] = []
+    seen: set[str] = set()
+    for n, row in rows:
+        if isinstance(row, str):
+            skips.append(f"line {n}: {row}")
+            continue
+        try:
+            cell = {name: row[i].strip() if i < len(row) else "" for name, i in at.items()}
+            id_ = check_id(cell["id"])
+            if id_ in seen:
+                raise ValueError(f"bin {id_!r} is listed twice")
+            uncertainty = float(cell.get("uncertainty") or "nan")
+            model = cell.get("model", "")
+            if not model.isprintable() or len(model) > 200:
+                raise ValueError("its model is not a printable version of at most 200 characters")
+        except ValueError as exc:
+            skips.append(f"line {n}: {exc}")
+            continue
+        seen.add(id_)
+        bins.append(QueuedBin(id_, len(bins) + 1, uncertainty, model))
+    return bins, skips

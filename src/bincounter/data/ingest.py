@@ -8,6 +8,13 @@ first deletes the hidden ``*.part`` files a kill leaves). Ids that cannot be fet
 retries, or whose objects must not be read or parsed (a symlink out of a source folder, a FIFO,
 metadata over the size or nesting limits), go to ``ingest_errors.jsonl`` with a reason and are
 not copied; a lock keeps a second ingest out.
+
+With ``reviews`` (a root in the bucket's layout whose ``reviews/<id>.json`` hold people's counts,
+``bincounter review``), every bin whose answers settle a count is ingested too, from that root, and
+its manifest entry carries the person's count as ``count``, the record's as ``record_count``,
+``label_source: "review"`` and where the label came from (the reviews object, its sha256, who and
+when); the review file is copied to ``reviews/<id>.json``. A review counts only for the photo it
+was given on (its sha256): a photo replaced since keeps its record's count.
 """
 
 from __future__ import annotations
@@ -30,11 +37,16 @@ from bincounter.fileio import atomic_write
 from bincounter.ids import check_id, is_dataset_id
 from bincounter.data import bounded
 from bincounter.data import validate as v
+from bincounter.data import reviews as R
 from bincounter.data.sources import IMAGES, METADATA, ObjectMissing, Source, SourceError, open_source
 from bincounter.data.split import shard_of
 
 MANIFEST = "manifest.jsonl"
 ERRORS = "ingest_errors.jsonl"
+# What a review adds to a manifest entry; recomputed on every run (answers keep coming).
+REVIEW_FIELDS = ("record_count", "label_source", "review")
+# Error records about reviews: the bin itself was fetched (or never asked for), nothing failed.
+REVIEW_REASONS = ("unreadable_review", "review_of_another_photo")
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,7 @@ class IngestResult:
     bytes: int
     counts: dict[str, int] = field(default_factory=dict)
     retries: int = 0  # requests retried after throttling, 5xx or a broken connection
+    reviewed: int = 0  # bins labelled with a person's count (``reviews``)
 
 
 def sha256(data: bytes) -> str:
@@ -116,7 +129,7 @@ def _is_complete(out_dir: Path, entry: dict) -> bool:
 def _remove_partials(out_dir: Path) -> int:
     """Delete temporary files left by a killed run (``.<name>.*.part``); they are never data."""
     removed = 0
-    for sub in (IMAGES, METADATA):
+    for sub in (IMAGES, METADATA, R.REVIEWS):
         folder = out_dir / sub
         if folder.is_dir():
             for name in os.listdir(folder):
@@ -273,6 +286,77 @@ def _expected_total(cfg: IngestConfig) -> int | None:
     return n
 
 
+@dataclass
+class _Reviews:
+    """People's answers read at the start of an ingest: by bin, and where to fetch their photos."""
+
+    store: R.FolderReviews | R.S3Reviews
+    source: Source
+    answers: dict[str, tuple[list[R.Answer], bytes]] = field(default_factory=dict)  # id -> (answers, file)
+
+
+def _read_reviews(cfg: IngestConfig, source: Source, shard: int, shards: int,
+                  errors: list[dict]) -> _Reviews | None:
+    """Every reviews file at ``cfg.reviews`` (of this shard); unreadable ones go to ``errors``."""
+    if not cfg.reviews:
+        return None
+    root = cfg.source.model_copy(update={"uri": cfg.reviews})
+    options = dict(workers=cfg.workers, retries=cfg.retries, connect_timeout=cfg.connect_timeout,
+                   read_timeout=cfg.read_timeout)
+    store = R.open_reviews(root, max_bytes=cfg.max_review_bytes, max_depth=cfg.max_json_depth, **options)
+    if root.uri.rstrip("/") != cfg.source.uri.rstrip("/"):
+        source = open_source(root, **options)
+        source.check()
+    found = _Reviews(store, source)
+    ids = [i for i in store.ids() if shards == 1 or shard_of(i, shards) == shard]
+
+    def read(id_: str) -> tuple[list[R.Answer], bytes] | None:
+        raw = store.read(id_)
+        return None if raw is None else (R.parse(raw, id_, max_bytes=cfg.max_review_bytes,
+                                                 max_depth=cfg.max_json_depth), raw)
+
+    for id_, fut in _bounded_map(read, ids, cfg.workers):
+        try:
+            got = fut.result()
+        except (ValueError, SourceError) as exc:  # InvalidReview, bounded.Refused, unreachable
+            errors.append({"id": id_, "reason": "unreadable_review", "detail": str(exc)[:300]})
+            continue
+        if got is not None and any(a.count is not None for a in got[0]):
+            found.answers[id_] = got
+    return found
+
+
+def _with_review(entry: dict, reviews: _Reviews | None, out_dir: Path, cfg: IngestConfig,
+                 errors: list[dict]) -> dict:
+    """The manifest entry with its review's label and lineage (or without, when none settles)."""
+    entry = {k: v for k, v in entry.items() if k not in REVIEW_FIELDS} | (
+        {"count": entry["record_count"]} if "record_count" in entry else {})
+    if reviews is None or entry["id"] not in reviews.answers:
+        return entry
+    answers, raw = reviews.answers[entry["id"]]
+    settled = R.settle(answers, photo_sha256=entry["sha256"], agreeing=cfg.reviews_agreeing)
+    if not settled.reviewers:
+        errors.append({"id": entry["id"], "reason": "review_of_another_photo",
+                       "detail": "the answers are about a photo since replaced: the record's count is kept"})
+        return entry
+    if settled.status != "settled":
+        return entry
+    atomic_write(out_dir / R.REVIEWS / f"{entry['id']}.json", raw)
+    return {**entry, "count": settled.count, "record_count": entry["count"], "label_source": "review",
+            "review": {"source": reviews.store.describe(entry["id"]), "sha256": sha256(raw),
+                       "reviewers": list(settled.reviewers), "counts": list(settled.counts),
+                       "latest": settled.latest, "models": sorted({a.model for a in answers if a.model})}}
+
+
+def _drop_stale_review_copies(out_dir: Path, reviewed: set[str]) -> None:
+    """A bin labelled by people in an earlier run whose answers no longer settle keeps no copy."""
+    folder = out_dir / R.REVIEWS
+    if folder.is_dir():
+        for name in os.listdir(folder):
+            if name.endswith(".json") and name.removesuffix(".json") not in reviewed:
+                (folder / name).unlink(missing_ok=True)
+
+
 def _lock(out_dir: Path):
     """Hold the output folder: two ingests appending to one journal would corrupt it."""
     from filelock import FileLock, Timeout
@@ -311,18 +395,26 @@ def _ingest_locked(cfg: IngestConfig, source: Source, out_dir: Path, shard: int 
     known = load_manifest(manifest_path, cfg)
     done_before = {id_: e for id_, e in known.items() if _is_complete(out_dir, e)}
     prefetched: dict[str, bytes] = {}
-    journal = _Journal(manifest_path)
     errors: list[dict] = []
+    reviews = _read_reviews(cfg, source, shard, shards, errors)
+    journal = _Journal(manifest_path)
     fetched: dict[str, dict] = {}
     skipped = 0
     bar = tqdm(desc="ingest", unit="img", disable=not cfg.progress, total=_expected_total(cfg))
+    selected: set[str] = set()
+
+    def chosen() -> Iterator[str]:
+        yield from select_ids(source, cfg, known=done_before, prefetched=prefetched)
+        if reviews is not None:  # people's counts join whatever the selection was
+            yield from (i for i in sorted(reviews.answers) if i not in selected)
 
     def todo() -> Iterator[str]:
         nonlocal skipped
-        for id_ in select_ids(source, cfg, known=done_before, prefetched=prefetched):
+        for id_ in chosen():
             if shards > 1 and shard_of(id_, shards) != shard:
                 prefetched.pop(id_, None)  # another shard's: its metadata is not kept here
                 continue
+            selected.add(id_)
             if id_ in done_before:
                 skipped += 1
                 fetched[id_] = done_before[id_]
@@ -331,7 +423,8 @@ def _ingest_locked(cfg: IngestConfig, source: Source, out_dir: Path, shard: int 
                 yield id_
 
     def fetch(id_: str) -> dict:
-        return _fetch_one(source, out_dir, id_, cfg, prefetched.pop(id_, None))
+        from_reviews = reviews is not None and id_ in reviews.answers and reviews.source is not source
+        return _fetch_one(reviews.source if from_reviews else source, out_dir, id_, cfg, prefetched.pop(id_, None))
 
     try:
         for id_, fut in _bounded_map(fetch, todo(), cfg.workers):
@@ -354,6 +447,8 @@ def _ingest_locked(cfg: IngestConfig, source: Source, out_dir: Path, shard: int 
 
     if not fetched and errors:
         raise SourceError(f"no object could be fetched; first error: {errors[0]['detail']}")
+    fetched = {i: _with_review(e, reviews, out_dir, cfg, errors) for i, e in fetched.items()}
+    _drop_stale_review_copies(out_dir, {i for i, e in fetched.items() if e.get("label_source") == "review"})
     # The journal may hold duplicates from earlier runs: rewrite it once, sorted and unique.
     lines = "".join(json.dumps(fetched[i], sort_keys=True) + "\n" for i in sorted(fetched))
     atomic_write(manifest_path, lines.encode())
@@ -364,8 +459,9 @@ def _ingest_locked(cfg: IngestConfig, source: Source, out_dir: Path, shard: int 
         manifest=manifest_path,
         downloaded=len(fetched) - skipped,
         skipped=skipped,
-        failed=len(errors),
+        failed=sum(1 for e in errors if e["reason"] not in REVIEW_REASONS),
         bytes=sum(e["bytes"] for e in fetched.values()),
         counts=dict(sorted(counts.items())),
         retries=getattr(source, "retried", 0),
+        reviewed=sum(1 for e in fetched.values() if e.get("label_source") == "review"),
     )

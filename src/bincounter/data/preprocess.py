@@ -32,7 +32,7 @@ import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
@@ -82,6 +82,7 @@ class Sample:
     consistent: bool
     sha256: str = ""  # of the original photo: duplicates are found by it, also across shards
     null_dims: bool = False
+    label_source: str = "metadata"  # "review": the count is a person's (bincounter review), not the record's
 
 
 @dataclass
@@ -124,6 +125,20 @@ def list_ids(in_dir: Path, rejected: list[dict] | None = None, cfg: PreprocessCo
         if folder.is_dir():
             ids.update(_visible(os.listdir(folder), suffix))
     return sorted(ids)
+
+
+def reviewed_labels(in_dir: Path, cfg: PreprocessConfig = PreprocessConfig()) -> dict[str, tuple[int, str]]:
+    """Bins ingest labelled with a person's count (``label_source: "review"`` in the manifest):
+    id -> (count, sha256 of the photo the person counted)."""
+    manifest = in_dir / MANIFEST
+    found: dict[str, tuple[int, str]] = {}
+    if not manifest.exists():
+        return found
+    for _, entry in bounded.json_lines(manifest, max_bytes=cfg.max_metadata_bytes, max_depth=cfg.max_json_depth):
+        if (isinstance(entry, dict) and entry.get("label_source") == "review" and is_file_stem(entry.get("id"))
+                and type(entry.get("count")) is int and entry["count"] >= 0 and isinstance(entry.get("sha256"), str)):
+            found[entry["id"]] = (entry["count"], entry["sha256"])
+    return found
 
 
 def resize_square(img: Image.Image, size: int) -> Image.Image:
@@ -186,13 +201,14 @@ def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def check_sample_metadata(id_: str, meta_path: str, cfg: PreprocessConfig,
-                          root: str | None = None) -> tuple[v.MetadataInfo | None, list[dict]]:
+def check_sample_metadata(id_: str, meta_path: str, cfg: PreprocessConfig, root: str | None = None,
+                          person_count: int | None = None) -> tuple[v.MetadataInfo | None, list[dict]]:
     """One id's metadata when the sample may be kept (else None), and its quarantine records.
 
     An inconsistent count is recorded either way; with ``on_inconsistent_quantity="keep"``
     the record carries ``kept: true`` and counts as a warning, not a rejection. Nothing outside
-    ``root`` (default: the file's folder) is read.
+    ``root`` (default: the file's folder) is read. ``person_count``, a reviewed bin's count,
+    replaces the record's (whose disagreement with its items then no longer matters).
     """
     try:
         raw = bounded.read_file(meta_path, root=root or os.path.dirname(meta_path), max_bytes=cfg.max_metadata_bytes)
@@ -206,6 +222,8 @@ def check_sample_metadata(id_: str, meta_path: str, cfg: PreprocessConfig,
     except v.Invalid as exc:
         return None, [{"id": id_, "reason": exc.reason, "detail": exc.detail[:300]}]
     records = []
+    if person_count is not None:
+        info = replace(info, count=person_count, items_quantity=None, bad_quantities=())
     if not info.consistent:
         keep = cfg.on_inconsistent_quantity == "keep"
         records.append({"id": id_, "reason": v.INCONSISTENT, "detail": info.describe_inconsistency()[:300], "kept": keep})
@@ -227,8 +245,9 @@ def items_summary(info: v.MetadataInfo) -> dict:
 _JOB: dict = {}
 
 
-def _init_worker(cfg: PreprocessConfig, in_dir: str) -> None:
-    _JOB.update(cfg=cfg, root=in_dir, images=os.path.join(in_dir, IMAGES, ""), metadata=os.path.join(in_dir, METADATA, ""))
+def _init_worker(cfg: PreprocessConfig, in_dir: str, reviewed: dict[str, tuple[int, str]]) -> None:
+    _JOB.update(cfg=cfg, root=in_dir, images=os.path.join(in_dir, IMAGES, ""), metadata=os.path.join(in_dir, METADATA, ""),
+                reviewed=reviewed)
 
 
 def _process_sample(id_: str) -> tuple[str, dict]:
@@ -241,15 +260,26 @@ def _process_sample(id_: str) -> tuple[str, dict]:
     instead of running alone before it.
     """
     cfg = _JOB["cfg"]
-    info, records = check_sample_metadata(id_, _JOB["metadata"] + id_ + ".json", cfg, _JOB["root"])
+    person_count, counted_sha256 = _JOB["reviewed"].get(id_, (None, None))
+    meta = _JOB["metadata"] + id_ + ".json"
+    info, records = check_sample_metadata(id_, meta, cfg, _JOB["root"], person_count)
     if info is None:
         return id_, {"records": records}
     image = _process_image(_JOB["images"] + id_ + ".jpg", cfg.image_size, cfg.max_pixels, cfg.jpeg_quality,
                            keep_original=split_of(id_, cfg) in ORIGINALS_OF, root=_JOB["root"])
     if "reason" in image:
         return id_, {"records": records + [{"id": id_, **image}]}
+    source = "review" if person_count is not None else "metadata"
+    if person_count is not None and image["sha256"] != counted_sha256:
+        # Not the photo the person counted: the record's count, as if nobody had.
+        source = "metadata"
+        info, records = check_sample_metadata(id_, meta, cfg, _JOB["root"])
+        records.append({"id": id_, "reason": "review_of_another_photo", "kept": True,
+                        "detail": "the photo is not the one the person counted: the record's count is kept"})
+        if info is None:
+            return id_, {"records": records}
     return id_, {"records": records, **image, "count": info.count, "consistent": info.consistent,
-                 "null_dims": info.null_dimensions, "items": items_summary(info)}
+                 "null_dims": info.null_dimensions, "items": items_summary(info), "label_source": source}
 
 
 def _header_template() -> tuple[bytearray, int]:
@@ -331,10 +361,11 @@ class _ShardWriter:
 
 def _worker_pool(cfg: PreprocessConfig, in_dir: Path, workers: int, n_ids: int) -> ProcessPoolExecutor | None:
     """Worker processes for checking photos and drawing the report, or None to work inline."""
+    args = (cfg, str(in_dir), reviewed_labels(in_dir, cfg))
     if workers <= 1 or n_ids < 64:  # a pool costs more than it saves on a handful of photos
-        _init_worker(cfg, str(in_dir))
+        _init_worker(*args)
         return None
-    return ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(cfg, str(in_dir)))
+    return ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=args)
 
 
 def _processed(ids: list[str], pool: ProcessPoolExecutor | None, workers: int,
@@ -388,9 +419,10 @@ def preprocess(cfg: PreprocessConfig, in_dir: str | Path, out_dir: str | Path,
                 continue
             sample = Sample(id=id_, count=res["count"], label=label_of(res["count"], cfg), split=split_of(id_, cfg),
                             width=res["width"], height=res["height"], consistent=res["consistent"],
-                            sha256=res["sha256"], null_dims=bool(res["null_dims"]))
+                            sha256=res["sha256"], null_dims=bool(res["null_dims"]), label_source=res["label_source"])
             writers[sample.split].write(id_, {"jpg": res["jpg"], "cls": str(sample.label).encode(),
                                               "json": json.dumps({"id": id_, "count": sample.count,
+                                                                  "label_source": sample.label_source,
                                                                   **res["items"]}).encode()})
             index.append(dict(vars(sample)))  # flat: asdict's deep copy cost more than the write
             if "original" in res:
@@ -443,6 +475,9 @@ def _dataset_info(cfg: PreprocessConfig, manifest_sha256: str | None, ingest_con
         "quarantined": dict(sorted(Counter(q["reason"] for q in quarantine if not q.get("kept")).items())),
         "warnings": dict(sorted(Counter(q["reason"] for q in quarantine if q.get("kept") and q["id"] in kept).items())),
         "null_dimensions": null_dims,  # kept samples with an item's dimension or weight null
+        # Labels that are people's counts (bincounter review), per split: the floor's own photos.
+        "reviewed_labels": {s: sum(1 for r in index if r["split"] == s and r.get("label_source") == "review")
+                            for s in SPLITS},
         "input_manifest_sha256": manifest_sha256,
         "ingest_config": ingest_config,
         "config": cfg.model_dump(),
@@ -466,5 +501,34 @@ def dataset_params(info: dict) -> dict:
     params = {f"preprocess.{k}": v for k, v in PreprocessConfig(**info["config"]).flat().items()}
     if info.get("ingest_config"):
         params.update({f"ingest.{k}": v for k, v in IngestConfig(**info["ingest_config"]).flat().items()})
-    params.update({"data.sizes": info["sizes"], "data.input_manifest_sha256": info["input_manifest_sha256"]})
+    params.update({"data.sizes": info["sizes"], "data.input_manifest_sha256": info["input_manifest_sha256"],
+                   "data.reviewed_labels": info.get("reviewed_labels") or {}})
     return params
+
+
+REVIEWED_COLUMNS = ("id", "split", "count", "record_count", "reviewers", "counts", "latest", "models", "review_sha256",
+                    "review_source")
+
+
+def reviewed_lineage(data_dir: str | Path) -> list[dict]:
+    """Where each person-given label of a dataset came from: its bin, split, the person's and the
+    record's counts, who answered, when, for which model, and the reviews object and its sha256
+    (from the ingest manifest the dataset keeps); kept samples only, sorted by id."""
+    data_dir = Path(data_dir)
+    index, manifest = data_dir / "index.jsonl", data_dir / INPUT_MANIFEST
+    if not index.exists() or not manifest.exists():
+        return []
+    cfg = PreprocessConfig()
+    split = {r["id"]: r["split"] for _, r in bounded.json_lines(index, max_bytes=cfg.max_metadata_bytes,
+                                                                 max_depth=cfg.max_json_depth)
+             if isinstance(r, dict) and r.get("label_source") == "review"}
+    rows = []
+    for _, e in bounded.json_lines(manifest, max_bytes=cfg.max_metadata_bytes, max_depth=cfg.max_json_depth):
+        if isinstance(e, dict) and e.get("id") in split and isinstance(e.get("review"), dict):
+            review = e["review"]
+            rows.append({"id": e["id"], "split": split[e["id"]], "count": e.get("count"),
+                         "record_count": e.get("record_count"), "reviewers": " ".join(review.get("reviewers", [])),
+                         "counts": " ".join(map(str, review.get("counts", []))), "latest": review.get("latest"),
+                         "models": " ".join(review.get("models", [])), "review_sha256": review.get("sha256"),
+                         "review_source": review.get("source")})
+    return sorted(rows, key=lambda r: r["id"])

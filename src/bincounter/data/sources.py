@@ -210,6 +210,11 @@ class S3Source:
             time.sleep(random.random() * min(MAX_BACKOFF, base * 2**attempt))
         raise AssertionError("unreachable")
 
+    def call(self, what: str, fn, retries: int | None = None):
+        """``fn()`` (a request of this client's) with this source's retries; SourceError after,
+        ObjectMissing for a key that does not exist."""
+        return self._call(what, fn, retries)
+
     def check(self) -> None:
         """List one key, so a wrong endpoint or bucket fails now, naming both.
 
