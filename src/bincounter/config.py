@@ -84,6 +84,14 @@ class IngestConfig(_Config):
     max_json_depth: int = Field(MAX_JSON_DEPTH, ge=1, description="Metadata, manifest lines and the file list nested "
                                 "deeper are not parsed (the object is recorded in the errors file, not copied).")
     max_file_list_bytes: int = Field(256 * 2**20, ge=1, description="Largest file_list.json read.")
+    reviews: str | None = Field(None, description="s3://bucket[/prefix] or a folder in the bucket's layout whose "
+                                "reviews/<id>.json hold people's counts (bincounter review): every bin with a settled "
+                                "count there is ingested from it with that count as its label, and the manifest says "
+                                "which labels came from where. Endpoint and signing: the source's.")
+    reviews_agreeing: int = Field(1, ge=1, description="Agreeing answers that settle a reviewed bin's count (and they "
+                                  "must be a majority of its answers): 2 asks for two people's word.")
+    max_review_bytes: int = Field(2**20, ge=1, description="Larger reviews/<id>.json objects are not parsed (recorded "
+                                  "in the errors file; the bin keeps its recorded count).")
     progress: bool = True
 
     @field_validator("ids")
@@ -604,6 +612,34 @@ class ReviewQueueConfig(_Config):
     verdicts: tuple[Literal["unsure", "mismatch", "match"], ...] = Field(
         ("unsure", "mismatch"), description="Verdicts whose bins may enter the queue (a person looks at them anyway).")
     max_line_bytes: int = Field(64 * 2**10, ge=1, description="Longer lines of the audit CSV are skipped, never held whole.")
+
+
+class ReviewConfig(_Config):
+    """The review page (``bincounter review``): people count a queue's bins one at a time; each answer
+    is stored with who, when, the photo's sha256 and the model version that asked, in
+    ``reviews/<id>.json`` beside ``metadata/``."""
+
+    source: SourceConfig = Field(SourceConfig(uri="", anonymous=False), description="The bins: s3://bucket[/prefix] "
+                                 "or a folder, bucket layout; the answers are written to its reviews/ (signed requests).")
+    tokens: str | None = Field(None, description="Reviewers' token file (bincounter review-token writes it): one "
+                               "'name:sha256-of-token' line each. Every write is attributed to the token's name.")
+    identity_header: str | None = Field(None, pattern=r"^[A-Za-z][A-Za-z0-9-]{0,63}$", description="Behind an "
+                                        "authenticating proxy (oauth2-proxy: X-Forwarded-Email): the header naming "
+                                        "the signed-in person. Only for a server nobody reaches but through the proxy.")
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(8090, ge=0, le=65535)
+    agreeing: int = Field(1, ge=1, description="Agreeing answers that settle a bin (a majority of its answers too); "
+                          "a bin whose answers disagree goes back into the queue for someone else.")
+    cant_tell_limit: int = Field(2, ge=1, description="A bin this many people could not count leaves the queue.")
+    lease_seconds: float = Field(120.0, gt=0, description="A bin handed to one person is not handed to another "
+                                 "for this long (unless answered or skipped).")
+    max_count: int = Field(1000, ge=0, description="Largest count a person may enter.")
+    max_review_bytes: int = Field(2**20, ge=1, description="A reviews/<id>.json larger than this is not parsed "
+                                  "(and not written to: the bin is refused, nothing overwritten).")
+    max_json_depth: int = Field(MAX_JSON_DEPTH, ge=1)
+    max_photo_bytes: int = Field(32 * 2**20, ge=1, description="Larger photos are not served.")
+    max_line_bytes: int = Field(64 * 2**10, ge=1, description="Longer lines of the queue CSV are skipped.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
 
 class SageMakerConfig(_Config):
