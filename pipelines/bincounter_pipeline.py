@@ -102,6 +102,15 @@ def evaluate_and_register(model, data, evaluate: dict, registry: dict, tracking_
     return {"evaluate": scored, "register": registered}
 
 
+def uncache_reviewed_ingest(tasks: dict, defaults: PipelineConfig) -> None:
+    """With ``--ingest.reviews``, never cache ingest. Call it after ``pipelines.cluster.configure``,
+    which sets the data stages' caching from --cluster.cache-data."""
+    if defaults.ingest.reviews:
+        # People's counts pile up under the same reviews prefix every day while ingest's inputs (its
+        # config) stay the same: a cached ingest would hand a scheduled run the last run's labels.
+        tasks["ingest"].set_caching_options(False)
+
+
 def make_pipeline(defaults: Optional[PipelineConfig] = None, cluster: Optional[ClusterConfig] = None,
                   tracking_uri: str = ""):
     """Build the pipeline with ``defaults`` as its parameters' default values; with ``cluster``,
@@ -136,6 +145,7 @@ def make_pipeline(defaults: Optional[PipelineConfig] = None, cluster: Optional[C
             from pipelines.cluster import configure
 
             configure(tasks.values(), cluster)
+        uncache_reviewed_ingest(tasks, d)
 
     return dsl.pipeline(name="bincounter", description="Count items in warehouse bin photos (Amazon Bin Image "
                         "Dataset).")(with_signature(body, params))

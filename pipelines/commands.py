@@ -1,4 +1,4 @@
-"""``bincounter pipeline ...``: run, compile, submit and the cluster's RBAC.
+"""``bincounter pipeline ...``: run, compile, submit, schedule and the cluster's RBAC.
 
 Registered with the ``bincounter`` command line through the entry point group
 ``bincounter.commands`` (pyproject.toml), so the library's CLI reaches the pipelines without
@@ -110,6 +110,29 @@ def pipeline_submit(host: str, cfg: Annotated[PipelineConfig, Flat] = PipelineCo
 
 
 @_refusals_as_messages
+def pipeline_schedule(host: str, cron: str, cfg: Annotated[PipelineConfig, Flat] = PipelineConfig(),
+                      cluster: ClusterConfig = ClusterConfig(), experiment: str = "bincounter",
+                      job_name: str = "bincounter-retrain") -> None:
+    """Compile, upload and schedule the pipeline as a Kubeflow Pipelines recurring run; print its id and URL.
+
+    --cron "0 3 * * *" (minute hour day-of-month month day-of-week: every day at 03:00, in the KFP
+    scheduler's time zone) becomes KFP's 6-field form with a seconds field; KFP's own 6-field form
+    is taken as it is. At most one run at a time, and runs missed while the schedule was paused
+    are not replayed. With --ingest.reviews, ingest is never cached, so each run reads the reviews
+    written since the last one; register's gate decides whether the new model is promoted. The
+    stage options are every run's arguments; --cluster.*, --experiment as for 'pipeline submit'.
+    --job-name names the recurring run: one of that name already in the experiment is refused.
+    The Kubeflow variant only: the SageMaker variant is not scheduled by this command."""
+    from pipelines.runner import BackendTooOld, schedule
+
+    try:
+        out = schedule(host, cron, cfg, cluster, experiment=experiment, job_name=job_name)
+    except BackendTooOld as exc:
+        raise SystemExit(str(exc)) from exc
+    _print(out)
+
+
+@_refusals_as_messages
 def pipeline_compile_audit(out: Path = Path("audit_pipeline.yaml"),
                            cfg: Annotated[AuditConfig, Flat] = AuditConfig(),
                            cluster: ClusterConfig = ClusterConfig()) -> None:
@@ -133,4 +156,4 @@ def pipeline_rbac(cluster: ClusterConfig = ClusterConfig()) -> None:
 
 
 COMMANDS = {"pipeline": {"run": pipeline_run, "compile": pipeline_compile, "submit": pipeline_submit,
-                         "compile-audit": pipeline_compile_audit, "rbac": pipeline_rbac}}
+                         "schedule": pipeline_schedule, "compile-audit": pipeline_compile_audit, "rbac": pipeline_rbac}}

@@ -1,4 +1,4 @@
-"""Compile the pipelines for Kubeflow, submit them, or run the main one on kfp's local runner.
+"""Compile the pipelines for Kubeflow, submit or schedule them, or run the main one on kfp's local runner.
 
 Every variant (main, SageMaker, audit) is compiled through :func:`compile_for`, which writes
 the YAML the way ``ClusterConfig.kfp_backend`` can read it; ``submit`` asks the server its
@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import sys
 from pathlib import Path
 
 import yaml
@@ -167,6 +169,66 @@ def submit(host: str, cfg: PipelineConfig | None = None, cluster: ClusterConfig 
     if wait:
         out["state"] = client.wait_for_run_completion(run.run_id, timeout=timeout).state
     return out
+
+
+# One cron field: numbers, ranges, steps, lists, names (MON, JAN) and robfig/cron's ? (any).
+_CRON_FIELD = re.compile(r"^[0-9A-Za-z*?,/-]+$")
+
+
+def kfp_cron(expression: str) -> str:
+    """``expression`` as KFP's scheduler reads it: 6 fields, seconds first (robfig/cron). The usual
+    5-field form (minute hour day-of-month month day-of-week) gets a "0" seconds field; a 6-field
+    one is taken as KFP's own. Anything else is refused (ValueError)."""
+    fields = expression.split()
+    if len(fields) not in (5, 6) or not all(_CRON_FIELD.match(f) for f in fields):
+        raise ValueError(f"--cron {expression!r} is not a cron expression: give 5 fields, minute hour day-of-month "
+                         "month day-of-week (\"0 3 * * *\": every day at 03:00), or KFP's 6 with seconds first "
+                         "(\"0 0 3 * * *\")")
+    return " ".join(["0", *fields] if len(fields) == 5 else fields)
+
+
+def schedule(host: str, cron: str, cfg: PipelineConfig | None = None, cluster: ClusterConfig | None = None, *,
+             experiment: str = "bincounter", job_name: str = "bincounter-retrain",
+             package: str | Path | None = None) -> dict:
+    """Compile and upload the pipeline as a Kubeflow Pipelines recurring run at ``host`` on ``cron``.
+
+    Kubeflow variant only (the SageMaker variant is not scheduled here). Each run gets ``cfg``'s
+    stage configs and the cluster's tracking URI as arguments, in ``cluster.namespace`` as
+    ``cluster.service_account``, like :func:`submit`. At most one run at a time
+    (``max_concurrency`` 1: two retrains never overlap), and no catch-up: runs missed while the
+    schedule was paused or behind are not replayed. A recurring run of the same ``job_name``
+    already in the experiment is refused (ValueError): a second schedule would overlap the first.
+    The server's release is checked first. ``package`` keeps the compiled YAML there.
+    """
+    import contextlib
+    import tempfile
+
+    from kfp import Client
+
+    cron = kfp_cron(cron)
+    cluster = cluster or ClusterConfig()
+    cfg = for_cluster(cfg or PipelineConfig(), cluster)
+    client = Client(host=host, namespace=cluster.namespace)
+    release = check_backend(client, cluster)
+    with tempfile.TemporaryDirectory(prefix="bincounter-schedule-") as tmp:
+        path = compile_pipeline(package or Path(tmp) / "bincounter.yaml", cfg, cluster)
+        with contextlib.redirect_stdout(sys.stderr):  # kfp prints the experiment's link: keep stdout JSON
+            experiment_id = client.create_experiment(experiment, namespace=cluster.namespace).experiment_id
+        same_name = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name",
+                                                "stringValue": job_name}]})
+        existing = [r for r in client.list_recurring_runs(experiment_id=experiment_id, filter=same_name)
+                    .recurring_runs or [] if r.display_name == job_name]
+        if existing:
+            rid = existing[0].recurring_run_id
+            raise ValueError(f"experiment {experiment!r} already has a recurring run {job_name!r} ({rid}): delete it "
+                             f"first (in the KFP UI, or `kfp --endpoint {host} recurring-run delete {rid}`), or name "
+                             "this one with --job-name")
+        job = client.create_recurring_run(
+            experiment_id=experiment_id, job_name=job_name, cron_expression=cron, max_concurrency=1,
+            no_catchup=True, params=arguments(cfg, cluster.tracking_uri, cluster), pipeline_package_path=str(path),
+            service_account=cluster.service_account)
+    return {"recurring_run_id": job.recurring_run_id, "cron": cron, "experiment_id": experiment_id,
+            "url": f"{host.rstrip('/')}/#/recurringrun/details/{job.recurring_run_id}", "server_release": release}
 
 
 def run_local(cfg: PipelineConfig, tracking_uri: str, pipeline_root: str | Path):

@@ -22,7 +22,8 @@ from bincounter.config import ClusterConfig, PipelineConfig, SageMakerConfig
 from components.check import sagemaker_check
 from components.sagemaker_deploy import sagemaker_deploy
 from components.sagemaker_train import sagemaker_train
-from pipelines.bincounter_pipeline import data_stages, evaluate_and_register, shards_supported, with_signature
+from pipelines.bincounter_pipeline import (data_stages, evaluate_and_register, shards_supported, uncache_reviewed_ingest,
+                                          with_signature)
 
 # The stages this variant takes from PipelineConfig: the training job has no search before it, and
 # the endpoint is its deploy (its settings are the ``sagemaker`` struct's).
@@ -70,6 +71,7 @@ def make_pipeline(defaults: Optional[PipelineConfig] = None, sagemaker: Optional
         from pipelines.cluster import configure
 
         configure(tasks.values(), cluster)
+        uncache_reviewed_ingest(tasks, defaults or PipelineConfig())
 
     return dsl.pipeline(name="bincounter-sagemaker", description="Count items in warehouse bin photos; training and "
                         "hosting on Amazon SageMaker.")(with_signature(body, params))

@@ -5,7 +5,8 @@ import pytest
 
 from bincounter.cli import COMMANDS, main
 
-SUBCOMMANDS = [k for k, v in COMMANDS.items() if not isinstance(v, dict)] + ["pipeline run", "pipeline compile", "pipeline submit"]
+SUBCOMMANDS = [k for k, v in COMMANDS.items() if not isinstance(v, dict)] + ["pipeline run", "pipeline compile", "pipeline submit",
+                                                                          "pipeline schedule"]
 
 
 def test_top_level_help_lists_every_stage(capsys):
