@@ -24,6 +24,7 @@ from bincounter.config import (
     IngestConfig,
     PreprocessConfig,
     RegisterConfig,
+    ReviewConfig,
     ReviewQueueConfig,
     ServeConfig,
     TrainConfig,
@@ -188,10 +189,34 @@ def review_queue(audit: Annotated[Path, tyro.conf.arg(metavar="AUDIT", help="an 
             "skipped_examples": queue.skipped_examples})
 
 
+def review(queue: Annotated[Path, tyro.conf.arg(metavar="QUEUE", help="a queue.csv (bincounter review-queue)")],
+           source: Annotated[str, tyro.conf.arg(metavar="SOURCE", help="the bins: s3://bucket[/prefix] or a folder, "
+                                                "bucket layout; answers go to its reviews/")], /,
+           cfg: Annotated[ReviewConfig, Flat] = ReviewConfig()) -> None:
+    """Serve the review page: people count the queue's bins one at a time (photo, number pad,
+    keyboard), never shown the model's or the record's count. Each answer is stored in
+    SOURCE/reviews/<id>.json with who, when, the photo's sha256 and the model that asked.
+    Signing in: --tokens FILE (bincounter review-token) or --identity-header behind a proxy."""
+    from bincounter.review.app import run
+
+    cfg = ReviewConfig.model_validate({**cfg.model_dump(), "source": {**cfg.source.model_dump(), "uri": source}})
+    run(cfg, queue)
+
+
+def review_token(name: Annotated[str, tyro.conf.arg(metavar="NAME", help="the reviewer's name (letters, digits, "
+                                                    ". _ @ + -)")], /,
+                 tokens: Path = Path("reviewers.tokens")) -> None:
+    """Make a reviewer's token for the review page (replacing any they had) and print it once: the
+    file keeps only its sha256, so keep the token where the reviewer can find it."""
+    from bincounter.review.auth import add_reviewer
+
+    _print({"reviewer": name, "token": add_reviewer(tokens, name), "tokens": str(tokens)})
+
+
 COMMANDS = {
     "ingest": ingest, "preprocess": preprocess, "train": train, "evaluate": evaluate, "compare": compare,
     "register": register, "deploy": deploy, "undeploy": undeploy, "serve": serve, "predict": predict, "audit": audit,
-    "error-rate": error_rate, "review-queue": review_queue,
+    "error-rate": error_rate, "review-queue": review_queue, "review": review, "review-token": review_token,
 }
 # Commands other installed packages add, and how to get them when they are missing.
 PLUGIN_GROUP = "bincounter.commands"

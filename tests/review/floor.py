@@ -1,0 +1,66 @@
+"""A warehouse floor for the review tests: bins in the bucket's layout, a queue of them, reviewers."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from bincounter.config import ReviewConfig, SourceConfig
+from bincounter.review.auth import add_reviewer
+
+EXPECTED = 4242  # the record's count in every bin: it must never reach the page or the API
+
+
+@dataclass
+class Floor:
+    root: Path
+    queue: Path
+    tokens: Path
+    token: dict[str, str]
+    ids: list[str]
+
+    def cfg(self, **kw) -> ReviewConfig:
+        return ReviewConfig(source=SourceConfig(uri=str(self.root), anonymous=False), tokens=str(self.tokens), **kw)
+
+    def sha(self, id_: str) -> str:
+        return hashlib.sha256((self.root / "bin-images" / f"{id_}.jpg").read_bytes()).hexdigest()
+
+    def auth(self, name: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token[name]}"}
+
+    def reviews(self, id_: str) -> list[dict]:
+        path = self.root / "reviews" / f"{id_}.json"
+        return json.loads(path.read_text())["answers"] if path.exists() else []
+
+
+def _photo(shade: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (shade, 120, 255 - shade)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def make_floor(tmp_path: Path, n: int = 6, reviewers: tuple[str, ...] = ("ana", "bo", "cy"),
+               model: str = "models:/bincounter/7") -> Floor:
+    root = tmp_path / "floor"
+    (root / "bin-images").mkdir(parents=True)
+    (root / "metadata").mkdir()
+    ids = [f"{i:05d}" for i in range(1, n + 1)]
+    for i, id_ in enumerate(ids):
+        (root / "bin-images" / f"{id_}.jpg").write_bytes(_photo(20 * i))
+        (root / "metadata" / f"{id_}.json").write_text(json.dumps({"EXPECTED_QUANTITY": EXPECTED,
+                                                                   "BIN_FCSKU_DATA": {}}))
+    queue = tmp_path / "queue.csv"
+    with queue.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["position", "id", "uncertainty", "model"])
+        for pos, id_ in enumerate(ids, start=1):
+            w.writerow([pos, id_, f"{0.9 - pos / 100:.4f}", model])
+    tokens = tmp_path / "reviewers.tokens"
+    token = {name: add_reviewer(tokens, name) for name in reviewers}
+    return Floor(root, queue, tokens, token, ids)
