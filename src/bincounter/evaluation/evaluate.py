@@ -7,6 +7,12 @@ the ``model.onnx`` exported as registration exports it). The pre-resized shards 
 reads are scored too, as ``shards_*``, with the number of photos whose count differs
 between the two paths. Without the originals (older runs, unit tests) the shards are the
 only path scored, and the report says so.
+
+Each test photo's label is either a person's count from a review on the warehouse floor or the
+inventory record's (``label_source`` in ``index.jsonl``: "review" or "metadata", missing read as
+"metadata"). The headline figures are restricted to each kind too, as ``reviewed`` and
+``recorded`` (metrics.json, the report, ``label_source`` in predictions.csv): a reviewed bin's
+label is what a person counted in it, a recorded one's what the inventory expected it to hold.
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ SHARDS_PREFIX = "shards_"  # the shard path's figures, beside the served headlin
 _COMPARED = SUMMARY_KEYS + ("ece", "n")
 _LISTED_REFUSALS = 20  # in the report; metrics.json lists them all
 _TIMED = 32  # photos timed for latency and throughput (one batch of measure_speed)
+LABEL_SOURCE = "label_source"  # index.jsonl: where a sample's label came from
+FROM_REVIEW, FROM_METADATA = "review", "metadata"  # a person's count on the floor; the record's EXPECTED_QUANTITY
+REVIEWED, RECORDED = "reviewed", "recorded"  # metrics.json: the figures on each kind of label
+_BY_SOURCE = ("accuracy", "rmse", "mae", "within_1")  # the figures given per kind of label
 
 
 @dataclass
@@ -92,17 +102,50 @@ def measure_speed(run: Callable[[list[bytes]], object], images: list[bytes], sam
             "throughput_images_per_s": batch / elapsed, "latency_threads": float(torch.get_num_threads())}
 
 
-def original_paths(data_dir: str | Path, ids: list[str], folders: Sequence[str | Path]) -> list[tuple[Path, str]]:
+def index_rows(data_dir: str | Path) -> dict[str, dict] | None:
+    """The dataset's ``index.jsonl`` (written by preprocess) by sample id; None when it has none."""
+    index_path = Path(data_dir) / "index.jsonl"
+    if not index_path.is_file():
+        return None
+    return {r["id"]: r for r in map(json.loads, filter(str.strip, index_path.read_text().splitlines()))}
+
+
+def label_sources(index: dict[str, dict] | None, ids: Sequence[str]) -> list[str]:
+    """Where each id's label came from: "review" (a person's count) or "metadata" (the
+    inventory record's, also for a dataset made before preprocess recorded it)."""
+    rows = index or {}
+    return [rows.get(id_, {}).get(LABEL_SOURCE) or FROM_METADATA for id_ in ids]
+
+
+def by_label_source(y: np.ndarray, probs: np.ndarray, sources: Sequence[str], min_count: int,
+                    names: list[str]) -> dict[str, dict]:
+    """The headline figures (``M.evaluate_predictions``) on the answered photos whose label is a
+    person's count (``reviewed``) and on the others (``recorded``); ``{"photos": 0}`` for a kind
+    with no photo. ``y``, ``probs`` and ``sources``: one entry per answered photo."""
+    reviewed = np.array([s == FROM_REVIEW for s in sources], dtype=bool)
+    out = {}
+    for key, mask in ((REVIEWED, reviewed), (RECORDED, ~reviewed)):
+        if not mask.any():
+            out[key] = {"photos": 0}
+            continue
+        f = M.evaluate_predictions(y[mask], probs[mask], min_count=min_count, class_names=names)
+        out[key] = {"photos": int(f["n"]), **{k: f[k] for k in _BY_SOURCE if k in f}}
+    return out
+
+
+def original_paths(data_dir: str | Path, ids: list[str], folders: Sequence[str | Path], *,
+                   index: dict[str, dict] | None = None) -> list[tuple[Path, str]]:
     """Where each id's original photo is (``bin-images/<id>.jpg`` in one of the ingest output
     ``folders``) and the sha256 preprocess recorded for it (``index.jsonl``).
 
     Raises ValueError when a photo is missing: the folders are not the ingest output(s) this
     dataset was made from, and scoring a part of the split would not be the test split.
+    ``index``: ``index_rows(data_dir)`` when already read.
     """
-    index_path = Path(data_dir) / "index.jsonl"
-    if not index_path.is_file():
+    index = index if index is not None else index_rows(data_dir)
+    if index is None:
         raise ValueError(f"{data_dir} has no index.jsonl: the originals cannot be matched to the test photos")
-    sha = {r["id"]: r.get("sha256") for r in map(json.loads, index_path.read_text().splitlines())}
+    sha = {id_: r.get("sha256") for id_, r in index.items()}
     roots = [Path(f) for f in folders]
     out, missing = [], []
     for id_ in ids:
@@ -253,8 +296,10 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, data_dir: str | Path, o
     if not samples:
         raise ValueError(f"none of the {beyond} '{split}' photos of {data_dir} has a count this model answers")
     ids = [s[0] for s in samples]
+    index = index_rows(data_dir)
+    sources = label_sources(index, ids)  # "review": a person's count is the label; "metadata": the record's
     # Before any scoring: a wrong folder fails in seconds, not after the shard pass.
-    found = original_paths(data_dir, ids, originals) if originals else None
+    found = original_paths(data_dir, ids, originals, index=index) if originals else None
     dataset = ShardDataset(samples, predictor.transform)
     loader = make_loader(dataset, batch_size=cfg.batch_size, shuffle=False, workers=0, pin_memory=False)
     # Each view's logits once: the probabilities as served (the spec's temperature) and raw ones.
@@ -304,6 +349,13 @@ def evaluate(cfg: EvaluateConfig, model_dir: str | Path, data_dir: str | Path, o
             columns["refused"][position[r["id"]]] = f"{r['status']} {r['detail']}"
     result["split"] = split
     result["beyond_answers"] = beyond
+    # The headline figures on the photos people counted, and on those labelled by the records.
+    result.update(by_label_source(y[answered], probs, [sources[i] for i in answered], spec.min_count, names))
+    source_of = dict(zip(ids, sources))
+    for r in result.get("refused", []):  # not scored: counted beside, as in the headline
+        section = result[REVIEWED if source_of[r["id"]] == FROM_REVIEW else RECORDED]
+        section["refused"] = section.get("refused", 0) + 1
+    columns[LABEL_SOURCE] = sources
 
     from bincounter.evaluation import plots
     from bincounter.evaluation import verdicts as V
@@ -412,6 +464,30 @@ def verdict_lines(v: dict) -> list[str]:
     return lines
 
 
+def label_source_lines(m: dict) -> list[str]:
+    """The report's lines on the photos people counted (reviews) against those labelled by the
+    inventory records; one line saying there are none when no photo was reviewed."""
+    from bincounter.reporting import markdown_table
+
+    reviewed, recorded = m.get(REVIEWED, {"photos": 0}), m.get(RECORDED, {"photos": 0})
+    refused = [f"{f['refused']} {what} photos refused by the server are not scored." for f, what in
+               ((reviewed, "reviewed"), (recorded, "recorded")) if f.get("refused")]
+    if not reviewed["photos"]:
+        return [f"Reviewed bins (people's counts): none of the {m['n']} scored '{m['split']}' photos has a count "
+                "from a review; every figure here is against the inventory records' counts.", *refused]
+
+    def said(f: dict) -> str:
+        return (f"{f['photos']} {m['split']} photos, accuracy {f['accuracy']:.1%}, RMSE {f['rmse']:.3f}"
+                if f["photos"] else "none")
+
+    rows = [[name, f["photos"], *(_fmt(f.get(k, "")) for k in _BY_SOURCE)]
+            for name, f in (("reviewed (people's counts)", reviewed), ("recorded (inventory records)", recorded))]
+    return [f"Reviewed bins (people's counts): {said(reviewed)}; recorded counts (inventory records): "
+            f"{said(recorded)}. A recorded count may itself be wrong; a reviewed one is what a person counted in "
+            "the bin.", *refused, "",
+            *markdown_table(["labels", "photos", *_BY_SOURCE], rows)]
+
+
 def _fmt(value: object) -> object:
     return f"{value:.4f}" if isinstance(value, float) else value
 
@@ -434,6 +510,7 @@ def _write_report(out_dir: Path, m: dict, figs: list[Path], verdicts: dict) -> N
     rows = [[k, _fmt(m[k])] for k in _COMPARED if k in m]
     lines = [*how, "'range_*' keep true counts 0-5 only (comparable with published Amazon Bin Image Dataset "
              "results: 55.7% accuracy, RMSE 0.93).", "", *markdown_table(["metric", "value"], rows)]
+    lines += ["", *label_source_lines(m)]
     if m["path"] == SERVED:
         both = [[k, _fmt(m[k]), _fmt(m[SHARDS_PREFIX + k])] for k in _COMPARED if k in m and SHARDS_PREFIX + k in m]
         lines += ["", f"Served path against the pre-resized shards training reads: the count differs on "
