@@ -35,7 +35,8 @@ def ingest(cfg: IngestConfig, out_dir: str, *, shard: int = 0, shards: int = 1) 
     r = run(cfg, out_dir, shard=shard, shards=shards)
     atomic_write(Path(out_dir) / "ingest_config.json", json.dumps(cfg.model_dump(), indent=2).encode())
     return {"downloaded": r.downloaded, "skipped": r.skipped, "failed": r.failed, "bytes": r.bytes,
-            "source": cfg.source.uri, "manifest": "manifest.jsonl", "shard": shard, "shards": shards}
+            "source": cfg.source.uri, "manifest": "manifest.jsonl", "shard": shard, "shards": shards,
+            "reviewed": r.reviewed}
 
 
 def merge_shards(cfg: PreprocessConfig, parts: list[str], out_dir: str, report_html: str | None = None) -> dict:
@@ -101,6 +102,7 @@ def train(cfg: TrainConfig, data_dir: str, model_dir: str, *, tracking_uri: str 
         (Path(model_dir) / "mlflow_run_id").write_text(mlrun.info.run_id)
         r = training.train(cfg, data_dir, model_dir)
         tracking.log_artifacts([Path(data_dir) / "report"], "data_report")
+        _log_reviewed_lineage(data_dir, Path(model_dir))
     if curves_html:
         from bincounter.reporting import html_page
 
@@ -112,6 +114,29 @@ def train(cfg: TrainConfig, data_dir: str, model_dir: str, *, tracking_uri: str 
     return {"mlflow_run_id": mlrun.info.run_id, "best_epoch": r.best_epoch,
             "val_accuracy": r.best.get("val_accuracy"), "val_rmse": r.best.get("val_rmse"),
             "backbone": cfg.backbone, "image_size": cfg.image_size, "stopped_early": r.stopped_early}
+
+
+def _log_reviewed_lineage(data_dir: str, model_dir: Path) -> None:
+    """The labels people gave (bincounter review) and where each came from, as
+    ``data/reviewed_labels.csv`` in the run; its tag says how many."""
+    import csv
+    import io
+
+    import mlflow
+
+    from bincounter.data.preprocess import REVIEWED_COLUMNS, reviewed_lineage
+
+    rows = reviewed_lineage(data_dir)
+    mlflow.set_tag("data.reviewed_labels", str(len(rows)))
+    if not rows:
+        return
+    text = io.StringIO()
+    writer = csv.DictWriter(text, REVIEWED_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path = model_dir / "reviewed_labels.csv"
+    atomic_write(path, text.getvalue().encode())
+    tracking.log_artifacts([path], "data")
 
 
 def train_data_parallel(cfg: TrainConfig, data_dir: str, model_dir: str, nproc: int, *,
@@ -170,6 +195,10 @@ def evaluate(cfg: EvaluateConfig, model_dir: str, data_dir: str, out_dir: str, *
     r = run(cfg, model_dir, data_dir, out_dir, originals=originals or None)
     calibration = {k: float(v) for k, v in r.metrics["calibration"].items() if isinstance(v, (int, float))}
     verdicts = verdict_metrics(r.verdicts)
+    # The headline figures on the photos whose label is a person's count (a review on the floor);
+    # just how many there are when none.
+    reviewed = {f"test_reviewed_{k}": float(v) for k, v in r.metrics.get("reviewed", {"photos": 0}).items()
+                if k in ("photos", "accuracy", "rmse") and isinstance(v, (int, float))}
     if run_id:
         with tracking.stage_run("evaluate", cfg.flat("evaluate."), tracking_uri=tracking_uri, experiment=experiment,
                                 run_id=run_id):
@@ -180,6 +209,7 @@ def evaluate(cfg: EvaluateConfig, model_dir: str, data_dir: str, out_dir: str, *
             tracking.log_metrics({f"test_{k}": v for k, v in {**r.summary(), **r.comparison()}.items()})
             tracking.log_metrics({f"test_{k}": v for k, v in r.metrics["calibration"].items()})
             tracking.log_metrics(verdicts)
+            tracking.log_metrics(reviewed)
             tracking.log_artifacts(r.plots, "evaluation")
             tracking.log_artifacts([Path(out_dir) / name for name in ("report.md", "metrics.json", VERDICT_FILE)],
                                    "evaluation")
@@ -187,7 +217,8 @@ def evaluate(cfg: EvaluateConfig, model_dir: str, data_dir: str, out_dir: str, *
         shutil.copyfile(Path(out_dir) / "report.html", report_html)
     return {"summary": r.summary(), "comparison": r.comparison(), "path": r.metrics["path"],
             "verdicts": {**{f"calibration_{k}": v for k, v in calibration.items()}, **verdicts},
-            "confusion_matrix": r.metrics["confusion_matrix"], "class_names": r.metrics["class_names"]}
+            "confusion_matrix": r.metrics["confusion_matrix"], "class_names": r.metrics["class_names"],
+            "reviewed": reviewed}
 
 
 def verdict_metrics(verdicts: dict) -> dict[str, float]:
