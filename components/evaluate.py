@@ -13,7 +13,8 @@ def evaluate(model: Input[Model], data: Input[Dataset], results: Output[Dataset]
     verdict thresholds chosen for the model and what they do at a few error rates, and latency.
     ``config`` is an ``EvaluateConfig``. The headline figures are those of the served path:
     the test photos' originals, which preprocess keeps in ``data``, through the model server's
-    engine; the shard path's are logged beside as ``shards_*``."""
+    engine; the shard path's are logged beside as ``shards_*``, and the photos whose label is a
+    person's count (a review) apart as ``test_reviewed_*``."""
     from bincounter import launch
     from bincounter.config import EvaluateConfig
 
@@ -21,7 +22,8 @@ def evaluate(model: Input[Model], data: Input[Dataset], results: Output[Dataset]
     results.metadata["config"] = cfg.model_dump(mode="json")
     out = launch.evaluate(cfg, model.path, data.path, results.path, tracking_uri=tracking_uri or None,
                           experiment=experiment, run_id=model.metadata.get("mlflow_run_id"), report_html=report.path)
-    for name, value in {**out["summary"], **out["comparison"], **out["verdicts"]}.items():
+    # test_reviewed_*: the photos labelled by people on the floor (bincounter review), apart.
+    for name, value in {**out["summary"], **out["comparison"], **out["verdicts"], **out["reviewed"]}.items():
         metrics.log_metric(name, value)
     confusion.log_confusion_matrix(out["class_names"], out["confusion_matrix"])
     results.metadata.update({**out["summary"], **out["comparison"], "path": out["path"]})
