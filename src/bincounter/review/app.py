@@ -114,6 +114,10 @@ def create_app(cfg: ReviewConfig, queue_path: str | Path, *, reviews: FolderRevi
             raise HTTPException(404, detail="no such page asset")
         return Response(_static(name), media_type=ASSETS[name], headers=_HEADERS)
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)  # none: browsers ask anyway
+
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict:
         return {"status": "ok"}
