@@ -466,6 +466,67 @@ def check_serving(models: Path) -> None:
         server.wait(timeout=30)
 
 
+@step("bincounter review serves its page from the installed package and stores an attributed answer")
+def check_review_page() -> None:
+    import csv
+    import hashlib
+    import io
+    import json
+    import urllib.request
+
+    from PIL import Image
+
+    floor = WORK / "review-floor"
+    for sub in ("bin-images", "metadata"):
+        (floor / sub).mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (90, 120, 200)).save(buf, format="JPEG")
+    (floor / "bin-images" / "00001.jpg").write_bytes(buf.getvalue())
+    (floor / "metadata" / "00001.json").write_text('{"EXPECTED_QUANTITY": 2, "BIN_FCSKU_DATA": {}}')
+    queue = WORK / "review-queue.csv"
+    with queue.open("w", newline="") as f:
+        csv.writer(f).writerows([["position", "id", "uncertainty", "model"], [1, "00001", "0.7", "models:/bincounter/1"]])
+    tokens = WORK / "reviewers.tokens"
+    made = subprocess.run(["bincounter", "review-token", "ana", "--tokens", str(tokens)], capture_output=True,
+                          text=True, timeout=120)
+    assert made.returncode == 0, made.stderr[-2000:]
+    auth = {"Authorization": f"Bearer {json.loads(made.stdout)['token']}"}
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(["bincounter", "review", str(queue), str(floor), "--tokens", str(tokens), "--port",
+                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def call(path: str, body: dict | None = None, headers: dict | None = None):
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url + path, data=data, headers={
+            **(headers or {}), **({"Content-Type": "application/json"} if data else {})})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, r.headers, r.read()
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-2000:]
+            try:
+                call("/healthz")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "bincounter review did not start"
+                time.sleep(0.3)
+        assert b"ui/review.js" in call("/")[2] and call("/ui/review.js")[0] == 200
+        assert json.loads(call("/api/next", headers=auth)[2])["id"] == "00001"
+        _, headers, photo = call("/api/bins/00001/photo", headers=auth)
+        sha = headers["X-Photo-Sha256"]
+        assert sha == hashlib.sha256(photo).hexdigest()
+        status, _, body = call("/api/bins/00001/answer", {"count": 3, "photo_sha256": sha}, auth)
+        assert status == 200 and json.loads(body)["status"] == "settled", body
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    stored = json.loads((floor / "reviews" / "00001.json").read_text())["answers"]
+    assert [(a["reviewer"], a["count"], a["photo_sha256"]) for a in stored] == [("ana", 3, sha)], stored
+
+
 def _ready(url: str) -> bool:
     try:
         return _request(url + "/readyz")[0] == 200
@@ -513,6 +574,7 @@ def main() -> None:
     check_torch(args.variant)
     if args.variant == "cpu":
         check_cli()
+        check_review_page()
         check_kubectl_and_deploy()
         check_sagemaker_train()
         check_kfp_executor()
