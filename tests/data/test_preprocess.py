@@ -398,12 +398,13 @@ def test_each_sample_carries_its_items_figures_for_auxiliary_targets(tmp_path):
     preprocess(PreprocessConfig(image_size=32, workers=1, val_fraction=0.0, test_fraction=0.0,
                                 samples_per_class_in_report=0), root, tmp_path / "out", progress=False)
     meta = {s[0]: s[3] for s in read_samples(shard_urls(tmp_path / "out", "train"), with_meta=True)}
-    assert meta["full"] == {"id": "full", "count": 3, "products": 2, "volume_in3": 2 * 2.0 + 1 * 3.0,
-                            "weight_lb": 2 * 0.5 + 1 * 1.0}
+    assert meta["full"] == {"id": "full", "count": 3, "label_source": "metadata", "products": 2,
+                            "volume_in3": 2 * 2.0 + 1 * 3.0, "weight_lb": 2 * 0.5 + 1 * 1.0}
     assert meta["no-weight"]["weight_lb"] is None and meta["no-weight"]["volume_in3"] == 1.0
     assert meta["centimetres"]["volume_in3"] is None
     assert meta["negative"]["volume_in3"] is None
-    assert meta["empty"] == {"id": "empty", "count": 0, "products": 0, "volume_in3": 0.0, "weight_lb": 0.0}
+    assert meta["empty"] == {"id": "empty", "count": 0, "label_source": "metadata", "products": 0, "volume_in3": 0.0,
+                             "weight_lb": 0.0}
     assert meta["centimetres"]["weight_lb"] is None  # _item's default weight is in inches: not a weight
     targets = aux_targets([meta[i] for i in ("full", "no-weight")])
     assert targets.shape == (2, len(AUX_TARGETS))

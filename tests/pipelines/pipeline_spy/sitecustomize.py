@@ -21,7 +21,7 @@ _RESULTS = {
     "train": {"mlflow_run_id": "spy-run"},
     "evaluate": {"summary": {"accuracy": 0.5}, "comparison": {"shards_accuracy": 0.5}, "verdicts": {"verdict_flag_precision": 1.0},
                  "path": "served",
-                 "class_names": ["0", "1"], "confusion_matrix": [[1, 0], [0, 1]]},
+                 "class_names": ["0", "1"], "confusion_matrix": [[1, 0], [0, 1]], "reviewed": {"test_reviewed_photos": 0.0}},
     "register": {"champion_uri": "models:/spy@champion"},
     "deploy": {},
 }
