@@ -209,6 +209,16 @@ def test_on_s3_a_write_that_lost_a_race_reads_again_and_both_answers_land(s3, mo
     assert R.settle(kept).count == 3
 
 
+def test_on_s3_a_write_retried_after_it_landed_is_kept_once(s3, monkeypatch):
+    store = _s3_store(s3, "retried")
+    first = answer("ana", 3)
+    store.append("00008", first)
+    # The answer's PUT landed but its reply was lost, and the retry found the object changed (412):
+    # the next round reads the answer back and does not write it twice.
+    assert store.append("00008", first) == [first]
+    assert [a.answer_id for a in _s3_store(s3, "retried").answers("00008")] == [first.answer_id]
+
+
 def test_on_s3_a_writer_that_always_loses_stores_nothing_and_says_so(s3, monkeypatch):
     store = _s3_store(s3, "busy")
     store.append("00006", answer("ana", 3))

@@ -278,6 +278,8 @@ class S3Reviews:
         for attempt in range(_RACES):
             raw, etag = self._get(id_)
             answers = [] if raw is None else parse(raw, id_, max_bytes=self.max_bytes, max_depth=self.max_depth)
+            if answer.answer_id and any(a.answer_id == answer.answer_id for a in answers):
+                return answers  # a retried write that had landed: the answer is there once
             answers.append(answer)
             condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
             body = dumps(id_, answers)
