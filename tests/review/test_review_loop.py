@@ -1,6 +1,6 @@
-"""The whole review loop: an audit's output -> the review queue -> a person counts 20 bins in the
-page (Chromium) -> the next pipeline run (kfp's local runner) trains on those counts, and the
-labels' lineage is in MLflow."""
+"""The whole review loop: a first pipeline run's champion audits the floor -> the review queue ->
+a person counts 20 bins in the page (Chromium) -> the next pipeline run (kfp's local runner)
+trains on those counts, and the labels' lineage is in MLflow."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from bincounter import launch
 from bincounter.audit import review_queue
-from bincounter.audit.outputs import COLUMNS, CSV_FILE, SUMMARY_FILE
-from bincounter.config import (EvaluateConfig, IngestConfig, PipelineConfig, PreprocessConfig, ReviewConfig,
-                               ReviewQueueConfig, SourceConfig, TrainConfig)
+from bincounter.config import (AuditConfig, EvaluateConfig, IngestConfig, PipelineConfig, PreprocessConfig,
+                               ReviewConfig, ReviewQueueConfig, SourceConfig, TrainConfig)
 from bincounter.review.app import create_app
 from bincounter.review.auth import add_reviewer
 from bincounter_demo.synth import SynthConfig, generate
@@ -26,32 +26,29 @@ CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/c
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
 QUEUED = 20
-COUNTER = "models:/bincounter/1"
 
 
-def _audited_floor(root: Path, audit_dir: Path) -> dict[str, int]:
-    """120 bins; an audit (its audit.csv and summary.json, as the audit writes them) that doubted
-    30 of them; the records of the bins it doubted most are wrong (off by one). Returns each bin's
-    true count."""
+def _floor(root: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """120 bins, the records of every third one wrong (off by one): each bin's true and recorded count."""
     generate(SynthConfig(n_images=120, image_size=64, seed=9), root)
     true = {p.stem: json.loads(p.read_text())["EXPECTED_QUANTITY"] for p in (root / "metadata").glob("*.json")}
-    ids = sorted(true)
-    audit_dir.mkdir()
-    with (audit_dir / CSV_FILE).open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(COLUMNS)
-        for n, id_ in enumerate(ids):
-            doubted = n % 4 == 0
-            w.writerow([id_, true[id_], true[id_], 0.5, 0.5, 0.30 + n / 1000 if doubted else 0.95,
-                        "unsure" if doubted else "match"])
-    (audit_dir / SUMMARY_FILE).write_text(json.dumps({"counter": COUNTER}))
-    for id_ in [i for n, i in enumerate(ids) if n % 4 == 0][:QUEUED]:
-        meta = root / "metadata" / f"{id_}.json"
-        record = json.loads(meta.read_text())
-        record["EXPECTED_QUANTITY"] = (true[id_] + 1) % 6  # the inventory is wrong about this bin
-        record["BIN_FCSKU_DATA"] = {}
-        meta.write_text(json.dumps(record))
-    return true
+    recorded = dict(true)
+    for id_ in sorted(true)[::3]:
+        recorded[id_] = (true[id_] + 1) % 6
+        (root / "metadata" / f"{id_}.json").write_text(json.dumps({"EXPECTED_QUANTITY": recorded[id_],
+                                                                   "BIN_FCSKU_DATA": {}}))
+    return true, recorded
+
+
+def _run(floor: Path, **ingest) -> PipelineConfig:
+    return PipelineConfig(
+        ingest=IngestConfig(source=SourceConfig(uri=str(floor)), workers=4, **ingest),
+        preprocess=PreprocessConfig(image_size=48, workers=1, val_fraction=0.2, test_fraction=0.3),
+        train=TrainConfig(backbone="tiny_cnn", pretrained="none", image_size=48, epochs=1, workers=0,
+                          freeze_early=0, tta=False),
+        evaluate=EvaluateConfig(batch_size=32, latency_samples=2, int8=False),
+        deploy_enabled=False,
+    )
 
 
 @pytest.fixture
@@ -95,13 +92,21 @@ def test_twenty_bins_counted_in_the_page_are_the_next_runs_labels_with_their_lin
 
     from pipelines.runner import run_local
 
-    floor, audit_dir = tmp_path / "floor", tmp_path / "audit"
-    true = _audited_floor(floor, audit_dir)
+    floor = tmp_path / "floor"
+    true, recorded = _floor(floor)
+    tracking_uri = f"sqlite:///{isolated_home / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
 
-    # 1. From the audit's output, the day's queue: the 20 bins the model was least sure of.
-    queue = review_queue.build(audit_dir, ReviewQueueConfig(budget=QUEUED))
+    # 1. A first run's champion audits the floor; the day's queue is the 20 bins it is least sure of.
+    run_local(_run(floor), tracking_uri, tmp_path / "kfp")
+    first = client.get_model_version_by_alias("bincounter", "champion")
+    audit = launch.audit(AuditConfig(source=SourceConfig(uri=str(floor)), tracking_uri=tracking_uri, track=False,
+                                     progress=False, workers=4), str(tmp_path / "audit"))
+    queue = review_queue.build(tmp_path / "audit", ReviewQueueConfig(budget=QUEUED, verdicts=("unsure", "mismatch",
+                                                                                                "match")))
     queue_csv = review_queue.write(queue, tmp_path / "queue.csv")
-    assert len(queue.entries) == QUEUED and queue.model == COUNTER
+    assert audit["checked"] == 120 and len(queue.entries) == QUEUED
+    assert queue.model == f"models:/bincounter/{first.version}"
 
     # 2. A person counts them in the page.
     tokens = tmp_path / "reviewers.tokens"
@@ -111,23 +116,13 @@ def test_twenty_bins_counted_in_the_page_are_the_next_runs_labels_with_their_lin
         counted = _count_in_the_page(browser, url, token, true)
     assert counted == [id_ for id_, _ in queue.entries]  # least sure first
     stored = {id_: json.loads((floor / "reviews" / f"{id_}.json").read_text())["answers"] for id_ in counted}
-    assert all([(a["reviewer"], a["count"], a["model"]) for a in answers] == [("ana", true[id_], COUNTER)]
+    assert all([(a["reviewer"], a["count"], a["model"]) for a in answers] == [("ana", true[id_], queue.model)]
                for id_, answers in stored.items())
 
-    # 3. The next pipeline run ingests the reviews with the floor's photos and trains on them.
-    tracking_uri = f"sqlite:///{isolated_home / 'mlflow.db'}"
-    run = PipelineConfig(
-        ingest=IngestConfig(source=SourceConfig(uri=str(floor)), reviews=str(floor), workers=4),
-        preprocess=PreprocessConfig(image_size=48, workers=1, val_fraction=0.2, test_fraction=0.3),
-        train=TrainConfig(backbone="tiny_cnn", pretrained="none", image_size=48, epochs=1, workers=0,
-                          freeze_early=0, tta=False),
-        evaluate=EvaluateConfig(batch_size=32, latency_samples=2, int8=False),
-        deploy_enabled=False,
-    )
-    run_local(run, tracking_uri, tmp_path / "kfp")
-
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    # 3. The next run ingests the reviews with the floor's photos and trains on them.
+    run_local(_run(floor, reviews=str(floor)), tracking_uri, tmp_path / "kfp")
     version = client.get_model_version_by_alias("bincounter", "challenger")
+    assert int(version.version) == int(first.version) + 1
     training = client.get_run(version.tags["lineage.training_run_id"])
     assert training.data.params["ingest.reviews"] == str(floor)
     assert training.data.tags["data.reviewed_labels"] == str(QUEUED)
@@ -137,6 +132,8 @@ def test_twenty_bins_counted_in_the_page_are_the_next_runs_labels_with_their_lin
         training.info.run_id, "data/reviewed_labels.csv", str(tmp_path))).read_text())))
     assert sorted(r["id"] for r in lineage) == sorted(counted)
     for row in lineage:
-        assert int(row["count"]) == true[row["id"]] and int(row["record_count"]) == (true[row["id"]] + 1) % 6
-        assert row["reviewers"] == "ana" and row["models"] == COUNTER and len(row["review_sha256"]) == 64
+        assert int(row["count"]) == true[row["id"]] and int(row["record_count"]) == recorded[row["id"]]
+        assert row["reviewers"] == "ana" and row["models"] == queue.model and len(row["review_sha256"]) == 64
     assert training.data.metrics["test_reviewed_photos"] == per_split["test"]
+    # The first run's training had none.
+    assert client.get_run(first.tags["lineage.training_run_id"]).data.tags["data.reviewed_labels"] == "0"
