@@ -7,8 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,11 +18,9 @@ from bincounter.config import (AuditConfig, EvaluateConfig, IngestConfig, Pipeli
 from bincounter.review.app import create_app
 from bincounter.review.auth import add_reviewer
 from bincounter_demo.synth import SynthConfig, generate
+from tests.browser import headless_page
 from tests.live_server import serving
 
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
 QUEUED = 20
 
 
@@ -53,15 +49,9 @@ def _run(floor: Path, **ingest) -> PipelineConfig:
 
 @pytest.fixture
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)")
-    with sync_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        try:
-            yield chromium.new_context(viewport={"width": 1024, "height": 720}).new_page()
-        finally:
-            chromium.close()
+    """A desktop-sized page in headless Debian chromium; skipped when either is missing."""
+    with headless_page({"width": 1024, "height": 720}) as page:
+        yield page
 
 
 def _count_in_the_page(tab, url: str, token: str, true: dict[str, int]) -> list[str]:

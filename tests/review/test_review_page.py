@@ -7,9 +7,7 @@ import csv
 import hashlib
 import io
 import json
-import os
 import re
-import shutil
 import urllib.request
 from importlib.resources import files
 from pathlib import Path
@@ -20,11 +18,9 @@ from PIL import Image, ImageDraw
 from bincounter.config import ReviewConfig, SourceConfig
 from bincounter.review import app as review
 from bincounter.review.auth import add_reviewer
+from tests.browser import headless_page
 from tests.live_server import serving
 
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
 STATIC = ("index.html", "review.js", "review.css")
 EXPECTED = 4242  # every bin's inventory count: a number the page must never show
 MODEL = "counter-v7"
@@ -122,16 +118,8 @@ def test_the_app_serves_the_page_with_a_strict_policy(tmp_path):
 @pytest.fixture
 def browser_page():
     """A phone-sized page in headless Debian chromium; skipped when either is missing."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)")
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        try:
-            context = browser.new_context(viewport=PHONE, device_scale_factor=1)
-            yield context.new_page()
-        finally:
-            browser.close()
+    with headless_page(PHONE) as page:
+        yield page
 
 
 @pytest.mark.slow

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import io
-import os
 import re
-import shutil
 from importlib.resources import files
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,13 +13,11 @@ from PIL import Image
 
 from bincounter.serving import app as serve
 from bincounter.config import ServeConfig, VerdictConfig
+from tests.browser import headless_page
 from tests.live_server import serving
 from tests.width_model import WidthModel
 
 MODEL_URI = "models:/bincounter@champion"
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
 
 
 def _app(verdict: VerdictConfig = VerdictConfig(rule="thresholds")):
@@ -70,16 +65,8 @@ def test_the_page_needs_nothing_from_the_network():
 @pytest.fixture
 def browser_page():
     """A phone-sized page in headless Debian chromium; skipped when either is missing."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)")
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        try:
-            context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=1)
-            yield context.new_page()
-        finally:
-            browser.close()
+    with headless_page({"width": 390, "height": 844}) as page:
+        yield page
 
 
 def _bars(tab) -> dict[int, float]:
