@@ -3,26 +3,20 @@ real headless browser against the real review app, answers landing in reviews/<i
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import json
 import re
 import urllib.request
 from importlib.resources import files
-from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
 
-from bincounter.config import ReviewConfig, SourceConfig
 from bincounter.review import app as review
-from bincounter.review.auth import add_reviewer
 from tests.browser import headless_page
+from tests.review.floor import EXPECTED, make_floor
+from tests.review.floor import photo as bin_photo
 from tests.live_server import serving
 
 STATIC = ("index.html", "review.js", "review.css")
-EXPECTED = 4242  # every bin's inventory count: a number the page must never show
 MODEL = "counter-v7"
 IDS = ["00101", "00102", "00103", "00104", "00105", "00106"]
 PHONE = {"width": 390, "height": 844}
@@ -30,47 +24,6 @@ PHONE = {"width": 390, "height": 844}
 
 def _static(name: str) -> str:
     return (files("bincounter.review") / "static" / name).read_text()
-
-
-def _jpeg(seed: int) -> bytes:
-    """A small synthetic bin photo, different for each seed."""
-    image = Image.new("RGB", (320, 240), (150 + 15 * (seed % 6), 120, 90))
-    draw = ImageDraw.Draw(image)
-    for k in range(seed % 5 + 1):
-        draw.rectangle([20 + 55 * k, 60, 60 + 55 * k, 180], fill=(40 * k % 255, 90, 200 - 30 * k))
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
-
-
-def _bucket(root: Path) -> dict[str, bytes]:
-    """Bins in the bucket's layout, every one expecting EXPECTED items; returns each bin's photo bytes."""
-    (root / "bin-images").mkdir(parents=True)
-    (root / "metadata").mkdir()
-    photos = {}
-    for n, id_ in enumerate(IDS, start=1):
-        photos[id_] = _jpeg(n)
-        (root / "bin-images" / f"{id_}.jpg").write_bytes(photos[id_])
-        (root / "metadata" / f"{id_}.json").write_text(json.dumps({"EXPECTED_QUANTITY": EXPECTED, "BIN_FCSKU_DATA": {}}))
-    return photos
-
-
-def _queue(path: Path) -> Path:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["position", "id", "uncertainty", "model"])
-        for position, id_ in enumerate(IDS, start=1):
-            writer.writerow([position, id_, f"{0.9 - position / 20:.4f}", MODEL])
-    return path
-
-
-def _answers(root: Path, id_: str) -> list[dict]:
-    path = root / "reviews" / f"{id_}.json"
-    if not path.exists():
-        return []
-    doc = json.loads(path.read_text())
-    assert doc["id"] == id_
-    return doc["answers"]
 
 
 # -- the files ---------------------------------------------------------------------------------
@@ -98,10 +51,8 @@ def test_the_page_is_self_contained_and_fits_its_policy():
 def test_the_app_serves_the_page_with_a_strict_policy(tmp_path):
     from fastapi.testclient import TestClient
 
-    _bucket(tmp_path / "bucket")
-    add_reviewer(tmp_path / "tokens", "ana")
-    cfg = ReviewConfig(source=SourceConfig(uri=str(tmp_path / "bucket"), anonymous=False), tokens=str(tmp_path / "tokens"))
-    with TestClient(review.create_app(cfg, _queue(tmp_path / "queue.csv"))) as client:
+    floor = make_floor(tmp_path, ids=IDS, reviewers=("ana",), model=MODEL)
+    with TestClient(review.create_app(floor.cfg(), floor.queue)) as client:
         index = client.get("/")
         assert index.status_code == 200 and index.headers["content-type"].startswith("text/html")
         policy = index.headers["content-security-policy"]
@@ -126,13 +77,10 @@ def browser_page():
 def test_a_person_counts_the_queue_in_a_browser(browser_page, tmp_path):
     from playwright.sync_api import expect
 
-    root = tmp_path / "bucket"
-    photos = _bucket(root)
-    tokens = tmp_path / "tokens"
-    ana = add_reviewer(tokens, "ana")
-    bob = add_reviewer(tokens, "bob")
-    cfg = ReviewConfig(source=SourceConfig(uri=str(root), anonymous=False), tokens=str(tokens))
-    app = review.create_app(cfg, _queue(tmp_path / "queue.csv"))
+    floor = make_floor(tmp_path, ids=IDS, reviewers=("ana", "bob"), model=MODEL)
+    root, ana, bob = floor.root, floor.token["ana"], floor.token["bob"]
+    photos = {id_: floor.photo(id_) for id_ in IDS}
+    app = review.create_app(floor.cfg(), floor.queue)
 
     tab = browser_page
     problems: list[str] = []
@@ -228,7 +176,7 @@ def test_a_person_counts_the_queue_in_a_browser(browser_page, tmp_path):
         on_bin("00103")
         tab.keyboard.press("Enter")
         expect(tab.locator("#notice")).to_contain_text("Type the count first")
-        assert tab.locator("#bin-id").inner_text() == "00103" and not _answers(root, "00103")
+        assert tab.locator("#bin-id").inner_text() == "00103" and not floor.reviews("00103")
         tab.keyboard.press("c")
 
         # Bin 4: S skips it.
@@ -253,7 +201,7 @@ def test_a_person_counts_the_queue_in_a_browser(browser_page, tmp_path):
         expect(tab.locator("#error")).to_contain_text("server could not be reached")
         expect(save).to_be_enabled()
         assert count.inner_text() == "5" and tab.locator("#bin-id").inner_text() == "00105"
-        assert not _answers(root, "00105")
+        assert not floor.reviews("00105")
         tab.unroute("**/api/bins/00105/answer")
         save.click()
 
@@ -261,7 +209,7 @@ def test_a_person_counts_the_queue_in_a_browser(browser_page, tmp_path):
         # answer is refused (409), the page says so and hands her the bin again, new photo.
         on_bin("00106")
         expect(tab.locator("#error")).to_be_hidden()
-        new_photo = _jpeg(42)
+        new_photo = bin_photo(42)
         (root / "bin-images" / "00106.jpg").write_bytes(new_photo)
         request = urllib.request.Request(url + "/api/bins/00106/photo", headers={"Authorization": f"Bearer {bob}"})
         with urllib.request.urlopen(request, timeout=10) as answer:
@@ -270,7 +218,7 @@ def test_a_person_counts_the_queue_in_a_browser(browser_page, tmp_path):
         tab.keyboard.press("Enter")
         expect(tab.locator("#notice")).to_contain_text("photo changed")
         on_bin("00106")
-        assert not _answers(root, "00106")
+        assert not floor.reviews("00106")
         tab.keyboard.type("9")
         tab.keyboard.press("Enter")
 
@@ -290,7 +238,7 @@ def test_a_person_counts_the_queue_in_a_browser(browser_page, tmp_path):
         bodies = [r.body() for r in api_responses if "/photo" not in r.url]
 
     # The answers, as stored: who, what, on which photo, for which model.
-    stored = {id_: _answers(root, id_) for id_ in IDS}
+    stored = {id_: floor.reviews(id_) for id_ in IDS}
     assert {id_: [a["count"] for a in answers] for id_, answers in stored.items()} == {
         "00101": [13], "00102": [11], "00103": [None], "00104": [], "00105": [5], "00106": [9]}
     for id_, answers in stored.items():
@@ -317,10 +265,10 @@ def test_behind_an_authenticating_proxy_there_is_no_form(browser_page, tmp_path)
     error or a refused count keeps the bin and the count for another try."""
     from playwright.sync_api import expect
 
-    root = tmp_path / "bucket"
-    photos = _bucket(root)
-    cfg = ReviewConfig(source=SourceConfig(uri=str(root), anonymous=False), identity_header="X-Forwarded-Email")
-    app = review.create_app(cfg, _queue(tmp_path / "queue.csv"))
+    floor = make_floor(tmp_path, ids=IDS, reviewers=(), model=MODEL)
+    photos = {id_: floor.photo(id_) for id_ in IDS}
+    cfg = floor.cfg(tokens=None, identity_header="X-Forwarded-Email")
+    app = review.create_app(cfg, floor.queue)
     tab = browser_page
     tab.set_extra_http_headers({"X-Forwarded-Email": "bob@example.org"})
     save = tab.get_by_role("button", name="Save count", exact=True)
@@ -349,6 +297,6 @@ def test_behind_an_authenticating_proxy_there_is_no_form(browser_page, tmp_path)
         tab.keyboard.press("Enter")
         expect(tab.locator("#photo[alt='Bin 00102']")).to_be_visible()
         expect(tab.locator("#error")).to_be_hidden()
-    [stored] = _answers(root, "00101")
+    [stored] = floor.reviews("00101")
     assert stored["reviewer"] == "bob@example.org" and stored["count"] == 6
     assert stored["photo_sha256"] == hashlib.sha256(photos["00101"]).hexdigest()
