@@ -612,6 +612,11 @@ class ReviewQueueConfig(_Config):
     verdicts: tuple[Literal["unsure", "mismatch", "match"], ...] = Field(
         ("unsure", "mismatch"), description="Verdicts whose bins may enter the queue (a person looks at them anyway).")
     max_line_bytes: int = Field(64 * 2**10, ge=1, description="Longer lines of the audit CSV are skipped, never held whole.")
+    reviews: SourceConfig = Field(SourceConfig(uri="", anonymous=False), description="The bins' root (s3://bucket"
+                                  "[/prefix] or a folder) whose reviews/ hold earlier answers: bins they settle (or "
+                                  "gave up on) leave the queue, bins whose answers disagree come first. Empty: not read.")
+    agreeing: int = Field(1, ge=1, description="With reviews: agreeing answers that settle a bin (as the page's).")
+    cant_tell_limit: int = Field(2, ge=1, description="With reviews: can't-tells that take a bin out (as the page's).")
 
 
 class ReviewConfig(_Config):

@@ -76,3 +76,33 @@ def test_the_command_writes_the_queue(tmp_path):
     said = json.loads(proc.stdout)
     assert said["bins"] == 1 and said["candidates"] == 2
     assert (tmp_path / "q.csv").read_text().splitlines()[1].startswith("1,00003,")
+
+
+def test_earlier_answers_take_settled_bins_out_and_put_disputes_first(tmp_path):
+    from bincounter.config import SourceConfig
+    from bincounter.data.reviews import Answer, FolderReviews
+
+    folder = audit(tmp_path, [
+        "00001,3,3,0.9,0.99,0.30,unsure",
+        "00002,2,4,0.01,0.02,0.40,mismatch",
+        "00003,1,2,0.3,0.6,0.35,unsure",
+        "00004,5,5,0.5,0.9,0.55,unsure",
+    ])
+    floor = FolderReviews(tmp_path / "floor")
+    sha = "a" * 64
+    floor.append("00001", Answer.new("ana", 3, sha))  # settled: nobody counts it again
+    floor.append("00004", Answer.new("ana", 5, sha))
+    floor.append("00004", Answer.new("bo", 4, sha))  # disputed: first, for a third person
+    floor.append("00009", Answer.new("ana", 1, sha))
+    floor.append("00009", Answer.new("bo", 2, sha))  # disputed yesterday, not in today's audit
+    floor.append("00003", Answer.new("ana", None, sha))
+    floor.append("00003", Answer.new("bo", None, sha))  # two people could not count it
+    cfg = ReviewQueueConfig(reviews=SourceConfig(uri=str(tmp_path / "floor"), anonymous=False))
+    queue = rq.build(folder, cfg)
+    assert [id_ for id_, _ in queue.entries] == ["00004", "00009", "00002"]
+    assert queue.entries[0][1] == pytest.approx(0.45)
+    rows = list(csv.DictReader(rq.write(queue, tmp_path / "queue.csv").open()))
+    assert rows[1]["id"] == "00009" and rows[1]["uncertainty"] == "nan"
+    assert [b.id for b in rq.read(tmp_path / "queue.csv")[0]] == ["00004", "00009", "00002"]
+    # Two agreeing answers asked for: ana's lone 3 no longer settles 00001.
+    assert "00001" in [id_ for id_, _ in rq.build(folder, cfg.model_copy(update={"agreeing": 2})).entries]

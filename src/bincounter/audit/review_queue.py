@@ -96,7 +96,34 @@ def build(path: str | Path, cfg: ReviewQueueConfig = ReviewQueueConfig()) -> Que
         if verdict in cfg.verdicts:
             chosen.append((id_, 1.0 - confidence))
     chosen.sort(key=lambda e: (-e[1], e[0]))
+    if cfg.reviews.uri:
+        chosen = _after_earlier_answers(chosen, cfg)
     return Queue(chosen[:cfg.budget], len(chosen), len(skips), skips[:_SHOWN_SKIPS], _counter_of(path.parent))
+
+
+def _after_earlier_answers(chosen: list[tuple[str, float]], cfg: ReviewQueueConfig) -> list[tuple[str, float]]:
+    """The queue once earlier answers (``cfg.reviews``) are read: bins they settled, or that too many
+    people could not count, leave it; bins whose answers disagree (or want more agreeing ones) come
+    first, audited today or not (a bin not in this audit has no uncertainty: NaN). A reviews file
+    that cannot be read keeps its bin where the audit put it (the page leaves it out, says why)."""
+    from bincounter.data.reviews import open_reviews, settle
+
+    store = open_reviews(cfg.reviews)
+    uncertainty = dict(chosen)
+    done: set[str] = set()
+    again: list[tuple[str, float]] = []
+    for id_ in store.ids():
+        try:
+            answers = store.answers(id_)
+        except ValueError:  # InvalidReview, bounded.Refused
+            continue
+        status = settle(answers, agreeing=cfg.agreeing, cant_tell_limit=cfg.cant_tell_limit).status
+        if status in ("settled", "unreadable"):
+            done.add(id_)
+        elif any(a.count is not None for a in answers):
+            again.append((id_, uncertainty.get(id_, float("nan"))))
+    first = {id_ for id_, _ in again}
+    return again + [e for e in chosen if e[0] not in done and e[0] not in first]
 
 
 def write(queue: Queue, out: str | Path) -> Path:
