@@ -5,8 +5,6 @@ what it was sent."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 import pytest
@@ -17,6 +15,7 @@ from bincounter.config import (ClusterConfig, IngestConfig, PipelineConfig, Regi
 from bincounter.cli import main
 from pipelines.runner import arguments, compile_pipeline, for_cluster, sagemaker_arguments
 from pipelines.sagemaker_pipeline import compile_pipeline as compile_sagemaker
+from tests.json_server import JsonServer
 
 
 class FakeKFP:
@@ -30,62 +29,37 @@ class FakeKFP:
         self.recurring_runs = recurring_runs or []
         # What KFP's API server answers on healthz: its release as tag_name ("unknown" when built without one).
         self.healthz = {"commit_sha": "0" * 40, "tag_name": release, "multi_user": False}
-        fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # quiet
-                pass
-
-            def _answer(self, status: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _handle(self, method: str) -> None:
-                url = urlparse(self.path)
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length)) if length else None
-                fake.requests.append({"method": method, "path": url.path, "query": parse_qs(url.query), "body": body})
-                route = (method, url.path)
-                if route == ("GET", "/apis/v2beta1/healthz"):
-                    self._answer(200, {k: v for k, v in fake.healthz.items() if v is not None})
-                elif route == ("GET", "/apis/v2beta1/experiments"):
-                    self._answer(200, {})  # none yet: the client creates it
-                elif route == ("POST", "/apis/v2beta1/experiments"):
-                    self._answer(200, {"experiment_id": "exp-1", "display_name": body["display_name"]})
-                elif route == ("POST", "/apis/v2beta1/runs"):
-                    self._answer(200, {"run_id": "run-1", "display_name": body["display_name"], "state": "PENDING"})
-                elif route == ("GET", "/apis/v2beta1/runs/run-1"):
-                    self._answer(200, {"run_id": "run-1", "state": fake.final_state})
-                elif route == ("GET", "/apis/v2beta1/recurringruns"):
-                    # The proto's field is recurringRuns (camel case, unlike the rest): that is its JSON key.
-                    self._answer(200, {"recurringRuns": fake.recurring_runs} if fake.recurring_runs else {})
-                elif route == ("POST", "/apis/v2beta1/recurringruns"):
-                    self._answer(200, {"recurring_run_id": "rr-1", "display_name": body["display_name"],
-                                       "mode": body["mode"], "trigger": body["trigger"], "status": "ENABLED"})
-                else:
-                    self._answer(404, {"error": f"no route {method} {url.path}"})
-
-            def do_GET(self):  # noqa: N802
-                self._handle("GET")
-
-            def do_POST(self):  # noqa: N802
-                self._handle("POST")
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+    def answer(self, method: str, path: str, headers: dict, raw: bytes) -> tuple[int, object]:
+        url = urlparse(path)
+        body = json.loads(raw) if raw else None
+        self.requests.append({"method": method, "path": url.path, "query": parse_qs(url.query), "body": body})
+        route = (method, url.path)
+        if route == ("GET", "/apis/v2beta1/healthz"):
+            return 200, {k: v for k, v in self.healthz.items() if v is not None}
+        if route == ("GET", "/apis/v2beta1/experiments"):
+            return 200, {}  # none yet: the client creates it
+        if route == ("POST", "/apis/v2beta1/experiments"):
+            return 200, {"experiment_id": "exp-1", "display_name": body["display_name"]}
+        if route == ("POST", "/apis/v2beta1/runs"):
+            return 200, {"run_id": "run-1", "display_name": body["display_name"], "state": "PENDING"}
+        if route == ("GET", "/apis/v2beta1/runs/run-1"):
+            return 200, {"run_id": "run-1", "state": self.final_state}
+        if route == ("GET", "/apis/v2beta1/recurringruns"):
+            # The proto's field is recurringRuns (camel case, unlike the rest): that is its JSON key.
+            return 200, {"recurringRuns": self.recurring_runs} if self.recurring_runs else {}
+        if route == ("POST", "/apis/v2beta1/recurringruns"):
+            return 200, {"recurring_run_id": "rr-1", "display_name": body["display_name"], "mode": body["mode"],
+                         "trigger": body["trigger"], "status": "ENABLED"}
+        return 404, {"error": f"no route {method} {url.path}"}
 
     def __enter__(self) -> "FakeKFP":
-        self.thread.start()
+        self.server = JsonServer(self.answer)
+        self.url = self.server.url
         return self
 
     def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.close()
 
     def created_run(self) -> dict:
         (run,) = [r["body"] for r in self.requests if (r["method"], r["path"]) == ("POST", "/apis/v2beta1/runs")]
