@@ -68,7 +68,7 @@ def build(path: str | Path, cfg: ReviewQueueConfig = ReviewQueueConfig()) -> Que
     it is not an audit's CSV; rows that are not an audited bin are skipped and counted."""
     path = audit_csv(path)
     skips: list[str] = []
-    header, rows = bounded.csv_rows(path, cfg.max_line_bytes)
+    header, rows = bounded.csv_rows(path, cfg.max_line_bytes, complete=True)
     if not set(_NEEDED) <= set(header):
         raise ValueError(f"{path} is not an audit's CSV: no {', '.join(_NEEDED)} in its header "
                          f"({','.join(header)[:200] or 'nothing'})")
@@ -80,8 +80,6 @@ def build(path: str | Path, cfg: ReviewQueueConfig = ReviewQueueConfig()) -> Que
             skips.append(f"line {n}: {row}")
             continue
         try:
-            if len(row) < len(header):
-                raise ValueError(f"{len(row)} fields, not {len(header)}")
             id_ = check_id(row[at["id"]].strip())
             if id_ in seen:
                 raise ValueError(f"bin {id_!r} is listed twice")

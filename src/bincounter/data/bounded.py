@@ -173,10 +173,12 @@ def json_lines(path: str | Path, *, max_bytes: int, max_depth: int) -> Iterator[
                 yield line, exc
 
 
-def csv_rows(path: str | Path, max_line_bytes: int) -> tuple[list[str], Iterator[tuple[int, list[str] | str]]]:
+def csv_rows(path: str | Path, max_line_bytes: int, *,
+             complete: bool = False) -> tuple[list[str], Iterator[tuple[int, list[str] | str]]]:
     """A CSV file's header (stripped, lower case) and its rows as ``(line number, cells)``, or
-    ``(line number, reason)`` for a line that is no row: one over ``max_line_bytes`` (never held) or
-    one csv cannot parse. Blank rows are left out."""
+    ``(line number, reason)`` for a line that is no row: one over ``max_line_bytes`` (never held),
+    one csv cannot parse, or (``complete``) one with fewer cells than the header. Blank rows are
+    left out."""
     import csv
 
     dropped: set[int] = set()
@@ -203,6 +205,8 @@ def csv_rows(path: str | Path, max_line_bytes: int) -> tuple[list[str], Iterator
                 continue
             if reader.line_num in dropped:
                 yield reader.line_num, f"longer than {max_line_bytes} bytes"
+            elif complete and len(row) < len(header) and any(cell.strip() for cell in row):
+                yield reader.line_num, f"{len(row)} fields, not {len(header)}"
             elif any(cell.strip() for cell in row):
                 yield reader.line_num, row
 
