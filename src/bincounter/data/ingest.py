@@ -44,7 +44,7 @@ from bincounter.data.split import shard_of
 MANIFEST = "manifest.jsonl"
 ERRORS = "ingest_errors.jsonl"
 # What a review adds to a manifest entry; recomputed on every run (answers keep coming).
-REVIEW_FIELDS = ("record_count", "label_source", "review")
+REVIEW_FIELDS = ("record_count", R.LABEL_SOURCE, "review")
 # Error records about reviews: the bin itself was fetched (or never asked for), nothing failed.
 REVIEW_REASONS = ("unreadable_review", "review_of_another_photo")
 
@@ -342,7 +342,7 @@ def _with_review(entry: dict, reviews: _Reviews | None, out_dir: Path, cfg: Inge
     if settled.status != "settled":
         return entry
     atomic_write(out_dir / R.REVIEWS / f"{entry['id']}.json", raw)
-    return {**entry, "count": settled.count, "record_count": entry["count"], "label_source": "review",
+    return {**entry, "count": settled.count, "record_count": entry["count"], R.LABEL_SOURCE: R.FROM_REVIEW,
             "review": {"source": reviews.store.describe(entry["id"]), "sha256": sha256(raw),
                        "reviewers": list(settled.reviewers), "counts": list(settled.counts),
                        "latest": settled.latest, "models": sorted({a.model for a in answers if a.model})}}
@@ -448,7 +448,7 @@ def _ingest_locked(cfg: IngestConfig, source: Source, out_dir: Path, shard: int 
     if not fetched and errors:
         raise SourceError(f"no object could be fetched; first error: {errors[0]['detail']}")
     fetched = {i: _with_review(e, reviews, out_dir, cfg, errors) for i, e in fetched.items()}
-    _drop_stale_review_copies(out_dir, {i for i, e in fetched.items() if e.get("label_source") == "review"})
+    _drop_stale_review_copies(out_dir, {i for i, e in fetched.items() if e.get(R.LABEL_SOURCE) == R.FROM_REVIEW})
     # The journal may hold duplicates from earlier runs: rewrite it once, sorted and unique.
     lines = "".join(json.dumps(fetched[i], sort_keys=True) + "\n" for i in sorted(fetched))
     atomic_write(manifest_path, lines.encode())
@@ -463,5 +463,5 @@ def _ingest_locked(cfg: IngestConfig, source: Source, out_dir: Path, shard: int 
         bytes=sum(e["bytes"] for e in fetched.values()),
         counts=dict(sorted(counts.items())),
         retries=getattr(source, "retried", 0),
-        reviewed=sum(1 for e in fetched.values() if e.get("label_source") == "review"),
+        reviewed=sum(1 for e in fetched.values() if e.get(R.LABEL_SOURCE) == R.FROM_REVIEW),
     )

@@ -44,6 +44,7 @@ from bincounter.config import PreprocessConfig
 from bincounter.fileio import atomic_write, recover_dir, replace_dir
 from bincounter.ids import is_file_stem
 from bincounter.data.ingest import MANIFEST
+from bincounter.data.reviews import FROM_METADATA, FROM_REVIEW, LABEL_SOURCE
 from bincounter.data.report import write_data_report  # at the top: forked workers inherit matplotlib
 from bincounter.data.sources import IMAGES, METADATA
 from bincounter.data.split import SPLITS, label_of, split_of, unit_hash
@@ -82,7 +83,7 @@ class Sample:
     consistent: bool
     sha256: str = ""  # of the original photo: duplicates are found by it, also across shards
     null_dims: bool = False
-    label_source: str = "metadata"  # "review": the count is a person's (bincounter review), not the record's
+    label_source: str = FROM_METADATA  # FROM_REVIEW: the count is a person's (bincounter review), not the record's
 
 
 @dataclass
@@ -135,7 +136,7 @@ def reviewed_labels(in_dir: Path, cfg: PreprocessConfig = PreprocessConfig()) ->
     if not manifest.exists():
         return found
     for _, entry in bounded.json_lines(manifest, max_bytes=cfg.max_metadata_bytes, max_depth=cfg.max_json_depth):
-        if (isinstance(entry, dict) and entry.get("label_source") == "review" and is_file_stem(entry.get("id"))
+        if (isinstance(entry, dict) and entry.get(LABEL_SOURCE) == FROM_REVIEW and is_file_stem(entry.get("id"))
                 and type(entry.get("count")) is int and entry["count"] >= 0 and isinstance(entry.get("sha256"), str)):
             found[entry["id"]] = (entry["count"], entry["sha256"])
     return found
@@ -269,17 +270,17 @@ def _process_sample(id_: str) -> tuple[str, dict]:
                            keep_original=split_of(id_, cfg) in ORIGINALS_OF, root=_JOB["root"])
     if "reason" in image:
         return id_, {"records": records + [{"id": id_, **image}]}
-    source = "review" if person_count is not None else "metadata"
+    source = FROM_REVIEW if person_count is not None else FROM_METADATA
     if person_count is not None and image["sha256"] != counted_sha256:
         # Not the photo the person counted: the record's count, as if nobody had.
-        source = "metadata"
+        source = FROM_METADATA
         info, records = check_sample_metadata(id_, meta, cfg, _JOB["root"])
         records.append({"id": id_, "reason": "review_of_another_photo", "kept": True,
                         "detail": "the photo is not the one the person counted: the record's count is kept"})
         if info is None:
             return id_, {"records": records}
     return id_, {"records": records, **image, "count": info.count, "consistent": info.consistent,
-                 "null_dims": info.null_dimensions, "items": items_summary(info), "label_source": source}
+                 "null_dims": info.null_dimensions, "items": items_summary(info), LABEL_SOURCE: source}
 
 
 def _header_template() -> tuple[bytearray, int]:
@@ -419,10 +420,10 @@ def preprocess(cfg: PreprocessConfig, in_dir: str | Path, out_dir: str | Path,
                 continue
             sample = Sample(id=id_, count=res["count"], label=label_of(res["count"], cfg), split=split_of(id_, cfg),
                             width=res["width"], height=res["height"], consistent=res["consistent"],
-                            sha256=res["sha256"], null_dims=bool(res["null_dims"]), label_source=res["label_source"])
+                            sha256=res["sha256"], null_dims=bool(res["null_dims"]), label_source=res[LABEL_SOURCE])
             writers[sample.split].write(id_, {"jpg": res["jpg"], "cls": str(sample.label).encode(),
                                               "json": json.dumps({"id": id_, "count": sample.count,
-                                                                  "label_source": sample.label_source,
+                                                                  LABEL_SOURCE: sample.label_source,
                                                                   **res["items"]}).encode()})
             index.append(dict(vars(sample)))  # flat: asdict's deep copy cost more than the write
             if "original" in res:
@@ -476,7 +477,7 @@ def _dataset_info(cfg: PreprocessConfig, manifest_sha256: str | None, ingest_con
         "warnings": dict(sorted(Counter(q["reason"] for q in quarantine if q.get("kept") and q["id"] in kept).items())),
         "null_dimensions": null_dims,  # kept samples with an item's dimension or weight null
         # Labels that are people's counts (bincounter review), per split: the floor's own photos.
-        "reviewed_labels": {s: sum(1 for r in index if r["split"] == s and r.get("label_source") == "review")
+        "reviewed_labels": {s: sum(1 for r in index if r["split"] == s and r.get(LABEL_SOURCE) == FROM_REVIEW)
                             for s in SPLITS},
         "input_manifest_sha256": manifest_sha256,
         "ingest_config": ingest_config,
@@ -521,7 +522,7 @@ def reviewed_lineage(data_dir: str | Path) -> list[dict]:
     cfg = PreprocessConfig()
     split = {r["id"]: r["split"] for _, r in bounded.json_lines(index, max_bytes=cfg.max_metadata_bytes,
                                                                  max_depth=cfg.max_json_depth)
-             if isinstance(r, dict) and r.get("label_source") == "review"}
+             if isinstance(r, dict) and r.get(LABEL_SOURCE) == FROM_REVIEW}
     rows = []
     for _, e in bounded.json_lines(manifest, max_bytes=cfg.max_metadata_bytes, max_depth=cfg.max_json_depth):
         if isinstance(e, dict) and e.get("id") in split and isinstance(e.get("review"), dict):

@@ -35,6 +35,10 @@ from bincounter.fileio import atomic_write
 from bincounter.ids import check_id, is_dataset_id
 
 REVIEWS = "reviews"
+# Where a label came from, in ingest's manifest, preprocess's index and each sample's JSON: a
+# person's count (a settled review) or the record's EXPECTED_QUANTITY.
+LABEL_SOURCE = "label_source"
+FROM_REVIEW, FROM_METADATA = "review", "metadata"
 MAX_REVIEW_BYTES = 2**20
 REVIEWER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")

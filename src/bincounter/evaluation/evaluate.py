@@ -41,6 +41,7 @@ from bincounter.model.calibration import probabilities as calibrated_probabiliti
 from bincounter.model.predictor import Predictor
 from bincounter.model.spec import INT8_ONNX_FILE
 from bincounter.data.preprocess import ORIGINALS, ORIGINALS_OF
+from bincounter.data.reviews import FROM_METADATA, FROM_REVIEW, LABEL_SOURCE
 from bincounter.data.sources import IMAGES
 from bincounter.model.device import resolve_device
 
@@ -50,8 +51,6 @@ SHARDS_PREFIX = "shards_"  # the shard path's figures, beside the served headlin
 _COMPARED = SUMMARY_KEYS + ("ece", "n")
 _LISTED_REFUSALS = 20  # in the report; metrics.json lists them all
 _TIMED = 32  # photos timed for latency and throughput (one batch of measure_speed)
-LABEL_SOURCE = "label_source"  # index.jsonl: where a sample's label came from
-FROM_REVIEW, FROM_METADATA = "review", "metadata"  # a person's count on the floor; the record's EXPECTED_QUANTITY
 REVIEWED, RECORDED = "reviewed", "recorded"  # metrics.json: the figures on each kind of label
 _BY_SOURCE = ("accuracy", "rmse", "mae", "within_1")  # the figures given per kind of label
 
