@@ -179,8 +179,9 @@ def review_queue(audit: Annotated[Path, tyro.conf.arg(metavar="AUDIT", help="an 
                  out: Annotated[Path, tyro.conf.arg(help="where to write queue.csv")] = Path("queue.csv"),
                  cfg: Annotated[ReviewQueueConfig, Flat] = ReviewQueueConfig()) -> None:
     """The bins of an audit people should count first: of the unsure and flagged ones, those the model
-    is least sure of, up to a day's budget (queue.csv: position, id, uncertainty; no counts in it, so
-    whoever counts is not anchored)."""
+    is least sure of, up to a day's budget (queue.csv: position, id, uncertainty and the model that
+    asked; no counts in it, so whoever counts is not anchored). With --reviews.uri, earlier answers
+    take settled bins out and put disputed ones first."""
     from bincounter.audit import review_queue as rq
 
     queue = rq.build(audit, cfg)
